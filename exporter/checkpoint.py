@@ -1,0 +1,62 @@
+"""Checks a Hugging Face checkpoint folder before anything heavy is imported or written.
+
+Every problem becomes a one-line `CheckpointError` naming the fix: a missing folder, a missing or broken
+config.json, an architecture we have no exporter for, pickle-only weights (refused unless allowed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: dict
+    architecture: str
+    weight_files: tuple[Path, ...]
+    uses_pickle: bool
+
+
+def inspect_checkpoint(model_dir: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    from exporter.registry import supported_architectures
+
+    path = Path(model_dir)
+    if not path.exists():
+        raise CheckpointError(f"model folder '{path}' does not exist; pass the folder that holds config.json")
+    if not path.is_dir():
+        raise CheckpointError(f"'{path}' is a file, not a model folder; pass the folder that holds config.json")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"'{path}' has no config.json; is this a Hugging Face checkpoint folder?")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"'{cfg_path}' is not valid JSON ({exc.__class__.__name__}); restore the file") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"'{cfg_path}' does not hold a JSON object; restore the file")
+    archs = config.get("architectures") or []
+    supported = supported_architectures()
+    arch = archs[0] if archs else config.get("model_type", "<none>")
+    if arch not in supported:
+        raise CheckpointError(
+            f"architecture '{arch}' is not supported; supported: {', '.join(supported)}"
+        )
+    safes = tuple(sorted(path.glob("*.safetensors")))
+    pickles = tuple(sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()))
+    if not safes and not pickles:
+        raise CheckpointError(f"'{path}' has no weights (*.safetensors); copy the model weights into the folder")
+    if not safes:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"'{path}' has only pickle weights ({pickles[0].name}); pickle can run code when loaded: "
+                "convert to safetensors, or pass --allow-pickle if you trust the source"
+            )
+        return Checkpoint(path, config, arch, pickles, True)
+    return Checkpoint(path, config, arch, safes, False)

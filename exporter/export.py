@@ -1,0 +1,196 @@
+"""`anchorrt export`: a Hugging Face checkpoint folder → an artifact folder (ONNX graphs + manifest + tokenizer).
+
+Everything is written to a hidden temporary folder beside the destination and renamed into place at the end,
+so an error or an interrupt leaves no partial output and never touches an existing artifact folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from runtime.errors import AnchorError, ArtifactError, CheckpointError
+from runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, write_manifest
+
+# ONNX protobuf files cannot exceed 2 GiB; keep a margin and move weights to an external-data file above it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
+
+Progress = Callable[[str], None]
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("anchorrt", "torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> list[dict]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+        return out
+
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints its own progress lines and warnings; keep them and show them only if the export fails."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield buf
+        except Exception:
+            sys.stderr.write(buf.getvalue()[-4000:])
+            raise
+
+
+def _export_graph(spec, path: Path, opset: int) -> None:
+    import torch
+
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(
+            spec.module, spec.args, dynamo=True, opset_version=opset, optimize=True, verbose=False,
+            input_names=spec.input_names, output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes,
+        )
+        size = sum(p.numel() * p.element_size() for p in spec.module.parameters())
+        program.save(str(path), external_data=size > EXTERNAL_DATA_THRESHOLD)
+
+
+def export_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    opset: int = 18,
+    dtype: str = "fp32",
+    allow_pickle: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    after_export: Callable[[Path, dict], None] | None = None,
+) -> Manifest:
+    """Export `model_dir` to `out_dir`. `after_export(tmp_folder, manifest_data)` runs before the final rename
+    (the CLI uses it to bake graph passes into the same atomic write)."""
+    from exporter.checkpoint import inspect_checkpoint
+
+    say = progress or (lambda msg: None)
+    out = Path(out_dir)
+    if opset not in (18, 23):
+        raise AnchorError(f"opset {opset} is not supported; use 18 (MatMul/Softmax attention) or 23 (Attention op)")
+    if dtype not in ("fp32", "fp16"):
+        raise AnchorError(f"export dtype '{dtype}' is not supported; use fp32 or fp16")
+    if out.exists() and not force:
+        raise ArtifactError(f"output folder '{out}' already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output path '{out}' is a file; choose a folder name")
+    ckpt = inspect_checkpoint(model_dir, allow_pickle=allow_pickle)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
+    try:
+        manifest = _export_into(ckpt, tmp, opset, dtype, say)
+        if after_export is not None:
+            after_export(tmp, manifest)
+        data = write_manifest(tmp, manifest)
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out} ({sum((out / f).stat().st_size for f in data['files']) / 1e6:.1f} MB)")
+    return Manifest(out, data)
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    backup = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, backup)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(backup, out)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _export_into(ckpt, tmp: Path, opset: int, dtype: str, say: Progress) -> dict:
+    import torch
+
+    from exporter.archs.llava import load_processor
+    from exporter.preprocessing import preprocessing_params
+    from exporter.registry import get_arch
+
+    t0 = time.perf_counter()
+    say(f"[1/5] loading {ckpt.architecture} from {ckpt.path}")
+    arch_cls = get_arch(ckpt.architecture)
+    arch = arch_cls(ckpt, dtype=torch.float16 if dtype == "fp16" else torch.float32)
+    processor = load_processor(ckpt.path)
+    pre = preprocessing_params(ckpt.path)
+    crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
+    specs = arch.graphs(image_size=crop)
+    graphs = {}
+    for i, spec in enumerate(specs, start=2):
+        say(f"[{i}/5] exporting {spec.role} graph (opset {opset})")
+        path = tmp / f"{spec.role}.onnx"
+        _export_graph(spec, path, opset)
+        inputs, outputs = graph_io(path)
+        graphs[spec.role] = {"file": path.name, "inputs": inputs, "outputs": outputs}
+        ext = path.with_name(path.name + ".data")
+        if ext.exists():
+            graphs[spec.role]["external_data"] = ext.name
+    tokenizer = getattr(processor, "tokenizer", processor)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        raise CheckpointError(f"the tokenizer of '{ckpt.path}' has no fast (tokenizers) version; convert it first")
+    backend.save(str(tmp / "tokenizer.json"))
+    for name in TOKENIZER_FILES:
+        if (ckpt.path / name).is_file():
+            shutil.copyfile(ckpt.path / name, tmp / name)
+    fields = arch.manifest_fields()
+    image_token = tokenizer.convert_ids_to_tokens(fields["tokens"]["image_token_id"])
+    fields["tokens"]["image_token"] = image_token
+    prompt = arch.prompt_template(processor)
+    prompt["image_placeholder"] = image_token
+    max_ctx = fields["dims"]["max_position_embeddings"]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **fields,
+        "prompt": prompt,
+        "preprocessing": pre,
+        "tokenizer": {"file": "tokenizer.json"},
+        "graphs": graphs,
+        "opset": opset,
+        "precision": {"weights": dtype, "activations": dtype},
+        "context_length": max_ctx,
+        "mitigation": {},
+        "passes": [],
+        "versions": versions(),
+        "source": {"model_dir_name": ckpt.path.name, "export_seconds": round(time.perf_counter() - t0, 1)},
+    }

@@ -1,0 +1,100 @@
+"""Execution backends behind one small interface (Polygraphy's runner shape).
+
+    with OrtBackend(path, providers=["CPUExecutionProvider"]) as b:
+        outputs = b.run({"input_ids": ids})          # dict name -> numpy array
+
+The session is built lazily on first use. A GPU provider that silently falls back to the CPU is refused unless
+`allow_fallback=True`: onnxruntime logs the failure and carries on, so only `session.get_providers()` tells.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from runtime.errors import BackendError
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("onnxruntime is not installed; run `pip install anchorrt[cpu]` (or [gpu] for CUDA)") from None
+    return ort
+
+
+class OrtBackend:
+    def __init__(self, path: str | Path, providers: Sequence | None = None, allow_fallback: bool = False,
+                 intra_op_threads: int | None = None):
+        self.path = Path(path)
+        self.requested = list(providers) if providers else ["CPUExecutionProvider"]
+        self.allow_fallback = allow_fallback
+        self.intra_op_threads = intra_op_threads
+        self._session = None
+
+    def __enter__(self) -> "OrtBackend":
+        _ = self.session
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = self._build()
+        return self._session
+
+    def _build(self):
+        ort = _import_ort()
+        names = [p if isinstance(p, str) else p[0] for p in self.requested]
+        if any(n in GPU_PROVIDERS for n in names) and hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()  # loads CUDA/cuDNN from the pip packages when they are there
+            except Exception:  # noqa: BLE001 - missing libraries show up as a provider fallback below
+                pass
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.intra_op_threads:
+            opts.intra_op_num_threads = self.intra_op_threads
+        try:
+            sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.requested)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc.__class__.__name__
+            raise BackendError(f"onnxruntime cannot open '{self.path.name}': {msg}") from None
+        got = sess.get_providers()[0]
+        if names[0] != got and not self.allow_fallback:
+            raise BackendError(
+                f"asked for {names[0]} but onnxruntime runs '{self.path.name}' on {got}; install onnxruntime-gpu "
+                "with CUDA 13 and cuDNN 9, or pass allow_fallback=True / --allow-fallback to accept the CPU"
+            )
+        return sess
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.provider in GPU_PROVIDERS else "cpu"
+
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = list(outputs) if outputs else self.output_names()
+        return dict(zip(names, self.session.run(names, feed)))
+
+
+def make_backend(path: str | Path, providers: Sequence | None = None, **kw) -> OrtBackend:
+    names = [p if isinstance(p, str) else p[0] for p in (providers or [])]
+    if names and names[0] == "tensorrt-native":
+        raise BackendError("the native TensorRT backend needs TensorRT: `pip install anchorrt[trt]` on a machine with an NVIDIA GPU")
+    return OrtBackend(path, providers=providers, **kw)

@@ -1,0 +1,61 @@
+"""A preallocated KV cache that the decoder writes into directly.
+
+The decoder graph takes `past_key_values.{i}.{key,value}` [B, KVH, P, D] and returns `present.*` [B, KVH, P+S, D].
+Each layer owns two flat buffers per kind, each big enough for [B, KVH, max_len, D]. A pass reads its past from
+one buffer and the graph writes its present into the other through IOBinding (ping-pong), so no step allocates or
+copies the cache on the host: a C-contiguous [B, KVH, n, D] array is the first B*KVH*n*D elements of a flat buffer,
+whatever n is. On a GPU the buffers are device OrtValues and the cache never leaves the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype=np.float32, device: str = "cpu", device_id: int = 0):
+        import onnxruntime as ort
+
+        self.num_layers, self.batch, self.kv_heads, self.head_dim = num_layers, batch, kv_heads, head_dim
+        self.max_len = max_len
+        self.dtype = np.dtype(dtype)
+        self.device, self.device_id = device, device_id
+        self.length = 0  # tokens held
+        self._flip = 0
+        n = batch * kv_heads * max_len * head_dim
+        # buffers[side][layer][0=key, 1=value]
+        self._buffers = [
+            [[ort.OrtValue.ortvalue_from_shape_and_type([n], self.dtype, device, device_id) for _ in range(2)]
+             for _ in range(num_layers)]
+            for _ in range(2)
+        ]
+
+    def shape(self, length: int) -> list[int]:
+        return [self.batch, self.kv_heads, length, self.head_dim]  # [B, KVH, T, D]
+
+    def bind(self, binding, new_tokens: int) -> None:
+        """Bind past (this side, current length) as inputs and present (other side, +new_tokens) as outputs."""
+        total = self.length + new_tokens
+        if total > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {total} requested")
+        src, dst = self._buffers[self._flip], self._buffers[1 - self._flip]
+        for layer in range(self.num_layers):
+            for kind, name in enumerate(("key", "value")):
+                binding.bind_input(f"past_key_values.{layer}.{name}", self.device, self.device_id, self.dtype,
+                                   self.shape(self.length), src[layer][kind].data_ptr())
+                binding.bind_output(f"present.{layer}.{name}", self.device, self.device_id, self.dtype,
+                                    self.shape(total), dst[layer][kind].data_ptr())
+
+    def update(self, new_tokens: int) -> None:
+        """The pass wrote past+new into the other side: make it current."""
+        self.length += new_tokens
+        self._flip = 1 - self._flip
+
+    def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of the current key/value of one layer, [B, KVH, T, D] (for tests and debugging)."""
+        out = []
+        for kind in range(2):
+            flat = self._buffers[self._flip][layer][kind].numpy()
+            out.append(flat[: int(np.prod(self.shape(self.length)))].reshape(self.shape(self.length)).copy())
+        return out[0], out[1]

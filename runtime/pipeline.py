@@ -1,0 +1,230 @@
+"""The torch-free generation pipeline: preprocess → vision → embed → prefill → decode loop.
+
+    pipe = Pipeline.from_dir("out/llava", providers=["CPUExecutionProvider"])
+    result = pipe.generate("cat.jpg", "What is in the image?", max_new_tokens=32)
+    print(result.text)
+
+A batch of (image, prompt) requests is left-padded into one batch. Each call owns its KV cache, bindings and
+random generators, so one Pipeline can serve several threads (onnxruntime sessions are safe to run concurrently).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from runtime.backend import make_backend
+from runtime.errors import ArtifactError, FlagError, ImageError
+from runtime.kv_cache import KVCache
+from runtime.manifest import Manifest
+from runtime.preprocess import ImagePreprocessor, load_image
+from runtime.prompt import EncodedPrompt, PromptBuilder
+from runtime.sampling import SamplingConfig, select_tokens
+
+TokenCallback = Callable[[int, int, str], None]  # (request index, token id, new text piece)
+
+_BASE_DECODER_INPUTS = {"inputs_embeds", "attention_mask", "position_ids"}
+
+
+@dataclass
+class Request:
+    image: Any  # path, bytes or PIL image
+    prompt: str
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    ids: np.ndarray  # [B, S] int64, left padded
+    attention_mask: np.ndarray  # [B, S] int64
+    image_mask: np.ndarray  # [B, S] bool
+    prompt_lengths: list[int]
+
+
+class Pipeline:
+    def __init__(self, manifest: Manifest, providers: Sequence | None = None, allow_fallback: bool = False,
+                 intra_op_threads: int | None = None):
+        self.manifest = manifest
+        kw = {"providers": providers, "allow_fallback": allow_fallback, "intra_op_threads": intra_op_threads}
+        self.vision = make_backend(manifest.graph_path("vision"), **kw)
+        self.embed = make_backend(manifest.graph_path("embed"), **kw)
+        self.decoder = make_backend(manifest.graph_path("decoder"), **kw)
+        self.prompts = PromptBuilder(manifest.folder / manifest.data["tokenizer"]["file"], manifest)
+        self.preprocess = ImagePreprocessor(manifest.preprocessing)
+        dims = manifest.dims
+        self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
+        self.hidden = dims["hidden_size"]
+        self.tokens_per_image = manifest.tokens["tokens_per_image"]
+        self.stop_ids = tuple(manifest.tokens["eos_token_ids"])
+        self.pad_id = manifest.tokens["pad_token_id"]
+        self.kv_dtype = np.float16 if manifest.data.get("precision", {}).get("activations") == "fp16" else np.float32
+
+    @classmethod
+    def from_dir(cls, path: str | Path, providers: Sequence | None = None, verify: bool = True,
+                 allow_fallback: bool = False, intra_op_threads: int | None = None) -> "Pipeline":
+        """Open an artifact folder. `verify=False` skips the sha256 check of every file (faster for huge models)."""
+        return cls(Manifest.load(path, verify=verify), providers, allow_fallback, intra_op_threads)
+
+    # -- public API -----------------------------------------------------------------------------------------
+    def generate(self, image: Any, prompt: str, *, on_token: TokenCallback | None = None, **sampling) -> Generation:
+        return self.generate_batch([Request(image, prompt)], on_token=on_token, **sampling)[0]
+
+    def generate_batch(self, requests: Sequence[Request | tuple], *, on_token: TokenCallback | None = None,
+                       **sampling) -> list[Generation]:
+        cfg = self._sampling_config(sampling)
+        reqs = [r if isinstance(r, Request) else Request(*r) for r in requests]
+        if not reqs:
+            raise FlagError("generate_batch needs at least one (image, prompt) request")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        encoded = [self.prompts.encode(r.prompt, reserve=cfg.max_new_tokens) for r in reqs]
+        pixel_values = self.preprocess([self._load(r.image, i) for i, r in enumerate(reqs)])  # [N, 3, H, W]
+        timings["preprocess_s"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        features = self.encode_images(pixel_values)  # [N, T, d]
+        timings["vision_s"] = time.perf_counter() - t
+        batch = self._pad(encoded)
+        tokens, reasons, timings_gen = self._generate_tokens(batch, features, cfg, on_token)
+        timings.update(timings_gen)
+        timings["total_s"] = time.perf_counter() - t0
+        return [
+            Generation(self.prompts.decode([x for x in toks if x not in self.stop_ids]), toks, batch.prompt_lengths[b],
+                       reasons[b], dict(timings))
+            for b, toks in enumerate(tokens)
+        ]
+
+    # -- stages -----------------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.vision.run({"pixel_values": pixel_values.astype(self._input_dtype(self.vision, "pixel_values"))},
+                               ["image_features"])["image_features"]
+
+    def prefill(self, batch: _Batch, features: np.ndarray, cache: KVCache, extra: dict) -> np.ndarray:
+        embeds = self._embed(batch.ids, features, batch.image_mask)
+        position_ids = np.maximum(np.cumsum(batch.attention_mask, axis=-1) - 1, 0)  # [B, S], left padding
+        return self._decode(embeds, batch.attention_mask, position_ids, cache, extra)
+
+    def decode_one_token(self, next_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
+                         cache: KVCache, extra: dict) -> np.ndarray:
+        b = next_ids.shape[0]
+        no_images = np.zeros((0, self.tokens_per_image, self.hidden), dtype=self._input_dtype(self.embed, "image_features"))
+        embeds = self._embed(next_ids[:, None], no_images, np.zeros((b, 1), dtype=bool))  # [B, 1, d]
+        return self._decode(embeds, attention_mask, positions[:, None], cache, extra)
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _generate_tokens(self, batch: _Batch, features, cfg: SamplingConfig, on_token):
+        b, s = batch.ids.shape
+        cache = KVCache(self.num_layers, b, self.kv_heads, self.head_dim, s + cfg.max_new_tokens, self.kv_dtype,
+                        device=self.decoder.device)
+        extra = self._extra_inputs(batch)
+        rngs = [np.random.default_rng(None if cfg.seed is None else cfg.seed + i) for i in range(b)]
+        seen = [batch.ids[i][batch.attention_mask[i] == 1] for i in range(b)]
+        stop = set(cfg.stop_token_ids) | set(self.stop_ids)
+        timings: dict[str, Any] = {}
+        t = time.perf_counter()
+        logits = self.prefill(batch, features, cache, extra)  # [B, V]
+        timings["prefill_s"] = time.perf_counter() - t
+        attention_mask = batch.attention_mask
+        positions = attention_mask.sum(-1) - 1  # [B] last real position
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = np.zeros(b, dtype=bool)
+        reasons = ["length"] * b
+        texts = [""] * b
+        steps: list[float] = []
+        for step in range(cfg.max_new_tokens):
+            t = time.perf_counter()
+            next_ids = select_tokens(logits, cfg, seen, rngs)
+            next_ids = np.where(done, self.pad_id, next_ids)
+            for i in range(b):
+                if done[i]:
+                    continue
+                tok = int(next_ids[i])
+                out[i].append(tok)
+                seen[i] = np.append(seen[i], tok)
+                if tok in stop:
+                    done[i], reasons[i] = True, "stop"
+                elif on_token is not None:
+                    new_text = self.prompts.decode(out[i])
+                    on_token(i, tok, new_text[len(texts[i]):])
+                    texts[i] = new_text
+            if done.all() or step == cfg.max_new_tokens - 1:
+                steps.append(time.perf_counter() - t)
+                break
+            attention_mask = np.concatenate([attention_mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+            positions = positions + 1
+            logits = self.decode_one_token(next_ids, attention_mask, positions, cache, extra)
+            steps.append(time.perf_counter() - t)
+        timings["decode_steps_s"] = steps
+        timings["new_tokens"] = int(sum(len(o) for o in out))
+        return out, reasons, timings
+
+    def _embed(self, ids: np.ndarray, features: np.ndarray, image_mask: np.ndarray) -> np.ndarray:
+        return self.embed.run({"input_ids": ids, "image_features": features, "image_mask": image_mask},
+                              ["inputs_embeds"])["inputs_embeds"]
+
+    def _decode(self, embeds, attention_mask, position_ids, cache: KVCache, extra: dict) -> np.ndarray:
+        sess = self.decoder.session
+        binding = sess.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in extra.items():
+            binding.bind_cpu_input(name, value(attention_mask) if callable(value) else value)
+        binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows the binding order
+        new = embeds.shape[1]
+        cache.bind(binding, new)
+        sess.run_with_iobinding(binding)
+        cache.update(new)
+        logits = binding.get_outputs()[0].numpy()  # [B, 1, V]
+        return logits[:, -1, :].astype(np.float32, copy=False)
+
+    def _extra_inputs(self, batch: _Batch) -> dict:
+        unknown = set(self.decoder.input_names()) - _BASE_DECODER_INPUTS
+        unknown = {n for n in unknown if not n.startswith("past_key_values.")}
+        if unknown:
+            raise ArtifactError(f"the decoder has inputs this runtime does not know ({', '.join(sorted(unknown))}); "
+                                "upgrade anchorrt or re-export")
+        return {}
+
+    def _pad(self, encoded: list[EncodedPrompt]) -> _Batch:
+        s = max(len(e.ids) for e in encoded)
+        b = len(encoded)
+        ids = np.full((b, s), self.pad_id, dtype=np.int64)
+        mask = np.zeros((b, s), dtype=np.int64)
+        img = np.zeros((b, s), dtype=bool)
+        for i, e in enumerate(encoded):
+            n = len(e.ids)
+            ids[i, s - n:], mask[i, s - n:], img[i, s - n:] = e.ids, 1, e.image_mask
+        return _Batch(ids, mask, img, [len(e.ids) for e in encoded])
+
+    def _load(self, image: Any, index: int):
+        if image is None:
+            raise ImageError(f"request {index} has no image; this model answers about an image: pass one")
+        return load_image(image)
+
+    def _sampling_config(self, kw: dict) -> SamplingConfig:
+        allowed = set(SamplingConfig.__dataclass_fields__)
+        bad = set(kw) - allowed
+        if bad:
+            raise FlagError(f"unknown generation option(s): {', '.join(sorted(bad))}; known: {', '.join(sorted(allowed))}")
+        if "stop_token_ids" in kw:
+            kw = dict(kw, stop_token_ids=tuple(kw["stop_token_ids"]))
+        return SamplingConfig(**kw).validate()
+
+    @staticmethod
+    def _input_dtype(backend, name: str):
+        for i in backend.session.get_inputs():
+            if i.name == name:
+                return np.float16 if "float16" in i.type else np.float32
+        raise ArtifactError(f"graph '{backend.path.name}' has no input '{name}'; re-export")
