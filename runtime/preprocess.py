@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from runtime.errors import ArtifactError, ImageError
+from runtime.errors import AnchorError, ArtifactError, ImageError
 
 MAX_PIXELS = 64_000_000
 """Default limit on width * height of an input image, checked from the header before any pixel is decoded."""
@@ -123,7 +123,7 @@ def _decode(image: Image.Image, name: str, max_pixels: int, fmt: str | None) -> 
         raise _fail(name, "image is too large (over Pillow's decompression-bomb limit)", "downscale it") from None
     except MemoryError:
         raise _fail(name, f"not enough memory to decode it ({width}x{height})", "downscale it") from None
-    except Exception:  # Pillow signals bad data with OSError, SyntaxError, ValueError, EOFError, struct.error...
+    except Exception:  # noqa: BLE001 - Pillow signals bad data with OSError, SyntaxError, ValueError, struct.error...
         raise _fail(name, f"file is truncated or corrupt{what}", _REWRITE_HINT) from None
 
 
@@ -143,14 +143,19 @@ def _open_and_decode(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
         raise _fail(name, "not a recognised image format", f"use {_FORMATS_HINT}") from None
     except MemoryError:
         raise _fail(name, "not enough memory to open it", "downscale it") from None
-    except Exception:
-        raise _fail(name, f"file is truncated or corrupt{f' ({sniffed})' if sniffed else ''}", _REWRITE_HINT) from None
+    except Exception:  # noqa: BLE001 - any other failure to parse the header is bad data, whatever Pillow raised
+        what = f" ({sniffed})" if sniffed else ""
+        raise _fail(name, f"file is truncated or corrupt{what}", _REWRITE_HINT) from None
     with image:
         return _decode(image, name, max_pixels, sniffed)
 
 
 class _PillowWarnings(warnings.catch_warnings):
-    """Decompression-bomb warnings become errors (then ImageError); Pillow's chatter (corrupt EXIF...) is muted."""
+    """Decompression-bomb warnings become errors (then ImageError); Pillow's chatter (corrupt EXIF...) is muted.
+
+    Warning filters are process-wide, so this changes them only for the duration of one load, and leaves
+    `Image.MAX_IMAGE_PIXELS` alone (other code in the process may rely on it).
+    """
 
     def __enter__(self) -> None:
         super().__enter__()
@@ -221,15 +226,6 @@ def _load_path(src: str | os.PathLike[str], max_pixels: int) -> Image.Image:
             raise _fail(name, "the file could not be read", "check the disk and the path") from None
 
 
-def _bad(key: str, expected: str, value: Any) -> ArtifactError:
-    return ArtifactError(f"the manifest's preprocessing entry has a bad '{key}': expected {expected}, got {value!r}; "
-                         "re-export the model")
-
-
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -238,52 +234,61 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def validate_params(params: Mapping[str, Any]) -> dict[str, Any]:
+def validate_params(
+    params: Mapping[str, Any],
+    *,
+    source: str = "the manifest's preprocessing entry",
+    error: type[AnchorError] = ArtifactError,
+    fix: str = "re-export the model",
+) -> dict[str, Any]:
     """Check a preprocessing params dict (the manifest's "preprocessing" entry); return a normalised copy.
 
-    Raises `ArtifactError` naming the first bad or missing key.
+    Raises `error` (ArtifactError by default; the exporter passes CheckpointError) naming the first bad key, with
+    `source` saying where the params came from and `fix` what to do.
     """
+
+    def bad(key: str, expected: str, value: Any) -> AnchorError:
+        return error(f"{source}: bad '{key}': expected {expected}, got {value!r}; {fix}")
+
     if not isinstance(params, Mapping):
-        raise ArtifactError(f"the manifest's preprocessing entry must be an object, got {type(params).__name__}; "
-                            "re-export the model")
+        raise error(f"{source}: expected an object, got {type(params).__name__}; {fix}")
     missing = [k for k in PARAM_KEYS if k not in params]
     if missing:
-        raise ArtifactError(f"the manifest's preprocessing entry lacks {', '.join(missing)}; re-export the model")
+        raise error(f"{source}: missing {', '.join(missing)}; {fix}")
     unknown = sorted(str(k) for k in params if k not in PARAM_KEYS)
     if unknown:
-        raise ArtifactError(f"the manifest's preprocessing entry has unknown keys {', '.join(unknown)}; "
-                            "re-export the model with this version of AnchorRT")
+        raise error(f"{source}: unknown keys {', '.join(unknown)} (written by a newer AnchorRT?); {fix}")
     out: dict[str, Any] = {}
     for key in ("do_convert_rgb", "do_pad", "do_resize", "do_center_crop", "do_rescale", "do_normalize"):
-        if not _is_bool(params[key]):
-            raise _bad(key, "true or false", params[key])
+        if not isinstance(params[key], bool):
+            raise bad(key, "true or false", params[key])
         out[key] = params[key]
     edge = params["shortest_edge"]
     if not _is_int(edge) or edge <= 0:
-        raise _bad("shortest_edge", "a positive integer", edge)
+        raise bad("shortest_edge", "a positive integer", edge)
     out["shortest_edge"] = edge
     resample = params["resample"]
     if not _is_int(resample) or not 0 <= resample <= 5:
-        raise _bad("resample", "a PIL resampling code 0-5 (3 = bicubic)", resample)
+        raise bad("resample", "a PIL resampling code 0-5 (3 = bicubic)", resample)
     out["resample"] = resample
     crop = params["crop_size"]
-    if (not isinstance(crop, (list, tuple)) or len(crop) != 2
-            or not all(_is_int(c) and c > 0 for c in crop)):
-        raise _bad("crop_size", "[height, width] as positive integers", crop)
+    if not isinstance(crop, (list, tuple)) or len(crop) != 2 or not all(_is_int(c) and c > 0 for c in crop):
+        raise bad("crop_size", "[height, width] as positive integers", crop)
     out["crop_size"] = [crop[0], crop[1]]
     factor = params["rescale_factor"]
     if not _is_real(factor) or factor <= 0:
-        raise _bad("rescale_factor", "a positive number", factor)
+        raise bad("rescale_factor", "a positive number", factor)
     out["rescale_factor"] = float(factor)
     for key in ("image_mean", "image_std"):
         vals = params[key]
         if not isinstance(vals, (list, tuple)) or len(vals) != 3 or not all(_is_real(v) for v in vals):
-            raise _bad(key, "3 finite numbers", vals)
+            raise bad(key, "3 finite numbers", vals)
         if key == "image_std" and not all(v > 0 for v in vals):
-            raise _bad(key, "3 positive numbers", vals)
+            raise bad(key, "3 positive numbers", vals)
         out[key] = [float(v) for v in vals]
     if out["do_pad"] and not all(0 <= int(m * 255) <= 255 for m in out["image_mean"]):
-        raise _bad("image_mean", "values in [0, 1] (they give the padding colour)", out["image_mean"])
+        # the pad colour is int(mean * 255) per channel, which must be a uint8
+        raise bad("image_mean", "values in [0, 1] when do_pad is true", out["image_mean"])
     return out
 
 
@@ -308,7 +313,7 @@ class ImagePreprocessor:
         if isinstance(images, Image.Image):
             images = [images]
         if not isinstance(images, Sequence) or len(images) == 0:
-            raise ImageError("no images to preprocess; pass a non-empty list of PIL images")
+            raise ImageError("no images to preprocess: expected a non-empty list of PIL images; pass at least one")
         arrays = [self.preprocess_one(img, index=i) for i, img in enumerate(images)]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
@@ -334,7 +339,7 @@ class ImagePreprocessor:
             pixels = np.asarray(image, dtype=np.uint8)
         except ImageError:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - a lazily opened image can fail to decode here; no Pillow error escapes
             raise ImageError(f"image {name} cannot be decoded or converted to RGB (mode {image.mode}); "
                              "load it with load_image() to see why") from None
         if p["do_pad"]:
