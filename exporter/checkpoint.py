@@ -59,4 +59,24 @@ def inspect_checkpoint(model_dir: str | Path, allow_pickle: bool = False) -> Che
                 "convert to safetensors, or pass --allow-pickle if you trust the source"
             )
         return Checkpoint(path, config, arch, pickles, True)
+    for f in safes:
+        check_safetensors(f)
     return Checkpoint(path, config, arch, safes, False)
+
+
+def check_safetensors(path: Path) -> None:
+    """Header sanity without loading tensors: the JSON header parses and the data section covers every tensor."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        raise CheckpointError(f"weights file '{path.name}' is corrupt (unreadable safetensors header); re-download it") from None
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"weights file '{path.name}' is truncated or corrupt ({size} bytes, expected {8 + n + end}); re-download it"
+        )

@@ -15,8 +15,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from runtime.errors import AnchorError, ArtifactError, CheckpointError
 from runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, write_manifest
@@ -141,11 +141,13 @@ def _replace_folder(tmp: Path, out: Path) -> None:
 
 def _export_into(ckpt, tmp: Path, opset: int, dtype: str, say: Progress) -> dict:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from exporter.archs.llava import load_processor
     from exporter.preprocessing import preprocessing_params
     from exporter.registry import get_arch
 
+    hf_logging.disable_progress_bar()  # our own progress lines replace transformers' weight-loading bar
     t0 = time.perf_counter()
     say(f"[1/5] loading {ckpt.architecture} from {ckpt.path}")
     arch_cls = get_arch(ckpt.architecture)

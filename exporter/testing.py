@@ -144,8 +144,8 @@ def build_tiny_llava(path: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) ->
     )
     processor.save_pretrained(path)
     if spec.do_pad:  # the original LLaVA pads to a square with the mean colour ("image_aspect_ratio": "pad")
-        cfg_path = path / "preprocessor_config.json"
+        cfg_path = path / "processor_config.json"  # transformers 5 keeps the image processor config here
         cfg = json.loads(cfg_path.read_text())
-        cfg["do_pad"] = True
+        cfg["image_processor"].update(image_processor_type="LlavaImageProcessor", do_pad=True)
         cfg_path.write_text(json.dumps(cfg, indent=2))
     return path

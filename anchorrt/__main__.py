@@ -1,0 +1,3 @@
+from anchorrt.cli import main
+
+main()

@@ -1,0 +1,188 @@
+"""The `anchorrt` command line: export · generate · inspect · verify.
+
+Every user-fixable problem is an `AnchorError`: printed as one line `error: ...` with a non-zero exit, never a
+traceback. Commands that need torch import it only when they run, so `generate` and `inspect` work on an edge
+install (numpy, onnxruntime, tokenizers, Pillow).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from anchorrt import __version__
+from runtime.errors import AnchorError
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def _friendly(fn):
+    """Turn AnchorError into `error: <one line>` and an exit code; Ctrl-C into exit 130 without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AnchorError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except ImportError as exc:
+            click.echo(f"error: {exc.name or exc} is not installed; this command needs `pip install anchorrt[export]`",
+                       err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="anchorrt")
+def main() -> None:
+    """AnchorRT: LLaVA-family models to fast ONNX Runtime engines with hallucination mitigation in the graphs."""
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
+@click.option("--opset", type=click.Choice(["18", "23"]), default="18", show_default=True,
+              help="18: attention as MatMul/Softmax; 23: the ONNX Attention op.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="Export precision.")
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt (pickle) weights. Pickle can run code: trust the source.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
+@_friendly
+def export(model_dir: Path, out_dir: Path, opset: str, dtype: str, allow_pickle: bool, force: bool) -> None:
+    """Export a Hugging Face checkpoint folder (LLaVA-1.5) to an artifact folder."""
+    from exporter.export import export_model
+
+    t = time.perf_counter()
+    manifest = export_model(model_dir, out_dir, opset=int(opset), dtype=dtype, allow_pickle=allow_pickle, force=force,
+                            progress=_say)
+    _say(f"exported {manifest.data['architecture']} in {time.perf_counter() - t:.1f} s")
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for a batch).")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (one per image, or one for all).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--sample/--greedy", default=False, show_default=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int)
+@click.option("--device", type=click.Choice(sorted(PROVIDERS)), default="cpu", show_default=True)
+@click.option("--allow-fallback", is_flag=True, help="Accept a silent CPU fallback of the GPU provider.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact files.")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="Print tokens as they come (batch of 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per request.")
+@_friendly
+def generate(artifact_dir: Path, images, prompts, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty,
+             seed, device, allow_fallback, no_verify, stream, as_json) -> None:
+    """Answer prompts about images with an exported artifact folder (no torch needed)."""
+    from runtime.pipeline import Pipeline, Request
+
+    if len(prompts) not in (1, len(images)):
+        raise click.UsageError("give one --prompt per --image, or a single --prompt for all images")
+    prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
+    pipe = Pipeline.from_dir(artifact_dir, providers=PROVIDERS[device], verify=not no_verify,
+                             allow_fallback=allow_fallback)
+    streaming = stream and not as_json and len(images) == 1
+    on_token = (lambda i, tok, piece: click.echo(piece, nl=False)) if streaming else None
+    results = pipe.generate_batch(
+        [Request(img, p) for img, p in zip(images, prompts)], on_token=on_token, max_new_tokens=max_new_tokens,
+        do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    for r, img in zip(results, images):
+        steps = r.timings.get("decode_steps_s", [])
+        if as_json:
+            click.echo(json.dumps({"image": str(img), "text": r.text, "token_ids": r.token_ids,
+                                   "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                                   "ttft_s": r.timings.get("prefill_s"), "decode_steps_s": steps}))
+        elif streaming:
+            click.echo("")
+        else:
+            click.echo(f"[{img}] {r.text}")
+    if not as_json:
+        r = results[0]
+        tps = (len(steps) / sum(steps)) if steps and sum(steps) > 0 else float("nan")
+        _say(f"{sum(len(x.token_ids) for x in results)} tokens; prefill {1000 * r.timings['prefill_s']:.1f} ms, "
+             f"{tps:.1f} decode steps/s ({pipe.decoder.provider})")
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@_friendly
+def inspect(artifact_dir: Path, no_verify: bool, as_json: bool) -> None:
+    """Summarise an artifact folder: model, dims, tokens, graphs and their inputs/outputs, sizes."""
+    from runtime.manifest import Manifest
+
+    m = Manifest.load(artifact_dir, verify=not no_verify)
+    if as_json:
+        click.echo(json.dumps(m.data, indent=2))
+        return
+    d, t = m.dims, m.tokens
+    click.echo(f"{m.folder}: {m.data['architecture']} ({m.data['model_type']}), opset {m.data['opset']}, "
+               f"weights {m.data['precision']['weights']}")
+    click.echo(f"  decoder: {d['num_layers']} layers, hidden {d['hidden_size']}, {d['num_heads']} heads "
+               f"({d['num_kv_heads']} kv), head_dim {d['head_dim']}, vocab {d['vocab_size']}, "
+               f"context {m.data.get('context_length')}")
+    click.echo(f"  image: {d['image_size']} px, {t['tokens_per_image']} tokens per image "
+               f"(token {t['image_token']!r} = {t['image_token_id']}); eos {t['eos_token_ids']}, pad {t['pad_token_id']}")
+    click.echo(f"  prompt: {m.prompt['template']!r} ({m.prompt.get('source', '?')})")
+    click.echo(f"  mitigation: {', '.join(m.mitigation) or 'none baked'}")
+    for role in ("vision", "embed", "decoder"):
+        g = m.graph(role)
+        size = sum((m.folder / f).stat().st_size for f in (g["file"], g.get("external_data")) if f)
+        click.echo(f"  {role}: {g['file']} ({size / 1e6:.2f} MB)")
+        for kind in ("inputs", "outputs"):
+            items = g[kind]
+            shown = [f"{x['name']} {x['dtype']}{x['shape']}" for x in items[:4]]
+            more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
+            click.echo(f"    {kind}: {', '.join(shown)}{more}")
+    click.echo(f"  files: {len(m.data['files'])} ({'sha256 verified' if not no_verify else 'not verified'})")
+    click.echo(f"  made by: {', '.join(f'{k} {v}' for k, v in m.data.get('versions', {}).items())}")
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="The PyTorch checkpoint folder.")
+@click.option("--image", "images", multiple=True, help="Image files (default: random images).")
+@click.option("--prompt", "prompts", multiple=True, help="Prompts (default: two built-in prompts).")
+@click.option("--steps", default=5, show_default=True, type=int, help="Decode steps after the prefill.")
+@click.option("--atol", default=1e-4, show_default=True, type=float, help="Largest accepted |logit difference|.")
+@_friendly
+def verify(artifact_dir: Path, model_dir: Path, images, prompts, steps: int, atol: float) -> None:
+    """Compare the exported graphs with the PyTorch model: max logit difference and greedy-token agreement."""
+    from exporter.checkpoint import inspect_checkpoint
+    from exporter.verify import random_images
+    from exporter.verify import verify as run_verify
+    from runtime.errors import VerifyError
+
+    inspect_checkpoint(model_dir)
+    prompts = list(prompts) or None
+    if images and prompts and len(images) != len(prompts):
+        raise click.UsageError("give one --prompt per --image")
+    imgs = list(images) if images else (random_images(len(prompts)) if prompts else None)
+    report = run_verify(model_dir, artifact_dir, images=imgs, prompts=prompts, steps=steps, atol=atol)
+    click.echo(report.summary())
+    if not report.ok:
+        raise VerifyError(f"exported graphs differ from the PyTorch model: {report.summary()}")
+
+
+if __name__ == "__main__":
+    main()

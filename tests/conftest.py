@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random-weight LLaVA checkpoints built in code and their exported artifact folders.
+
+Built once per test session (export is the slow part: ~25 s a model on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.testing import TinyLlavaSpec, build_tiny_llava
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK_TORCH = Path(__file__).resolve().parent / "block_torch"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="no NVIDIA GPU / onnxruntime-gpu CUDA provider on this machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """8 layers, 8 heads (MHA), 16 image tokens."""
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", TinyLlavaSpec())
+
+
+@pytest.fixture(scope="session")
+def gqa_model(tmp_path_factory) -> Path:
+    """Grouped-query attention: 8 query heads over 2 key/value heads; CLIP "full" feature strategy (CLS kept)."""
+    spec = TinyLlavaSpec(kv_heads=2, seed=1, vision_feature_select_strategy="full", vision_feature_layer=-1)
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava-gqa", spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
+    from exporter.export import export_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    export_model(tiny_model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gqa_artifact(gqa_model, tmp_path_factory) -> Path:
+    from exporter.export import export_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "gqa-opset23"
+    export_model(gqa_model, out, opset=23)
+    return out
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Deterministic test images of different sizes and modes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (64, 30, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (33, 33, 4), dtype=np.uint8), "RGBA"),
+    ]
+
+
+def run_cli(*args: str, block_torch: bool = False, cwd: Path | None = None, env: dict | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m anchorrt ...` in a subprocess (optionally with torch made unimportable)."""
+    e = dict(os.environ)
+    path = [str(ROOT)]
+    if block_torch:
+        path.insert(0, str(BLOCK_TORCH))
+    e["PYTHONPATH"] = os.pathsep.join(path + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "anchorrt", *args], capture_output=True, text=True, cwd=cwd, env=e,
+                          timeout=timeout)
