@@ -6,7 +6,7 @@ checkpoint's `architectures[0]` up here. Adding InstructBLIP or Qwen2-VL is one 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 _ARCHS: dict[str, type] = {}
 

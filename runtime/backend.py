@@ -9,8 +9,8 @@ The session is built lazily on first use. A GPU provider that silently falls bac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class OrtBackend:
         self.intra_op_threads = intra_op_threads
         self._session = None
 
-    def __enter__(self) -> "OrtBackend":
+    def __enter__(self) -> OrtBackend:
         _ = self.session
         return self
 

@@ -108,7 +108,7 @@ class Manifest:
 
     # -- loading -----------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, folder: str | Path, verify: bool = True) -> "Manifest":
+    def load(cls, folder: str | Path, verify: bool = True) -> Manifest:
         folder = Path(folder)
         if not folder.is_dir():
             raise ArtifactError(f"artifact folder '{folder}' does not exist; run `anchorrt export MODEL -o {folder}` first")

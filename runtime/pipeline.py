@@ -11,9 +11,10 @@ random generators, so one Pipeline can serve several threads (onnxruntime sessio
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class Pipeline:
 
     @classmethod
     def from_dir(cls, path: str | Path, providers: Sequence | None = None, verify: bool = True,
-                 allow_fallback: bool = False, intra_op_threads: int | None = None) -> "Pipeline":
+                 allow_fallback: bool = False, intra_op_threads: int | None = None) -> Pipeline:
         """Open an artifact folder. `verify=False` skips the sha256 check of every file (faster for huge models)."""
         return cls(Manifest.load(path, verify=verify), providers, allow_fallback, intra_op_threads)
 

@@ -26,7 +26,7 @@ class SamplingConfig:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
-    def validate(self) -> "SamplingConfig":
+    def validate(self) -> SamplingConfig:
         def finite(name: str, v, lo: float, lo_open: bool = False, hi: float | None = None) -> None:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise FlagError(f"{name} must be a finite number, got {v!r}")
