@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import platform
 import shutil
@@ -60,6 +61,9 @@ def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
 def _quiet():
     """torch.onnx prints its own progress lines and warnings; keep them and show them only if the export fails."""
     buf = io.StringIO()
+    torch_logger = logging.getLogger("torch.onnx")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping torchvision::nms"
     with contextlib.redirect_stdout(buf), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -67,6 +71,25 @@ def _quiet():
         except Exception:
             sys.stderr.write(buf.getvalue()[-4000:])
             raise
+        finally:
+            torch_logger.setLevel(level)
+
+
+def _name_total_length(path: Path) -> None:
+    """torch names the present-KV length 'sequence + past_length' or 'past_length + sequence' at random; call it
+    what the attention mask calls it, so every tool (and TensorRT's profiles) sees one symbol."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    changed = False
+    for out in model.graph.output:
+        if out.name.startswith("present."):
+            dim = out.type.tensor_type.shape.dim[2]
+            if dim.dim_param and dim.dim_param != "total_length":
+                dim.dim_param = "total_length"
+                changed = True
+    if changed:  # tensors keep their external-data references, so this rewrites only the graph proto
+        onnx.save(model, str(path))
 
 
 def _export_graph(spec, path: Path, opset: int) -> None:
@@ -79,6 +102,7 @@ def _export_graph(spec, path: Path, opset: int) -> None:
         )
         size = sum(p.numel() * p.element_size() for p in spec.module.parameters())
         program.save(str(path), external_data=size > EXTERNAL_DATA_THRESHOLD)
+    _name_total_length(path)
 
 
 def export_model(

@@ -1,0 +1,35 @@
+"""Every ```bash block of every samples/*/README.md runs, torch made unimportable, against the fixture artifact."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BLOCK_TORCH, ROOT
+
+READMES = sorted((ROOT / "samples").glob("*/README.md"))
+BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
+
+
+def blocks(readme: Path) -> list[str]:
+    return BLOCK.findall(readme.read_text())
+
+
+@pytest.mark.parametrize("readme", READMES, ids=[r.parent.name for r in READMES])
+def test_sample_readme_blocks_run(readme, tiny_artifact, images, tmp_path):
+    found = blocks(readme)
+    if not found:
+        pytest.skip(f"{readme.parent.name} has no bash blocks")
+    image = tmp_path / "image.png"
+    images[0].save(image)
+    env = dict(os.environ, ARTIFACT=str(tiny_artifact), IMAGE=str(image),
+               PYTHONPATH=os.pathsep.join([str(BLOCK_TORCH), str(ROOT)]))
+    for i, block in enumerate(found):
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, f"block {i} of {readme}:\n{block}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        assert "Traceback" not in proc.stderr
