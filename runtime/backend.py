@@ -29,11 +29,12 @@ def _import_ort():
 
 class OrtBackend:
     def __init__(self, path: str | Path, providers: Sequence | None = None, allow_fallback: bool = False,
-                 intra_op_threads: int | None = None):
+                 intra_op_threads: int | None = None, profile_prefix: str | Path | None = None):
         self.path = Path(path)
         self.requested = list(providers) if providers else ["CPUExecutionProvider"]
         self.allow_fallback = allow_fallback
         self.intra_op_threads = intra_op_threads
+        self.profile_prefix = profile_prefix  # onnxruntime's own profiler (chrome-trace JSON) when set
         self._session = None
 
     def __enter__(self) -> OrtBackend:
@@ -61,6 +62,9 @@ class OrtBackend:
         opts.log_severity_level = 3
         if self.intra_op_threads:
             opts.intra_op_num_threads = self.intra_op_threads
+        if self.profile_prefix:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(self.profile_prefix)
         try:
             sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.requested)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
@@ -81,6 +85,17 @@ class OrtBackend:
     @property
     def device(self) -> str:
         return "cuda" if self.provider in GPU_PROVIDERS else "cpu"
+
+    def start_profiling(self, prefix: str | Path) -> None:
+        """Turn onnxruntime's profiler on: the session is rebuilt with it on its next use."""
+        self.profile_prefix = prefix
+        self._session = None
+
+    def end_profiling(self) -> str | None:
+        """Stop onnxruntime's profiler; returns the trace file it wrote (None if profiling was off)."""
+        if not self.profile_prefix or self._session is None:
+            return None
+        return self._session.end_profiling()
 
     def input_names(self) -> list[str]:
         return [i.name for i in self.session.get_inputs()]
