@@ -1,0 +1,221 @@
+"""Find each decoder layer's attention in an exported decoder graph, in either of the two forms torch.onnx emits.
+
+Pattern A, opset 18 (scaled_dot_product_attention decomposed; GQA keys/values are already repeated to the query
+heads by Expand/Reshape upstream, so the pattern does not change with grouped-query attention):
+
+    q ──Mul(√s)──┐
+                 MatMul ──► logits ──► Add(·, mask) ──► Softmax(axis=-1) ──► IsNaN ──► Where(nan, 0, p) ──► MatMul(·, v) ──► out
+    kᵀ ─Mul(√s)──┘          [B,H,S,K]      mask [B,1,S,K]                                  probs [B,H,S,K]              [B,H,S,D]
+
+Pattern B, opset 23 (the ONNX `Attention` op with 4-D inputs and an explicit mask, no is_causal, no softcap):
+
+    Attention(q [B,H,S,D], k [B,Hk,K,D], v [B,Hk,K,D], attn_mask [B,1,S,K] bool|float) ──► out [B,H,S,D]
+
+`match_attention` returns one `AttentionSite` per decoder layer, ordered by layer, or fails loudly (PassError)
+when some layers match and others do not, or a layer matches twice; a graph where nothing matches gives `[]`
+(the caller reports count 0 and leaves the graph unchanged). Each candidate goes through `check()`, which
+returns the reason a near-miss is rejected; those reasons are part of the error message.
+
+The layer index comes from the node name (`/model/layers.{i}/...`, after `AssignNodeNames`) or from the torch
+module scopes in the node metadata. When a pass has replaced a layer's mask it records the original in
+`META_BASE_MASK` on the node, so the next pass still finds the exporter's mask (`base_mask`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from graph_passes.base import META_BASE_MASK, PassError
+from graph_passes.naming import layer_of
+
+DECOMPOSED = "matmul_softmax"
+ATTENTION_OP = "attention_op"
+_PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
+
+
+@dataclass
+class AttentionSite:
+    layer: int
+    form: str  # DECOMPOSED or ATTENTION_OP
+    anchor: ir.Node  # the Softmax (A) or the Attention node (B)
+    mask_node: ir.Node  # the node the mask enters: the Add (A) or the Attention node (B)
+    mask_index: int  # input index of the mask on mask_node
+    base_mask: ir.Value  # the exporter's mask (A: float 0/-inf; B: bool or float)
+    out: ir.Value  # [B, H, S, D] attention output, before the head transpose
+    v: ir.Value  # [B, Hv, K, D]
+    logits: ir.Value | None = None  # A: scaled q kᵀ before the mask [B, H, S, K]
+    probs: ir.Value | None = None  # A: post-softmax probabilities after the NaN guard [B, H, S, K]
+    q: ir.Value | None = None  # B: [B, H, S, D] (after rotary)
+    k: ir.Value | None = None  # B: [B, Hk, K, D]
+    scale: float | None = None  # B: the softmax scale
+
+    @property
+    def mask(self) -> ir.Value:
+        """The mask as the layer applies it now (a previous pass may have replaced the exporter's)."""
+        return self.mask_node.inputs[self.mask_index]
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain == "" else None
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.value)
+
+
+def _float_attr(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else float(attr.value)
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.inputs}
+    values.update({name: v for name, v in graph.initializers.items()})
+    for node in graph:
+        for out in node.outputs:
+            values[out.name] = out
+    return values
+
+
+def _base_mask(node: ir.Node, current: ir.Value, values: dict[str, ir.Value]) -> ir.Value:
+    name = node.metadata_props.get(META_BASE_MASK)
+    if name is None:
+        return current
+    if name not in values:
+        raise PassError(f"node '{node.name}' records its original mask '{name}', which is not in the graph")
+    return values[name]
+
+
+# ----------------------------------------------------------------------------------- pattern A: decomposed
+
+
+def check_decomposed(softmax: ir.Node) -> tuple[dict | None, str]:
+    """Pattern A around one Softmax -> (bindings, "") or (None, reason)."""
+    if _int_attr(softmax, "axis", -1) not in (-1, 3):
+        return None, "Softmax is not over the last axis"
+    add = _producer(softmax.inputs[0], "Add")
+    if add is None:
+        return None, "Softmax input is not an Add (no additive mask)"
+    mm_index = next((i for i in (0, 1) if _producer(add.inputs[i], "MatMul") is not None), None)
+    if mm_index is None:
+        return None, "the Add before Softmax is not fed by a MatMul (q kᵀ)"
+    qk = _producer(add.inputs[mm_index], "MatMul")
+    mask_index = 1 - mm_index
+    if add.inputs[mask_index] is None:
+        return None, "the Add before Softmax has no mask operand"
+    probs = softmax.outputs[0]
+    # Main-graph consumers only: a pass may read the probabilities from inside an If branch.
+    consumers = [c for c in probs.consumers() if c.graph is softmax.graph]
+    isnan = next((c for c in consumers if c.op_type == "IsNaN"), None)
+    if isnan is not None:
+        where = next((c for c in consumers if c.op_type == "Where" and c.inputs[0] is isnan.outputs[0]), None)
+        if where is None or where.inputs[2] is not probs:
+            return None, "IsNaN after Softmax is not followed by Where(isnan, 0, probs)"
+        probs = where.outputs[0]
+        consumers = [c for c in probs.consumers() if c.graph is softmax.graph]
+    pv = [c for c in consumers if c.op_type == "MatMul" and c.inputs[0] is probs]
+    if len(pv) != 1 or len(consumers) != 1:
+        return None, "the attention probabilities do not feed exactly one MatMul(probs, v)"
+    return {"qk": qk, "add": add, "mask_index": mask_index, "probs": probs, "pv": pv[0]}, ""
+
+
+# ------------------------------------------------------------------------------- pattern B: Attention op
+
+
+def check_attention_op(node: ir.Node) -> tuple[dict | None, str]:
+    inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+    if inputs[3] is None:
+        return None, "Attention has no attn_mask input (is_causal only); CLVA/SEVI need an explicit mask"
+    if inputs[4] is not None or inputs[5] is not None:
+        return None, "Attention takes past_key/past_value inputs; the exporter's form concatenates the cache outside"
+    if _int_attr(node, "is_causal", 0) != 0:
+        return None, "Attention has is_causal=1"
+    if _float_attr(node, "softcap", 0.0) != 0.0:
+        return None, "Attention has a softcap"
+    if _int_attr(node, "qk_matmul_output_mode", 0) != 0:
+        return None, "Attention has qk_matmul_output_mode != 0"
+    if len(node.outputs) > 1 and any(o is not None and o.name and o.uses() for o in node.outputs[1:]):
+        return None, "Attention's present_key/value or qk outputs are used"
+    q = inputs[0]
+    if q.shape is not None and q.shape.rank() != 4:
+        return None, "Attention inputs are 3-D ([B, S, H*D]); only the 4-D form is supported"
+    scale = node.attributes.get("scale")
+    if scale is None:
+        d = q.shape[3] if q.shape is not None else None
+        if not isinstance(d, int):
+            return None, "Attention has no scale attribute and the head size is not static"
+        scale_value = 1.0 / math.sqrt(d)
+    else:
+        scale_value = float(scale.value)
+    return {"scale": scale_value}, ""
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def num_decoder_layers(graph: ir.Graph) -> int:
+    """Number of layers from the `past_key_values.{i}.key` inputs (the decoder's contract)."""
+    layers = {int(m.group(1)) for v in graph.inputs if (m := _PAST_KEY.match(v.name or ""))}
+    return len(layers)
+
+
+def match_attention(graph: ir.Graph, num_layers: int | None = None) -> list[AttentionSite]:
+    """One AttentionSite per layer (sorted), [] if nothing matches, PassError on any other count."""
+    num_layers = num_decoder_layers(graph) if num_layers is None else num_layers
+    values = _values_by_name(graph)
+    sites: list[AttentionSite] = []
+    rejected: list[str] = []
+    for node in graph:  # the main graph only: subgraphs hold what passes added
+        if node.domain != "":
+            continue
+        if node.op_type == "Softmax":
+            bind, reason = check_decomposed(node)
+            if bind is None:
+                rejected.append(f"{node.name}: {reason}")
+                continue
+            add, mi = bind["add"], bind["mask_index"]
+            site = AttentionSite(
+                layer=-1, form=DECOMPOSED, anchor=node, mask_node=add, mask_index=mi,
+                base_mask=_base_mask(add, add.inputs[mi], values), out=bind["pv"].outputs[0],
+                v=bind["pv"].inputs[1], logits=bind["qk"].outputs[0], probs=bind["probs"])
+        elif node.op_type == "Attention":
+            bind, reason = check_attention_op(node)
+            if bind is None:
+                rejected.append(f"{node.name}: {reason}")
+                continue
+            site = AttentionSite(
+                layer=-1, form=ATTENTION_OP, anchor=node, mask_node=node, mask_index=3,
+                base_mask=_base_mask(node, node.inputs[3], values), out=node.outputs[0], v=node.inputs[2],
+                q=node.inputs[0], k=node.inputs[1], scale=bind["scale"])
+        else:
+            continue
+        layer = layer_of(node)
+        if layer is None:
+            rejected.append(f"{node.name}: attention-shaped, but no decoder layer index in its name or scopes")
+            continue
+        site.layer = layer
+        sites.append(site)
+    if not sites:
+        return []
+    by_layer: dict[int, list[AttentionSite]] = {}
+    for s in sites:
+        by_layer.setdefault(s.layer, []).append(s)
+    twice = sorted(i for i, v in by_layer.items() if len(v) > 1)
+    missing = sorted(set(range(num_layers)) - set(by_layer))
+    extra = sorted(set(by_layer) - set(range(num_layers)))
+    if twice or missing or extra:
+        detail = "; ".join(filter(None, [
+            f"missing layers {missing}" if missing else "",
+            f"layers matched twice {twice}" if twice else "",
+            f"layer indices outside 0..{num_layers - 1}: {extra}" if extra else "",
+            f"rejected: {'; '.join(rejected[:4])}" if rejected else "",
+        ]))
+        raise PassError(f"expected one attention per decoder layer ({num_layers} layers), matched {len(sites)} "
+                        f"in {len(by_layer)} layers: {detail}")
+    return sorted(sites, key=lambda s: s.layer)

@@ -1,0 +1,131 @@
+"""Subgraphs shared by the CLVA and SEVI passes: the S/V/T regions of a pass, and attention recomputation.
+
+METHODS.md notation: per batch row, V = the image-token key columns (`visual_mask`, restricted to real tokens),
+T rows = the query rows of this pass after the row's last V column. The decoder's contract gives the pass
+geometry: `attention_mask` [B, K] covers past + this pass (K = total_length), `inputs_embeds` [B, S, d].
+
+    attention_mask ─Cast(bool)─► seen [B,K] ─┬──────────────── And ─► visual [B,K]
+    visual_mask ─────────────────────────────┘                   │
+    Range(0,K) ─► key_index [K] ─► Where(visual, key_index, -1) ─► ReduceMax ─► last_image [B,1]  (-1: no image)
+    Range(K-S,K) ─► query_index [S] ─► Greater(·, last_image) ─┐
+    last_image >= 0 ─► has_image [B,1] ───────────────────────┼─► And ─► t_rows [B,S]
+    Gather(seen, query_index, axis=1) ─► seen rows [B,S] ──────┘
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.base import NEG_INF, Builder, PassError
+
+INT64_MAX = np.iinfo(np.int64).max
+FLOAT, DOUBLE, BOOL, INT64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.BOOL, ir.DataType.INT64
+
+
+@dataclass
+class Regions:
+    seen: ir.Value  # [B, K] bool: real (non-pad) key columns
+    visual: ir.Value  # [B, K] bool: V columns
+    key_index: ir.Value  # [K] int64
+    last_image: ir.Value  # [B, 1] int64, -1 for a row without image tokens
+    has_image: ir.Value  # [B, 1] bool
+    t_rows: ir.Value  # [B, S] bool
+    seq_len: ir.Value  # [] int64 (S)
+    total_len: ir.Value  # [] int64 (K)
+
+
+def build_regions(b: Builder, attention_mask: ir.Value, visual_mask: ir.Value, inputs_embeds: ir.Value) -> Regions:
+    one = b.const(np.int64(1), "one")
+    seen = b.op("Cast", [attention_mask], "seen", to=BOOL)
+    visual = b.op("And", [visual_mask, seen], "visual")
+    total = b.op("Gather", [b.op("Shape", [attention_mask], "total_len"), one], "total_len", axis=0)
+    seq = b.op("Gather", [b.op("Shape", [inputs_embeds], "seq_len"), one], "seq_len", axis=0)
+    zero = b.const(np.int64(0), "zero")
+    key_index = b.op("Range", [zero, total, one], "key_index")
+    minus_one = b.const(np.int64(-1), "minus_one")
+    axis1 = b.const(np.array([1], np.int64), "axis1")
+    last_image = b.op("ReduceMax", [b.op("Where", [visual, key_index, minus_one], "last_image"), axis1], "last_image",
+                      keepdims=1)
+    has_image = b.op("GreaterOrEqual", [last_image, zero], "has_image")
+    query_index = b.op("Range", [b.op("Sub", [total, seq], "past_len"), total, one], "query_index")
+    after = b.op("Greater", [query_index, last_image], "after_image")  # [B, S]
+    seen_rows = b.op("Gather", [seen, query_index], "seen_rows", axis=1)  # [B, S]
+    t_rows = b.op("And", [b.op("And", [after, has_image], "t_rows"), seen_rows], "t_rows")
+    return Regions(seen, visual, key_index, last_image, has_image, t_rows, seq, total)
+
+
+def float_mask(b: Builder, mask: ir.Value) -> ir.Value:
+    """An additive fp32 mask from the layer's mask: a bool mask becomes 0 (visible) / -inf (hidden), exactly what
+    ONNX Runtime's Attention adds for a bool mask; a float mask is used as it is."""
+    if mask.dtype == BOOL:
+        return b.op("Where", [mask, b.const(np.float32(0.0), "zero_f"), b.const(np.float32(NEG_INF), "neg_inf")],
+                    "float_mask", dtype=FLOAT)
+    if mask.dtype not in (FLOAT, None):
+        raise PassError(f"attention mask '{mask.name}' has dtype {mask.dtype}; only bool or float32 masks are supported")
+    return mask
+
+
+def static_heads(value: ir.Value, what: str) -> int:
+    dim = value.shape[1] if value.shape is not None and value.shape.rank() == 4 else None
+    if not isinstance(dim, int):
+        raise PassError(f"the head count of {what} '{value.name}' is not static; cannot build the per-head subgraph")
+    return dim
+
+
+def recompute_logits(b: Builder, q_rows: ir.Value, k: ir.Value, heads: int, kv_heads: int, scale: float) -> ir.Value:
+    """Scaled q kᵀ for some query rows of an `Attention` layer, with grouped-query heads.
+
+        q_rows [B,H,R,D] ─Reshape─► [B,Hk,rep·R,D] ─Transpose─► [B,Hk,D,rep·R]
+        k [B,Hk,K,D] ─MatMul(k, ·)─► [B,Hk,K,rep·R] ─Transpose─► [B,Hk,rep·R,K] ─Reshape─► [B,H,R,K] ─Mul(scale)
+
+    The MatMul runs as k·qᵀ so that nothing of size K·D is transposed (at decode R = 1). Query head h reads key
+    head h // rep, the ONNX Attention rule for 4-D inputs.
+    """
+    rep = heads // kv_heads
+    q_grouped = b.op("Reshape", [q_rows, b.const(np.array([0, kv_heads, -1, 0], np.int64), "group_shape")],
+                     "q_grouped") if rep > 1 else q_rows
+    kq = b.op("MatMul", [k, b.op("Transpose", [q_grouped], "q_t", perm=[0, 1, 3, 2])], "k_q")
+    logits = b.op("Transpose", [kq], "logits", perm=[0, 1, 3, 2])
+    if rep > 1:
+        logits = b.op("Reshape", [logits, b.const(np.array([0, heads, -1, 0], np.int64), "head_shape")], "logits")
+    return b.op("Mul", [logits, b.const(np.float32(scale), "scale")], "logits", dtype=FLOAT)
+
+
+def grouped_probs_matmul(b: Builder, probs: ir.Value, v: ir.Value, heads: int, kv_heads: int) -> ir.Value:
+    """probs [B,H,R,K] @ v [B,Hk,K,D] -> [B,H,R,D] with query head h reading value head h // rep."""
+    rep = heads // kv_heads
+    if rep == 1:
+        return b.op("MatMul", [probs, v], "probs_v")
+    grouped = b.op("Reshape", [probs, b.const(np.array([0, kv_heads, -1, 0], np.int64), "group_shape")], "probs_grouped")
+    out = b.op("MatMul", [grouped, v], "probs_v")
+    return b.op("Reshape", [out, b.const(np.array([0, heads, -1, 0], np.int64), "head_shape")], "probs_v")
+
+
+def slice_axis(b: Builder, x: ir.Value, start: ir.Value | int, axis: int, what: str, end: int | None = None) -> ir.Value:
+    """x[..., start:end, ...] on one axis; `start` a constant or a [1] int64 value."""
+    starts = b.const(np.array([start], np.int64), f"{what}_start") if isinstance(start, int) else start
+    ends = b.const(np.array([INT64_MAX if end is None else end], np.int64), f"{what}_end")
+    return b.op("Slice", [x, starts, ends, b.const(np.array([axis], np.int64), f"{what}_axis")], what)
+
+
+SHARED_FLOAT_MASK = "/model/attn_mask/float/Where"
+
+
+def shared_float_mask(graph: ir.Graph, base: ir.Value) -> ir.Value:
+    """The exporter's mask as an fp32 additive mask, in the main graph, made once for every pass that needs it.
+
+    A float mask is returned as it is; a bool mask (opset 23) gets one Where(mask, 0, -inf) node, reused by CLVA
+    and SEVI so that a later pass can rewire a float consumer to a float replacement."""
+    if base.dtype != BOOL:
+        return float_mask(Builder("unused"), base)
+    for node in graph:
+        if node.name == SHARED_FLOAT_MASK and node.inputs[0] is base:
+            return node.outputs[0]
+    b = Builder("model/attn_mask", taken={n.name for n in graph})
+    out = b.op("Where", [base, b.const(np.float32(0.0), "float/zero"), b.const(np.float32(NEG_INF), "float/neg_inf")],
+               "float", dtype=FLOAT)
+    graph.extend(b.nodes)
+    return out
