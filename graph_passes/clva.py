@@ -70,12 +70,12 @@ Z_EPS = 1e-6  # eq. 8
 LOG_ZERO = -1e9  # the bias where w = 0: exp(-1e9 + any fp32 logit) is exactly 0
 INT32 = ir.DataType.INT32
 
-CLVA_INPUTS = {
-    "clva.enable": ("bool", False, "turn CLVA on for this batch row"),
-    "clva.alpha": ("float32", 14.0, "boost of positive-anchor visual keys (eq. 10), >= 0"),
-    "clva.beta": ("float32", 0.9, "suppression of negative-anchor visual keys (eq. 10), >= 0"),
-    "clva.tau": ("float32", 2.0, "z-score threshold of the anchor masks (eq. 9), >= 0"),
-    "clva.lambda": ("float32", 1.0, "head-selection width in population standard deviations (eqs. 2-3), >= 0"),
+CLVA_INPUTS = {  # name -> (dtype, meaning); defaults and valid ranges live in runtime/mitigation.py
+    "clva.enable": ("bool", "turn CLVA on for this batch row"),
+    "clva.alpha": ("float32", "boost of positive-anchor visual keys (eq. 10)"),
+    "clva.beta": ("float32", "suppression of negative-anchor visual keys (eq. 10)"),
+    "clva.tau": ("float32", "z-score threshold of the anchor masks (eq. 9)"),
+    "clva.lambda": ("float32", "head-selection width in population standard deviations (eqs. 2-3)"),
 }
 VISUAL_MASK_INPUT = ("visual_mask", "bool", ["batch", "total_length"],
                      "true at the image-token positions of the prompt (key columns); false for padding and every "
@@ -127,6 +127,7 @@ class ClvaPass(GraphPass):
         self.l_neg, self.l_pos, self.drift_layers = l_neg, l_pos, drift_layers
         self.debug_outputs = debug_outputs
         self.layers: ClvaLayers | None = None
+        self.form: str | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -136,6 +137,7 @@ class ClvaPass(GraphPass):
             return ir.passes.PassResult(model, modified=False)
         if graph_input(graph, "clva.enable") is not None:
             raise PassError("CLVA is already baked into this decoder")
+        self.form = sites[0].form
         layers = self.layers = resolve_clva_layers(len(sites), self.l_neg, self.l_pos, self.drift_layers)
         drift_sites = [sites[i] for i in layers.drift_layers]
         base = drift_sites[0].base_mask

@@ -68,10 +68,10 @@ INT32, INT8 = ir.DataType.INT32, ir.DataType.INT8
 VISION_HEAD, GLOBAL_TEXT_HEAD, LOCAL_TEXT_HEAD, NOT_CLASSIFIED = 0, 1, 2, -1
 DEFAULT_START_LAYER = 8
 
-SEVI_INPUTS = {
-    "sevi.enable": ("bool", False, "turn SEVI on for this batch row"),
-    "sevi.omega": ("float32", 0.5, "conservativeness of the logit edits (0 = unchanged model), >= 0"),
-    "sevi.kappa": ("float32", 0.2, "global/local text-head threshold, in (0, 1]"),
+SEVI_INPUTS = {  # name -> (dtype, meaning); defaults and valid ranges live in runtime/mitigation.py
+    "sevi.enable": ("bool", "turn SEVI on for this batch row"),
+    "sevi.omega": ("float32", "conservativeness of the logit edits (0 = unchanged model)"),
+    "sevi.kappa": ("float32", "global/local text-head threshold"),
 }
 
 
@@ -87,11 +87,13 @@ class SeviPass(GraphPass):
         self.start_layer = int(start_layer)
         self.debug_outputs = debug_outputs
         self.layers: tuple[int, ...] = ()
+        self.form: str | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         sites = match_attention(graph)
         chosen = [s for s in sites if s.layer >= self.start_layer]
+        self.form = sites[0].form if sites else None
         self.layers = tuple(s.layer for s in chosen)
         if not chosen:
             self.count = 0

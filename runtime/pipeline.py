@@ -22,6 +22,7 @@ from runtime.backend import make_backend
 from runtime.errors import ArtifactError, FlagError, ImageError
 from runtime.kv_cache import KVCache
 from runtime.manifest import Manifest
+from runtime.mitigation import decoder_feeds, mitigation_specs, parse_request
 from runtime.preprocess import ImagePreprocessor, load_image
 from runtime.prompt import EncodedPrompt, PromptBuilder
 from runtime.sampling import SamplingConfig, select_tokens
@@ -35,6 +36,7 @@ _BASE_DECODER_INPUTS = {"inputs_embeds", "attention_mask", "position_ids"}
 class Request:
     image: Any  # path, bytes or PIL image
     prompt: str
+    mitigation: dict | None = None  # this request's flags, e.g. {"clva": {"alpha": 14}, "sevi": True}; None: the call's
 
 
 @dataclass
@@ -79,15 +81,21 @@ class Pipeline:
         return cls(Manifest.load(path, verify=verify), providers, allow_fallback, intra_op_threads)
 
     # -- public API -----------------------------------------------------------------------------------------
-    def generate(self, image: Any, prompt: str, *, on_token: TokenCallback | None = None, **sampling) -> Generation:
-        return self.generate_batch([Request(image, prompt)], on_token=on_token, **sampling)[0]
+    def generate(self, image: Any, prompt: str, *, on_token: TokenCallback | None = None,
+                 mitigation: dict | None = None, **sampling) -> Generation:
+        """`mitigation`: e.g. {"clva": {"alpha": 14}, "sevi": True} (see runtime/mitigation.py); None: all off."""
+        return self.generate_batch([Request(image, prompt, mitigation)], on_token=on_token, **sampling)[0]
 
     def generate_batch(self, requests: Sequence[Request | tuple], *, on_token: TokenCallback | None = None,
-                       **sampling) -> list[Generation]:
+                       mitigation: dict | Sequence | None = None, **sampling) -> list[Generation]:
+        """`mitigation`: one dict for every request or one per request; a Request's own `mitigation` wins."""
         cfg = self._sampling_config(sampling)
         reqs = [r if isinstance(r, Request) else Request(*r) for r in requests]
         if not reqs:
             raise FlagError("generate_batch needs at least one (image, prompt) request")
+        specs = mitigation_specs(reqs, mitigation)
+        for spec in specs:  # bad flags fail before any image is decoded
+            parse_request(spec, self.manifest.mitigation)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         encoded = [self.prompts.encode(r.prompt, reserve=cfg.max_new_tokens) for r in reqs]
@@ -97,7 +105,7 @@ class Pipeline:
         features = self.encode_images(pixel_values)  # [N, T, d]
         timings["vision_s"] = time.perf_counter() - t
         batch = self._pad(encoded)
-        tokens, reasons, timings_gen = self._generate_tokens(batch, features, cfg, on_token)
+        tokens, reasons, timings_gen = self._generate_tokens(batch, features, cfg, on_token, specs)
         timings.update(timings_gen)
         timings["total_s"] = time.perf_counter() - t0
         return [
@@ -124,11 +132,11 @@ class Pipeline:
         return self._decode(embeds, attention_mask, positions[:, None], cache, extra)
 
     # -- internals --------------------------------------------------------------------------------------------
-    def _generate_tokens(self, batch: _Batch, features, cfg: SamplingConfig, on_token):
+    def _generate_tokens(self, batch: _Batch, features, cfg: SamplingConfig, on_token, mitigation=None):
         b, s = batch.ids.shape
         cache = KVCache(self.num_layers, b, self.kv_heads, self.head_dim, s + cfg.max_new_tokens, self.kv_dtype,
                         device=self.decoder.device)
-        extra = self._extra_inputs(batch)
+        extra = self._extra_inputs(batch, mitigation)
         rngs = [np.random.default_rng(None if cfg.seed is None else cfg.seed + i) for i in range(b)]
         seen = [batch.ids[i][batch.attention_mask[i] == 1] for i in range(b)]
         stop = set(cfg.stop_token_ids) | set(self.stop_ids)
@@ -190,13 +198,13 @@ class Pipeline:
         logits = binding.get_outputs()[0].numpy()  # [B, 1, V]
         return logits[:, -1, :].astype(np.float32, copy=False)
 
-    def _extra_inputs(self, batch: _Batch) -> dict:
-        unknown = set(self.decoder.input_names()) - _BASE_DECODER_INPUTS
-        unknown = {n for n in unknown if not n.startswith("past_key_values.")}
-        if unknown:
-            raise ArtifactError(f"the decoder has inputs this runtime does not know ({', '.join(sorted(unknown))}); "
-                                "upgrade anchorrt or re-export")
-        return {}
+    def _extra_inputs(self, batch: _Batch, mitigation: Sequence | None = None) -> dict:
+        """Decoder feeds beyond embeds/mask/positions/cache: the baked methods' inputs (runtime/mitigation.py).
+        `mitigation`: one spec (dict or None) per batch row; None: every method off."""
+        extra = set(self.decoder.input_names()) - _BASE_DECODER_INPUTS
+        extra = {n for n in extra if not n.startswith("past_key_values.")}
+        rows = None if mitigation is None else [parse_request(m, self.manifest.mitigation) for m in mitigation]
+        return decoder_feeds(self.manifest.mitigation, extra, batch.image_mask, rows)
 
     def _pad(self, encoded: list[EncodedPrompt]) -> _Batch:
         s = max(len(e.ids) for e in encoded)

@@ -1,0 +1,240 @@
+"""Bake mitigation methods into an artifact folder's decoder, atomically and without torch.
+
+    manifest = bake("out/llava", ["clva", "sevi"], BakeOptions(sevi_start_layer=8))
+    anchorrt bake out/llava --mitigation clva,sevi [--clva-l-pos 14] [--sevi-start-layer 8] [--debug-outputs]
+
+The folder is checked (sha256 of every file), the methods are validated (known, not baked yet), then everything
+happens in a hidden sibling folder: unchanged files are hard-linked (copied where links are not possible), the
+decoder is loaded with onnx-ir, run through the passes (names, then CLVA, then SEVI: the order both methods
+assume when baked together; baking one after the other also works) and written there; the manifest gets
+`mitigation.<method>` (layer choices, every added input with dtype, shape, default and meaning, the parameters the
+runtime accepts, debug outputs, the pass count), the pass counts in `passes`, the decoder's new inputs/outputs,
+and fresh sha256 hashes. A rename puts the result in place; on any error the original folder is untouched.
+
+The exporter calls `bake_into(folder, manifest_data, ...)` through its `after_export` hook, on its own temporary
+folder, so `anchorrt export --mitigation clva` is one atomic write too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+
+from graph_passes.base import GraphPass, PassError
+from graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass
+from graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
+from graph_passes.naming import AssignNodeNames
+from graph_passes.pipeline import has_external_data, run_on_model, save_model
+from graph_passes.sevi import DEFAULT_START_LAYER, SEVI_INPUTS, SeviPass
+from runtime.manifest import MANIFEST_NAME, Manifest, write_manifest
+from runtime.mitigation import PARAMS
+
+METHOD_ORDER = ("clva", "sevi")
+PAPERS = {"clva": "papers/clva-cross-layer-visual-anchors.txt",
+          "sevi": "papers/sevi-attention-information-flow-abstract.txt (arXiv 2505.14257)"}
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BakeOptions:
+    """Bake-time choices. None = METHODS.md default (CLVA: l_neg 0, l_pos L//2-2, drift l_pos+1..L-1)."""
+
+    clva_l_neg: int | None = None
+    clva_l_pos: int | None = None
+    clva_drift_layers: tuple[int, ...] | None = None
+    sevi_start_layer: int = DEFAULT_START_LAYER
+    debug_outputs: bool = False
+
+
+def parse_methods(mitigation: str | Sequence[str]) -> list[str]:
+    """'clva,sevi' or ['sevi', 'clva'] -> ['clva', 'sevi'] (canonical order); unknown or repeated -> PassError."""
+    items = [m.strip().lower() for m in (mitigation.split(",") if isinstance(mitigation, str) else mitigation)]
+    items = [m for m in items if m]
+    if not items:
+        raise PassError(f"no mitigation method given; choose from {', '.join(METHOD_ORDER)}")
+    unknown = [m for m in items if m not in METHOD_ORDER]
+    if unknown:
+        raise PassError(f"unknown mitigation method {unknown[0]!r}; known: {', '.join(METHOD_ORDER)}")
+    if len(set(items)) != len(items):
+        raise PassError(f"mitigation method listed twice: {','.join(items)}")
+    return [m for m in METHOD_ORDER if m in items]
+
+
+def _check_not_baked(methods: Sequence[str], data: dict, where: str) -> None:
+    baked = data.get("mitigation") or {}
+    for m in methods:
+        if m in baked:
+            raise PassError(f"{m} is already baked into '{where}' (layers: "
+                            f"{baked[m].get('layers', {})}); re-export to bake it with other choices")
+
+
+def _passes(methods: Sequence[str], options: BakeOptions) -> list[GraphPass]:
+    out: list[GraphPass] = [AssignNodeNames()]
+    if "clva" in methods:
+        out.append(ClvaPass(options.clva_l_neg, options.clva_l_pos, options.clva_drift_layers, options.debug_outputs))
+    if "sevi" in methods:
+        out.append(SeviPass(options.sevi_start_layer, options.debug_outputs))
+    return out
+
+
+def describe_io(model: ir.Model) -> tuple[list[dict], list[dict]]:
+    """The manifest's {name, dtype, shape} lists, as the exporter writes them."""
+
+    def describe(values) -> list[dict]:
+        return [{"name": v.name, "dtype": v.dtype.numpy().name,
+                 "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])]} for v in values]
+
+    return describe(model.graph.inputs), describe(model.graph.outputs)
+
+
+def _input_record(name: str, dtype: str, shape: list, default, meaning: str) -> dict:
+    return {"dtype": dtype, "shape": shape, "default": default, "meaning": meaning}
+
+
+def _method_record(method: str, p: GraphPass, opset: int) -> dict:
+    visual = _input_record(VISUAL_MASK_INPUT[0], VISUAL_MASK_INPUT[1], VISUAL_MASK_INPUT[2], False, VISUAL_MASK_INPUT[3])
+    table = CLVA_INPUTS if method == "clva" else SEVI_INPUTS
+    params = PARAMS[method]
+    by_input = {param.input: (key, param) for key, param in params.items()}
+    inputs = {"visual_mask": visual}
+    for name, (dtype, meaning) in table.items():
+        default = False if name.endswith(".enable") else by_input[name][1].default
+        valid = "" if name.endswith(".enable") else f"; valid {by_input[name][1].rule}"
+        inputs[name] = _input_record(name, dtype, ["batch"], default, meaning + valid)
+    record = {
+        "version": 1,
+        "paper": PAPERS[method],
+        "semantics": f"METHODS.md section {method.upper()}",
+        "form": p.form,
+        "opset": opset,
+        "pass_count": p.count,
+        "inputs": inputs,
+        "parameters": {key: {"input": param.input, "default": param.default, "valid": param.rule}
+                       for key, param in params.items()},
+    }
+    if method == "clva":
+        record["layers"] = p.layers.as_dict()
+        record["statistics_dtype"] = "float64 (sums over keys in float32)"
+        record["bias_dtype"] = "float32"
+        if p.debug_outputs:
+            record["debug_outputs"] = {k: {"dtype": d, "shape": s, "meaning": mn} for k, (d, s, mn) in CLVA_DEBUG.items()}
+    else:
+        record["layers"] = {"start_layer": p.start_layer, "edited_layers": list(p.layers)}
+        if p.debug_outputs:
+            record["debug_outputs"] = {f"sevi.head_class.{i}": {
+                "dtype": "int8", "shape": ["batch", "heads"],
+                "meaning": "0 vision, 1 global text, 2 local text, -1 not classified"} for i in p.layers}
+    return record
+
+
+def bake_into(folder: Path, data: dict, methods: Sequence[str], options: BakeOptions,
+              source: Path | None = None, say: Progress | None = None) -> dict[str, int]:
+    """Run the passes on `source/<decoder>` (default: `folder`) and write the decoder into `folder`; update `data`
+    (the manifest dict) in place. `folder` must not be visible to users yet. -> {pass_name: count}."""
+    say = say or (lambda msg: None)
+    methods = parse_methods(methods)
+    _check_not_baked(methods, data, str(source or folder))
+    graph = data["graphs"]["decoder"]
+    src = (source or folder) / graph["file"]
+    model = ir.load(src)
+    passes = _passes(methods, options)
+    say(f"baking {', '.join(methods)} into {graph['file']}")
+    counts = run_on_model(model, passes)
+    for p in passes[1:]:
+        if p.count == 0:
+            why = ("no decoder layer's attention matched" if p.name == "clva" or not getattr(p, "form", None) else
+                   f"start_layer {p.start_layer} leaves this {data['dims']['num_layers']}-layer model unchanged "
+                   f"(METHODS.md: start_layer is literal); choose --sevi-start-layer below {data['dims']['num_layers']}")
+            raise PassError(f"{p.name} matched nothing in '{src}': {why}")
+    ext = has_external_data(src)
+    save_model(model, folder / graph["file"], ext)
+    graph["inputs"], graph["outputs"] = describe_io(model)
+    if ext:
+        graph["external_data"] = ext
+    data.setdefault("passes", [])
+    data["passes"] = list(data["passes"]) + [{"graph": "decoder", "pass": p.name, "count": p.count} for p in passes
+                                             if p.count or p is not passes[0]]
+    mitigation = dict(data.get("mitigation") or {})
+    opset = int(data.get("opset", 0))
+    for p in passes[1:]:
+        mitigation[p.name] = _method_record(p.name, p, opset)
+    data["mitigation"] = mitigation
+    return counts
+
+
+def name_graphs(folder: Path, data: dict, roles: Sequence[str] = ("vision", "embed", "decoder")) -> dict[str, int]:
+    """The exporter's hook step: deterministic node names in the graphs of a fresh export folder."""
+    counts = {}
+    for role in roles:
+        path = folder / data["graphs"][role]["file"]
+        model = ir.load(path)
+        p = AssignNodeNames()
+        run_on_model(model, [p])
+        save_model(model, path, has_external_data(path))
+        counts[role] = p.count
+        data["passes"] = list(data.get("passes") or []) + [{"graph": role, "pass": p.name, "count": p.count}]
+    return counts
+
+
+def export_hook(methods: Sequence[str] | None = None, options: BakeOptions | None = None,
+                say: Progress | None = None) -> Callable[[Path, dict], None]:
+    """`after_export` for `export_model`: name every graph's nodes, then bake `methods` (if any)."""
+    methods = parse_methods(methods) if methods else []
+
+    def hook(folder: Path, data: dict) -> None:
+        name_graphs(folder, data, ("vision", "embed") if methods else ("vision", "embed", "decoder"))
+        if methods:  # names the decoder's nodes first, then bakes
+            bake_into(folder, data, methods, options or BakeOptions(), say=say)
+
+    return hook
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def bake(artifact_dir: str | os.PathLike, mitigation: str | Sequence[str], options: BakeOptions | None = None,
+         progress: Progress | None = None, verify: bool = True) -> Manifest:
+    """Bake `mitigation` into the artifact folder (atomically). -> the new Manifest."""
+    say = progress or (lambda msg: None)
+    folder = Path(artifact_dir)
+    manifest = Manifest.load(folder, verify=verify)  # ArtifactError: missing, not an artifact, modified files
+    methods = parse_methods(mitigation)
+    _check_not_baked(methods, manifest.data, str(folder))
+    data = dict(manifest.data)
+    decoder = data["graphs"]["decoder"]
+    rewritten = {decoder["file"], decoder.get("external_data"), MANIFEST_NAME}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.bake-", dir=folder.resolve().parent))
+    os.chmod(tmp, folder.stat().st_mode & 0o777)
+    try:
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and not p.name.startswith(".") and p.name not in rewritten:
+                _link_or_copy(p, tmp / p.name)
+        counts = bake_into(tmp, data, methods, options or BakeOptions(), source=folder, say=say)
+        written = write_manifest(tmp, data)
+        _replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"baked {', '.join(methods)} into {folder}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return Manifest(folder, written)
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    backup = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, backup)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(backup, out)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
