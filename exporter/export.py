@@ -115,9 +115,13 @@ def export_model(
     force: bool = False,
     progress: Progress | None = None,
     after_export: Callable[[Path, dict], None] | None = None,
+    mitigation: str | list[str] | None = None,
+    bake_options=None,
 ) -> Manifest:
     """Export `model_dir` to `out_dir`. `after_export(tmp_folder, manifest_data)` runs before the final rename
-    (the CLI uses it to bake graph passes into the same atomic write)."""
+    (the CLI uses it to bake graph passes into the same atomic write). Every graph gets deterministic node names
+    (graph_passes/naming.py); `mitigation` ("clva", "sevi", "clva,sevi") bakes those methods into the decoder with
+    `bake_options` (a graph_passes.bake.BakeOptions; None: METHODS.md defaults) in the same atomic write."""
     from exporter.checkpoint import inspect_checkpoint
 
     say = progress or (lambda msg: None)
@@ -131,6 +135,9 @@ def export_model(
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output path '{out}' is a file; choose a folder name")
     ckpt = inspect_checkpoint(model_dir, allow_pickle=allow_pickle)
+    from graph_passes.bake import export_hook as passes_hook
+
+    run_graph_passes = passes_hook(mitigation, bake_options, say)  # checks the method names before the slow export
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
@@ -138,6 +145,7 @@ def export_model(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
     try:
         manifest = _export_into(ckpt, tmp, opset, dtype, say)
+        run_graph_passes(tmp, manifest)  # node names in every graph; CLVA/SEVI if asked
         if after_export is not None:
             after_export(tmp, manifest)
         data = write_manifest(tmp, manifest)
