@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from anchorrt import __version__
+from anchorrt.cli_mitigation import bake_options, generate_torch, make_bake_options, mitigation_flags
 from runtime.errors import AnchorError
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -60,14 +61,17 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="Export precision.")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt (pickle) weights. Pickle can run code: trust the source.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
+@click.option("--mitigation", default=None, metavar="METHODS", help="Bake these into the decoder: clva, sevi, clva,sevi.")
+@bake_options
 @_friendly
-def export(model_dir: Path, out_dir: Path, opset: str, dtype: str, allow_pickle: bool, force: bool) -> None:
+def export(model_dir: Path, out_dir: Path, opset: str, dtype: str, allow_pickle: bool, force: bool, mitigation,
+           **bake_choices) -> None:
     """Export a Hugging Face checkpoint folder (LLaVA-1.5) to an artifact folder."""
     from exporter.export import export_model
 
     t = time.perf_counter()
     manifest = export_model(model_dir, out_dir, opset=int(opset), dtype=dtype, allow_pickle=allow_pickle, force=force,
-                            progress=_say)
+                            progress=_say, mitigation=mitigation, bake_options=make_bake_options(**bake_choices))
     _say(f"exported {manifest.data['architecture']} in {time.perf_counter() - t:.1f} s")
 
 
@@ -87,21 +91,32 @@ def export(model_dir: Path, out_dir: Path, opset: str, dtype: str, allow_pickle:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact files.")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Print tokens as they come (batch of 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per request.")
+@click.option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True,
+              help="torch: run the PyTorch reference on a checkpoint folder (greedy), to compare with the artifact.")
 @_friendly
+@mitigation_flags
 def generate(artifact_dir: Path, images, prompts, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty,
-             seed, device, allow_fallback, no_verify, stream, as_json) -> None:
-    """Answer prompts about images with an exported artifact folder (no torch needed)."""
+             seed, device, allow_fallback, no_verify, stream, as_json, backend, mitigation) -> None:
+    """Answer prompts about images with an exported artifact folder (no torch needed), or with --backend torch
+    the checkpoint folder through the PyTorch reference."""
     from runtime.pipeline import Pipeline, Request
 
     if len(prompts) not in (1, len(images)):
         raise click.UsageError("give one --prompt per --image, or a single --prompt for all images")
     prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
+    if backend == "torch":
+        if sample:
+            raise click.UsageError("--backend torch decodes greedily; drop --sample")
+        for (text, ids), img in zip(generate_torch(artifact_dir, images, prompts, max_new_tokens, mitigation), images):
+            click.echo(json.dumps({"image": str(img), "text": text, "token_ids": ids}) if as_json else f"[{img}] {text}")
+        return
     pipe = Pipeline.from_dir(artifact_dir, providers=PROVIDERS[device], verify=not no_verify,
                              allow_fallback=allow_fallback)
     streaming = stream and not as_json and len(images) == 1
     on_token = (lambda i, tok, piece: click.echo(piece, nl=False)) if streaming else None
     results = pipe.generate_batch(
         [Request(img, p) for img, p in zip(images, prompts)], on_token=on_token, max_new_tokens=max_new_tokens,
+        mitigation=mitigation,
         do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         seed=seed,
     )
@@ -120,6 +135,22 @@ def generate(artifact_dir: Path, images, prompts, max_new_tokens, sample, temper
         tps = (len(steps) / sum(steps)) if steps and sum(steps) > 0 else float("nan")
         _say(f"{sum(len(x.token_ids) for x in results)} tokens; prefill {1000 * r.timings['prefill_s']:.1f} ms, "
              f"{tps:.1f} decode steps/s ({pipe.decoder.provider})")
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--mitigation", required=True, metavar="METHODS", help="What to bake: clva, sevi or clva,sevi.")
+@bake_options
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact files.")
+@_friendly
+def bake(artifact_dir: Path, mitigation: str, no_verify: bool, **bake_choices) -> None:
+    """Bake CLVA/SEVI into an exported artifact folder's decoder (atomically; torch not needed)."""
+    from graph_passes.bake import bake as run_bake
+
+    m = run_bake(artifact_dir, mitigation, make_bake_options(**bake_choices), progress=_say, verify=not no_verify)
+    for method, record in m.mitigation.items():
+        if method in ("clva", "sevi"):
+            _say(f"  {method}: layers {record['layers']}, inputs {', '.join(record['inputs'])}")
 
 
 @main.command()

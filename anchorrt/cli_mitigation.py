@@ -1,0 +1,133 @@
+"""CLI pieces for the mitigation methods: bake-time options (export, bake), run-time flags (generate), and the
+`generate --backend torch` path that runs the independent PyTorch reference for comparison.
+
+Nothing here imports torch at import time: `bake` must run where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from runtime.errors import FlagError
+
+
+def _layer_list(value: str | None) -> tuple[int, ...] | None:
+    """'3-7' or '3,4,5' (or a mix) -> (3, 4, 5, ...)."""
+    if value is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in value.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                out += list(range(lo, hi + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise FlagError(f"--clva-drift-layers takes layer numbers like '3-7' or '3,4,5', got {value!r}") from None
+    return tuple(out)
+
+
+def bake_options(fn):
+    """Bake-time choices shared by `export --mitigation` and `bake` (METHODS.md defaults when not given)."""
+    options = [
+        click.option("--clva-l-neg", type=int, default=None, help="CLVA negative-anchor layer [default: 0]."),
+        click.option("--clva-l-pos", type=int, default=None, help="CLVA positive-anchor layer [default: L//2-2]."),
+        click.option("--clva-drift-layers", default=None, metavar="LAYERS",
+                     help="CLVA drift layers, e.g. '3-7' [default: l_pos+1 .. L-1]."),
+        click.option("--sevi-start-layer", type=int, default=8, show_default=True,
+                     help="First layer SEVI edits (literal: a model with that many layers or fewer is unchanged)."),
+        click.option("--debug-outputs", is_flag=True, help="Also output CLVA anchor masks/head sets, SEVI head classes."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def make_bake_options(clva_l_neg, clva_l_pos, clva_drift_layers, sevi_start_layer, debug_outputs):
+    from graph_passes.bake import BakeOptions
+
+    return BakeOptions(clva_l_neg=clva_l_neg, clva_l_pos=clva_l_pos, clva_drift_layers=_layer_list(clva_drift_layers),
+                       sevi_start_layer=sevi_start_layer, debug_outputs=debug_outputs)
+
+
+def mitigation_flags(fn):
+    """Run-time flags of `generate`: per-method switches and parameters (defaults from the artifact's manifest)."""
+    options = [
+        click.option("--clva/--no-clva", "clva", default=None, help="CLVA on/off (a --clva-* value turns it on)."),
+        click.option("--clva-alpha", type=float, default=None, help="CLVA alpha (>= 0)."),
+        click.option("--clva-beta", type=float, default=None, help="CLVA beta (>= 0)."),
+        click.option("--clva-tau", type=float, default=None, help="CLVA tau (>= 0)."),
+        click.option("--clva-lambda", type=float, default=None, help="CLVA lambda (>= 0)."),
+        click.option("--sevi/--no-sevi", "sevi", default=None, help="SEVI on/off (a --sevi-* value turns it on)."),
+        click.option("--sevi-omega", type=float, default=None, help="SEVI omega (>= 0)."),
+        click.option("--sevi-kappa", type=float, default=None, help="SEVI kappa (in (0, 1])."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, clva, clva_alpha, clva_beta, clva_tau, clva_lambda, sevi, sevi_omega, sevi_kappa, **kwargs):
+        from runtime.mitigation import merge_cli_flags
+
+        spec = {
+            "clva": merge_cli_flags("clva", clva, {"alpha": clva_alpha, "beta": clva_beta, "tau": clva_tau,
+                                                   "lambda": clva_lambda}),
+            "sevi": merge_cli_flags("sevi", sevi, {"omega": sevi_omega, "kappa": sevi_kappa}),
+        }
+        return fn(*args, mitigation={k: v for k, v in spec.items() if v is not None} or None, **kwargs)
+
+    return wrapper
+
+
+def generate_torch(model_dir: Path, images, prompts, max_new_tokens: int, mitigation: dict | None):
+    """Greedy generation with the independent PyTorch reference (exporter/reference) and the same flags.
+    -> list of (text, new token ids). Layer choices are METHODS.md's defaults (SEVI start_layer 8)."""
+    from runtime.mitigation import PARAMS, check_value
+
+    clva = sevi = None
+    for method, setting in (mitigation or {}).items():
+        if setting is False:
+            continue
+        values = {} if setting is True else {k: check_value(method, k, v) for k, v in setting.items()}
+        defaults = {k: p.default for k, p in PARAMS[method].items()}
+        merged = {**defaults, **values}
+        if method == "clva":
+            clva = {"alpha": merged["alpha"], "beta": merged["beta"], "tau": merged["tau"], "lam": merged["lambda"]}
+        else:
+            sevi = {"omega": merged["omega"], "kappa": merged["kappa"]}
+
+    import torch
+    from transformers import AutoProcessor
+
+    from exporter.archs.llava import DEFAULT_PROMPT_TEMPLATE
+    from exporter.checkpoint import inspect_checkpoint
+    from exporter.reference import ReferenceLlava
+    from runtime.preprocess import load_image
+
+    inspect_checkpoint(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    if getattr(processor, "chat_template", None):
+        texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                                "text": p}]}],
+                                               add_generation_prompt=True, tokenize=False) for p in prompts]
+    else:
+        texts = [DEFAULT_PROMPT_TEMPLATE.replace("{prompt}", p) for p in prompts]
+    pil = [load_image(i).convert("RGB") for i in images]
+    inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
+    ref = ReferenceLlava.from_pretrained(model_dir)
+    eos = ref.hf.generation_config.eos_token_id
+    with torch.no_grad():
+        tokens = ref.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], max_new_tokens,
+                              clva=clva, sevi=sevi, eos_token_id=eos)
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    out = []
+    for row in tokens.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        out.append((processor.tokenizer.decode(row[:cut], skip_special_tokens=True), row[:cut]))
+    return out
