@@ -215,5 +215,9 @@ def verify(artifact_dir: Path, model_dir: Path, images, prompts, steps: int, ato
         raise VerifyError(f"exported graphs differ from the PyTorch model: {report.summary()}")
 
 
+from anchorrt.cli_profile import profile  # noqa: E402 - subcommands from their own modules, registered last
+
+main.add_command(profile)
+
 if __name__ == "__main__":
     main()
