@@ -123,6 +123,7 @@ def export_model(
     (graph_passes/naming.py); `mitigation` ("clva", "sevi", "clva,sevi") bakes those methods into the decoder with
     `bake_options` (a graph_passes.bake.BakeOptions; None: METHODS.md defaults) in the same atomic write."""
     from exporter.checkpoint import inspect_checkpoint
+    from exporter.visalign.checkpoint import export_hook as visalign_export_hook
 
     say = progress or (lambda msg: None)
     out = Path(out_dir)
@@ -138,6 +139,7 @@ def export_model(
     from graph_passes.bake import export_hook as passes_hook
 
     run_graph_passes = passes_hook(mitigation, bake_options, say)  # checks the method names before the slow export
+    visalign = visalign_export_hook(ckpt)  # a VisAlign checkpoint: fusion into the embed graph (checked now, baked below)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
@@ -145,6 +147,8 @@ def export_model(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
     try:
         manifest = _export_into(ckpt, tmp, opset, dtype, say)
+        if visalign is not None:
+            visalign(tmp, manifest)
         run_graph_passes(tmp, manifest)  # node names in every graph; CLVA/SEVI if asked
         if after_export is not None:
             after_export(tmp, manifest)

@@ -26,6 +26,7 @@ from runtime.mitigation import decoder_feeds, mitigation_specs, parse_request
 from runtime.preprocess import ImagePreprocessor, load_image
 from runtime.prompt import EncodedPrompt, PromptBuilder
 from runtime.sampling import SamplingConfig, select_tokens
+from runtime.visalign import VisAlignFeed, VisAlignState, visalign_state
 
 TokenCallback = Callable[[int, int, str], None]  # (request index, token id, new text piece)
 
@@ -73,6 +74,7 @@ class Pipeline:
         self.stop_ids = tuple(manifest.tokens["eos_token_ids"])
         self.pad_id = manifest.tokens["pad_token_id"]
         self.kv_dtype = np.float16 if manifest.data.get("precision", {}).get("activations") == "fp16" else np.float32
+        self.visalign = VisAlignFeed.from_manifest(manifest)  # None unless the embed graph has VisAlign
 
     @classmethod
     def from_dir(cls, path: str | Path, providers: Sequence | None = None, verify: bool = True,
@@ -119,16 +121,17 @@ class Pipeline:
         return self.vision.run({"pixel_values": pixel_values.astype(self._input_dtype(self.vision, "pixel_values"))},
                                ["image_features"])["image_features"]
 
-    def prefill(self, batch: _Batch, features: np.ndarray, cache: KVCache, extra: dict) -> np.ndarray:
-        embeds = self._embed(batch.ids, features, batch.image_mask)
+    def prefill(self, batch: _Batch, features: np.ndarray, cache: KVCache, extra: dict,
+                visalign: VisAlignState | None = None) -> np.ndarray:
+        embeds = self._embed(batch.ids, features, batch.image_mask, visalign)
         position_ids = np.maximum(np.cumsum(batch.attention_mask, axis=-1) - 1, 0)  # [B, S], left padding
         return self._decode(embeds, batch.attention_mask, position_ids, cache, extra)
 
     def decode_one_token(self, next_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
-                         cache: KVCache, extra: dict) -> np.ndarray:
+                         cache: KVCache, extra: dict, visalign: VisAlignState | None = None) -> np.ndarray:
         b = next_ids.shape[0]
         no_images = np.zeros((0, self.tokens_per_image, self.hidden), dtype=self._input_dtype(self.embed, "image_features"))
-        embeds = self._embed(next_ids[:, None], no_images, np.zeros((b, 1), dtype=bool))  # [B, 1, d]
+        embeds = self._embed(next_ids[:, None], no_images, np.zeros((b, 1), dtype=bool), visalign)  # [B, 1, d]
         return self._decode(embeds, attention_mask, positions[:, None], cache, extra)
 
     # -- internals --------------------------------------------------------------------------------------------
@@ -137,12 +140,13 @@ class Pipeline:
         cache = KVCache(self.num_layers, b, self.kv_heads, self.head_dim, s + cfg.max_new_tokens, self.kv_dtype,
                         device=self.decoder.device)
         extra = self._extra_inputs(batch, mitigation)
+        visalign = visalign_state(self.visalign, None, features, batch.image_mask)  # v_bar once per request
         rngs = [np.random.default_rng(None if cfg.seed is None else cfg.seed + i) for i in range(b)]
         seen = [batch.ids[i][batch.attention_mask[i] == 1] for i in range(b)]
         stop = set(cfg.stop_token_ids) | set(self.stop_ids)
         timings: dict[str, Any] = {}
         t = time.perf_counter()
-        logits = self.prefill(batch, features, cache, extra)  # [B, V]
+        logits = self.prefill(batch, features, cache, extra, visalign)  # [B, V]
         timings["prefill_s"] = time.perf_counter() - t
         attention_mask = batch.attention_mask
         positions = attention_mask.sum(-1) - 1  # [B] last real position
@@ -172,15 +176,18 @@ class Pipeline:
                 break
             attention_mask = np.concatenate([attention_mask, np.ones((b, 1), dtype=np.int64)], axis=1)
             positions = positions + 1
-            logits = self.decode_one_token(next_ids, attention_mask, positions, cache, extra)
+            logits = self.decode_one_token(next_ids, attention_mask, positions, cache, extra, visalign)
             steps.append(time.perf_counter() - t)
         timings["decode_steps_s"] = steps
         timings["new_tokens"] = int(sum(len(o) for o in out))
         return out, reasons, timings
 
-    def _embed(self, ids: np.ndarray, features: np.ndarray, image_mask: np.ndarray) -> np.ndarray:
-        return self.embed.run({"input_ids": ids, "image_features": features, "image_mask": image_mask},
-                              ["inputs_embeds"])["inputs_embeds"]
+    def _embed(self, ids: np.ndarray, features: np.ndarray, image_mask: np.ndarray,
+               visalign: VisAlignState | None = None) -> np.ndarray:
+        feed = {"input_ids": ids, "image_features": features, "image_mask": image_mask}
+        if self.visalign is not None:
+            feed.update(self.visalign.inputs(visalign, ids.shape[0], self.hidden))
+        return self.embed.run(feed, ["inputs_embeds"])["inputs_embeds"]
 
     def _decode(self, embeds, attention_mask, position_ids, cache: KVCache, extra: dict) -> np.ndarray:
         sess = self.decoder.session
