@@ -1,0 +1,280 @@
+"""Graph passes on the exported tiny decoders (opset 18 MatMul/Softmax form, opset 23 Attention op with GQA):
+node names, attention matching and its near misses, CLVA/SEVI counts and inputs, bit-exact flags-off, layer-choice
+checks, the atomic bake and its manifest, `anchorrt bake` without torch, and the runtime's flag validation."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from graph_passes.attention_match import ATTENTION_OP, DECOMPOSED, match_attention
+from graph_passes.bake import BakeOptions, bake
+from graph_passes.base import PassError
+from graph_passes.clva import ClvaPass, resolve_clva_layers
+from graph_passes.naming import AssignNodeNames, layer_of
+from graph_passes.pipeline import run_passes
+from graph_passes.sevi import SeviPass
+from runtime.errors import ArtifactError, FlagError
+from runtime.manifest import Manifest
+from runtime.mitigation import decoder_feeds, mitigation_specs, parse_request
+from tests.conftest import run_cli
+
+CLVA_INPUTS = {"visual_mask", "clva.enable", "clva.alpha", "clva.beta", "clva.tau", "clva.lambda"}
+SEVI_INPUTS = {"visual_mask", "sevi.enable", "sevi.omega", "sevi.kappa"}
+ON = {"clva.alpha": 14.0, "clva.beta": 0.9, "clva.tau": 0.5, "clva.lambda": 0.0, "sevi.omega": 0.5, "sevi.kappa": 0.2}
+
+
+def _serialized(model: ir.Model) -> bytes:
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def baked(tiny_artifact, gqa_artifact, tmp_path_factory):
+    """Both artifacts with CLVA + SEVI (start_layer 2, so the 8-layer models change) and debug outputs."""
+    out = {}
+    for name, src in (("mha18", tiny_artifact), ("gqa23", gqa_artifact)):
+        dst = tmp_path_factory.mktemp("baked") / name
+        shutil.copytree(src, dst)
+        bake(dst, "clva,sevi", BakeOptions(sevi_start_layer=2, debug_outputs=True))
+        out[name] = dst
+    return out
+
+
+def _session(path):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _run_passes(sess_plain, sess_baked, manifest: Manifest, enable: tuple[bool, bool], steps: int = 3, seed: int = 0):
+    """Prefill + `steps` decode steps with synthetic embeddings on both sessions; row 1 is left padded.
+    -> list of (plain outputs, baked outputs) per pass."""
+    rng = np.random.default_rng(seed)
+    d, layers = manifest.dims["hidden_size"], manifest.dims["num_layers"]
+    kvh, hd = manifest.dims["num_kv_heads"], manifest.dims["head_dim"]
+    b, s = 2, 30
+    mask = np.ones((b, s), np.int64)
+    mask[1, :4] = 0
+    visual = np.zeros((b, s), bool)
+    visual[:, 6:22] = True
+    visual &= mask.astype(bool)
+    embeds = rng.standard_normal((b, s, d)).astype(np.float32)
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    past_plain = past_baked = {f"past_key_values.{i}.{kv}": np.zeros((b, kvh, 0, hd), np.float32)
+                               for i in range(layers) for kv in ("key", "value")}
+    names = {i.name for i in sess_baked.get_inputs()}
+    out = []
+    for _ in range(steps + 1):
+        feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        extra = {"visual_mask": visual}
+        for method in ("clva", "sevi"):
+            if f"{method}.enable" in names:
+                extra[f"{method}.enable"] = np.array(enable)
+                extra.update({k: np.full(b, v, np.float32) for k, v in ON.items() if k.startswith(method)})
+        plain = dict(zip([o.name for o in sess_plain.get_outputs()], sess_plain.run(None, {**feed, **past_plain})))
+        baked_out = dict(zip([o.name for o in sess_baked.get_outputs()],
+                             sess_baked.run(None, {**feed, **extra, **past_baked})))
+        out.append((plain, baked_out))
+        past_plain = {f"past_key_values.{k[len('present.'):]}": v for k, v in plain.items() if k.startswith("present.")}
+        past_baked = {f"past_key_values.{k[len('present.'):]}": v for k, v in baked_out.items()
+                      if k.startswith("present.")}
+        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], 1)
+        visual = np.concatenate([visual, np.zeros((b, 1), bool)], 1)
+        positions = positions[:, -1:] + 1
+        embeds = rng.standard_normal((b, 1, d)).astype(np.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- names, matching
+
+
+def test_export_names_every_node_by_layer(tiny_artifact):
+    model = ir.load(tiny_artifact / "decoder.onnx")
+    names = [n.name for n in model.graph]
+    assert all(n.startswith("/") for n in names)
+    assert len(set(names)) == len(names)
+    for i in range(8):
+        assert f"/model/layers.{i}/attn/Softmax_0" in names
+    assert "/lm_head/MatMul_0" in names
+    p = AssignNodeNames()
+    run_passes(model, [p])
+    assert p.count == 0  # idempotent
+    softmax = next(n for n in model.graph if n.name == "/model/layers.5/attn/Softmax_0")
+    assert layer_of(softmax) == 5
+    manifest = Manifest.load(tiny_artifact)
+    assert {(e["graph"], e["pass"]) for e in manifest.data["passes"]} >= {("decoder", "assign_node_names"),
+                                                                         ("vision", "assign_node_names")}
+
+
+@pytest.mark.parametrize("which,form", [("tiny_artifact", DECOMPOSED), ("gqa_artifact", ATTENTION_OP)])
+def test_attention_matches_once_per_layer(which, form, request):
+    model = ir.load(request.getfixturevalue(which) / "decoder.onnx")
+    sites = match_attention(model.graph)
+    assert [s.layer for s in sites] == list(range(8))
+    assert {s.form for s in sites} == {form}
+    if form == ATTENTION_OP:
+        assert sites[0].base_mask.dtype == ir.DataType.BOOL and sites[0].scale == pytest.approx(8 ** -0.5)
+    else:
+        assert sites[0].probs.producer().op_type == "Where"  # after the NaN guard
+
+
+def test_near_miss_graph_is_left_unchanged(tiny_artifact):
+    """The vision graph has Softmax attention but no additive mask: no match, count 0, graph byte-identical."""
+    model = ir.load(tiny_artifact / "vision.onnx")
+    before = _serialized(model)
+    counts = run_passes(model, [ClvaPass(), SeviPass(start_layer=0)])
+    assert counts == {"clva": 0, "sevi": 0}
+    assert _serialized(model) == before
+
+
+def test_one_layer_missing_fails_loudly(tiny_artifact):
+    """Layer 3's Softmax no longer reads a masked q kᵀ: 7 of 8 layers match, which must not bake silently."""
+    model = ir.load(tiny_artifact / "decoder.onnx")
+    softmax = next(n for n in model.graph if n.name == "/model/layers.3/attn/Softmax_0")
+    add = softmax.inputs[0].producer()
+    softmax.replace_input_with(0, add.inputs[0])
+    with pytest.raises(PassError, match=r"8 layers\), matched 7 .*missing layers \[3\].*not an Add"):
+        run_passes(model, [ClvaPass()])
+
+
+# --------------------------------------------------------------------------------------- counts, inputs, layers
+
+
+@pytest.mark.parametrize("name", ["mha18", "gqa23"])
+def test_baked_counts_inputs_and_manifest(baked, name):
+    m = Manifest.load(baked[name])  # re-hashed: verification passes
+    counts = {e["pass"]: e["count"] for e in m.data["passes"] if e["graph"] == "decoder"}
+    assert counts["clva"] == 5 and counts["sevi"] == 6  # drift layers 3..7; SEVI layers 2..7
+    clva, sevi = m.mitigation["clva"], m.mitigation["sevi"]
+    assert clva["layers"] == {"l_neg": 0, "l_pos": 2, "drift_layers": [3, 4, 5, 6, 7]}
+    assert sevi["layers"] == {"start_layer": 2, "edited_layers": [2, 3, 4, 5, 6, 7]}
+    assert set(clva["inputs"]) == CLVA_INPUTS and set(sevi["inputs"]) == SEVI_INPUTS
+    assert clva["inputs"]["clva.alpha"]["default"] == 14.0 and clva["inputs"]["clva.enable"]["dtype"] == "bool"
+    inputs = {x["name"]: x for x in m.graph("decoder")["inputs"]}
+    assert CLVA_INPUTS | SEVI_INPUTS <= set(inputs)
+    assert inputs["visual_mask"]["shape"] == ["batch", "total_length"] and inputs["clva.tau"]["dtype"] == "float32"
+    outputs = {x["name"] for x in m.graph("decoder")["outputs"]}
+    assert {"clva.zpos", "clva.zneg", "sevi.head_class.2"} <= outputs
+    decoder = ir.load(baked[name] / "decoder.onnx")
+    names = {n.name for n in decoder.graph}
+    assert "/model/clva/anchors/If" in names and "/model/layers.7/attn/sevi/edit/If" in names
+
+
+def test_layer_choices_are_checked():
+    assert resolve_clva_layers(32).as_dict() == {"l_neg": 0, "l_pos": 14, "drift_layers": list(range(15, 32))}
+    with pytest.raises(PassError, match="after both anchor layers"):
+        resolve_clva_layers(8, l_neg=0, l_pos=4, drift_layers=(3, 4, 5))
+    with pytest.raises(PassError, match="outside the model's layers"):
+        resolve_clva_layers(8, l_pos=8)
+
+
+def test_sevi_default_start_leaves_an_8_layer_model_alone(tiny_artifact, tmp_path):
+    model = ir.load(tiny_artifact / "decoder.onnx")
+    before = _serialized(model)
+    assert run_passes(model, [SeviPass()]) == {"sevi": 0}
+    assert _serialized(model) == before
+    shutil.copytree(tiny_artifact, tmp_path / "a")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    with pytest.raises(PassError, match="start_layer 8 leaves this 8-layer model unchanged"):
+        bake(tmp_path / "a", "sevi")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == files  # atomic: nothing changed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------- exact flags-off
+
+
+@pytest.mark.parametrize("name,plain", [("mha18", "tiny_artifact"), ("gqa23", "gqa_artifact")])
+def test_flags_off_is_bit_exact_and_off_rows_stay_exact(baked, name, plain, request):
+    plain_dir = request.getfixturevalue(plain)
+    manifest = Manifest.load(baked[name])
+    s_plain, s_baked = _session(plain_dir / "decoder.onnx"), _session(baked[name] / "decoder.onnx")
+    for p, b in _run_passes(s_plain, s_baked, manifest, (False, False)):  # prefill + 3 decode steps
+        for key in p:
+            assert np.array_equal(p[key], b[key]), key  # logits and every present.*: 0.0 difference
+        assert not b["clva.zpos"].any() and (b["sevi.head_class.4"] == -1).all()
+    passes = _run_passes(s_plain, s_baked, manifest, (True, False))
+    for p, b in passes:
+        assert np.array_equal(p["logits"][1], b["logits"][1])  # the off row: exactly the plain model
+        assert np.array_equal(p["present.7.key"][1], b["present.7.key"][1])
+    assert max(np.abs(p["logits"][0] - b["logits"][0]).max() for p, b in passes) > 1e-3  # the on row changed
+
+
+# -------------------------------------------------------------------------------------------------- bake, CLI
+
+
+def test_bake_refuses_a_second_bake_and_unknown_methods(baked):
+    with pytest.raises(PassError, match="clva is already baked"):
+        bake(baked["mha18"], "clva")
+    with pytest.raises(PassError, match="unknown mitigation method 'dola'"):
+        bake(baked["mha18"], "dola")
+
+
+def test_bake_cli_runs_without_torch(tiny_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    proc = run_cli("bake", str(art), "--mitigation", "sevi,clva", "--sevi-start-layer", "4", "--clva-l-pos", "1",
+                   block_torch=True)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((art / "manifest.json").read_text())
+    assert data["mitigation"]["clva"]["layers"]["drift_layers"] == [2, 3, 4, 5, 6, 7]
+    assert data["mitigation"]["sevi"]["layers"]["edited_layers"] == [4, 5, 6, 7]
+    Manifest.load(art)
+    for args, pattern in [
+        (("bake", str(art), "--mitigation", "clva"), "clva is already baked"),
+        (("bake", str(art), "--mitigation", "dola"), "unknown mitigation method 'dola'"),
+        (("bake", str(tmp_path / "missing"), "--mitigation", "clva"), "does not exist"),
+    ]:
+        proc = run_cli(*args, block_torch=True)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ runtime flags
+
+
+def test_runtime_flag_validation(baked):
+    baked_rec = Manifest.load(baked["mha18"]).mitigation
+    assert parse_request({"clva": {"alpha": 3, "lam": 0}, "sevi": True}, baked_rec) == {
+        "clva": {"alpha": 3.0, "beta": 0.9, "tau": 2.0, "lambda": 0.0}, "sevi": {"omega": 0.5, "kappa": 0.2}}
+    assert parse_request({"clva": False}, baked_rec) == {"clva": None, "sevi": None}
+    bad = [
+        ({"clva": {"tau": -0.5}}, "clva tau must be >= 0"),
+        ({"clva": {"alpha": float("nan")}}, "finite"),
+        ({"clva": {"beta": float("inf")}}, "finite"),
+        ({"sevi": {"kappa": 0}}, r"kappa must be in \(0, 1\]"),
+        ({"sevi": {"omega": -1}}, "omega must be >= 0"),
+        ({"clva": {"gamma": 1}}, "unknown clva parameter 'gamma'"),
+        ({"clva": {"drift_layers": [5]}}, "fixed at bake time"),
+        ({"clva": {"alpha": "big"}}, "must be a number"),
+        ({"dola": True}, "unknown mitigation method"),
+    ]
+    for spec, pattern in bad:
+        with pytest.raises(FlagError, match=pattern):
+            parse_request(spec, baked_rec)
+    with pytest.raises(FlagError, match="no sevi baked in"):
+        parse_request({"sevi": True}, {"clva": baked_rec["clva"]})
+    with pytest.raises(FlagError, match="2 entries for 1 requests"):
+        mitigation_specs([object()], [{}, {}])
+
+
+def test_runtime_feeds(baked):
+    rec = Manifest.load(baked["mha18"]).mitigation
+    image_mask = np.array([[0, 1, 1, 0], [0, 0, 1, 0]], bool)
+    rows = [parse_request({"clva": {"alpha": 3}}, rec), parse_request(None, rec)]
+    names = CLVA_INPUTS | SEVI_INPUTS
+    feeds = decoder_feeds(rec, names, image_mask, rows)
+    assert feeds["clva.enable"].tolist() == [True, False] and feeds["sevi.enable"].tolist() == [False, False]
+    assert feeds["clva.alpha"].dtype == np.float32 and feeds["clva.alpha"].tolist() == [3.0, 14.0]
+    attention_mask = np.array([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]], np.int64)  # two generated tokens
+    assert feeds["visual_mask"](attention_mask).tolist() == [[False, True, True, False, False, False],
+                                                              [False, False, True, False, False, False]]
+    with pytest.raises(ArtifactError, match="inputs this runtime does not know"):
+        decoder_feeds(rec, names | {"dola.enable"}, image_mask, rows)
