@@ -219,5 +219,9 @@ from anchorrt.cli_profile import profile  # noqa: E402 - subcommands from their 
 
 main.add_command(profile)
 
+from anchorrt.cli_visalign import visalign  # noqa: E402 - subcommands from their own modules, registered last
+
+main.add_command(visalign)
+
 if __name__ == "__main__":
     main()
