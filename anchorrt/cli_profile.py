@@ -160,15 +160,29 @@ def profile(artifact_dir: Path, out_dir: Path, batch_sizes: str, contexts: str, 
         require_matplotlib()  # before minutes of measurement, not after
     reference = None
     if model_dir is not None:
+        import importlib.util
+
         from runtime.manifest import Manifest
         from runtime.preprocess import load_image
 
         if not (model_dir / "config.json").is_file():
             raise CheckpointError(f"--model '{model_dir}' is not a checkpoint folder (no config.json)")
+        def absent(name: str) -> bool:
+            try:
+                return importlib.util.find_spec(name) is None
+            except ImportError:  # a finder that refuses it (the torch-free test does this)
+                return True
+
+        missing = [m for m in ("torch", "transformers") if absent(m)]
+        if missing:
+            raise CheckpointError(f"--model needs torch and transformers ({', '.join(missing)} missing): "
+                                  "`pip install anchorrt[export]`")
         m = Manifest.load(artifact_dir, verify=False)
-        img = load_image(image) if image else default_image()
-        reference = TransformersEager(model_dir, m.prompt["template"], settings.prompt, img, device,
-                                      fp16=m.data.get("precision", {}).get("weights") == "fp16")
+        fp16 = m.data.get("precision", {}).get("weights") == "fp16"
+
+        def reference() -> TransformersEager:  # loaded after the measured rounds: its memory stays out of them
+            img = load_image(image) if image else default_image()
+            return TransformersEager(model_dir, m.prompt["template"], settings.prompt, img, device, fp16=fp16)
     report = run_profile(artifact_dir, settings, progress=Progress(enabled=not quiet), reference=reference,
                          trace_dir=out_dir if ort_trace else None)
     path = write_outputs(report, out_dir, plots=not no_plots)

@@ -125,22 +125,26 @@ def _baked_copy(tiny_artifact, tmp_path):
     return art
 
 
-def test_mitigation_ab_lists_each_baked_method(tiny_artifact, tmp_path):
-    from runtime.profile import ProfileSettings, run_profile, validate_report
+def test_mitigation_ab_lists_each_baked_method(tiny_artifact, base_context, tmp_path):
+    from runtime.profile import ProfileSettings, run_profile, validate_report, write_outputs
 
     art = _baked_copy(tiny_artifact, tmp_path)
-    report = run_profile(art, ProfileSettings(batch_sizes=(1,), contexts=None, images=(1,), warmup=0, repeats=2,
+    ctx = (base_context, base_context + 30)
+    report = run_profile(art, ProfileSettings(batch_sizes=(1,), contexts=ctx, images=(1,), warmup=0, repeats=2,
                                               new_tokens=NEW_TOKENS))
     validate_report(report)
     m = report["mitigation"]
     assert m["methods"] == ["clva", "sevi"]
-    assert [r["variant"] for r in m["ratios"]] == ["clva", "sevi", "all"]
+    assert [(r["variant"], r["context"]) for r in m["ratios"]] == [(v, c) for v in ("clva", "sevi", "all") for c in ctx]
     for r in m["ratios"]:
         assert all(r[k]["median"] > 0 for k in ("ttft", "prefill", "decode", "token"))
-    variants = {r["variant"]: r for r in report["runs"] if "mitigation" in r["sweeps"]}
-    assert set(variants) == {"plain", "clva", "sevi", "all"}
-    assert all(r["batch"] == 1 and r["context"] == report["base_context"] for r in variants.values())
+    ab = [r for r in report["runs"] if "mitigation" in r["sweeps"]]
+    assert sorted((r["variant"], r["context"]) for r in ab) == sorted(
+        (v, c) for v in ("plain", "clva", "sevi", "all") for c in ctx)
+    assert all(r["batch"] == 1 for r in ab)
     assert m["flags_applied"] and report["notes"] == []
+    write_outputs(report, tmp_path / "out")
+    assert "mitigation.png" in report["plots"] and (tmp_path / "out" / "mitigation.png").stat().st_size > 10_000
 
 
 def test_reference_runs_interleaved(tiny_artifact):
@@ -235,6 +239,13 @@ def test_cli_missing_matplotlib_names_the_extra(tiny_artifact, tmp_path, monkeyp
     assert res.exit_code == 2
     assert res.output.strip() == ("error: matplotlib is not installed; plots need `pip install anchorrt[profile]` "
                                   "(or pass --no-plots)")
+
+
+def test_cli_model_without_torch_is_one_line(tiny_artifact, tiny_model, tmp_path):
+    proc = run_cli("profile", str(tiny_artifact), "--model", str(tiny_model), "--out", str(tmp_path / "o"),
+                   "--no-plots", block_torch=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --model needs torch and transformers (torch, transformers missing): `pip install anchorrt[export]`"]
 
 
 def test_cli_missing_artifact(tmp_path):

@@ -7,7 +7,8 @@
 - scaling_batch.png, scaling_context.png: TTFT and prefill, per-token latency, decode tokens/s and peak host RSS
   against the swept value, medians with p10-p90 error bars.
 - scaling_images.png: load + preprocess and vision encoder time, and per-image time, against the image count.
-- mitigation.png: each variant's ratio to the plain run (TTFT, prefill, decoder pass, per token), with the 1.0 line.
+- mitigation.png: each variant's ratio to the plain run against context (TTFT, prefill, decoder pass, per token),
+  medians of paired rounds with p10-p90 bars, and the 1.0 line.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend switch).
 """
@@ -207,18 +208,25 @@ def _mitigation(report: dict):
     m = report.get("mitigation")
     if not m or not m["ratios"]:
         return None
-    metrics = ("ttft", "prefill", "decode", "token")
-    fig, axes = _figure(1, 1, 8, 4.2)
-    ax = axes[0][0]
-    width = 0.8 / len(metrics)
-    for j, k in enumerate(metrics):
-        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(m["ratios"]))]
-        med = [r[k]["median"] for r in m["ratios"]]
-        err = [[r[k]["median"] - r[k]["p10"] for r in m["ratios"]], [r[k]["p90"] - r[k]["median"] for r in m["ratios"]]]
-        ax.bar(xs, med, width, yerr=err, capsize=2, label=k)
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(range(len(m["ratios"])), [r["variant"] for r in m["ratios"]])
-    ax.set_ylabel("ratio to the plain run (paired rounds)")
-    ax.legend(fontsize=8, ncols=4)
-    ax.set_title(f"{_title(report)}; mitigation on / plain" + ("" if m["flags_applied"] else " (flags NOT applied)"))
+    metrics = (("ttft", "time to first token"), ("prefill", "prefill (decoder pass)"),
+               ("decode", "decoder pass per token"), ("token", "per token"))
+    variants = list(dict.fromkeys(r["variant"] for r in m["ratios"]))
+    contexts = sorted({r["context"] for r in m["ratios"]})
+    fig, axes = _figure(2, 2, 10, 7)
+    for ax, (k, title) in zip([a for row in axes for a in row], metrics):
+        for v in variants:
+            rows = sorted((r for r in m["ratios"] if r["variant"] == v), key=lambda r: r["context"])
+            x = [r["context"] for r in rows]
+            med = [r[k]["median"] for r in rows]
+            err = [[r[k]["median"] - r[k]["p10"] for r in rows], [r[k]["p90"] - r[k]["median"] for r in rows]]
+            ax.errorbar(x, med, yerr=err, marker="o", capsize=3, label=v)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(contexts)
+        ax.set_xlabel("context (prompt tokens)")
+        ax.set_ylabel("ratio to plain (paired rounds)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{_title(report)}; mitigation on / plain, batch 1"
+                 + ("" if m["flags_applied"] else " (flags NOT applied)"))
     return fig

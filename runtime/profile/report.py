@@ -30,7 +30,7 @@ not apply (host↔device copies on the CPU, device memory without NVML) is null.
                     copies: {name: stats}|null}                     # generate-only keys absent for vision runs
       }],
       "mitigation": null | {methods: [..], flags_applied: bool,
-                            ratios: [{variant, ttft|prefill|decode|token: {median, p10, p90}}]},  # paired per round
+                            ratios: [{variant, context, ttft|prefill|decode|token: {median, p10, p90}}]},  # paired
       "reference": null | {name, info, new_tokens, samples: {reference_ttft_s, reference_step_s, runtime_ttft_s,
                            runtime_step_s: [r]}, summary: {each: stats, ttft_ratio, step_ratio}},  # runtime/reference
       "ort_trace": null | [path, ...], "plots": [file name, ...], "notes": [str, ...]
@@ -150,16 +150,16 @@ def _mitigation(runs: list[dict], methods, flags_applied: bool) -> dict | None:
     if not methods:
         return None
     ab = [r for r in runs if "mitigation" in r["sweeps"]]
-    plain = next((r for r in ab if r["variant"] == "plain"), None)
-    if plain is None:
-        return None
-    base = _per_round(plain)
+    plain = {r["context"]: _per_round(r) for r in ab if r["variant"] == "plain"}
     ratios = []
     for r in ab:
-        if r["variant"] == "plain":
+        if r["variant"] == "plain" or r["context"] not in plain:
             continue
-        per = _per_round(r)
-        ratios.append({"variant": r["variant"], **{k: _paired(per[k], base[k]) for k in RATIO_METRICS}})
+        per, base = _per_round(r), plain[r["context"]]
+        ratios.append({"variant": r["variant"], "context": r["context"],
+                       **{k: _paired(per[k], base[k]) for k in RATIO_METRICS}})
+    ratios.sort(key=lambda x: (list(methods).index(x["variant"]) if x["variant"] in methods else len(methods),
+                               x["context"]))
     return {"methods": list(methods), "flags_applied": flags_applied, "ratios": ratios}
 
 
@@ -218,6 +218,7 @@ def validate_report(data: Any) -> None:
     if m is not None:
         _need(isinstance(m.get("methods"), list) and isinstance(m.get("flags_applied"), bool), "mitigation")
         for j, r in enumerate(m.get("ratios", [])):
+            _need(isinstance(r.get("variant"), str) and isinstance(r.get("context"), int), f"mitigation.ratios[{j}]")
             for k in RATIO_METRICS:
                 _need(isinstance(r.get(k), dict) and _num(r[k].get("median")), f"mitigation.ratios[{j}].{k}")
     ref = data.get("reference")
@@ -339,10 +340,10 @@ def format_table(report: dict) -> str:
     if m:
         lines.append("mitigation A/B (ratio to the plain run, median of paired rounds [p10-p90])"
                      + ("" if m["flags_applied"] else ": FLAGS NOT APPLIED, see notes"))
-        lines.append(f"  {'variant':10}" + "".join(f"{k:>22}" for k in RATIO_METRICS))
+        lines.append(f"  {'variant':8}{'context':>8}" + "".join(f"{k:>22}" for k in RATIO_METRICS))
         for r in m["ratios"]:
             cells = "".join(f"{r[k]['median']:>8.3f}x [{r[k]['p10']:.2f}-{r[k]['p90']:.2f}]" for k in RATIO_METRICS)
-            lines.append(f"  {r['variant']:10}{cells}")
+            lines.append(f"  {r['variant']:8}{r['context']:>8}{cells}")
         lines.append("")
     ref = report.get("reference")
     if ref:

@@ -5,7 +5,7 @@ Protocol. Every case is warmed up `warmup` times, then measured `repeats` times.
 runs every case once, in plan order, so that slow drifts of a shared machine (thermal, neighbours) hit all cases
 alike and ratios between them (mitigation on/off, batch 1 vs 4) stay meaningful.
 
-    round 1..warmup+repeats:  base/plain  batch=2  batch=4  ctx=…  ctx=…  clva  sevi  all  images=2  images=4
+    round 1..warmup+repeats:  base  batch=2  batch=4  ctx=…  ctx=…  clva@ctx…  sevi@ctx…  all@ctx…  images=2  images=4
 
 Cases:
 - base: batch 1, the prompt as given (`context` = its token count, image tokens included).
@@ -15,16 +15,17 @@ Cases:
   runs. Without `contexts` the sweep takes three points from the base prompt to the longest that fits.
 - image sweep: load + preprocess + vision encoder for N images in one call (this prompt format takes one image per
   request, so more images means more requests: the decoder side of that is the batch sweep).
-- mitigation A/B: for each method baked into the artifact (`manifest.mitigation`), the base case with that method
-  on and every other off, and with all on when there are several; the plain run has every method off explicitly
-  (an artifact may default a method to on). Ratios are taken to the plain run of the same rounds.
+- mitigation A/B: for each method baked into the artifact (`manifest.mitigation`), batch 1 at the base context and
+  at every context of the context sweep, with that method on and every other off, and with all on when there are
+  several; the plain run has every method off explicitly (an artifact may default a method to on). Ratios are taken
+  to the plain run of the same context, round by round (paired), then summarised.
 """
 
 from __future__ import annotations
 
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -178,11 +179,12 @@ def make_plan(s: ProfileSettings, sizer: PromptSizer, contexts: Sequence[int], m
     for c in contexts:
         gen(1, c, "context")
     if s.mitigation and methods:
-        gen(1, base_ctx, "mitigation")
-        for m in methods:
-            gen(1, base_ctx, "mitigation", variant=m, on=[m])
-        if len(methods) > 1:
-            gen(1, base_ctx, "mitigation", variant="all", on=methods)
+        for c in sorted({base_ctx, *contexts}):
+            gen(1, c, "mitigation")
+            for m in methods:
+                gen(1, c, "mitigation", variant=m, on=[m])
+            if len(methods) > 1:
+                gen(1, c, "mitigation", variant="all", on=methods)
     plan = list(cases.values())
     for n in s.images:
         plan.append(Case(key=f"images{n}", kind="vision", batch=n, images=n, context=None, prompt=None,
@@ -204,8 +206,12 @@ def default_image():
 
 
 def run_profile(artifact_dir: str | Path, settings: ProfileSettings, *, progress: Progress | None = None,
-                reference: Reference | None = None, trace_dir: str | Path | None = None) -> dict:
-    """Profile an artifact folder; returns the report (see runtime.profile.report for its schema)."""
+                reference: Reference | Callable[[], Reference] | None = None,
+                trace_dir: str | Path | None = None) -> dict:
+    """Profile an artifact folder; returns the report (see runtime.profile.report for its schema).
+
+    `reference`: a Reference, or a function that makes one; the function is called only after the measured rounds,
+    so that the reference's memory (a PyTorch model) stays out of the runtime's peak RSS."""
     from runtime.pipeline import Pipeline
     from runtime.preprocess import load_image
     from runtime.profile.report import build_report
@@ -253,6 +259,9 @@ def run_profile(artifact_dir: str | Path, settings: ProfileSettings, *, progress
     ref = None
     if reference is not None:
         base = next(m.case for m in measured if "base" in m.case.sweeps)
+        if not hasattr(reference, "generate"):
+            progress.note("loading the reference ...")
+            reference = reference()
         ref = compare_reference(inst, base, image, reference, s, progress)
         if np.median(ref["samples"]["reference_step_s"]) <= 0:
             notes.append("the reference's per-step time came out <= 0 (generate(1 + n) no slower than generate(1)): "
