@@ -1,0 +1,136 @@
+"""IAVA in the runtime: instruction-aligned irrelevant tokens and contrastive decoding (METHODS.md "IAVA";
+arXiv 2503.18556). No torch.
+
+    pipe.generate(image, "Is there a dog in the image?", mitigation={"iava": {"alpha": 1.0, "i": 0.1}})
+
+Per request:
+1. One prefill pass of two rows, the general instruction G and the query Q through the same chat template and
+   image, with the attention probe on (`probe.attention`: the last row's attention over the keys, mean over heads,
+   per probed layer) → att_G(j), att_Q(j) at the image positions, each the mean over the probed layers.
+2. `select_irrelevant`: delta = att_G - att_Q; I = {delta > 0} ∩ top-i of delta over all of V (ties to the lower
+   index) ∩ {att_G > mu_G + lam * sigma_G} (population std).
+3. V*: the attention mask is zero at the image positions not in I (every layer, prefill and decode), positions
+   unchanged. The Q row of pass 1 already is the main stream's prefill; the V* prefill writes its cache into the
+   G row's slot, so both streams then decode as ONE batch of two rows sharing the image features.
+4. `contrastive_scores`: (1 + a) * log_softmax(l) - a * log_softmax(l*), with the optional plausibility cut-off
+   (keep tokens whose original probability is at least beta_cut times the maximum).
+
+Edge cases (tested): an empty I hides every image key in V* (METHODS.md step 3); I = all of V makes V* equal to V,
+so the combined scores equal the plain log-probabilities and decoding equals plain greedy decoding; a = 0 gives
+exactly the plain decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import ArtifactError, FlagError
+
+GENERAL_INSTRUCTION = "Describe the content of the image."
+PROBE_ENABLE = "probe.enable"
+PROBE_OUTPUT = "probe.attention"
+
+
+@dataclass(frozen=True)
+class IavaParams:
+    alpha: float = 1.0
+    i: int | float | None = None  # a count of image tokens, or a fraction in (0, 1]; None: 10%, rounded up
+    lam: float = 0.0  # LLaVA: 0 (InstructBLIP: -0.1)
+    instruction: str = GENERAL_INSTRUCTION
+    beta_cut: float | None = None  # plausibility cut-off; None: off
+
+    def count(self, num_visual: int) -> int:
+        if self.i is None:
+            return math.ceil(0.1 * num_visual)
+        if isinstance(self.i, float):
+            return math.ceil(self.i * num_visual)
+        return min(int(self.i), num_visual)
+
+
+def _number(key: str, value: Any, rule: str, ok) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise FlagError(f"iava {key} must be a number {rule}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or not ok(v):
+        raise FlagError(f"iava {key} must be {rule}, got {value!r}")
+    return v
+
+
+def parse_iava(spec: Any) -> IavaParams | None:
+    """`True` / a dict of parameters → IavaParams; `False`/`None` → None (off). Bad values → FlagError."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return IavaParams()
+    if not isinstance(spec, dict):
+        raise FlagError(f"iava must be true/false or a dict of parameters, got {type(spec).__name__}")
+    known = {"alpha", "i", "lambda", "lam", "instruction", "beta_cut"}
+    unknown = set(spec) - known
+    if unknown:
+        raise FlagError(f"unknown iava parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    kw: dict[str, Any] = {}
+    if "alpha" in spec:
+        kw["alpha"] = _number("alpha", spec["alpha"], ">= 0", lambda v: v >= 0)
+    if "i" in spec and spec["i"] is not None:
+        i = spec["i"]
+        if isinstance(i, bool) or not isinstance(i, (int, float, np.integer, np.floating)):
+            raise FlagError(f"iava i must be a count (integer >= 0) or a fraction in (0, 1], got {i!r}")
+        if isinstance(i, (int, np.integer)):
+            if i < 0:
+                raise FlagError(f"iava i must be a count >= 0 or a fraction in (0, 1], got {i}")
+            kw["i"] = int(i)
+        else:
+            kw["i"] = _number("i", i, "a fraction in (0, 1] (or an integer count)", lambda v: 0 < v <= 1)
+    lam_key = "lambda" if "lambda" in spec else "lam" if "lam" in spec else None
+    if lam_key:
+        kw["lam"] = _number("lambda", spec[lam_key], "a finite number", lambda v: True)
+    if "instruction" in spec:
+        text = spec["instruction"]
+        if not isinstance(text, str) or not text.strip():
+            raise FlagError("iava instruction must be a non-empty text (the general instruction G)")
+        kw["instruction"] = text
+    if spec.get("beta_cut") is not None:
+        kw["beta_cut"] = _number("beta_cut", spec["beta_cut"], "in [0, 1]", lambda v: 0 <= v <= 1)
+    return IavaParams(**kw)
+
+
+def select_irrelevant(att_general: np.ndarray, att_query: np.ndarray, count: int, lam: float) -> np.ndarray:
+    """[T] attentions → [T] bool mask of the irrelevant image tokens I."""
+    g = np.asarray(att_general, dtype=np.float64)
+    delta = g - np.asarray(att_query, dtype=np.float64)
+    # stable sort of -delta: equal deltas keep index order, so ties go to the lower index
+    top = np.zeros(len(g), dtype=bool)
+    top[np.argsort(-delta, kind="stable")[:count]] = True
+    return top & (delta > 0) & (g > g.mean() + lam * g.std())
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def contrastive_scores(logits: np.ndarray, logits_star: np.ndarray, alpha: np.ndarray,
+                       beta_cut: np.ndarray | None = None) -> np.ndarray:
+    """logits, logits_star [B, V]; alpha [B]; beta_cut [B] (nan = off) → scores [B, V] (float32)."""
+    lp, lp_star = log_softmax(logits), log_softmax(logits_star)
+    a = np.asarray(alpha, dtype=np.float64)[:, None]
+    scores = (1.0 + a) * lp - a * lp_star
+    scores = np.where(a == 0.0, lp, scores)  # exactly the plain log-probabilities when a = 0
+    if beta_cut is not None:
+        cut = np.asarray(beta_cut, dtype=np.float64)[:, None]
+        # p >= beta * max p  ⇔  log p >= log beta + max log p
+        keep = np.isnan(cut) | (lp >= np.log(np.maximum(cut, 1e-300)) + lp.max(axis=-1, keepdims=True))
+        scores = np.where(keep, scores, -np.inf)
+    return scores.astype(np.float32)
+
+
+def probe_layers(manifest_mitigation: dict) -> list[int]:
+    probe = manifest_mitigation.get("probe")
+    if not probe:
+        raise ArtifactError("this artifact has no attention probe, which IAVA needs; re-bake with "
+                            "`anchorrt bake ARTIFACT --mitigation probe` (or export with --mitigation probe)")
+    return list(probe["layers"])
