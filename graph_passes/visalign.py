@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from graph_passes.base import GraphPass, PassError
+from graph_passes.pipeline import has_external_data, save_model
 from runtime.errors import ArtifactError, CheckpointError
 
 PASS_NAME = "visalign"
@@ -49,7 +51,7 @@ ENABLE_INPUT = "visalign.enable"
 V_BAR_INPUT = "visalign.v_bar"
 EMBEDS_OUTPUT = "inputs_embeds"
 IMAGE_MASK_INPUT = "image_mask"
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 
 # -- the weights file ----------------------------------------------------------------------------------------------
@@ -97,13 +99,14 @@ def read_fusion_weights(path: str | Path, hidden_size: int | None = None) -> Fus
 
 
 # -- the pass --------------------------------------------------------------------------------------------------------
-class VisAlignPass(ir.passes.InPlacePass):
+class VisAlignPass(GraphPass):
     """Add the fusion to an embed graph. `count` is 1 when the graph was rewritten, 0 (with `reason`) when not."""
+
+    name = PASS_NAME
 
     def __init__(self, weights: FusionWeights):
         super().__init__()
         self.weights = weights
-        self.count = 0
         self.reason = ""
 
     def check(self, graph: ir.Graph) -> str:
@@ -118,7 +121,7 @@ class VisAlignPass(ir.passes.InPlacePass):
             return f"no bool '{IMAGE_MASK_INPUT}' input: the graph cannot tell image positions from text"
         embeds = outputs[0]
         if embeds.dtype not in _FLOAT_TYPES:
-            return f"'{EMBEDS_OUTPUT}' is {embeds.dtype}, not a float tensor"
+            return f"'{EMBEDS_OUTPUT}' is {embeds.dtype}, not float32 or float16"
         if embeds.shape is None or len(embeds.shape) != 3:
             return f"'{EMBEDS_OUTPUT}' has no [batch, sequence, hidden] shape"
         d = embeds.shape[2]
@@ -150,8 +153,6 @@ class VisAlignPass(ir.passes.InPlacePass):
             graph.register_initializer(value)
             return value
 
-        if dtype == ir.DataType.BFLOAT16:  # numpy has no bfloat16: keep fp32 weights and cast in the graph
-            raise ArtifactError("VisAlign does not support bfloat16 embed graphs yet; export in fp32 or fp16")
         w_text = const("visalign.weight_text_T", np.ascontiguousarray(w[:, :d].T).astype(np_dtype))  # [d, d]
         w_visual = const("visalign.weight_visual_T", np.ascontiguousarray(w[:, d:].T).astype(np_dtype))  # [d, d]
         bias = const("visalign.bias", self.weights.bias.astype(np_dtype))  # [d]
@@ -204,12 +205,12 @@ def apply_visalign(model: ir.Model | str | Path, weights: FusionWeights | str | 
     visalign(ir_model)
     if visalign.count != 1:
         where = f" '{path.name}'" if path is not None else ""
-        raise ArtifactError(f"cannot add VisAlign to the embed graph{where}: {visalign.reason}")
+        raise PassError(f"cannot add VisAlign to the embed graph{where}: {visalign.reason}")
     if path is not None or out_path is not None:
         target = Path(out_path) if out_path is not None else path
-        tmp = target.with_name(target.name + ".visalign-tmp")
-        ir.save(ir_model, str(tmp))  # beside the target, then renamed: an interrupted save leaves the old graph
-        tmp.replace(target)
+        # a new file renamed over the target (never written in place); weights stay external if they were
+        external = f"{target.name}.data" if has_external_data(path if path is not None else target) else None
+        save_model(ir_model, target, external)
     return visalign.count
 
 
@@ -229,6 +230,9 @@ def record_visalign(manifest: dict, weights: FusionWeights, embed_model: ir.Mode
 
     `manifest` is the manifest dict (changed in place and returned); the caller writes it (file hashes)."""
     d = weights.hidden_size
+    v_bar = next((v for v in embed_model.graph.inputs if v.name == V_BAR_INPUT), None)
+    if v_bar is None:
+        raise PassError(f"the embed graph has no {V_BAR_INPUT} input: run VisAlignPass on it first")
     manifest.setdefault("mitigation", {})["visalign"] = {
         "method": "VisAlign (visually refined text embeddings), METHODS.md section VisAlign",
         "graph": "embed",
@@ -236,7 +240,7 @@ def record_visalign(manifest: dict, weights: FusionWeights, embed_model: ir.Mode
             ENABLE_INPUT: {"dtype": "bool", "shape": ["batch"], "default": enabled_by_default,
                            "meaning": "per row: true fuses the text embeddings with v_bar; false gives the base "
                                       "embeddings exactly"},
-            V_BAR_INPUT: {"dtype": "float", "shape": ["batch", d], "default": None,
+            V_BAR_INPUT: {"dtype": np.dtype(v_bar.dtype.numpy()).name, "shape": ["batch", d], "default": None,
                           "meaning": "per row: mean of the request's projected visual tokens (image_features rows at "
                                      "its image positions, all images); computed once from the prefill's features "
                                      "and fed unchanged in every decode step"},
@@ -249,7 +253,7 @@ def record_visalign(manifest: dict, weights: FusionWeights, embed_model: ir.Mode
     graphs = manifest.get("graphs", {})
     if "embed" in graphs:
         graphs["embed"]["inputs"] = describe_inputs(embed_model)
-    manifest.setdefault("passes", []).append({"name": PASS_NAME, "graph": "embed", "count": 1})
+    manifest["passes"] = list(manifest.get("passes") or []) + [{"graph": "embed", "pass": PASS_NAME, "count": 1}]
     return manifest
 
 

@@ -140,7 +140,7 @@ class Pipeline:
         cache = KVCache(self.num_layers, b, self.kv_heads, self.head_dim, s + cfg.max_new_tokens, self.kv_dtype,
                         device=self.decoder.device)
         extra = self._extra_inputs(batch, mitigation)
-        visalign = visalign_state(self.visalign, None, features, batch.image_mask)  # v_bar once per request
+        visalign = visalign_state(self.visalign, mitigation, features, batch.image_mask)  # v_bar once per request
         rngs = [np.random.default_rng(None if cfg.seed is None else cfg.seed + i) for i in range(b)]
         seen = [batch.ids[i][batch.attention_mask[i] == 1] for i in range(b)]
         stop = set(cfg.stop_token_ids) | set(self.stop_ids)

@@ -229,6 +229,12 @@ def test_batch_with_one_row_on_and_one_off(va_model, va_artifact, images):
     ref, tokens = reference_steps(model, ids, mask, pixels, enable=torch.tensor([True, False]))
     got = onnx_steps(pipe, images[:2], PROMPTS, [True, False], forced=tokens)
     assert max_diff(ref, got) <= ATOL
+    # the same through generate_batch's per-request flags: 16 greedy tokens as the reference's
+    reqs = [Request(images[0], PROMPTS[0], {"visalign": True}), Request(images[1], PROMPTS[1], {"visalign": False})]
+    got = [g.token_ids for g in pipe.generate_batch(reqs, max_new_tokens=16)]
+    want, _ = model.generate(ids, mask, pixels, max_new_tokens=16, enable=torch.tensor([True, False]),
+                             eos_token_id=pipe.manifest.tokens["eos_token_ids"], pad_token_id=pipe.pad_id)
+    assert got == want
 
 
 # -- the artifact, the pass, the loader -------------------------------------------------------------------------------
@@ -241,7 +247,7 @@ def test_export_records_visalign(va_model, va_artifact, tiny_artifact):
     assert section["weights"]["sha256"] == hashlib.sha256((va_model / WEIGHTS_FILE).read_bytes()).hexdigest()
     names = [i["name"] for i in manifest["graphs"]["embed"]["inputs"]]
     assert names[-2:] == ["visalign.enable", "visalign.v_bar"]
-    assert {"name": "visalign", "graph": "embed", "count": 1} in manifest["passes"]
+    assert {"graph": "embed", "pass": "visalign", "count": 1} in manifest["passes"]
     base = json.loads((tiny_artifact / "manifest.json").read_text())
     assert manifest["graphs"]["decoder"] == base["graphs"]["decoder"]  # the decoder is left as it was
     assert manifest["files"]["decoder.onnx"] == base["files"]["decoder.onnx"]
