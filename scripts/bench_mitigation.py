@@ -12,7 +12,8 @@ decoder call (`Pipeline._decode`: IOBinding into a preallocated KV cache), batch
                by rewinding the ping-pong cache, so every repetition measures the same step.
 
 Variants: plain, clva off, clva on (METHODS.md defaults), sevi off, sevi on (defaults). After one warm-up of each,
-the variants alternate: `--prefill-reps` rounds of prefills, then `--decode-reps` rounds of decode steps. The table
+the variants alternate, in an order rotated every round (whoever runs first in a round is measurably favoured or
+penalised): `--prefill-reps` rounds of prefills, then `--decode-reps` rounds of decode steps. The table
 gives the plain medians in ms and the other variants as ratios of medians to plain. Other processes on the machine
 add noise: compare ratios from one run only.
 
@@ -146,12 +147,13 @@ def main() -> None:
         for r in runners.values():  # warm-up, and the cache each variant's decode steps read
             r.prefill()
             r.decode_step()
-        for _ in range(args.prefill_reps):
-            for name, r in runners.items():
-                prefill[name].append(r.prefill())
-        for _ in range(args.decode_reps):
-            for name, r in runners.items():
-                decode[name].append(r.decode_step())
+        names = list(runners)
+        for i in range(args.prefill_reps):
+            for name in names[i % len(names):] + names[:i % len(names)]:  # rotated: no variant always goes first
+                prefill[name].append(runners[name].prefill())
+        for i in range(args.decode_reps):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                decode[name].append(runners[name].decode_step())
         med = {name: [statistics.median(x[clock] for x in series[name]) for series in (prefill, decode)
                       for clock in (0, 1)] for name in runners}  # prefill wall, prefill cpu, decode wall, decode cpu
         rows.append((n, med))
