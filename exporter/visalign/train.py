@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from exporter.visalign.checkpoint import INITS, write_entry
+from exporter.visalign.checkpoint import INITS, read_entry, write_entry
 from exporter.visalign.data import IGNORE, Example, PromptFormat, load_examples
 from graph_passes.visalign import WEIGHTS_FILE
 from runtime.errors import AnchorError, CheckpointError
@@ -133,10 +133,12 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, *, image
     checkpoint to `out_dir`. `overrides` set TrainSettings fields (`stage=2, steps=500, lr=2e-5, ...`).
     `on_step(step, loss)` runs after each completed step (logging; the tests interrupt a run with it)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from exporter.archs.llava import LlavaArch, load_processor
     from exporter.checkpoint import inspect_checkpoint
 
+    hf_logging.disable_progress_bar()  # our own bar and lines replace transformers' weight-loading bars
     t0 = time.perf_counter()
     say = say or (lambda msg: None)
     cfg = settings or TrainSettings()
@@ -170,6 +172,8 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, *, image
     amp_dtype = _amp_dtype(cfg.amp, device)
     torch.manual_seed(cfg.seed)
     model = _load_model(ckpt.path, cfg)
+    if read_entry(ckpt.path, ckpt.config) is not None:
+        say(f"continuing the VisAlign fusion of '{ckpt.path}' (init {cfg.init!r} is not used)")
     trainable = _select_trainable(model, cfg)
     model.to(device).train()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
