@@ -223,5 +223,9 @@ from anchorrt.cli_visalign import visalign  # noqa: E402 - subcommands from thei
 
 main.add_command(visalign)
 
+from anchorrt.cli_eval import eval_group  # noqa: E402 - subcommands from their own modules, registered last
+
+main.add_command(eval_group)
+
 if __name__ == "__main__":
     main()
