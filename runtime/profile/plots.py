@@ -117,7 +117,7 @@ def _per_token(report: dict):
     ax.set_ylabel("inter-token latency, ms (median, p10-p90)")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
-    ax.set_title(f"{_title(report)}; per-token latency vs position (batch 1)")
+    fig.suptitle(f"{_title(report)}\nper-token latency vs position (batch 1, one line per context)")
     return fig
 
 
