@@ -53,6 +53,20 @@ class AttentionSite:
     k: ir.Value | None = None  # B: [B, Hk, K, D]
     scale: float | None = None  # B: the softmax scale
 
+    def query_heads(self) -> int:
+        """Number of query heads, from the first 4-D value with a static head dimension: q (B), the logits or the
+        q kᵀ MatMul's left operand (A), then v (A: already repeated to the query heads)."""
+        candidates = [self.q] if self.form == ATTENTION_OP else [self.logits]
+        if self.form == DECOMPOSED and self.logits is not None and self.logits.producer() is not None:
+            candidates.append(self.logits.producer().inputs[0])
+            candidates.append(self.v)
+        for value in candidates:
+            if value is not None and value.shape is not None and value.shape.rank() == 4:
+                if isinstance(value.shape[1], int):
+                    return value.shape[1]
+        raise PassError(f"the head count of layer {self.layer}'s attention is not static; cannot build the per-head "
+                        "subgraph")
+
     @property
     def mask(self) -> ir.Value:
         """The mask as the layer applies it now (a previous pass may have replaced the exporter's)."""

@@ -186,7 +186,7 @@ class ClvaPass(GraphPass):
 
 
 def _query_heads(site: AttentionSite) -> int:
-    return static_heads(site.q if site.form == ATTENTION_OP else site.logits, "the attention's query")
+    return site.query_heads()
 
 
 def _rewire_mask(graph: ir.Graph, site: AttentionSite, clva_mask: ir.Value) -> None:

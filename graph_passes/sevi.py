@@ -17,18 +17,24 @@ masked and -inf is never multiplied.
 Graph form. The layer's attention is left as it is (opset 18: MatMul/Softmax; opset 23: the fused Attention op)
 and only its last output row is recomputed when some row has SEVI on:
 
-    sevi.enable ─► any_on ─┬─► If (shared): text_keys [B,1,1,K] = key > last image, row_on [B,1,1,1]
+    sevi.enable ─► any_on ─┬─► If (once per pass): text_f [B,1,1,K] (keys after the last image position),
+                           │                       keys [B,1,K,2] (text | image-side one-hot), row_on, kappa, omega,
+                           │                       base_last [B,1,1,K] (the exporter's mask, last row)
                            └─► If (layer l): then ─ raw [B,H,1,K] = last row of q kᵀ·scale
                                                      (opset 18: a Slice of the layer's MatMul; opset 23: k·q_lastᵀ)
-                                                   ─ A = Softmax(raw + mask_last) ─f64─► classes [B,H]
-                                                   ─ edited = Where(step1 & vision, e1, Where(step2 & global, e2, raw))
+                                                   ─ A = Softmax(raw + base_last); (text, image) mass = A @ keys;
+                                                     text max = ReduceMax(A * text_f) ─► vision/global/local [B,H]
+                                                   ─ edited = (raw + omega * Where(step1 & vision, mean_global,
+                                                     max_local)) / (1 + omega)  (used on edited heads only)
                                                    ─ out_last = Softmax(edited + effective_mask_last) @ v
                                                    ─ out' = Concat(out[:, :, :-1], Where(edited head, out_last, out[:, :, -1:]))
                                              else ─ out' = out
     out' replaces the layer's attention output [B,H,S,D] before the head transpose.
 
 Unedited heads and rows keep the layer's own output values (Where), so rows with the flag off are bit-exact, and
-with every row off the If returns `out` itself. The classification sums run in float64.
+with every row off the If returns `out` itself. The per-layer branch is kept short (about 40 small ops) because at
+decode time op dispatch, not arithmetic, is what it costs. The classification sums run in fp32 (METHODS.md: fp32
+at least; the reference uses float64): a head whose two masses tie within ~1e-7 may be classed differently.
 
 Inputs added: `visual_mask` [batch, total_length] bool (shared with CLVA), `sevi.enable` [batch] bool,
 `sevi.omega`, `sevi.kappa` [batch] float32. Debug outputs (optional): `sevi.head_class.{l}` [batch, heads] int8
@@ -54,9 +60,7 @@ from graph_passes.base import (
 )
 from graph_passes.regions import (
     BOOL,
-    DOUBLE,
     FLOAT,
-    build_regions,
     grouped_probs_matmul,
     recompute_logits,
     shared_float_mask,
@@ -109,17 +113,20 @@ class SeviPass(GraphPass):
         omega = add_graph_input(graph, "sevi.omega", FLOAT, ["batch"])
         kappa = add_graph_input(graph, "sevi.kappa", FLOAT, ["batch"])
 
+        base = chosen[0].base_mask
+        if any(site.base_mask is not base for site in chosen):
+            raise PassError("the decoder layers use different attention masks; SEVI expects the one shared causal mask")
+
         taken = {n.name for n in graph.all_nodes()}
         b = Builder("model/sevi", taken=taken)
         any_on = b.op("Cast", [b.op("ReduceMax", [b.op("Cast", [enable], "enabled", to=INT32)], "enabled", keepdims=0)],
                       "enabled", to=BOOL)
-        text_keys, row_on = _shared_regions(b, any_on, attention_mask, visual_mask, inputs_embeds, enable)
+        shared = _shared(b, any_on, attention_mask, visual_mask, base, enable, omega, kappa)
         graph.extend(b.nodes)
 
         for site in chosen:
             lb = Builder(f"model/layers.{site.layer}/attn/sevi", metadata={META_LAYER: str(site.layer)}, taken=taken)
-            new_out, classes = _layer_edit(graph, lb, site, any_on, text_keys, row_on, omega, kappa,
-                                           self.debug_outputs)
+            new_out, classes = _layer_edit(graph, lb, site, any_on, shared, self.debug_outputs)
             graph.extend(lb.nodes)
             for use in list(site.out.uses()):
                 if use.node.graph is graph and use.node is not new_out.producer():
@@ -132,99 +139,115 @@ class SeviPass(GraphPass):
 
 
 def _heads(site: AttentionSite) -> int:
-    return static_heads(site.q if site.form == ATTENTION_OP else site.logits, "the attention's query")
+    return site.query_heads()
 
 
-def _shared_regions(b: Builder, any_on, attention_mask, visual_mask, inputs_embeds, enable):
-    """One If for every SEVI layer: text_keys [B,1,1,K] (keys after the row's last image position, the current
-    row included) and row_on [B,1,1,1] (flag on and the row has an image)."""
-    then = b.child("regions")
-    r = build_regions(then, attention_mask, visual_mask, inputs_embeds)
-    text = then.op("Greater", [r.key_index, r.last_image], "text_keys")  # [B,K]
-    text = then.op("Unsqueeze", [text, then.const(np.array([1, 2], np.int64), "axes_1_2")], "text_keys")
-    on = then.op("And", [then.op("Unsqueeze", [enable, then.const(np.array([1], np.int64), "axes_1")], "enable_col"),
-                         r.has_image], "row_on")  # [B,1]
-    on = then.op("Unsqueeze", [on, then.const(np.array([2, 3], np.int64), "axes_2_3")], "row_on")  # [B,1,1,1]
-    off = b.child("regions_off")
-    dummy = [off.const(np.zeros((1, 1, 1, 1), bool), "text_keys"), off.const(np.zeros((1, 1, 1, 1), bool), "row_on")]
-    return b.if_node(any_on, [text, on], then.nodes, dummy, off.nodes, "regions", [BOOL, BOOL])
+SHARED = ("text_f", "keys", "row_on", "kappa", "omega", "one_plus_omega", "base_last")
+SHARED_TYPES = (FLOAT, FLOAT, BOOL, FLOAT, FLOAT, FLOAT, FLOAT)
 
 
-def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, text_keys, row_on, omega, kappa,
-                debug: bool):
+def _shared(b: Builder, any_on, attention_mask, visual_mask, base, enable, omega, kappa) -> dict[str, ir.Value]:
+    """One If for every SEVI layer, the per-pass values all layers share (so each layer's branch stays short):
+
+        text_f [B,1,1,K]   1.0 at keys after the row's last image position (the current row included)
+        keys   [B,1,K,2]   columns (text key, image-side key): probs @ keys = (text mass, image-side mass)
+        row_on [B,1,1,1]   flag on and the row has an image token
+        kappa, omega, 1 + omega [B,1,1,1];  base_last [B,1,1,K] the exporter's mask on the last row (fp32)
+    """
+    t = b.child("shared")
+    seen = t.op("Cast", [attention_mask], "seen", to=BOOL)
+    visual = t.op("And", [visual_mask, seen], "visual")
+    total = t.op("Gather", [t.op("Shape", [attention_mask], "total_len"), t.const(np.int64(1), "one")], "total_len",
+                 axis=0)
+    key_index = t.op("Range", [t.const(np.int64(0), "zero"), total, t.const(np.int64(1), "one")], "key_index")
+    last_image = t.op("ReduceMax", [t.op("Where", [visual, key_index, t.const(np.int64(-1), "minus_one")],
+                                         "last_image"), t.const(np.array([1], np.int64), "axes_1")], "last_image",
+                      keepdims=1)  # [B,1], -1 without image
+    col = t.const(np.array([-1, 1, 1, 1], np.int64), "col_shape")
+    text_f = t.op("Cast", [t.op("Greater", [key_index, last_image], "text_keys")], "text_f", to=FLOAT)  # [B,K]
+    image_f = t.op("Sub", [t.const(np.float32(1.0), "one_f"), text_f], "image_f")
+    keys = t.op("Concat", [t.op("Unsqueeze", [text_f, t.const(np.array([1, 3], np.int64), "axes_1_3")], "text_col"),
+                           t.op("Unsqueeze", [image_f, t.const(np.array([1, 3], np.int64), "axes_1_3")], "image_col")],
+                "keys", axis=3)  # [B,1,K,2]
+    text_f = t.op("Unsqueeze", [text_f, t.const(np.array([1, 2], np.int64), "axes_1_2")], "text_f")  # [B,1,1,K]
+    has_image = t.op("GreaterOrEqual", [last_image, t.const(np.int64(0), "zero")], "has_image")
+    row_on = t.op("Reshape", [t.op("And", [t.op("Unsqueeze", [enable, t.const(np.array([1], np.int64), "axes_1")],
+                                                   "enable_col"), has_image], "row_on"), col], "row_on")
+    omega4 = t.op("Reshape", [omega, col], "omega")
+    base_last = slice_axis(t, base, -1, 2, "base_last")
+    if base.dtype == BOOL:
+        base_last = t.op("Where", [base_last, t.const(np.float32(0.0), "zero_f"),
+                                   t.const(np.float32(NEG_INF), "neg_inf")], "base_last", dtype=FLOAT)
+    values = [text_f, keys, row_on, t.op("Reshape", [kappa, col], "kappa"), omega4,
+              t.op("Add", [t.const(np.float32(1.0), "one_f"), omega4], "one_plus_omega"), base_last]
+    off = b.child("shared_off")  # never read: every layer's If takes its else branch too
+    dummies = [off.const(np.zeros((1, 1, 1, 1), bool if dt == BOOL else np.float32), name)
+               for name, dt in zip(SHARED, SHARED_TYPES)]
+    return dict(zip(SHARED, b.if_node(any_on, values, t.nodes, dummies, off.nodes, "shared", list(SHARED_TYPES))))
+
+
+def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: dict[str, ir.Value], debug: bool):
+    """One layer's If: classify heads on the last row, edit its logits, recompute its output row (see above)."""
     heads = _heads(site)
-    base_f = shared_float_mask(graph, site.base_mask)
-    effective = site.mask if site.mask.dtype == FLOAT else base_f  # CLVA's mask if CLVA was baked first
+    # The mask the layer applies (CLVA's when CLVA was baked first); a later CLVA bake rewires the tagged Slice.
+    effective = site.mask if site.mask.dtype == FLOAT else shared_float_mask(graph, site.base_mask)
     t = lb.child("edit")
     ax1 = t.const(np.array([1], np.int64), "axes_1")
     ax3 = t.const(np.array([3], np.int64), "axes_3")
-
     if site.form == ATTENTION_OP:
         q_last = slice_axis(t, site.q, -1, 2, "q_last")
         raw = recompute_logits(t, q_last, site.k, heads, static_heads(site.k, "the attention's key"), site.scale)
     else:
-        raw = slice_axis(t, site.logits, -1, 2, "raw_last")  # [B,H,1,K]
-    base_last = slice_axis(t, base_f, -1, 2, "mask_last")  # [B,1,1,K]
+        raw = slice_axis(t, site.logits, -1, 2, "raw_last")  # [B,H,1,K] scaled q kᵀ, finite
     eff_last = slice_axis(t, effective, -1, 2, "effective_mask_last")
-    eff_last.producer().metadata_props[META_MASK_ROLE] = "effective"  # a later CLVA bake rewires this input
+    eff_last.producer().metadata_props[META_MASK_ROLE] = "effective"
 
-    probs = t.op("Softmax", [t.op("Add", [raw, base_last], "unedited")], "unedited", axis=-1)  # [B,H,1,K]
-    p = t.op("Cast", [probs], "unedited_d", to=DOUBLE)
-    text_d = t.op("Cast", [text_keys], "text_keys_d", to=DOUBLE)  # [B,1,1,K]
-    image_d = t.op("Sub", [t.const(np.float64(1.0), "one_d"), text_d], "image_keys_d")
-    text_mass = t.op("ReduceSum", [t.op("Mul", [p, text_d], "text_mass"), ax3], "text_mass", keepdims=1)  # [B,H,1,1]
-    image_mass = t.op("ReduceSum", [t.op("Mul", [p, image_d], "image_mass"), ax3], "image_mass", keepdims=1)
-    is_text = t.op("GreaterOrEqual", [text_mass, image_mass], "is_text")
-    text_max = t.op("ReduceMax", [t.op("Where", [text_keys, p, t.const(np.float64(0.0), "zero_d")], "text_max"), ax3],
-                    "text_max", keepdims=1)
-    kappa_d = t.op("Reshape", [t.op("Cast", [kappa], "kappa_d", to=DOUBLE), t.const(np.array([-1, 1, 1, 1], np.int64),
-                                                                                     "col_shape")], "kappa_col")
-    is_global = t.op("And", [is_text, t.op("LessOrEqual", [text_max, t.op("Mul", [kappa_d, text_mass], "kappa_mass")],
-                                           "concentrated")], "is_global")
-    vision = t.op("And", [t.op("Not", [is_text], "vision"), row_on], "vision")  # [B,H,1,1]
-    glob = t.op("And", [is_global, row_on], "global")
-    local = t.op("And", [t.op("And", [is_text, t.op("Not", [is_global], "local")], "local"), row_on], "local")
+    probs = t.op("Softmax", [t.op("Add", [raw, sh["base_last"]], "unedited")], "unedited", axis=-1)  # [B,H,1,K]
+    text_mass, image_mass = t.op("Split", [t.op("MatMul", [probs, sh["keys"]], "masses")], "masses", num_outputs=2,
+                                 axis=3)  # [B,H,1,1] each
+    text_max = t.op("ReduceMax", [t.op("Mul", [probs, sh["text_f"]], "text_max"), ax3], "text_max", keepdims=1)
+    is_text = t.op("GreaterOrEqual", [text_mass, image_mass], "is_text")  # equal masses: a text head
+    text_on = t.op("And", [is_text, sh["row_on"]], "text_on")
+    concentrated = t.op("LessOrEqual", [text_max, t.op("Mul", [sh["kappa"], text_mass], "kappa_mass")], "spread_out")
+    glob = t.op("And", [text_on, concentrated], "global")  # [B,H,1,1]
+    local = t.op("Xor", [text_on, glob], "local")  # global heads are text heads
+    vision = t.op("Xor", [sh["row_on"], text_on], "vision")  # row on and not a text head
+    classes = t.op("Cast", [t.op("Concat", [vision, glob, local], "classes", axis=3)], "classes", to=FLOAT)
+    counts = t.op("ReduceSum", [classes, ax1], "counts", keepdims=1)  # [B,1,1,3]
+    _, has_g, has_l = t.op("Split", [t.op("Greater", [counts, t.const(np.float32(0.0), "zero_f")], "present")],
+                           "present", num_outputs=3, axis=3)
+    # step 1 needs a vision and a global head: a vision head is there wherever `vision` is true; likewise step 2.
+    do1 = t.op("And", [vision, has_g], "do_step1")  # [B,H,1,1]
+    do2 = t.op("And", [glob, has_l], "do_step2")
+    changed = t.op("Or", [do1, do2], "changed")
 
-    def count(x: ir.Value, what: str) -> ir.Value:
-        return t.op("ReduceSum", [t.op("Cast", [x], what, to=FLOAT), ax1], what, keepdims=1)  # [B,1,1,1]
-
-    n_vision, n_global, n_local = count(vision, "n_vision"), count(glob, "n_global"), count(local, "n_local")
-    zero_f = t.const(np.float32(0.0), "zero_f")
-    has_global = t.op("Greater", [n_global, zero_f], "has_global")
-    step1 = t.op("And", [t.op("Greater", [n_vision, zero_f], "has_vision"), has_global], "step1")
-    has_local = t.op("Greater", [n_local, zero_f], "has_local")
-    step2 = t.op("And", [has_global, has_local], "step2")
-
-    glob_f = t.op("Cast", [glob], "global_f", to=FLOAT)
-    global_sum = t.op("ReduceSum", [t.op("Mul", [raw, glob_f], "global_sum"), ax1], "global_sum", keepdims=1)
-    global_mean = t.op("Div", [global_sum, t.op("Max", [n_global, t.const(np.float32(1.0), "one_f")], "n_global")],
-                       "global_mean")  # [B,1,1,K]
-    local_max = t.op("ReduceMax", [t.op("Where", [local, raw, t.const(np.float32(NEG_INF), "neg_inf")], "local_max"),
-                                   ax1], "local_max", keepdims=1)
-    local_max = t.op("Where", [has_local, local_max, zero_f], "local_max")  # no -inf reaches the arithmetic below
-    w = t.op("Reshape", [omega, t.const(np.array([-1, 1, 1, 1], np.int64), "col_shape")], "omega_col")
-    denom = t.op("Add", [t.const(np.float32(1.0), "one_f"), w], "one_plus_omega")
-    e1 = t.op("Div", [t.op("Add", [raw, t.op("Mul", [w, global_mean], "step1")], "step1"), denom], "step1")
-    e2 = t.op("Div", [t.op("Add", [raw, t.op("Mul", [w, local_max], "step2")], "step2"), denom], "step2")
-    do1 = t.op("And", [vision, step1], "do_step1")  # [B,H,1,1]
-    do2 = t.op("And", [glob, step2], "do_step2")
-    edited = t.op("Where", [do1, e1, t.op("Where", [do2, e2, raw], "edited")], "edited")
+    # Mean over global heads and max over local heads of the unedited logits. Where a row has no global (local)
+    # head these are 0/0 (the lowest float), but then no head selects them: unchanged heads keep the layer's own
+    # output below, so their edited logits are never used either.
+    # sum over global heads as one GEMV: [B,1,1,H] @ [B,1,H,K] (a reduction over the head axis is slower)
+    global_row = t.op("Reshape", [slice_axis(t, classes, 1, 3, "global_f", end=2),
+                                  t.const(np.array([0, 1, 1, heads], np.int64), "global_row_shape")], "global_row")
+    raw_rows = t.op("Reshape", [raw, t.const(np.array([0, 1, heads, -1], np.int64), "raw_rows_shape")], "raw_rows")
+    global_sum = t.op("MatMul", [global_row, raw_rows], "global_sum")  # [B,1,1,K]
+    global_mean = t.op("Div", [global_sum, slice_axis(t, counts, 1, 3, "n_global", end=2)], "global_mean")  # [B,1,1,K]
+    lowest = t.const(np.float32(np.finfo(np.float32).min), "lowest")  # finite: no -inf meets omega = 0
+    local_max = t.op("ReduceMax", [t.op("Where", [local, raw, lowest], "local_max"), ax1], "local_max", keepdims=1)
+    target = t.op("Where", [do1, global_mean, local_max], "target")  # step 1 for vision heads, step 2 for global
+    edited = t.op("Div", [t.op("Add", [raw, t.op("Mul", [sh["omega"], target], "edited")], "edited"),
+                          sh["one_plus_omega"]], "edited")  # (logits + omega * target) / (1 + omega)
     new_probs = t.op("Softmax", [t.op("Add", [edited, eff_last], "edited_masked")], "edited", axis=-1)
     new_last = grouped_probs_matmul(t, new_probs, site.v, heads, static_heads(site.v, "the attention's value"))
-    old_last = slice_axis(t, site.out, -1, 2, "out_last")
-    changed = t.op("Or", [do1, do2], "changed")
-    last = t.op("Where", [changed, new_last, old_last], "out_last")
-    rest = slice_axis(t, site.out, 0, 2, "out_rest", end=-1)
-    new_out = t.op("Concat", [rest, last], "out", axis=2, dtype=FLOAT)
+    last = t.op("Where", [changed, new_last, slice_axis(t, site.out, -1, 2, "out_last")], "out_last")
+    new_out = t.op("Concat", [slice_axis(t, site.out, 0, 2, "out_rest", end=-1), last], "out", axis=2, dtype=FLOAT)
     then_outs, dtypes = [new_out], [FLOAT]
 
     off = lb.child("off")
     else_outs = [off.op("Identity", [site.out], "out", dtype=FLOAT)]
     if debug:
-        cls = t.op("Where", [is_text, t.op("Where", [is_global, t.const(np.int8(GLOBAL_TEXT_HEAD), "global_id"),
+        cls = t.op("Where", [is_text, t.op("Where", [concentrated, t.const(np.int8(GLOBAL_TEXT_HEAD), "global_id"),
                                                      t.const(np.int8(LOCAL_TEXT_HEAD), "local_id")], "class"),
                              t.const(np.int8(VISION_HEAD), "vision_id")], "class")
-        cls = t.op("Where", [row_on, cls, t.const(np.int8(NOT_CLASSIFIED), "none_id")], "class")
+        cls = t.op("Where", [sh["row_on"], cls, t.const(np.int8(NOT_CLASSIFIED), "none_id")], "class")
         then_outs.append(t.op("Reshape", [cls, t.const(np.array([0, heads], np.int64), "class_shape")], "class"))
         shape = off.op("Concat", [off.op("Shape", [site.out], "batch", start=0, end=1),
                                   off.const(np.array([heads], np.int64), "heads")], "class_shape", axis=0)

@@ -278,3 +278,112 @@ def test_runtime_feeds(baked):
                                                               [False, False, True, False, False, False]]
     with pytest.raises(ArtifactError, match="inputs this runtime does not know"):
         decoder_feeds(rec, names | {"dola.enable"}, image_mask, rows)
+
+
+# --------------------------------------------------------------- SEVI on a hand-made layer (both steps fire)
+
+
+def _one_layer_decoder(form: str, heads: int, kv_heads: int, keys: int, seq: int) -> ir.Model:
+    """A one-layer 'decoder' whose attention logits are the input q itself (k is the identity, scale 1), in the
+    opset-18 MatMul/Softmax form or as an opset-23 Attention op with grouped-query keys/values."""
+    f32, b1 = ir.DataType.FLOAT, ir.DataType.BOOL
+
+    def val(name, dtype, shape):
+        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+
+    inputs = [val("inputs_embeds", f32, ["batch", "sequence", 4]), val("attention_mask", ir.DataType.INT64,
+                                                                        ["batch", "total_length"]),
+              val("past_key_values.0.key", f32, ["batch", kv_heads, "past", keys])]
+    q = val("q", f32, ["batch", heads, "sequence", keys])
+    v = val("v", f32, ["batch", kv_heads, "total_length", 3])
+    nodes = []
+    meta = {"pkg.torch.onnx.name_scopes": "['', 'lm', 'lm.layers.0', 'lm.layers.0.self_attn', 'sdpa']"}
+    if form == DECOMPOSED:
+        kt = val("kt", f32, ["batch", heads, keys, "total_length"])
+        mask = val("mask", f32, ["batch", 1, "sequence", "total_length"])
+        mm = ir.Node("", "MatMul", [q, kt], name="n_qk", metadata_props=dict(meta))
+        add = ir.Node("", "Add", [mm.outputs[0], mask], name="n_add", metadata_props=dict(meta))
+        sm = ir.Node("", "Softmax", [add.outputs[0]], attributes=[ir.AttrInt64("axis", -1)], name="n_softmax",
+                     metadata_props=dict(meta))
+        zero = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array(0.0, np.float32)))],
+                       name="n_zero")
+        nan = ir.Node("", "IsNaN", [sm.outputs[0]], name="n_isnan")
+        where = ir.Node("", "Where", [nan.outputs[0], zero.outputs[0], sm.outputs[0]], name="n_where")
+        pv = ir.Node("", "MatMul", [where.outputs[0], v], name="n_pv")
+        nodes += [mm, add, sm, zero, nan, where, pv]
+        inputs += [q, kt, mask, v]
+        out = pv.outputs[0]
+    else:
+        k = val("k", f32, ["batch", kv_heads, "total_length", keys])
+        mask = val("mask", b1, ["batch", 1, "sequence", "total_length"])
+        att = ir.Node("", "Attention", [q, k, v, mask], attributes=[ir.AttrFloat32("scale", 1.0)], name="n_attention",
+                      metadata_props=dict(meta))
+        nodes.append(att)
+        inputs += [q, k, mask, v]
+        out = att.outputs[0]
+    ident = ir.Node("", "Identity", [out], name="n_out")
+    ident.outputs[0].name = "attn_out"
+    for i, n in enumerate(nodes):
+        for o in n.outputs:
+            o.name = o.name or f"v{i}"
+    graph = ir.Graph(inputs, [ident.outputs[0]], nodes=nodes + [ident], opset_imports={"": 18 if form == DECOMPOSED
+                                                                                         else 23})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("form,kv_heads", [(DECOMPOSED, 6), (ATTENTION_OP, 2)])
+def test_sevi_layer_matches_the_reference_functions(form, kv_heads, tmp_path):
+    """Crafted last-row logits give vision, global-text and local-text heads, so both SEVI steps fire; the graph's
+    head classes and output row equal exporter/reference/sevi.py's classify_heads + edit_logits."""
+    import torch
+
+    from exporter.reference.sevi import classify_heads, edit_logits
+
+    heads, keys, seq, omega, kappa = 6, 8, 3, 0.5, 0.4
+    vision = [0, 3, 3, 3, 3, 0, 0, 0]
+    glob = [0, -2, -2, -2, -2, 2, 2, 2]
+    local = [0, -2, -2, -2, -2, 4, 0, 0]
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, heads, seq, keys)).astype(np.float32)
+    q[:, :, -1] = np.array([vision, glob, glob, local, local, vision], np.float32)  # [H, K] on the last row
+    eye = np.eye(keys, dtype=np.float32)
+    v = rng.standard_normal((2, kv_heads, keys, 3)).astype(np.float32)
+    causal = np.tril(np.ones((seq, keys), bool), k=keys - seq)[None, None].repeat(2, 0)  # [2,1,S,K]
+    visual = np.zeros((2, keys), bool)
+    visual[:, 1:5] = True  # image keys 1..4; text keys 5..7 (the pass's rows are keys 5, 6, 7)
+    model = _one_layer_decoder(form, heads, kv_heads, keys, seq)
+    p = SeviPass(start_layer=0, debug_outputs=True)
+    assert run_passes(model, [p]) == {"sevi": 1}
+    path = tmp_path / "one_layer.onnx"
+    ir.save(model, path)
+    feed = {"inputs_embeds": np.zeros((2, seq, 4), np.float32), "attention_mask": np.ones((2, keys), np.int64),
+            "past_key_values.0.key": np.zeros((2, kv_heads, keys - seq, keys), np.float32), "q": q, "v": v,
+            "visual_mask": visual, "sevi.enable": np.array([True, False]),
+            "sevi.omega": np.full(2, omega, np.float32), "sevi.kappa": np.full(2, kappa, np.float32)}
+    if form == DECOMPOSED:
+        feed.update(kt=np.broadcast_to(eye, (2, heads, keys, keys)).copy(), mask=np.where(causal, 0, -np.inf)
+                    .astype(np.float32))
+    else:
+        feed.update(k=np.broadcast_to(eye, (2, kv_heads, keys, keys)).copy(), mask=causal)
+    sess = _session(path)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    plain = _session(_save(_one_layer_decoder(form, heads, kv_heads, keys, seq), tmp_path / "plain.onnx"))
+    before = plain.run(None, {k: x for k, x in feed.items() if not k.startswith(("sevi.", "visual"))})[0]
+
+    raw = torch.tensor(q[0, :, -1])  # [H, K]: all keys visible on the last row
+    classes = classify_heads(torch.softmax(raw.double(), -1).float(), 4, float(np.float32(kappa)))
+    assert classes.tolist() == [0, 1, 1, 2, 2, 0]
+    assert got["sevi.head_class.0"].tolist() == [[0, 1, 1, 2, 2, 0], [-1] * 6]
+    edited, step1, step2 = edit_logits(raw, classes, omega)
+    assert step1 and step2
+    v_heads = torch.tensor(v[0]).repeat_interleave(heads // kv_heads, 0)  # [H, K, 3]
+    expected = torch.einsum("hk,hkd->hd", torch.softmax(edited, -1), v_heads).numpy()  # [H, 3]
+    assert np.abs(got["attn_out"][0, :, -1] - expected).max() < 1e-5
+    assert np.abs(got["attn_out"][0, :, -1] - before[0, :, -1]).max() > 1e-2  # the edit did something
+    assert np.array_equal(got["attn_out"][0, :, :-1], before[0, :, :-1])  # other rows untouched
+    assert np.array_equal(got["attn_out"][1], before[1])  # the row with SEVI off: exactly the plain layer
+
+
+def _save(model: ir.Model, path) -> str:
+    ir.save(model, path)
+    return str(path)
