@@ -11,14 +11,18 @@ decoder call (`Pipeline._decode`: IOBinding into a preallocated KV cache), batch
                image), and a single-token decode step at context N+1 over that prefill's cache (a T row), repeated
                by rewinding the ping-pong cache, so every repetition measures the same step.
 
-Variants: plain, clva off, clva on (METHODS.md defaults), sevi off, sevi on (defaults). After one warm-up of each,
-the variants alternate, in an order rotated every round (whoever runs first in a round is measurably favoured or
-penalised): `--prefill-reps` rounds of prefills, then `--decode-reps` rounds of decode steps. The table
-gives the plain medians in ms and the other variants as ratios of medians to plain. Other processes on the machine
-add noise: compare ratios from one run only.
+Variants: plain, plain #2 (a second session of the same graph: the noise floor between sessions), clva off,
+clva on (METHODS.md defaults), sevi off, sevi on (defaults). After one warm-up of each, the variants alternate in an
+order rotated every round (whoever runs first in a round is measurably favoured or penalised): `--prefill-reps`
+rounds of prefills (at 4k `--long-prefill-reps` samples, the warm-up counting as the first), then `--decode-reps` rounds of decode steps. Prefills run on
+sessions without the CPU memory arena (a 4k opset-18 prefill allocates gigabytes, which an arena per session keeps),
+decode steps on sessions with the runtime's defaults. The table gives plain medians in ms, the other variants as
+ratios of medians to plain, and on/off within one session (the cost of the flags, free of the session noise).
+Wall-clock and process CPU time are both printed; the default is one intra-op thread, where CPU time is the figure
+other processes disturb least (on a shared 2-core machine, two ORT threads mostly wait for each other).
 
-    python scripts/bench_mitigation.py [--contexts 256,1024,4096] [--prefill-reps 3] [--decode-reps 30]
-        [--opset 18] [--threads 2] [--keep DIR]
+    python scripts/bench_mitigation.py [--contexts 256,1024,4096] [--prefill-reps 3] [--long-prefill-reps 1]
+        [--decode-reps 30] [--opset 18] [--threads 1] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BENCH_SPEC = dict(layers=8, hidden=512, heads=16, kv_heads=16, intermediate=1376, vision_hidden=64, vision_layers=1,
                   vision_heads=4, image_size=336, patch_size=14, max_position_embeddings=4608)
-VARIANTS = [("plain", None, None), ("clva off", "clva", False), ("clva on", "clva", True),
-            ("sevi off", "sevi", False), ("sevi on", "sevi", True)]
+# (label, artifact, method, flags on); "plain #2" is a second session of the plain decoder: the noise floor
+# between two sessions of one graph, to read the other ratios against.
+VARIANTS = [("plain", "plain", None, False), ("plain #2", "plain", None, False), ("clva off", "clva", "clva", False),
+            ("clva on", "clva", "clva", True), ("sevi off", "sevi", "sevi", False), ("sevi on", "sevi", "sevi", True)]
 
 
 def build(folder: Path, opset: int) -> dict[str, Path]:
@@ -76,17 +82,34 @@ class Case:
         self.step_embeds = (0.5 * rng.standard_normal((1, 1, hidden))).astype(np.float32)  # [1, 1, d]
 
 
-class Runner:
-    """One variant (artifact + flags) on one Case: its feeds and its own KV cache."""
+def decoder_pipeline(folder: Path, threads: int, arena: bool):
+    """A Pipeline whose decoder session has the given threads and CPU memory arena setting."""
+    import onnxruntime as ort
 
-    def __init__(self, pipe, case: Case, method: str | None, on: bool):
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_dir(folder, intra_op_threads=threads)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.enable_cpu_mem_arena = arena
+    pipe.decoder._session = ort.InferenceSession(str(pipe.decoder.path), opts, providers=["CPUExecutionProvider"])
+    return pipe
+
+
+class Runner:
+    """One variant (artifact + flags) on one Case: its feeds and its own KV cache. Prefills run on a session
+    without the CPU memory arena (at 4k tokens the opset-18 decoder's attention matrices take gigabytes, which an
+    arena per session would keep); decode steps run on a session with the runtime's default settings."""
+
+    def __init__(self, prefill_pipe, decode_pipe, case: Case, method: str | None, on: bool):
         from runtime.mitigation import decoder_feeds, parse_request
 
-        self.pipe, self.case = pipe, case
-        rows = [parse_request({method: True} if (method and on) else None, pipe.manifest.mitigation)]
-        names = {n for n in pipe.decoder.input_names() if not n.startswith("past_key_values.")}
+        self.prefill_pipe, self.decode_pipe, self.case = prefill_pipe, decode_pipe, case
+        rows = [parse_request({method: True} if (method and on) else None, decode_pipe.manifest.mitigation)]
+        names = {n for n in decode_pipe.decoder.input_names() if not n.startswith("past_key_values.")}
         names -= {"inputs_embeds", "attention_mask", "position_ids"}
-        self.extra = decoder_feeds(pipe.manifest.mitigation, names, case.image_mask, rows)
+        self.extra = decoder_feeds(decode_pipe.manifest.mitigation, names, case.image_mask, rows)
         self.cache = None
 
     def prefill(self) -> tuple[float, float]:
@@ -94,7 +117,7 @@ class Runner:
 
         from runtime.kv_cache import KVCache
 
-        p, n = self.pipe, self.case.n
+        p, n = self.prefill_pipe, self.case.n
         self.cache = KVCache(p.num_layers, 1, p.kv_heads, p.head_dim, n + 1, np.float32)
         t, c = time.perf_counter(), time.process_time()
         p._decode(self.case.embeds, self.case.attention_mask, np.arange(n, dtype=np.int64)[None], self.cache,
@@ -109,7 +132,7 @@ class Runner:
         n = self.case.n
         mask = np.ones((1, n + 1), np.int64)
         t, c = time.perf_counter(), time.process_time()
-        self.pipe._decode(self.case.step_embeds, mask, np.array([[n]], np.int64), self.cache, self.extra)
+        self.decode_pipe._decode(self.case.step_embeds, mask, np.array([[n]], np.int64), self.cache, self.extra)
         elapsed = time.perf_counter() - t, time.process_time() - c
         self.cache.length -= 1
         self.cache._flip = 1 - self.cache._flip
@@ -120,35 +143,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="256,1024,4096")
     ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument("--long-prefill-reps", type=int, default=1,
+                    help="prefill samples at contexts >= 4096 (the warm-up run is the first)")
     ap.add_argument("--decode-reps", type=int, default=30)
     ap.add_argument("--opset", type=int, default=18, choices=(18, 23))
-    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="onnxruntime intra-op threads (1: on a shared 2-core machine two threads wait on each other)")
     ap.add_argument("--keep", type=Path, default=None, help="Folder to build the bench model in (kept, reused).")
     args = ap.parse_args()
-
-    from runtime.pipeline import Pipeline
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="anchorrt-bench-mitigation-"))
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print(f"building the bench model in {folder} ...", file=sys.stderr)
     dirs = build(folder, args.opset)
-    pipes = {k: Pipeline.from_dir(v, intra_op_threads=args.threads) for k, v in dirs.items()}
-    hidden = pipes["plain"].hidden
-    print(f"built in {time.perf_counter() - t0:.0f} s; opset {args.opset}, {args.threads} threads, "
-          f"{args.prefill_reps} prefill / {args.decode_reps} decode-step interleaved repetitions", file=sys.stderr)
+    sessions = {(label, arena): decoder_pipeline(dirs[art], args.threads, arena)
+                for label, art, _, _ in VARIANTS for arena in (False, True)}
+    hidden = sessions[("plain", True)].hidden
+    print(f"built in {time.perf_counter() - t0:.0f} s; opset {args.opset}, {args.threads} threads", file=sys.stderr)
 
     rows = []
     for n in (int(c) for c in args.contexts.split(",")):
         case = Case(n, hidden)
-        runners = {name: Runner(pipes[method or "plain"], case, method, on) for name, method, on in VARIANTS}
+        long = n >= 4096  # a prefill takes tens of seconds: its warm-up run counts as the first sample
+        reps = args.prefill_reps if not long else args.long_prefill_reps
+        runners = {label: Runner(sessions[(label, False)], sessions[(label, True)], case, method, on)
+                   for label, _, method, on in VARIANTS}
         prefill: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
         decode: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
-        for r in runners.values():  # warm-up, and the cache each variant's decode steps read
-            r.prefill()
+        for name, r in runners.items():  # warm-up, and the cache each variant's decode steps read
+            first = r.prefill()
+            if long:
+                prefill[name].append(first)
             r.decode_step()
         names = list(runners)
-        for i in range(args.prefill_reps):
+        for i in range(reps - 1 if long else reps):
             for name in names[i % len(names):] + names[:i % len(names)]:  # rotated: no variant always goes first
                 prefill[name].append(runners[name].prefill())
         for i in range(args.decode_reps):
@@ -156,21 +185,24 @@ def main() -> None:
                 decode[name].append(runners[name].decode_step())
         med = {name: [statistics.median(x[clock] for x in series[name]) for series in (prefill, decode)
                       for clock in (0, 1)] for name in runners}  # prefill wall, prefill cpu, decode wall, decode cpu
-        rows.append((n, med))
+        rows.append((n, reps, med))
         del runners
         print(f"  context {n} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
+    labels = [label for label, _, _, _ in VARIANTS[1:]]
     for clock, title in ((0, "wall-clock"), (1, "process CPU time (all threads)")):
-        head = f"{'phase':8} {'context':>7} {'plain ms':>9} " + " ".join(f"{name:>9}" for name, _, _ in VARIANTS[1:])
-        print(f"\n{title}, ratios to plain:\n{head}\n" + "-" * len(head))
+        head = (f"{'phase':8} {'context':>7} {'reps':>4} {'plain ms':>9} " + " ".join(f"{x:>9}" for x in labels)
+                + f" {'clva on/off':>11} {'sevi on/off':>11}")
+        print(f"\n{title}; ratios to plain, and on/off within one session:\n{head}\n" + "-" * len(head))
         for phase, k in (("prefill", 0), ("decode", 2)):
-            for n, med in rows:
+            for n, reps, med in rows:
                 plain = med["plain"][k + clock]
-                ratios = " ".join(f"{med[name][k + clock] / plain:9.3f}" for name, _, _ in VARIANTS[1:])
-                print(f"{phase:8} {n:7d} {1000 * plain:9.2f} {ratios}")
-    print(f"\nmedians of {args.prefill_reps} prefills / {args.decode_reps} decode steps per variant, interleaved; "
-          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
-          f"total {time.perf_counter() - t0:.0f} s")
+                ratios = " ".join(f"{med[x][k + clock] / plain:9.3f}" for x in labels)
+                on_off = [med[f"{m} on"][k + clock] / med[f"{m} off"][k + clock] for m in ("clva", "sevi")]
+                print(f"{phase:8} {n:7d} {reps if k == 0 else args.decode_reps:4d} {1000 * plain:9.2f} {ratios} "
+                      f"{on_off[0]:11.3f} {on_off[1]:11.3f}")
+    print(f"\nmedians per variant, interleaved in rotated order; opset {args.opset}, {args.threads} threads; load "
+          f"average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; total {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
