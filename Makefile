@@ -28,6 +28,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_foundation.py
+	$(PY) scripts/bench_mitigation.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check anchorrt exporter runtime graph_passes tests scripts samples
