@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import ArtifactError, FlagError
+from runtime.errors import FlagError
 
 GENERAL_INSTRUCTION = "Describe the content of the image."
 PROBE_ENABLE = "probe.enable"
@@ -126,11 +126,3 @@ def contrastive_scores(logits: np.ndarray, logits_star: np.ndarray, alpha: np.nd
         keep = np.isnan(cut) | (lp >= np.log(np.maximum(cut, 1e-300)) + lp.max(axis=-1, keepdims=True))
         scores = np.where(keep, scores, -np.inf)
     return scores.astype(np.float32)
-
-
-def probe_layers(manifest_mitigation: dict) -> list[int]:
-    probe = manifest_mitigation.get("probe")
-    if not probe:
-        raise ArtifactError("this artifact has no attention probe, which IAVA needs; re-bake with "
-                            "`anchorrt bake ARTIFACT --mitigation probe` (or export with --mitigation probe)")
-    return list(probe["layers"])

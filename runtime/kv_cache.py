@@ -47,6 +47,24 @@ class KVCache:
                 binding.bind_output(f"present.{layer}.{name}", self.device, self.device_id, self.dtype,
                                     self.shape(total), dst[layer][kind].data_ptr())
 
+    def bind_rows_prefill(self, binding, row_start: int, rows: int) -> None:
+        """Bind a prefill of `rows` batch rows (no past) whose present goes straight into rows row_start.. of the
+        current side, at the current length. In a C-contiguous [B, KVH, T, D] buffer, rows r..r+n are one block,
+        so a batch-n present is written in place; the other rows are untouched and nothing flips (IAVA writes its
+        contrastive stream's prefill into the slots of the general-instruction rows this way)."""
+        if row_start < 0 or row_start + rows > self.batch:
+            raise ValueError(f"rows {row_start}..{row_start + rows - 1} are outside a cache of {self.batch} rows")
+        row_bytes = self.kv_heads * self.length * self.head_dim * self.dtype.itemsize
+        cur = self._buffers[self._flip]
+        empty = [rows, self.kv_heads, 0, self.head_dim]
+        for layer in range(self.num_layers):
+            for kind, name in enumerate(("key", "value")):
+                ptr = cur[layer][kind].data_ptr()
+                binding.bind_input(f"past_key_values.{layer}.{name}", self.device, self.device_id, self.dtype, empty,
+                                   ptr)
+                binding.bind_output(f"present.{layer}.{name}", self.device, self.device_id, self.dtype,
+                                    [rows, self.kv_heads, self.length, self.head_dim], ptr + row_start * row_bytes)
+
     def update(self, new_tokens: int) -> None:
         """The pass wrote past+new into the other side: make it current."""
         self.length += new_tokens

@@ -20,6 +20,14 @@ import numpy as np
 
 from runtime.backend import make_backend
 from runtime.errors import ArtifactError, FlagError, ImageError
+from runtime.iava import (
+    PROBE_ENABLE,
+    PROBE_OUTPUT,
+    IavaParams,
+    contrastive_scores,
+    parse_iava,
+    select_irrelevant,
+)
 from runtime.kv_cache import KVCache
 from runtime.manifest import Manifest
 from runtime.mitigation import decoder_feeds, mitigation_specs, parse_request
@@ -47,6 +55,7 @@ class Generation:
     prompt_tokens: int
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
     timings: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # per-method information, e.g. details["iava"]["irrelevant"]
 
 
 @dataclass
@@ -96,23 +105,44 @@ class Pipeline:
         if not reqs:
             raise FlagError("generate_batch needs at least one (image, prompt) request")
         specs = mitigation_specs(reqs, mitigation)
+        iava = [self._parse_iava(spec) for spec in specs]
         for spec in specs:  # bad flags fail before any image is decoded
             parse_request(spec, self.manifest.mitigation)
+        results: list[Generation | None] = [None] * len(reqs)
+        # IAVA requests decode two streams each; they run as their own batch, the others as theirs.
+        for with_iava in (False, True):
+            idx = [i for i, p in enumerate(iava) if (p is not None) == with_iava]
+            if not idx:
+                continue
+            callback = None if on_token is None else (lambda i, tok, piece, idx=idx: on_token(idx[i], tok, piece))
+            group = self._generate_group([reqs[i] for i in idx], [specs[i] for i in idx],
+                                         [iava[i] for i in idx] if with_iava else None, cfg, callback)
+            for i, g in zip(idx, group):
+                results[i] = g
+        return results
+
+    def _generate_group(self, reqs: list[Request], specs: list, iava: list[IavaParams] | None, cfg: SamplingConfig,
+                        on_token) -> list[Generation]:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         encoded = [self.prompts.encode(r.prompt, reserve=cfg.max_new_tokens) for r in reqs]
+        general = [self.prompts.encode(p.instruction) for p in iava] if iava else None
         pixel_values = self.preprocess([self._load(r.image, i) for i, r in enumerate(reqs)])  # [N, 3, H, W]
         timings["preprocess_s"] = time.perf_counter() - t0
         t = time.perf_counter()
         features = self.encode_images(pixel_values)  # [N, T, d]
         timings["vision_s"] = time.perf_counter() - t
-        batch = self._pad(encoded)
-        tokens, reasons, timings_gen = self._generate_tokens(batch, features, cfg, on_token, specs)
+        if iava:
+            tokens, reasons, timings_gen, details = self._generate_iava(encoded, general, features, cfg, on_token,
+                                                                        specs, iava)
+        else:
+            tokens, reasons, timings_gen = self._generate_tokens(self._pad(encoded), features, cfg, on_token, specs)
+            details = [{} for _ in reqs]
         timings.update(timings_gen)
         timings["total_s"] = time.perf_counter() - t0
         return [
-            Generation(self.prompts.decode([x for x in toks if x not in self.stop_ids]), toks, batch.prompt_lengths[b],
-                       reasons[b], dict(timings))
+            Generation(self.prompts.decode([x for x in toks if x not in self.stop_ids]), toks, len(encoded[b].ids),
+                       reasons[b], dict(timings), details[b])
             for b, toks in enumerate(tokens)
         ]
 
@@ -122,10 +152,10 @@ class Pipeline:
                                ["image_features"])["image_features"]
 
     def prefill(self, batch: _Batch, features: np.ndarray, cache: KVCache, extra: dict,
-                visalign: VisAlignState | None = None) -> np.ndarray:
+                visalign: VisAlignState | None = None, fetch: dict | None = None) -> np.ndarray:
         embeds = self._embed(batch.ids, features, batch.image_mask, visalign)
         position_ids = np.maximum(np.cumsum(batch.attention_mask, axis=-1) - 1, 0)  # [B, S], left padding
-        return self._decode(embeds, batch.attention_mask, position_ids, cache, extra)
+        return self._decode(embeds, batch.attention_mask, position_ids, cache, extra, fetch=fetch)
 
     def decode_one_token(self, next_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
                          cache: KVCache, extra: dict, visalign: VisAlignState | None = None) -> np.ndarray:
@@ -141,15 +171,29 @@ class Pipeline:
                         device=self.decoder.device)
         extra = self._extra_inputs(batch, mitigation)
         visalign = visalign_state(self.visalign, mitigation, features, batch.image_mask)  # v_bar once per request
+        t = time.perf_counter()
+        logits = self.prefill(batch, features, cache, extra, visalign)  # [B, V]
+        prefill_s = time.perf_counter() - t
+        attention_mask = batch.attention_mask
+        positions = attention_mask.sum(-1) - 1  # [B] last real position
+
+        def advance(next_ids: np.ndarray) -> np.ndarray:
+            nonlocal attention_mask, positions
+            attention_mask = np.concatenate([attention_mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+            positions = positions + 1
+            return self.decode_one_token(next_ids, attention_mask, positions, cache, extra, visalign)
+
+        out, reasons, timings = self._token_loop(logits, advance, cfg, batch, on_token)
+        timings["prefill_s"] = prefill_s
+        return out, reasons, timings
+
+    def _token_loop(self, logits: np.ndarray, advance, cfg: SamplingConfig, batch: _Batch, on_token):
+        """Select a token per row from `logits` [B, V], hand the batch's next ids to `advance` for the next
+        logits, until every row stops or max_new_tokens is reached."""
+        b = logits.shape[0]
         rngs = [np.random.default_rng(None if cfg.seed is None else cfg.seed + i) for i in range(b)]
         seen = [batch.ids[i][batch.attention_mask[i] == 1] for i in range(b)]
         stop = set(cfg.stop_token_ids) | set(self.stop_ids)
-        timings: dict[str, Any] = {}
-        t = time.perf_counter()
-        logits = self.prefill(batch, features, cache, extra, visalign)  # [B, V]
-        timings["prefill_s"] = time.perf_counter() - t
-        attention_mask = batch.attention_mask
-        positions = attention_mask.sum(-1) - 1  # [B] last real position
         out: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(b, dtype=bool)
         reasons = ["length"] * b
@@ -174,13 +218,72 @@ class Pipeline:
             if done.all() or step == cfg.max_new_tokens - 1:
                 steps.append(time.perf_counter() - t)
                 break
-            attention_mask = np.concatenate([attention_mask, np.ones((b, 1), dtype=np.int64)], axis=1)
-            positions = positions + 1
-            logits = self.decode_one_token(next_ids, attention_mask, positions, cache, extra, visalign)
+            logits = advance(next_ids)
             steps.append(time.perf_counter() - t)
-        timings["decode_steps_s"] = steps
-        timings["new_tokens"] = int(sum(len(o) for o in out))
-        return out, reasons, timings
+        return out, reasons, {"decode_steps_s": steps, "new_tokens": int(sum(len(o) for o in out))}
+
+    def _generate_iava(self, encoded: list[EncodedPrompt], general: list[EncodedPrompt], features: np.ndarray,
+                       cfg: SamplingConfig, on_token, specs: list, params: list[IavaParams]):
+        """IAVA (runtime/iava.py): probe prefill of [G..., Q...], the irrelevant sets, the V* prefill written into
+        the G rows' cache slots, then both streams decoded as one batch of 2B rows [V*..., V...]."""
+        b = len(encoded)
+        both = self._pad(general + encoded)  # rows 0..b-1: G, rows b..2b-1: Q (one padded length S)
+        s = both.ids.shape[1]
+        features2 = np.concatenate([features, features])  # [2N, T, d]: the G rows' images, then the Q rows'
+        cache = KVCache(self.num_layers, 2 * b, self.kv_heads, self.head_dim, s + cfg.max_new_tokens, self.kv_dtype,
+                        device=self.decoder.device)
+        specs2 = list(specs) * 2
+        timings: dict[str, Any] = {}
+        # 1. probe prefill: att_G, att_Q at the last prompt row of each stream
+        t = time.perf_counter()
+        fetched = {PROBE_OUTPUT: None}
+        extra = {**self._extra_inputs(both, specs2), PROBE_ENABLE: np.ones(2 * b, dtype=bool)}
+        logits_both = self.prefill(both, features2, cache, extra,
+                                   visalign_state(self.visalign, specs2, features2, both.image_mask), fetch=fetched)
+        att = fetched[PROBE_OUTPUT].mean(axis=1)  # [2B, S]: mean over heads (in the graph), then over layers
+        timings["probe_prefill_s"] = time.perf_counter() - t
+        # 2. irrelevant tokens; V* = the Q rows with V \ I hidden, positions unchanged
+        query = _Batch(both.ids[b:], both.attention_mask[b:], both.image_mask[b:], [len(e.ids) for e in encoded])
+        hidden = query.attention_mask.copy()  # [B, S]
+        details = []
+        for r in range(b):
+            g_pos, q_pos = np.flatnonzero(both.image_mask[r]), np.flatnonzero(query.image_mask[r])
+            att_g, att_q = att[r, g_pos], att[b + r, q_pos]
+            irrelevant = select_irrelevant(att_g, att_q, params[r].count(len(q_pos)), params[r].lam)
+            hidden[r, q_pos[~irrelevant]] = 0
+            details.append({"iava": {"irrelevant": np.flatnonzero(irrelevant).tolist(), "att_general": att_g,
+                                     "att_query": att_q}})
+        positions = np.maximum(np.cumsum(query.attention_mask, axis=-1) - 1, 0)  # from the padding mask, not V*
+        star = _Batch(query.ids, hidden, query.image_mask, query.prompt_lengths)
+        t = time.perf_counter()
+        embeds = self._embed(star.ids, features, star.image_mask,
+                             visalign_state(self.visalign, specs, features, star.image_mask))
+        extra = {**self._extra_inputs(star, specs), PROBE_ENABLE: np.zeros(b, dtype=bool)}
+        logits_star = self._decode(embeds, hidden, positions, cache, extra, rows=(0, b))  # into the G rows' slots
+        timings["contrastive_prefill_s"] = time.perf_counter() - t
+        timings["prefill_s"] = timings["probe_prefill_s"] + timings["contrastive_prefill_s"]
+        # 3. both streams as one batch: rows 0..b-1 see V*, rows b..2b-1 see V
+        streams = _Batch(np.concatenate([star.ids, query.ids]), np.concatenate([hidden, query.attention_mask]),
+                         np.concatenate([star.image_mask, query.image_mask]), query.prompt_lengths * 2)
+        extra = {**self._extra_inputs(streams, specs2), PROBE_ENABLE: np.zeros(2 * b, dtype=bool)}
+        visalign = visalign_state(self.visalign, specs2, features2, streams.image_mask)
+        alpha = np.array([p.alpha for p in params])
+        beta_cut = np.array([np.nan if p.beta_cut is None else p.beta_cut for p in params])
+        attention_mask = streams.attention_mask
+        last = np.concatenate([positions[:, -1], positions[:, -1]])  # [2B] last real position of each stream
+
+        def advance(next_ids: np.ndarray) -> np.ndarray:
+            nonlocal attention_mask, last
+            attention_mask = np.concatenate([attention_mask, np.ones((2 * b, 1), dtype=np.int64)], axis=1)
+            last = last + 1
+            logits = self.decode_one_token(np.concatenate([next_ids, next_ids]), attention_mask, last, cache, extra,
+                                           visalign)  # [2B, V]
+            return contrastive_scores(logits[b:], logits[:b], alpha, beta_cut)
+
+        first = contrastive_scores(logits_both[b:], logits_star, alpha, beta_cut)
+        out, reasons, loop_timings = self._token_loop(first, advance, cfg, query, on_token)
+        timings.update(loop_timings)
+        return out, reasons, timings, details
 
     def _embed(self, ids: np.ndarray, features: np.ndarray, image_mask: np.ndarray,
                visalign: VisAlignState | None = None) -> np.ndarray:
@@ -189,7 +292,10 @@ class Pipeline:
             feed.update(self.visalign.inputs(visalign, ids.shape[0], self.hidden))
         return self.embed.run(feed, ["inputs_embeds"])["inputs_embeds"]
 
-    def _decode(self, embeds, attention_mask, position_ids, cache: KVCache, extra: dict) -> np.ndarray:
+    def _decode(self, embeds, attention_mask, position_ids, cache: KVCache, extra: dict, *,
+                rows: tuple[int, int] | None = None, fetch: dict | None = None) -> np.ndarray:
+        """One decoder pass → last-position logits [B, V]. `rows=(start, n)`: a prefill without past written into
+        cache rows start..start+n-1 (IAVA's contrastive stream); `fetch`: extra outputs to return into the dict."""
         sess = self.decoder.session
         binding = sess.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
@@ -198,11 +304,21 @@ class Pipeline:
         for name, value in extra.items():
             binding.bind_cpu_input(name, value(attention_mask) if callable(value) else value)
         binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows the binding order
+        names = list(fetch) if fetch is not None else []
+        for name in names:
+            binding.bind_output(name, "cpu")
         new = embeds.shape[1]
-        cache.bind(binding, new)
+        if rows is None:
+            cache.bind(binding, new)
+        else:
+            cache.bind_rows_prefill(binding, *rows)
         sess.run_with_iobinding(binding)
-        cache.update(new)
-        logits = binding.get_outputs()[0].numpy()  # [B, 1, V]
+        if rows is None:
+            cache.update(new)
+        outputs = binding.get_outputs()
+        for k, name in enumerate(names, start=1):
+            fetch[name] = outputs[k].numpy()
+        logits = outputs[0].numpy()  # [B, 1, V]
         return logits[:, -1, :].astype(np.float32, copy=False)
 
     def _extra_inputs(self, batch: _Batch, mitigation: Sequence | None = None) -> dict:
@@ -211,7 +327,17 @@ class Pipeline:
         extra = set(self.decoder.input_names()) - _BASE_DECODER_INPUTS
         extra = {n for n in extra if not n.startswith("past_key_values.")}
         rows = None if mitigation is None else [parse_request(m, self.manifest.mitigation) for m in mitigation]
-        return decoder_feeds(self.manifest.mitigation, extra, batch.image_mask, rows)
+        feeds = decoder_feeds(self.manifest.mitigation, extra - {PROBE_ENABLE}, batch.image_mask, rows)
+        if PROBE_ENABLE in extra:
+            feeds[PROBE_ENABLE] = np.zeros(batch.ids.shape[0], dtype=bool)  # [B]; IAVA's probe prefill turns it on
+        return feeds
+
+    def _parse_iava(self, spec) -> IavaParams | None:
+        params = parse_iava(spec.get("iava")) if isinstance(spec, dict) else None
+        if params is not None and PROBE_OUTPUT not in self.decoder.output_names():
+            raise FlagError("IAVA needs the attention probe, which this artifact lacks; run "
+                            "`anchorrt bake ARTIFACT --mitigation probe` (or export with --mitigation probe)")
+        return params
 
     def _pad(self, encoded: list[EncodedPrompt]) -> _Batch:
         s = max(len(e.ids) for e in encoded)
