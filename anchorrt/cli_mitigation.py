@@ -14,7 +14,7 @@ import click
 from runtime.errors import FlagError
 
 
-def _layer_list(value: str | None) -> tuple[int, ...] | None:
+def _layer_list(value: str | None, option: str = "--clva-drift-layers") -> tuple[int, ...] | None:
     """'3-7' or '3,4,5' (or a mix) -> (3, 4, 5, ...)."""
     if value is None:
         return None
@@ -28,7 +28,7 @@ def _layer_list(value: str | None) -> tuple[int, ...] | None:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise FlagError(f"--clva-drift-layers takes layer numbers like '3-7' or '3,4,5', got {value!r}") from None
+        raise FlagError(f"{option} takes layer numbers like '3-7' or '3,4,5', got {value!r}") from None
     return tuple(out)
 
 
@@ -42,17 +42,20 @@ def bake_options(fn):
         click.option("--sevi-start-layer", type=int, default=8, show_default=True,
                      help="First layer SEVI edits (literal: a model with that many layers or fewer is unchanged)."),
         click.option("--debug-outputs", is_flag=True, help="Also output CLVA anchor masks/head sets, SEVI head classes."),
+        click.option("--probe-layers", default=None, metavar="LAYERS",
+                     help="Layers IAVA's attention probe averages, e.g. '0-7' [default: every layer]."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def make_bake_options(clva_l_neg, clva_l_pos, clva_drift_layers, sevi_start_layer, debug_outputs):
+def make_bake_options(clva_l_neg, clva_l_pos, clva_drift_layers, sevi_start_layer, debug_outputs, probe_layers=None):
     from graph_passes.bake import BakeOptions
 
     return BakeOptions(clva_l_neg=clva_l_neg, clva_l_pos=clva_l_pos, clva_drift_layers=_layer_list(clva_drift_layers),
-                       sevi_start_layer=sevi_start_layer, debug_outputs=debug_outputs)
+                       sevi_start_layer=sevi_start_layer, debug_outputs=debug_outputs,
+                       probe_layers=_layer_list(probe_layers, "--probe-layers"))
 
 
 def mitigation_flags(fn):
@@ -66,32 +69,69 @@ def mitigation_flags(fn):
         click.option("--sevi/--no-sevi", "sevi", default=None, help="SEVI on/off (a --sevi-* value turns it on)."),
         click.option("--sevi-omega", type=float, default=None, help="SEVI omega (>= 0)."),
         click.option("--sevi-kappa", type=float, default=None, help="SEVI kappa (in (0, 1])."),
+        click.option("--iava/--no-iava", "iava", default=None,
+                     help="IAVA contrastive decoding on/off (needs the probe: bake --mitigation probe)."),
+        click.option("--iava-alpha", type=float, default=None, help="IAVA contrast strength a (>= 0) [default: 1]."),
+        click.option("--iava-i", default=None, metavar="N|FRACTION",
+                     help="IAVA: at most this many irrelevant image tokens (an integer, or a fraction like 0.1) "
+                          "[default: 10%, rounded up]."),
+        click.option("--iava-lambda", type=float, default=None, help="IAVA threshold width lambda [default: 0]."),
+        click.option("--iava-instruction", default=None, help="IAVA general instruction G."),
+        click.option("--iava-beta-cut", type=float, default=None,
+                     help="IAVA plausibility cut-off in [0, 1] [default: off]."),
+        click.option("--visalign/--no-visalign", "visalign", default=None,
+                     help="VisAlign fusion on/off (artifacts exported from a VisAlign checkpoint; default: on)."),
     ]
     for option in reversed(options):
         fn = option(fn)
 
     @functools.wraps(fn)
-    def wrapper(*args, clva, clva_alpha, clva_beta, clva_tau, clva_lambda, sevi, sevi_omega, sevi_kappa, **kwargs):
+    def wrapper(*args, clva, clva_alpha, clva_beta, clva_tau, clva_lambda, sevi, sevi_omega, sevi_kappa, iava,
+                iava_alpha, iava_i, iava_lambda, iava_instruction, iava_beta_cut, visalign, **kwargs):
         from runtime.mitigation import merge_cli_flags
 
         spec = {
             "clva": merge_cli_flags("clva", clva, {"alpha": clva_alpha, "beta": clva_beta, "tau": clva_tau,
                                                    "lambda": clva_lambda}),
             "sevi": merge_cli_flags("sevi", sevi, {"omega": sevi_omega, "kappa": sevi_kappa}),
+            "iava": merge_cli_flags("iava", iava, {"alpha": iava_alpha, "i": _count_or_fraction(iava_i),
+                                                   "lambda": iava_lambda, "instruction": iava_instruction,
+                                                   "beta_cut": iava_beta_cut}),
+            "visalign": visalign,
         }
         return fn(*args, mitigation={k: v for k, v in spec.items() if v is not None} or None, **kwargs)
 
     return wrapper
 
 
+def _count_or_fraction(value: str | None) -> int | float | None:
+    """--iava-i: '12' is a count of image tokens, '0.1' a fraction of them."""
+    if value is None:
+        return None
+    try:
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    except ValueError:
+        raise FlagError(f"--iava-i takes a count like 12 or a fraction like 0.1, got {value!r}") from None
+
+
 def generate_torch(model_dir: Path, images, prompts, max_new_tokens: int, mitigation: dict | None):
     """Greedy generation with the independent PyTorch reference (exporter/reference) and the same flags.
     -> list of (text, new token ids). Layer choices are METHODS.md's defaults (SEVI start_layer 8)."""
+    from runtime.iava import parse_iava
     from runtime.mitigation import PARAMS, check_value
 
+    mitigation = dict(mitigation or {})
+    if mitigation.pop("visalign", None):
+        raise FlagError("--backend torch does not run VisAlign; compare a VisAlign artifact with the ONNX backend "
+                        "(its parity tests use exporter.visalign.reference)")
+    iava = parse_iava(mitigation.pop("iava", None))
+    if iava is not None and any(v not in (None, False) for v in mitigation.values()):
+        raise FlagError("--backend torch runs IAVA on its own; drop --clva/--sevi, or use the ONNX backend to combine")
+    if iava is not None:
+        return _generate_torch_iava(model_dir, images, prompts, max_new_tokens, iava)
     clva = sevi = None
-    for method, setting in (mitigation or {}).items():
-        if setting is False:
+    for method, setting in mitigation.items():
+        if setting is False or setting is None:
             continue
         values = {} if setting is True else {k: check_value(method, k, v) for k, v in setting.items()}
         defaults = {k: p.default for k, p in PARAMS[method].items()}
@@ -130,4 +170,27 @@ def generate_torch(model_dir: Path, images, prompts, max_new_tokens: int, mitiga
     for row in tokens.tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
         out.append((processor.tokenizer.decode(row[:cut], skip_special_tokens=True), row[:cut]))
+    return out
+
+
+def _generate_torch_iava(model_dir: Path, images, prompts, max_new_tokens: int, params):
+    """IAVA through its independent PyTorch reference (exporter/reference/iava.py), one request at a time."""
+    from exporter.archs.llava import DEFAULT_PROMPT_TEMPLATE
+    from exporter.checkpoint import inspect_checkpoint
+    from exporter.reference.iava import ReferenceIava
+    from runtime.preprocess import load_image
+
+    inspect_checkpoint(model_dir)
+    ref = ReferenceIava(model_dir)
+    template = DEFAULT_PROMPT_TEMPLATE
+    if getattr(ref.processor, "chat_template", None):
+        rendered = ref.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\x00P\x00"}]}],
+            add_generation_prompt=True, tokenize=False)
+        template = rendered.replace("\x00P\x00", "{prompt}")
+    out = []
+    for image, prompt in zip(images, prompts):
+        trace = ref.generate(load_image(image), prompt, template, alpha=params.alpha, i=params.i, lam=params.lam,
+                             instruction=params.instruction, max_new_tokens=max_new_tokens, beta_cut=params.beta_cut)
+        out.append((ref.processor.tokenizer.decode(trace.tokens, skip_special_tokens=True), trace.tokens))
     return out

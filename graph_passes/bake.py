@@ -31,13 +31,15 @@ from graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass
 from graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
 from graph_passes.naming import AssignNodeNames
 from graph_passes.pipeline import has_external_data, run_on_model, save_model
+from graph_passes.probe import ProbePass
 from graph_passes.sevi import DEFAULT_START_LAYER, SEVI_INPUTS, SeviPass
 from runtime.manifest import MANIFEST_NAME, Manifest, write_manifest
 from runtime.mitigation import PARAMS
 
-METHOD_ORDER = ("clva", "sevi")
+METHOD_ORDER = ("clva", "sevi", "probe")  # the probe reads attention as CLVA leaves it
 PAPERS = {"clva": "papers/clva-cross-layer-visual-anchors.txt",
-          "sevi": "papers/sevi-attention-information-flow-abstract.txt (arXiv 2505.14257)"}
+          "sevi": "papers/sevi-attention-information-flow-abstract.txt (arXiv 2505.14257)",
+          "probe": "papers/iava-instruction-aligned-visual-attention.txt (arXiv 2503.18556)"}
 Progress = Callable[[str], None]
 
 
@@ -50,6 +52,7 @@ class BakeOptions:
     clva_drift_layers: tuple[int, ...] | None = None
     sevi_start_layer: int = DEFAULT_START_LAYER
     debug_outputs: bool = False
+    probe_layers: tuple[int, ...] | None = None  # IAVA's attention probe; None: every layer
 
 
 def parse_methods(mitigation: str | Sequence[str]) -> list[str]:
@@ -80,6 +83,8 @@ def _passes(methods: Sequence[str], options: BakeOptions) -> list[GraphPass]:
         out.append(ClvaPass(options.clva_l_neg, options.clva_l_pos, options.clva_drift_layers, options.debug_outputs))
     if "sevi" in methods:
         out.append(SeviPass(options.sevi_start_layer, options.debug_outputs))
+    if "probe" in methods:
+        out.append(ProbePass(options.probe_layers))
     return out
 
 
@@ -98,6 +103,8 @@ def _input_record(name: str, dtype: str, shape: list, default, meaning: str) -> 
 
 
 def _method_record(method: str, p: GraphPass, opset: int) -> dict:
+    if isinstance(p, ProbePass):
+        return {**p.record(), "opset": opset}
     visual = _input_record(VISUAL_MASK_INPUT[0], VISUAL_MASK_INPUT[1], VISUAL_MASK_INPUT[2], False, VISUAL_MASK_INPUT[3])
     table = CLVA_INPUTS if method == "clva" else SEVI_INPUTS
     params = PARAMS[method]
@@ -133,39 +140,57 @@ def _method_record(method: str, p: GraphPass, opset: int) -> dict:
     return record
 
 
-def bake_into(folder: Path, data: dict, methods: Sequence[str], options: BakeOptions,
-              source: Path | None = None, say: Progress | None = None) -> dict[str, int]:
-    """Run the passes on `source/<decoder>` (default: `folder`) and write the decoder into `folder`; update `data`
-    (the manifest dict) in place. `folder` must not be visible to users yet. -> {pass_name: count}."""
+def _no_op_error(p: GraphPass, data: dict, src: Path) -> PassError:
+    layers = data["dims"]["num_layers"]
+    if p.name == "sevi" and getattr(p, "form", None):
+        why = (f"start_layer {p.start_layer} leaves this {layers}-layer model unchanged (METHODS.md: start_layer is "
+               f"literal); choose --sevi-start-layer below {layers}")
+    else:
+        why = "no decoder layer's attention matched"
+    return PassError(f"{p.name} matched nothing in '{src}': {why}")
+
+
+def transform_into(folder: Path, data: dict, passes: Sequence[GraphPass], source: Path | None = None,
+                   say: Progress | None = None, require_match: bool = False) -> dict[str, int]:
+    """Run `passes` on `source/<decoder>` (default: `folder`), write the decoder into `folder` and update `data` (the
+    manifest dict) in place: decoder inputs/outputs, the `passes` log, a `mitigation` record per CLVA/SEVI pass.
+    `folder` must not be visible to users yet. `require_match`: a mitigation pass that matches nothing is an error.
+    -> {pass_name: count}."""
     say = say or (lambda msg: None)
-    methods = parse_methods(methods)
-    _check_not_baked(methods, data, str(source or folder))
     graph = data["graphs"]["decoder"]
     src = (source or folder) / graph["file"]
     model = ir.load(src)
-    passes = _passes(methods, options)
-    say(f"baking {', '.join(methods)} into {graph['file']}")
     counts = run_on_model(model, passes)
-    for p in passes[1:]:
-        if p.count == 0:
-            why = ("no decoder layer's attention matched" if p.name == "clva" or not getattr(p, "form", None) else
-                   f"start_layer {p.start_layer} leaves this {data['dims']['num_layers']}-layer model unchanged "
-                   f"(METHODS.md: start_layer is literal); choose --sevi-start-layer below {data['dims']['num_layers']}")
-            raise PassError(f"{p.name} matched nothing in '{src}': {why}")
+    mitigation_passes = [p for p in passes if isinstance(p, (ClvaPass, SeviPass, ProbePass))]
+    if require_match:
+        for p in mitigation_passes:
+            if p.count == 0:
+                raise _no_op_error(p, data, src)
+    if not any(counts.values()) and source is None:
+        return counts  # nothing changed; the file in `folder` is already the one to keep
     ext = has_external_data(src)
     save_model(model, folder / graph["file"], ext)
     graph["inputs"], graph["outputs"] = describe_io(model)
     if ext:
         graph["external_data"] = ext
-    data.setdefault("passes", [])
-    data["passes"] = list(data["passes"]) + [{"graph": "decoder", "pass": p.name, "count": p.count} for p in passes
-                                             if p.count or p is not passes[0]]
+    data["passes"] = list(data.get("passes") or []) + [
+        {"graph": "decoder", "pass": p.name, "count": p.count} for p in passes
+        if p.count or not isinstance(p, AssignNodeNames)]
     mitigation = dict(data.get("mitigation") or {})
-    opset = int(data.get("opset", 0))
-    for p in passes[1:]:
-        mitigation[p.name] = _method_record(p.name, p, opset)
+    for p in mitigation_passes:
+        if p.count:
+            mitigation[p.name] = _method_record(p.name, p, int(data.get("opset", 0)))
     data["mitigation"] = mitigation
     return counts
+
+
+def bake_into(folder: Path, data: dict, methods: Sequence[str], options: BakeOptions,
+              source: Path | None = None, say: Progress | None = None) -> dict[str, int]:
+    """Bake `methods` with `options` (see `transform_into`). -> {pass_name: count}."""
+    methods = parse_methods(methods)
+    _check_not_baked(methods, data, str(source or folder))
+    (say or (lambda msg: None))(f"baking {', '.join(methods)} into {data['graphs']['decoder']['file']}")
+    return transform_into(folder, data, _passes(methods, options), source, say, require_match=True)
 
 
 def name_graphs(folder: Path, data: dict, roles: Sequence[str] = ("vision", "embed", "decoder")) -> dict[str, int]:
@@ -202,14 +227,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def bake(artifact_dir: str | os.PathLike, mitigation: str | Sequence[str], options: BakeOptions | None = None,
-         progress: Progress | None = None, verify: bool = True) -> Manifest:
-    """Bake `mitigation` into the artifact folder (atomically). -> the new Manifest."""
-    say = progress or (lambda msg: None)
+def transform_artifact(artifact_dir: str | os.PathLike, passes: Sequence[GraphPass], progress: Progress | None = None,
+                       verify: bool = True, require_match: bool = False,
+                       check: Callable[[dict], None] | None = None) -> tuple[Manifest, dict[str, int]]:
+    """Run `passes` on an artifact folder's decoder, atomically (a hidden sibling folder, then a rename); the
+    manifest is updated and re-hashed. `check(manifest_data)` runs before anything is copied."""
     folder = Path(artifact_dir)
     manifest = Manifest.load(folder, verify=verify)  # ArtifactError: missing, not an artifact, modified files
-    methods = parse_methods(mitigation)
-    _check_not_baked(methods, manifest.data, str(folder))
+    if check is not None:
+        check(manifest.data)
     data = dict(manifest.data)
     decoder = data["graphs"]["decoder"]
     rewritten = {decoder["file"], decoder.get("external_data"), MANIFEST_NAME}
@@ -219,14 +245,30 @@ def bake(artifact_dir: str | os.PathLike, mitigation: str | Sequence[str], optio
         for p in sorted(folder.iterdir()):
             if p.is_file() and not p.name.startswith(".") and p.name not in rewritten:
                 _link_or_copy(p, tmp / p.name)
-        counts = bake_into(tmp, data, methods, options or BakeOptions(), source=folder, say=say)
+        counts = transform_into(tmp, data, passes, source=folder, say=progress, require_match=require_match)
+        if not any(counts.values()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return manifest, counts
         written = write_manifest(tmp, data)
         _replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return Manifest(folder, written), counts
+
+
+def bake(artifact_dir: str | os.PathLike, mitigation: str | Sequence[str], options: BakeOptions | None = None,
+         progress: Progress | None = None, verify: bool = True) -> Manifest:
+    """Bake `mitigation` into the artifact folder (atomically). -> the new Manifest."""
+    say = progress or (lambda msg: None)
+    methods = parse_methods(mitigation)
+    folder = Path(artifact_dir)
+    say(f"baking {', '.join(methods)} into {folder}")
+    manifest, counts = transform_artifact(folder, _passes(methods, options or BakeOptions()), progress, verify,
+                                          require_match=True,
+                                          check=lambda data: _check_not_baked(methods, data, str(folder)))
     say(f"baked {', '.join(methods)} into {folder}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return Manifest(folder, written)
+    return manifest
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:

@@ -1,0 +1,173 @@
+"""IAVA: the runtime (probe pass + one-batch contrastive decoding) vs the independent PyTorch reference."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import runtime.pipeline as pipeline_mod
+from exporter.reference.iava import ReferenceIava, irrelevant_tokens
+from runtime.errors import FlagError
+from runtime.iava import contrastive_scores, parse_iava, select_irrelevant
+from runtime.pipeline import Pipeline, Request
+
+PROMPTS = ["Is there a dog in the image?", "What is in the image? Describe it."]
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def probe_artifact(tiny_artifact, tmp_path_factory):
+    from graph_passes.bake import bake
+
+    out = tmp_path_factory.mktemp("iava") / "probe"
+    shutil.copytree(tiny_artifact, out)
+    bake(out, ["probe"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return ReferenceIava(tiny_model)
+
+
+@pytest.fixture
+def recorded_scores(monkeypatch):
+    """The runtime's combined scores per step (the contrastive_scores the pipeline calls), for the parity check."""
+    calls: list[np.ndarray] = []
+
+    def spy(*args, **kwargs):
+        out = contrastive_scores(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(pipeline_mod, "contrastive_scores", spy)
+    return calls
+
+
+@pytest.mark.parametrize("prompt,i", [(PROMPTS[0], 0.5), (PROMPTS[1], 4), (PROMPTS[0], None)])
+def test_runtime_matches_reference(probe_artifact, reference, images, recorded_scores, prompt, i):
+    pipe = Pipeline.from_dir(probe_artifact)
+    template = pipe.manifest.prompt["template"]
+    got = pipe.generate(images[0], prompt, max_new_tokens=16, mitigation={"iava": {"i": i}})
+    want = reference.generate(images[0], prompt, template, i=i, max_new_tokens=16)
+    assert got.details["iava"]["irrelevant"] == want.irrelevant
+    np.testing.assert_allclose(got.details["iava"]["att_general"], want.att_general.numpy(), atol=1e-6)
+    np.testing.assert_allclose(got.details["iava"]["att_query"], want.att_query.numpy(), atol=1e-6)
+    assert got.token_ids == want.tokens
+    for step in range(3):
+        diff = np.abs(recorded_scores[step][0] - want.logits[step].numpy())
+        finite = np.isfinite(want.logits[step].numpy())
+        assert diff[finite].max() <= ATOL, (step, diff[finite].max())
+
+
+def test_not_vacuous(probe_artifact, images):
+    """With these settings the contrastive stream changes what is generated."""
+    pipe = Pipeline.from_dir(probe_artifact)
+    plain = pipe.generate(images[0], PROMPTS[0], max_new_tokens=16)
+    iava = pipe.generate(images[0], PROMPTS[0], max_new_tokens=16, mitigation={"iava": {"i": 0.5, "alpha": 1.0}})
+    assert iava.details["iava"]["irrelevant"] and plain.token_ids != iava.token_ids
+
+
+def test_alpha_zero_is_plain_decoding(probe_artifact, images):
+    pipe = Pipeline.from_dir(probe_artifact)
+    for img, prompt in zip(images, PROMPTS):
+        plain = pipe.generate(img, prompt, max_new_tokens=16).token_ids
+        assert pipe.generate(img, prompt, max_new_tokens=16, mitigation={"iava": {"alpha": 0.0}}).token_ids == plain
+
+
+def test_empty_irrelevant_set_hides_every_image_key(probe_artifact, reference, images):
+    """i = 0: I is empty, so V* hides all of V (METHODS.md step 3); runtime and reference agree."""
+    pipe = Pipeline.from_dir(probe_artifact)
+    got = pipe.generate(images[1], PROMPTS[0], max_new_tokens=12, mitigation={"iava": {"i": 0}})
+    want = reference.generate(images[1], PROMPTS[0], pipe.manifest.prompt["template"], i=0, max_new_tokens=12)
+    assert got.details["iava"]["irrelevant"] == [] == want.irrelevant
+    assert got.token_ids == want.tokens
+
+
+def test_all_tokens_irrelevant_is_plain_decoding(probe_artifact, images, monkeypatch):
+    """I = V: V* sees what V sees, the two log-probabilities cancel to the plain ones, decoding is plain."""
+    monkeypatch.setattr(pipeline_mod, "select_irrelevant", lambda g, q, count, lam: np.ones(len(g), dtype=bool))
+    pipe = Pipeline.from_dir(probe_artifact)
+    plain = pipe.generate(images[0], PROMPTS[1], max_new_tokens=16).token_ids
+    got = pipe.generate(images[0], PROMPTS[1], max_new_tokens=16, mitigation={"iava": {"alpha": 1.0}})
+    assert got.details["iava"]["irrelevant"] == list(range(pipe.tokens_per_image))
+    assert got.token_ids == plain
+
+
+def test_batched_requests_match_one_by_one(probe_artifact, images):
+    """Requests batch (two streams each), IAVA and plain rows in one call, each as if alone."""
+    pipe = Pipeline.from_dir(probe_artifact)
+    reqs = [Request(images[0], PROMPTS[0], {"iava": {"i": 0.5}}), Request(images[1], PROMPTS[1]),
+            Request(images[2], PROMPTS[1], {"iava": {"i": 3, "alpha": 2.0}})]
+    together = pipe.generate_batch(reqs, max_new_tokens=10)
+    alone = [pipe.generate_batch([r], max_new_tokens=10)[0] for r in reqs]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert together[1].details == {} and together[0].details["iava"]["irrelevant"]
+
+
+def test_selection_rule_by_hand():
+    g = np.array([0.30, 0.10, 0.25, 0.05, 0.30])
+    q = np.array([0.10, 0.20, 0.05, 0.05, 0.10])
+    # delta = [.2, -.1, .2, 0, .2]; top-2 by delta with ties to the lower index = {0, 2}; mu_G = 0.2 -> g > 0.2
+    assert select_irrelevant(g, q, 2, 0.0).tolist() == [True, False, True, False, False]
+    assert select_irrelevant(g, q, 3, 0.0).tolist() == [True, False, True, False, True]
+    assert not select_irrelevant(g, q, 5, 10.0).any()  # threshold above every att_G
+    assert not select_irrelevant(g, q, 0, -10.0).any()
+    # the reference's independent implementation agrees on random cases
+    import torch
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        g, q = rng.random(20), rng.random(20)
+        g[rng.integers(0, 20, 5)] = 0.5  # ties
+        count, lam = int(rng.integers(0, 21)), float(rng.normal())
+        want = irrelevant_tokens(torch.from_numpy(g), torch.from_numpy(q), count, lam)
+        assert np.flatnonzero(select_irrelevant(g, q, count, lam)).tolist() == want
+
+
+def test_plausibility_cutoff():
+    logits = np.array([[4.0, 3.0, 0.0, -2.0]])
+    star = np.array([[4.0, 0.0, 0.0, 0.0]])
+    scores = contrastive_scores(logits, star, np.array([1.0]), np.array([0.2]))
+    p = np.exp(logits - logits.max())
+    keep = (p / p.sum() >= 0.2 * (p / p.sum()).max())[0]
+    assert np.isinf(scores[0][~keep]).all() and np.isfinite(scores[0][keep]).all()
+    assert np.argmax(scores) == 1  # the contrast prefers the token the image-less stream does not explain
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ({"alpha": -1}, "alpha must be >= 0"), ({"alpha": float("nan")}, "alpha"), ({"i": 1.5}, "fraction in (0, 1]"),
+    ({"i": -2}, "count >= 0"), ({"instruction": "  "}, "instruction"), ({"beta_cut": 2}, "beta_cut"),
+    ({"lambda": float("inf")}, "lambda"), ({"gamma": 1}, "unknown iava parameter"), ("yes", "true/false or a dict"),
+])
+def test_bad_values(spec, fragment):
+    with pytest.raises(FlagError, match=None) as err:
+        parse_iava(spec)
+    assert fragment in str(err.value)
+
+
+def test_needs_the_probe(tiny_artifact, images):
+    pipe = Pipeline.from_dir(tiny_artifact)
+    with pytest.raises(FlagError, match="--mitigation probe"):
+        pipe.generate(images[0], PROMPTS[0], mitigation={"iava": True})
+
+
+def test_cli_iava_onnx_and_torch_agree(probe_artifact, tiny_model, images, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    img = tmp_path / "img.png"
+    images[0].save(img)
+    args = ["--image", str(img), "--prompt", PROMPTS[0], "--max-new-tokens", "12", "--json", "--iava", "--iava-i", "0.5"]
+    onnx = run_cli("generate", str(probe_artifact), *args, block_torch=True)
+    assert onnx.returncode == 0, onnx.stderr
+    torch_run = run_cli("generate", str(tiny_model), "--backend", "torch", *args)
+    assert torch_run.returncode == 0, torch_run.stderr
+    assert json.loads(onnx.stdout)["token_ids"] == json.loads(torch_run.stdout)["token_ids"]
+    for bad, fragment in ((["--iava-i", "many"], "--iava-i takes a count"), (["--iava-alpha", "-1"], "alpha must be"),
+                          (["--no-iava", "--iava-alpha", "2"], "cannot be combined")):
+        proc = run_cli("generate", str(probe_artifact), "--image", str(img), "--prompt", "hi", *bad)
+        assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
