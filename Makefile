@@ -29,6 +29,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_foundation.py
 	$(PY) scripts/bench_mitigation.py
+	$(PY) scripts/bench_iava.py --threads 1
 
 lint: $(STAMP)
 	$(PY) -m ruff check anchorrt exporter runtime graph_passes tests scripts samples
