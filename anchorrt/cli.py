@@ -139,18 +139,28 @@ def generate(artifact_dir: Path, images, prompts, max_new_tokens, sample, temper
 
 @main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
-@click.option("--mitigation", required=True, metavar="METHODS", help="What to bake: clva, sevi or clva,sevi.")
+@click.option("--mitigation", default=None, metavar="METHODS",
+              help="What to bake into the decoder: clva, sevi, probe (IAVA's attention probe), e.g. clva,sevi,probe.")
+@click.option("--visalign", "visalign_weights", default=None, type=click.Path(path_type=Path),
+              help="Add VisAlign's fusion from this visalign.safetensors to the embed graph.")
 @bake_options
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact files.")
 @_friendly
-def bake(artifact_dir: Path, mitigation: str, no_verify: bool, **bake_choices) -> None:
-    """Bake CLVA/SEVI into an exported artifact folder's decoder (atomically; torch not needed)."""
+def bake(artifact_dir: Path, mitigation: str | None, visalign_weights: Path | None, no_verify: bool,
+         **bake_choices) -> None:
+    """Bake mitigation into an exported artifact folder (atomically; torch not needed)."""
     from graph_passes.bake import bake as run_bake
+    from graph_passes.bake import bake_visalign_weights
 
-    m = run_bake(artifact_dir, mitigation, make_bake_options(**bake_choices), progress=_say, verify=not no_verify)
-    for method, record in m.mitigation.items():
-        if method in ("clva", "sevi"):
-            _say(f"  {method}: layers {record['layers']}, inputs {', '.join(record['inputs'])}")
+    if mitigation is None and visalign_weights is None:
+        raise click.UsageError("say what to bake: --mitigation clva,sevi,probe and/or --visalign FILE")
+    if mitigation is not None:
+        m = run_bake(artifact_dir, mitigation, make_bake_options(**bake_choices), progress=_say, verify=not no_verify)
+        for method, record in m.mitigation.items():
+            if method in ("clva", "sevi", "probe"):
+                _say(f"  {method}: layers {record['layers']}, inputs {', '.join(record['inputs'])}")
+    if visalign_weights is not None:
+        bake_visalign_weights(artifact_dir, visalign_weights, progress=_say, verify=not no_verify)
 
 
 @main.command()

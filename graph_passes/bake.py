@@ -271,6 +271,37 @@ def bake(artifact_dir: str | os.PathLike, mitigation: str | Sequence[str], optio
     return manifest
 
 
+def bake_visalign_weights(artifact_dir: str | os.PathLike, weights: str | os.PathLike, progress: Progress | None = None,
+                          verify: bool = True) -> Manifest:
+    """`anchorrt bake OUT --visalign FILE`: add VisAlign's fusion (graph_passes/visalign.py) to the embed graph of
+    an artifact folder, atomically (a hidden sibling folder, then a rename). The fusion's training also changes the
+    projector: bake it onto an export of the checkpoint it was trained with (exporting the VisAlign checkpoint
+    itself does this in one step)."""
+    from graph_passes.visalign import bake_visalign
+
+    say = progress or (lambda msg: None)
+    folder = Path(artifact_dir)
+    manifest = Manifest.load(folder, verify=verify)
+    if not Path(weights).is_file():
+        raise PassError(f"VisAlign weights file '{weights}' does not exist; pass the visalign.safetensors a "
+                        "`anchorrt visalign train` run wrote")
+    data = dict(manifest.data)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.bake-", dir=folder.resolve().parent))
+    os.chmod(tmp, folder.stat().st_mode & 0o777)
+    try:
+        for p in sorted(folder.iterdir()):  # the pass writes a new embed file and renames it: links stay intact
+            if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST_NAME:
+                _link_or_copy(p, tmp / p.name)
+        count = bake_visalign(tmp, data, weights, origin="bake")
+        written = write_manifest(tmp, data)
+        _replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"baked visalign into {folder}: visalign {count}")
+    return Manifest(folder, written)
+
+
 def _replace_folder(tmp: Path, out: Path) -> None:
     backup = out.parent / f".{out.name}.old-{os.getpid()}"
     os.replace(out, backup)

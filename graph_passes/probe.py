@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from graph_passes.attention_match import ATTENTION_OP, match_attention
 from graph_passes.base import Builder, GraphPass, PassError, add_graph_input, graph_input
-from graph_passes.regions import BOOL, FLOAT, INT64, float_mask, recompute_logits, slice_axis, static_heads
+from graph_passes.regions import BOOL, FLOAT, float_mask, recompute_logits, slice_axis, static_heads
 
 INT32 = ir.DataType.INT32
 PROBE_ENABLE = "probe.enable"

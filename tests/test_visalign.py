@@ -310,3 +310,24 @@ def test_runtime_flags(tiny_artifact, va_artifact, images):
     feats = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     mask = np.array([[0, 1, 1, 1, 0], [1, 1, 1, 0, 0]], bool)
     np.testing.assert_array_equal(visual_mean(feats, mask), feats.mean(axis=1))
+
+
+def test_bake_cli_visalign_matches_export(va_model, va_artifact, tiny_artifact, images, tmp_path):
+    """`anchorrt bake OUT --visalign FILE` (torch unimportable) on a plain export gives what exporting the
+    VisAlign checkpoint gives; a second bake, or a missing file, is a one-line error with nothing changed."""
+    from tests.conftest import run_cli
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    proc = run_cli("bake", str(art), "--visalign", str(va_model / WEIGHTS_FILE), block_torch=True)
+    assert proc.returncode == 0, proc.stderr
+    got = Pipeline.from_dir(art).generate(images[0], PROMPTS[0], max_new_tokens=12).token_ids
+    want = Pipeline.from_dir(va_artifact).generate(images[0], PROMPTS[0], max_new_tokens=12).token_ids
+    assert got == want
+    before = {p.name: p.stat().st_mtime_ns for p in art.iterdir()}
+    for args, fragment in ((["--visalign", str(va_model / WEIGHTS_FILE)], "already has VisAlign"),
+                           (["--visalign", str(tmp_path / "none.safetensors")], "does not exist"), ([], "say what to bake")):
+        proc = run_cli("bake", str(art), *args, block_torch=True)
+        assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert before == {p.name: p.stat().st_mtime_ns for p in art.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
