@@ -34,7 +34,7 @@ from runtime.mitigation import decoder_feeds, mitigation_specs, parse_request
 from runtime.preprocess import ImagePreprocessor, load_image
 from runtime.prompt import EncodedPrompt, PromptBuilder
 from runtime.sampling import SamplingConfig, select_tokens
-from runtime.visalign import VisAlignFeed, VisAlignState, visalign_state
+from runtime.visalign import VisAlignFeed, VisAlignState, requested, visalign_state
 
 TokenCallback = Callable[[int, int, str], None]  # (request index, token id, new text piece)
 
@@ -108,6 +108,10 @@ class Pipeline:
         iava = [self._parse_iava(spec) for spec in specs]
         for spec in specs:  # bad flags fail before any image is decoded
             parse_request(spec, self.manifest.mitigation)
+        visalign_flags = requested(specs, len(specs), self.visalign is not None and self.visalign.default)
+        if self.visalign is None and visalign_flags.any():
+            raise FlagError("this artifact has no VisAlign fusion; export a VisAlign checkpoint or "
+                            "`anchorrt bake OUT --visalign visalign.safetensors`")
         results: list[Generation | None] = [None] * len(reqs)
         # IAVA requests decode two streams each; they run as their own batch, the others as theirs.
         for with_iava in (False, True):
