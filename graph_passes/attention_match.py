@@ -173,6 +173,15 @@ def check_attention_op(node: ir.Node) -> tuple[dict | None, str]:
 # ------------------------------------------------------------------------------------------------ driver
 
 
+def require_float32(sites: list[AttentionSite], method: str) -> None:
+    """The passes add fp32 statistics and an fp32 bias to the attention (FIELD-NOTES: an fp16 bias costs ~1e-3)."""
+    for site in sites:
+        dtype = site.v.dtype
+        if dtype is not None and dtype != ir.DataType.FLOAT:
+            raise PassError(f"{method} needs a float32 decoder; layer {site.layer}'s attention runs in {dtype.name.lower()}"
+                            " (export with --dtype fp32)")
+
+
 def num_decoder_layers(graph: ir.Graph) -> int:
     """Number of layers from the `past_key_values.{i}.key` inputs (the decoder's contract)."""
     layers = {int(m.group(1)) for v in graph.inputs if (m := _PAST_KEY.match(v.name or ""))}

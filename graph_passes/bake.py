@@ -263,10 +263,13 @@ def bake(artifact_dir: str | os.PathLike, mitigation: str | Sequence[str], optio
     say = progress or (lambda msg: None)
     methods = parse_methods(mitigation)
     folder = Path(artifact_dir)
-    say(f"baking {', '.join(methods)} into {folder}")
+
+    def check(data: dict) -> None:
+        _check_not_baked(methods, data, str(folder))
+        say(f"baking {', '.join(methods)} into {folder}")
+
     manifest, counts = transform_artifact(folder, _passes(methods, options or BakeOptions()), progress, verify,
-                                          require_match=True,
-                                          check=lambda data: _check_not_baked(methods, data, str(folder)))
+                                          require_match=True, check=check)
     say(f"baked {', '.join(methods)} into {folder}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return manifest
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.attention_match import ATTENTION_OP, AttentionSite, match_attention
+from graph_passes.attention_match import ATTENTION_OP, AttentionSite, match_attention, require_float32
 from graph_passes.base import (
     META_BASE_MASK,
     META_LAYER,
@@ -137,6 +137,7 @@ class ClvaPass(GraphPass):
             return ir.passes.PassResult(model, modified=False)
         if graph_input(graph, "clva.enable") is not None:
             raise PassError("CLVA is already baked into this decoder")
+        require_float32(sites, "CLVA")
         self.form = sites[0].form
         layers = self.layers = resolve_clva_layers(len(sites), self.l_neg, self.l_pos, self.drift_layers)
         drift_sites = [sites[i] for i in layers.drift_layers]

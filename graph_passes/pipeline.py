@@ -1,12 +1,14 @@
 """Run graph passes in order and report `{pass_name: count}`.
 
-    counts = run_passes("out/llava/decoder.onnx", [AssignNodeNames(), ClvaPass(l_pos=14)])
-    counts = run_passes(model, [...])          # an onnx_ir.Model, changed in place
+    counts = run_passes("out/llava", [AssignNodeNames(), ClvaPass(l_pos=14)])   # an artifact folder's decoder
+    counts = run_passes("model/decoder.onnx", [...])   # one ONNX file
+    counts = run_passes(model, [...])                  # an onnx_ir.Model, changed in place
 
-A path is loaded with onnx-ir, transformed, and written back atomically (a temporary file beside it, then a
-rename; external weights are rewritten the same way by onnx-ir). An artifact folder is not accepted here: use
-`graph_passes.bake.bake`, which also updates the manifest (mitigation records, pass counts, file hashes).
-Nothing here imports torch.
+An artifact folder is transformed atomically (graph_passes/bake.py: a hidden copy, then a rename) and its manifest
+updated: decoder inputs/outputs, the pass counts, a mitigation record per CLVA/SEVI pass, fresh sha256 hashes. A
+file is loaded with onnx-ir, transformed, and written back atomically (a temporary file beside it, then a rename;
+external weights are rewritten the same way by onnx-ir). `graph_passes.bake.bake` is the user-facing way to add
+methods (it validates names, refuses a second bake, and fails when a method matches nothing). No torch here.
 """
 
 from __future__ import annotations
@@ -47,12 +49,14 @@ def has_external_data(path: Path) -> str | None:
 
 
 def run_passes(target: ir.Model | str | os.PathLike, passes: Sequence[GraphPass]) -> dict[str, int]:
-    """Run `passes` on a model (in place) or an .onnx file (rewritten atomically). -> {pass_name: count}."""
+    """Run `passes` on a model (in place), an artifact folder's decoder or an .onnx file. -> {pass_name: count}."""
     if isinstance(target, ir.Model):
         return run_on_model(target, passes)
     path = Path(target)
     if path.is_dir():
-        raise PassError(f"'{path}' is a folder; use `anchorrt bake` / graph_passes.bake.bake for artifact folders")
+        from graph_passes.bake import transform_artifact
+
+        return transform_artifact(path, passes)[1]
     if not path.is_file():
         raise PassError(f"ONNX file '{path}' does not exist")
     model = ir.load(path)

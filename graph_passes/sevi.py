@@ -24,16 +24,19 @@ and only its last output row is recomputed when some row has SEVI on:
                                                      (opset 18: a Slice of the layer's MatMul; opset 23: k·q_lastᵀ)
                                                    ─ A = Softmax(raw + base_last); (text, image) mass = A @ keys;
                                                      text max = ReduceMax(A * text_f) ─► vision/global/local [B,H]
-                                                   ─ edited = (raw + omega * Where(step1 & vision, mean_global,
-                                                     max_local)) / (1 + omega)  (used on edited heads only)
-                                                   ─ out_last = Softmax(edited + effective_mask_last) @ v
-                                                   ─ out' = Concat(out[:, :, :-1], Where(edited head, out_last, out[:, :, -1:]))
+                                                   ─ If (some head edited): then ─
+                                                       edited = (raw + omega * Where(step1 & vision, mean_global,
+                                                                 max_local)) / (1 + omega)   (edited heads only)
+                                                       out_last = Softmax(edited + effective_mask_last) @ v
+                                                       out' = Concat(out[:, :, :-1],
+                                                                     Where(edited head, out_last, out[:, :, -1:]))
+                                                                          else ─ out' = out
                                              else ─ out' = out
     out' replaces the layer's attention output [B,H,S,D] before the head transpose.
 
 Unedited heads and rows keep the layer's own output values (Where), so rows with the flag off are bit-exact, and
-with every row off the If returns `out` itself. The per-layer branch is kept short (about 40 small ops) because at
-decode time op dispatch, not arithmetic, is what it costs. The classification sums run in fp32 (METHODS.md: fp32
+with every row off the If returns `out` itself. The per-layer branch is kept short (about 20 small ops to classify,
+20 more only when a head is edited) because at decode time op dispatch, not arithmetic, is what it costs. The classification sums run in fp32 (METHODS.md: fp32
 at least; the reference uses float64): a head whose two masses tie within ~1e-7 may be classed differently.
 
 Inputs added: `visual_mask` [batch, total_length] bool (shared with CLVA), `sevi.enable` [batch] bool,
@@ -46,7 +49,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.attention_match import ATTENTION_OP, AttentionSite, match_attention
+from graph_passes.attention_match import ATTENTION_OP, AttentionSite, match_attention, require_float32
 from graph_passes.base import (
     META_LAYER,
     META_MASK_ROLE,
@@ -104,6 +107,7 @@ class SeviPass(GraphPass):
             return ir.passes.PassResult(model, modified=False)
         if graph_input(graph, "sevi.enable") is not None:
             raise PassError("SEVI is already baked into this decoder")
+        require_float32(chosen, "SEVI")
         inputs_embeds = graph_input(graph, "inputs_embeds")
         attention_mask = graph_input(graph, "attention_mask")
         if inputs_embeds is None or attention_mask is None:
@@ -199,9 +203,6 @@ def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: d
         raw = recompute_logits(t, q_last, site.k, heads, static_heads(site.k, "the attention's key"), site.scale)
     else:
         raw = slice_axis(t, site.logits, -1, 2, "raw_last")  # [B,H,1,K] scaled q kᵀ, finite
-    eff_last = slice_axis(t, effective, -1, 2, "effective_mask_last")
-    eff_last.producer().metadata_props[META_MASK_ROLE] = "effective"
-
     probs = t.op("Softmax", [t.op("Add", [raw, sh["base_last"]], "unedited")], "unedited", axis=-1)  # [B,H,1,K]
     text_mass, image_mass = t.op("Split", [t.op("MatMul", [probs, sh["keys"]], "masses")], "masses", num_outputs=2,
                                  axis=3)  # [B,H,1,1] each
@@ -220,25 +221,35 @@ def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: d
     do1 = t.op("And", [vision, has_g], "do_step1")  # [B,H,1,1]
     do2 = t.op("And", [glob, has_l], "do_step2")
     changed = t.op("Or", [do1, do2], "changed")
+    any_changed = t.op("Cast", [t.op("ReduceMax", [t.op("Cast", [changed], "any_changed", to=INT32)], "any_changed",
+                                     keepdims=0)], "any_changed", to=BOOL)
 
+    # Only when some head of some row is edited (most layer-passes edit nothing): a nested If.
+    a = t.child("apply")
+    eff_last = slice_axis(a, effective, -1, 2, "effective_mask_last")
+    eff_last.producer().metadata_props[META_MASK_ROLE] = "effective"  # a later CLVA bake rewires this input
     # Mean over global heads and max over local heads of the unedited logits. Where a row has no global (local)
     # head these are 0/0 (the lowest float), but then no head selects them: unchanged heads keep the layer's own
     # output below, so their edited logits are never used either.
     # sum over global heads as one GEMV: [B,1,1,H] @ [B,1,H,K] (a reduction over the head axis is slower)
-    global_row = t.op("Reshape", [slice_axis(t, classes, 1, 3, "global_f", end=2),
-                                  t.const(np.array([0, 1, 1, heads], np.int64), "global_row_shape")], "global_row")
-    raw_rows = t.op("Reshape", [raw, t.const(np.array([0, 1, heads, -1], np.int64), "raw_rows_shape")], "raw_rows")
-    global_sum = t.op("MatMul", [global_row, raw_rows], "global_sum")  # [B,1,1,K]
-    global_mean = t.op("Div", [global_sum, slice_axis(t, counts, 1, 3, "n_global", end=2)], "global_mean")  # [B,1,1,K]
-    lowest = t.const(np.float32(np.finfo(np.float32).min), "lowest")  # finite: no -inf meets omega = 0
-    local_max = t.op("ReduceMax", [t.op("Where", [local, raw, lowest], "local_max"), ax1], "local_max", keepdims=1)
-    target = t.op("Where", [do1, global_mean, local_max], "target")  # step 1 for vision heads, step 2 for global
-    edited = t.op("Div", [t.op("Add", [raw, t.op("Mul", [sh["omega"], target], "edited")], "edited"),
+    global_row = a.op("Reshape", [slice_axis(a, classes, 1, 3, "global_f", end=2),
+                                  a.const(np.array([0, 1, 1, heads], np.int64), "global_row_shape")], "global_row")
+    raw_rows = a.op("Reshape", [raw, a.const(np.array([0, 1, heads, -1], np.int64), "raw_rows_shape")], "raw_rows")
+    global_sum = a.op("MatMul", [global_row, raw_rows], "global_sum")  # [B,1,1,K]
+    global_mean = a.op("Div", [global_sum, slice_axis(a, counts, 1, 3, "n_global", end=2)], "global_mean")  # [B,1,1,K]
+    lowest = a.const(np.float32(np.finfo(np.float32).min), "lowest")  # finite: no -inf meets omega = 0
+    local_max = a.op("ReduceMax", [a.op("Where", [local, raw, lowest], "local_max"),
+                                   a.const(np.array([1], np.int64), "axes_1")], "local_max", keepdims=1)
+    target = a.op("Where", [do1, global_mean, local_max], "target")  # step 1 for vision heads, step 2 for global
+    edited = a.op("Div", [a.op("Add", [raw, a.op("Mul", [sh["omega"], target], "edited")], "edited"),
                           sh["one_plus_omega"]], "edited")  # (logits + omega * target) / (1 + omega)
-    new_probs = t.op("Softmax", [t.op("Add", [edited, eff_last], "edited_masked")], "edited", axis=-1)
-    new_last = grouped_probs_matmul(t, new_probs, site.v, heads, static_heads(site.v, "the attention's value"))
-    last = t.op("Where", [changed, new_last, slice_axis(t, site.out, -1, 2, "out_last")], "out_last")
-    new_out = t.op("Concat", [slice_axis(t, site.out, 0, 2, "out_rest", end=-1), last], "out", axis=2, dtype=FLOAT)
+    new_probs = a.op("Softmax", [a.op("Add", [edited, eff_last], "edited_masked")], "edited", axis=-1)
+    new_last = grouped_probs_matmul(a, new_probs, site.v, heads, static_heads(site.v, "the attention's value"))
+    last = a.op("Where", [changed, new_last, slice_axis(a, site.out, -1, 2, "out_last")], "out_last")
+    applied = a.op("Concat", [slice_axis(a, site.out, 0, 2, "out_rest", end=-1), last], "out", axis=2, dtype=FLOAT)
+    same = t.child("unchanged")
+    kept = same.op("Identity", [site.out], "out", dtype=FLOAT)
+    new_out = t.if_node(any_changed, [applied], a.nodes, [kept], same.nodes, "apply", [FLOAT])[0]
     then_outs, dtypes = [new_out], [FLOAT]
 
     off = lb.child("off")

@@ -174,6 +174,21 @@ def test_layer_choices_are_checked():
         resolve_clva_layers(8, l_pos=8)
 
 
+def test_run_passes_on_an_artifact_folder(tiny_artifact, tmp_path):
+    """The generic pipeline on a folder: {pass: count}, atomic rewrite, manifest updated and re-hashed."""
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    counts = run_passes(art, [AssignNodeNames(), ClvaPass(l_pos=3, drift_layers=(5, 7))])
+    assert counts == {"assign_node_names": 0, "clva": 2}
+    m = Manifest.load(art)
+    assert m.mitigation["clva"]["layers"] == {"l_neg": 0, "l_pos": 3, "drift_layers": [5, 7]}
+    assert m.data["passes"][-1] == {"graph": "decoder", "pass": "clva", "count": 2}
+    assert {"clva.enable", "visual_mask"} <= {x["name"] for x in m.graph("decoder")["inputs"]}
+    with pytest.raises(PassError, match="CLVA is already baked"):
+        run_passes(art, [ClvaPass()])
+    Manifest.load(art)  # the failed second run left the folder as it was
+
+
 def test_sevi_default_start_leaves_an_8_layer_model_alone(tiny_artifact, tmp_path):
     model = ir.load(tiny_artifact / "decoder.onnx")
     before = _serialized(model)

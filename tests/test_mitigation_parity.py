@@ -149,3 +149,27 @@ def test_sixteen_greedy_tokens_match_the_reference(setup, case):
     for row, g in zip(new.tolist(), got):
         cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
         assert g.token_ids == row[:cut]
+
+
+def test_cli_torch_backend_agrees_with_the_artifact(setup, tmp_path):
+    """`anchorrt generate --backend torch MODEL_DIR --clva ...` (the reference) and the baked artifact through the
+    CLI give the same tokens (CLVA with the default layers, which both sides use)."""
+    import json
+
+    from tests.conftest import run_cli
+
+    if setup["name"] != "mha18":
+        pytest.skip("one architecture is enough for the CLI path")
+    image = tmp_path / "image.png"
+    setup["images"][0].convert("RGB").save(image)
+    flags = ["--clva", "--clva-tau", "0.5", "--clva-lambda", "0", "--max-new-tokens", "6", "--json",
+             "--image", str(image), "--prompt", PROMPTS[0]]
+    model_dir = setup["ref"].hf.name_or_path
+    torch_run = run_cli("generate", "--backend", "torch", str(model_dir), *flags)
+    onnx_run = run_cli("generate", str(setup["pipe"].manifest.folder), *flags, block_torch=True)
+    assert torch_run.returncode == 0, torch_run.stderr
+    assert onnx_run.returncode == 0, onnx_run.stderr
+    assert json.loads(torch_run.stdout)["token_ids"] == json.loads(onnx_run.stdout)["token_ids"]
+    bad = run_cli("generate", str(setup["pipe"].manifest.folder), "--image", str(image), "--prompt", "hi",
+                  "--clva-tau", "-1", block_torch=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: clva tau must be >= 0, got -1"
