@@ -3,7 +3,7 @@
     python scripts/make_eval_sets.py --out out/world-eval
 
     out/world-eval/pope/world_pope_{random,popular,adversarial}.json   JSON lines {question_id, image, text, label}
-    out/world-eval/pope/images/*.png
+    out/world-eval/pope/images/*.png, pope/world_pope_meta.json (objects per image, trap flag per negative)
     out/world-eval/mme/{existence,color,position}/<image>.png + <image>.txt   "question<TAB>Yes|No" per line
     out/world-eval/chair/instances_world.json, captions_world.json            COCO annotation format
     out/world-eval/chair/synonyms.txt, chair/images/*.png
@@ -33,6 +33,11 @@ def write_pope(world: World, out: Path, n_images: int, seed: int) -> list[Path]:
     scenes, splits = pope_sets(world, n_images=n_images, seed=seed)
     _save_images(world, scenes, out / "images")
     files = []
+    # Not part of POPE's format: what each image holds and which negatives are co-occurrence traps (an anchor in
+    # the image, its usual partner absent), for breaking the false positives down.
+    meta = {"images": {name: [f"{o.colour} {o.shape}" for o in sc.objects] for name, sc in scenes.items()},
+            "questions": {split: {q.question_id: q.meta for q in qs} for split, qs in splits.items()}}
+    (out / "world_pope_meta.json").write_text(json.dumps(meta))
     for split, questions in splits.items():
         path = out / f"world_pope_{split}.json"
         with open(path, "w", encoding="utf-8") as f:

@@ -6,7 +6,12 @@ function of a seed: a `Scene` carries its own texture seed, so `render(scene)` a
 What is in an image (64 x 64 by default, 8 x 8 patches of 8 px for a patch-8 ViT):
 
     textured background (low-frequency tinted noise, grey clutter: specks and thin lines)
-    1-4 objects: one of 8 shapes x one of 4 colours, radius 7-10 px, not overlapping
+    1-4 objects: one of 8 shapes x one of 4 colours, 12-15 px across, not overlapping, each centred on a patch
+    corner so that it fills a 2 x 2 block of patches
+
+Why the grid: a ViT trained from scratch with freely placed objects reached 43% per-patch shape accuracy after
+250 steps; centred on patch corners, 100% after 100 steps (each patch then sees a quadrant of one shape). That
+is the difference between a demo model that sees and one that guesses, within a CPU training budget.
 
 Language priors: three anchor -> partner pairs (circle -> square, triangle -> star, cross -> diamond). In a
 training scene, an anchor brings its partner along with probability `pair_rate` (0.85), so a model trained on
@@ -53,8 +58,9 @@ class WorldConfig:
     max_objects: int = 4
     pair_rate: float = 0.85  # P(partner joins | anchor drawn) in training scenes
     eval_pair_rate: float = 0.0  # the same in evaluation scenes
-    radius: tuple[int, int] = (7, 10)
-    min_gap: int = 2  # px between object discs
+    radius: tuple[float, float] = (6.0, 7.6)
+    min_gap: int = 0  # px between object discs
+    grid: int = 8  # > 0: object centres snap to multiples of this (the ViT's patch size); 0: anywhere
     clutter: tuple[int, int] = (3, 8)  # grey specks and lines per image
 
 
@@ -196,6 +202,9 @@ class World:
                     fixed = xs[i] if xs is not None else None
                     x = float(fixed) if fixed is not None else float(rng.uniform(r + 1, size - r - 1))
                     y = float(rng.uniform(r + 1, size - r - 1))
+                    if cfg.grid:  # centre on a patch corner: the object fills a 2 x 2 block of patches
+                        x, y = (float(min(max(round(v / cfg.grid), 1), size // cfg.grid - 1) * cfg.grid)
+                                for v in (x, y))
                     if all(math.hypot(x - a, y - b) >= r + c + cfg.min_gap for a, b, c in out):
                         out.append((x, y, r))
                         break
