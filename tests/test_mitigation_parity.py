@@ -153,13 +153,11 @@ def test_sixteen_greedy_tokens_match_the_reference(setup, case):
 
 def test_cli_torch_backend_agrees_with_the_artifact(setup, tmp_path):
     """`anchorrt generate --backend torch MODEL_DIR --clva ...` (the reference) and the baked artifact through the
-    CLI give the same tokens (CLVA with the default layers, which both sides use)."""
+    CLI give the same tokens (CLVA with the default layers, which both sides use), for both architectures."""
     import json
 
     from tests.conftest import run_cli
 
-    if setup["name"] != "mha18":
-        pytest.skip("one architecture is enough for the CLI path")
     image = tmp_path / "image.png"
     setup["images"][0].convert("RGB").save(image)
     flags = ["--clva", "--clva-tau", "0.5", "--clva-lambda", "0", "--max-new-tokens", "6", "--json",
