@@ -7,44 +7,18 @@ install (numpy, onnxruntime, tokenizers, Pillow).
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 import time
 from pathlib import Path
 
 import click
 
 from anchorrt import __version__
+from anchorrt.cli_common import friendly as _friendly
+from anchorrt.cli_common import say as _say
 from anchorrt.cli_mitigation import bake_options, generate_torch, make_bake_options, mitigation_flags
-from runtime.errors import AnchorError
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-def _friendly(fn):
-    """Turn AnchorError into `error: <one line>` and an exit code; Ctrl-C into exit 130 without a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AnchorError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
-        except ImportError as exc:
-            click.echo(f"error: {exc.name or exc} is not installed; this command needs `pip install anchorrt[export]`",
-                       err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _say(msg: str) -> None:
-    click.echo(msg, err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -16,7 +16,6 @@ preprocessing, so that the two backends differ only in the model computation.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
@@ -27,22 +26,11 @@ from typing import Any
 import click
 
 from anchorrt import __version__
+from anchorrt.cli_common import friendly as _friendly
 from runtime.errors import FlagError
 
 CHAIR_PROMPT = "Please describe this image in detail."
 DEVICES = ("cpu", "cuda")
-
-
-def _friendly(fn):
-    """The main CLI's error handling, looked up when the command runs: `anchorrt.cli` imports this module."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from anchorrt.cli import _friendly as friendly
-
-        return friendly(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 def _say(msg: str) -> None:

@@ -9,33 +9,15 @@ like the rest of the CLI, not click's usage block.
 
 from __future__ import annotations
 
-import functools
-import sys
 import time
 from pathlib import Path
 
 import click
 
-from runtime.errors import AnchorError, CheckpointError, FlagError
+from anchorrt.cli_common import friendly as _friendly
+from runtime.errors import CheckpointError, FlagError
 
 DEVICES = ("cpu", "cuda")
-
-
-def _friendly(fn):
-    """AnchorError → `error: <one line>` and its exit code; Ctrl-C → exit 130 (as anchorrt.cli does)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AnchorError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 def _int(name: str, text: str, lo: int) -> int:

@@ -8,23 +8,11 @@ checkpoint carries it). Registered on the main group by `anchorrt/cli.py`.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 
-
-def _friendly(fn):
-    """The main CLI's error handling (one `error: ...` line, exit codes), imported when the command runs: this
-    module is imported by `anchorrt.cli` itself, so a module-level import would be circular."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from anchorrt.cli import _friendly as friendly
-
-        return friendly(fn)(*args, **kwargs)
-
-    return wrapper
+from anchorrt.cli_common import friendly as _friendly
 
 
 @click.group()

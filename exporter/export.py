@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime.errors import AnchorError, ArtifactError, CheckpointError
-from runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, write_manifest
+from runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, replace_folder, write_manifest
 
 # ONNX protobuf files cannot exceed 2 GiB; keep a margin and move weights to an external-data file above it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -153,26 +153,12 @@ def export_model(
         if after_export is not None:
             after_export(tmp, manifest)
         data = write_manifest(tmp, manifest)
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     say(f"wrote {out} ({sum((out / f).stat().st_size for f in data['files']) / 1e6:.1f} MB)")
     return Manifest(out, data)
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    backup = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _export_into(ckpt, tmp: Path, opset: int, dtype: str, say: Progress) -> dict:

@@ -33,7 +33,7 @@ from graph_passes.naming import AssignNodeNames
 from graph_passes.pipeline import has_external_data, run_on_model, save_model
 from graph_passes.probe import ProbePass
 from graph_passes.sevi import DEFAULT_START_LAYER, SEVI_INPUTS, SeviPass
-from runtime.manifest import MANIFEST_NAME, Manifest, write_manifest
+from runtime.manifest import MANIFEST_NAME, Manifest, replace_folder, write_manifest
 from runtime.mitigation import PARAMS
 
 METHOD_ORDER = ("clva", "sevi", "probe")  # the probe reads attention as CLVA leaves it
@@ -250,7 +250,7 @@ def transform_artifact(artifact_dir: str | os.PathLike, passes: Sequence[GraphPa
             shutil.rmtree(tmp, ignore_errors=True)
             return manifest, counts
         written = write_manifest(tmp, data)
-        _replace_folder(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -297,7 +297,7 @@ def bake_visalign_weights(artifact_dir: str | os.PathLike, weights: str | os.Pat
                 _link_or_copy(p, tmp / p.name)
         count = bake_visalign(tmp, data, weights, origin="bake")
         written = write_manifest(tmp, data)
-        _replace_folder(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -305,12 +305,3 @@ def bake_visalign_weights(artifact_dir: str | os.PathLike, weights: str | os.Pat
     return Manifest(folder, written)
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    backup = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,22 @@ def write_manifest(folder: Path, data: dict) -> dict:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, folder / MANIFEST_NAME)
     return data
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out` atomically (renames on one filesystem); an existing `out` is moved
+    aside first and restored if the swap fails, so readers see the old folder or the new one, never a mix."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    backup = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, backup)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(backup, out)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _safe_name(name: Any, what: str) -> str:

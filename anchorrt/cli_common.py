@@ -1,0 +1,40 @@
+"""What every `anchorrt` command module shares: user errors as one line, and progress on stderr.
+
+Kept apart from `anchorrt.cli` so that command modules (`cli_eval`, `cli_profile`, `cli_visalign`) import it
+directly; `anchorrt.cli` imports them to register their commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from runtime.errors import AnchorError
+
+
+def friendly(fn):
+    """AnchorError → `error: <one line>` and its exit code; Ctrl-C → exit 130; a missing optional dependency →
+    the install command. Never a traceback for a problem the user can fix."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AnchorError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except ImportError as exc:
+            click.echo(f"error: {exc.name or exc} is not installed; this command needs `pip install anchorrt[export]`",
+                       err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def say(msg: str) -> None:
+    click.echo(msg, err=True)
