@@ -28,7 +28,7 @@ def friendly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)
             sys.exit(130)
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:  # a missing package; a bad name inside one of ours stays a traceback (a bug)
             click.echo(f"error: {exc.name or exc} is not installed; this command needs `pip install anchorrt[export]`",
                        err=True)
             sys.exit(2)

@@ -444,7 +444,7 @@ def _checkpoint_dtype(model_dir: Path):
 
 def _write_output(model_dir: Path, out: Path, model, training: dict, force: bool) -> None:
     """The checkpoint folder, atomically: a temporary folder beside `out`, renamed into place at the end."""
-    from exporter.export import _replace_folder  # export's atomic rename: one behaviour for both commands
+    from runtime.manifest import replace_folder  # the atomic swap export and bake use too
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -462,7 +462,7 @@ def _write_output(model_dir: Path, out: Path, model, training: dict, force: bool
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the checkpoint gets the user's usual permissions
         if out.exists() and not force:
             raise TrainingError(f"output folder '{out}' appeared during training; pass --force to replace it")
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
