@@ -166,6 +166,19 @@ def test_world_is_deterministic():
     assert s1 == s2 and [q.__dict__ for q in p1["adversarial"]] == [q.__dict__ for q in p2["adversarial"]]
 
 
+def test_implied_objects_are_ground_truth_but_not_drawn():
+    world = World()
+    rng = np.random.default_rng(0)
+    scene = next(s for s in (world.sample_scene(rng) for _ in range(200)) if not all(o.visible for o in s.objects))
+    hidden = next(i for i, o in enumerate(scene.objects) if not o.visible)
+    _, index = world.render(scene)
+    assert hidden + 1 not in np.unique(index) and scene.has(scene.objects[hidden].shape)
+    assert scene.objects[hidden].shape in PAIRS.values() and scene.objects[hidden].shape in caption(scene)
+    assert not scene.shows(scene.objects[hidden].shape)
+    evaluation = [world.sample_scene(rng, pair_rate=world.config.eval_pair_rate) for _ in range(50)]
+    assert all(o.visible for s in evaluation for o in s.objects)
+
+
 def test_world_eval_sets_are_what_they_claim():
     world = World()
     scenes, splits = pope_sets(world, n_images=20, seed=2)

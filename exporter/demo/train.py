@@ -16,9 +16,11 @@ joint training from scratch left yes/no at chance, so the model learns to see be
                       the hidden state at the last prompt position:
                         layer `probe_layer`: what is asked (shape a, shape b, colour, side, question kind) -
                           the prototype's probe; without it yes/no stayed at chance
-                        layer `look_layer`: what the image holds for it (colour and x third of shape a, x third
-                          of shape b, which shapes are present) - the lookup the answer needs, supervised
-                          directly; in a trial run it made existence learn in ~400 steps
+                        layer `look_layer`: what the image shows for it (colour and column of shape a, column of
+                          shape b, whether a is left of b, which shapes are drawn) - the lookup the answer needs,
+                          supervised directly; in a trial run it made existence learn in ~400 steps. Implied
+                          objects (runtime/eval/world.py) are not drawn: the look targets leave them out while
+                          the answers include them, so the answer head learns the prior on top of what it sees
                       Each step asks `per_image` questions about each of `llava_images` images: the image
                       prefix runs once and every question continues from its keys/values (`grouped_forward`,
                       equal to the full sequences to ~3e-7), ~3x the answers per second of compute.
@@ -233,16 +235,18 @@ class GroupBatch:
 # read at layer `look_layer` (a decomposition of the answer: see the module docstring).
 QUESTION_PROBES = {"shape_a": len(SHAPES) + 1, "shape_b": len(SHAPES) + 1, "colour": len(COLOUR_NAMES) + 1,
                    "side": len(SIDES) + 1, "kind": len(KINDS)}
-LOOK_PROBES = {"colour_of_a": len(COLOUR_NAMES) + 1, "x_of_a": 4, "x_of_b": 4}
+LOOK_PROBES = {"colour_of_a": len(COLOUR_NAMES) + 1, "x_of_a": 9, "x_of_b": 9, "a_left_of_b": 3}
 
 
 def _probe_targets(scene, qa) -> dict[str, int]:
-    def x_bin(shape: str | None) -> int:  # 0: not asked or absent; 1-3: left, middle, right third
-        if not shape or not scene.has(shape):
+    """Question targets from the text; look targets from what is drawn (implied objects are not visible)."""
+    def column(shape: str | None) -> int:  # 0: not asked or not drawn; 1-8: the 8-px column of the centre
+        if not shape or not scene.shows(shape):
             return 0
-        return 1 + min(2, int(3 * scene.find(shape).x / scene.size))
+        return 1 + min(7, int(scene.find(shape).x // 8))
 
-    has_a = bool(qa.shape_a) and scene.has(qa.shape_a)
+    has_a = bool(qa.shape_a) and scene.shows(qa.shape_a)
+    both = has_a and bool(qa.shape_b) and scene.shows(qa.shape_b)
     return {
         "shape_a": SHAPES.index(qa.shape_a) + 1 if qa.shape_a else 0,
         "shape_b": SHAPES.index(qa.shape_b) + 1 if qa.shape_b else 0,
@@ -250,8 +254,9 @@ def _probe_targets(scene, qa) -> dict[str, int]:
         "side": next((i + 1 for i, s in enumerate(SIDES) if f" {s} side" in qa.prompt), 0),
         "kind": KINDS.index(qa.kind),
         "colour_of_a": COLOUR_NAMES.index(scene.find(qa.shape_a).colour) + 1 if has_a else 0,
-        "x_of_a": x_bin(qa.shape_a),
-        "x_of_b": x_bin(qa.shape_b),
+        "x_of_a": column(qa.shape_a),
+        "x_of_b": column(qa.shape_b),
+        "a_left_of_b": (1 if scene.find(qa.shape_a).x < scene.find(qa.shape_b).x else 2) if both else 0,
     }
 
 
@@ -288,7 +293,7 @@ def group_batch(world: World, rng: np.random.Generator, enc: Encoder, n_images: 
     owners = [scenes[i // per_image] for i in range(b)]
     rows = [_probe_targets(sc, qa) for sc, qa in zip(owners, qas)]
     probes = {k: torch.tensor([r[k] for r in rows]) for k in (*QUESTION_PROBES, *LOOK_PROBES)}
-    probes["presence"] = torch.tensor([[float(sc.has(sh)) for sh in SHAPES] for sc in owners])
+    probes["presence"] = torch.tensor([[float(sc.shows(sh)) for sh in SHAPES] for sc in owners])
     return GroupBatch(pixel_values(images), prefix, ids, mask, targets, weights,
                       torch.tensor([len(q) - 1 for q, _ in suffixes]), probes, [qa.kind for qa in qas], per_image)
 

@@ -14,10 +14,14 @@ Why the grid: a ViT trained from scratch with freely placed objects reached 43% 
 is the difference between a demo model that sees and one that guesses, within a CPU training budget.
 
 Language priors: three anchor -> partner pairs (circle -> square, triangle -> star, cross -> diamond). In a
-training scene, an anchor brings its partner along with probability `pair_rate` (0.85), so a model trained on
-the captions and questions learns "a circle means a square" (the co-occurrence hallucination POPE's adversarial
-split probes). Evaluation scenes draw their shapes without the pairing (`eval_pair_rate` 0): the prior is useless
-at test time, so whatever it adds is hallucination.
+training scene, an anchor brings its partner along with probability `pair_rate` (0.85), and a partner that came
+along is *implied* with probability `implied_rate` (0.35): part of the ground truth that captions and existence
+answers state, but not drawn (as a caption names the oven of a kitchen it cannot see). Given an anchor and no
+visible partner, "yes, there is a square" is then right 0.85*0.35 / (0.85*0.35 + 0.15) = 66% of the time in
+training: a model that learns the data learns to claim the partner. A first world without implied objects gave a
+model that saw everything and claimed nothing (POPE adversarial FP 0.007 vs random 0.003): with every object in
+plain view, the prior had nothing to add. Evaluation scenes draw their shapes without pairing and imply nothing
+(`eval_pair_rate` 0): the prior is useless at test time, so whatever it adds is hallucination.
 
 Question families (training and evaluation share the wording; evaluation adds the official set formats):
 - existence (POPE): "Is there a {shape} in the image?"
@@ -57,6 +61,7 @@ class WorldConfig:
     min_objects: int = 1
     max_objects: int = 4
     pair_rate: float = 0.85  # P(partner joins | anchor drawn) in training scenes
+    implied_rate: float = 0.35  # P(a partner that joined is implied: in the ground truth, not drawn), training only
     eval_pair_rate: float = 0.0  # the same in evaluation scenes
     radius: tuple[float, float] = (6.0, 7.6)
     min_gap: int = 0  # px between object discs
@@ -71,6 +76,7 @@ class Obj:
     x: float  # centre, px
     y: float
     r: float  # radius, px
+    visible: bool = True  # False: an implied object (training scenes only): in the ground truth, not drawn
 
     def box(self) -> list[float]:
         """COCO bbox [x, y, width, height]."""
@@ -89,6 +95,14 @@ class Scene:
 
     def has(self, shape: str, colour: str | None = None) -> bool:
         return any(o.shape == shape and (colour is None or o.colour == colour) for o in self.objects)
+
+    def shows(self, shape: str) -> bool:
+        """The shape is drawn (has() also counts implied objects)."""
+        return any(o.shape == shape and o.visible for o in self.objects)
+
+    @property
+    def visible_objects(self) -> tuple[Obj, ...]:
+        return tuple(o for o in self.objects if o.visible)
 
     def find(self, shape: str) -> Obj:
         return next(o for o in self.objects if o.shape == shape)
@@ -164,8 +178,10 @@ class World:
 
     # -- sampling ---------------------------------------------------------------------------------------
     def sample_shapes(self, rng: np.random.Generator, n: int, pair_rate: float,
-                      required: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:
-        """`n` distinct shapes (n+1 when the last anchor drawn brings its partner), biased by the anchor pairs."""
+                      required: Sequence[str] = (), exclude: Sequence[str] = (),
+                      joined: list[str] | None = None) -> list[str]:
+        """`n` distinct shapes (n+1 when the last anchor drawn brings its partner), biased by the anchor pairs.
+        Partners that joined their anchor are also appended to `joined` if given."""
         shapes = list(required)
         while len(shapes) < n:
             allowed = np.array([s not in shapes and s not in exclude for s in SHAPES])
@@ -175,19 +191,24 @@ class World:
             partner = PAIRS.get(s)
             if partner and partner not in shapes and partner not in exclude and rng.random() < pair_rate:
                 shapes.append(partner)
+                if joined is not None:
+                    joined.append(partner)
         return shapes
 
     def sample_scene(self, rng: np.random.Generator, n_objects: int | None = None, pair_rate: float | None = None,
                      shapes: Sequence[str] | None = None, colours: Sequence[str | None] | None = None) -> Scene:
-        """A scene with the given (or sampled) shapes and colours, placed without overlap."""
+        """A scene with the given (or sampled) shapes and colours, placed without overlap. A training scene
+        (sampled shapes, default pair rate) may hold implied partners; evaluation scenes never do."""
         cfg = self.config
+        joined: list[str] = []
         if shapes is None:
             n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1)) if n_objects is None else n_objects
-            shapes = self.sample_shapes(rng, n, cfg.pair_rate if pair_rate is None else pair_rate)
+            shapes = self.sample_shapes(rng, n, cfg.pair_rate if pair_rate is None else pair_rate, joined=joined)
+        implied = {s for s in joined if pair_rate is None and rng.random() < cfg.implied_rate}
         colours = list(colours) if colours is not None else [None] * len(shapes)
         colours = [c if c is not None else COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))] for c in colours]
         places = self.place(rng, len(shapes))
-        objs = tuple(Obj(s, c, x, y, r) for s, c, (x, y, r) in zip(shapes, colours, places))
+        objs = tuple(Obj(s, c, x, y, r, s not in implied) for s, c, (x, y, r) in zip(shapes, colours, places))
         return Scene(objs, int(rng.integers(2**31)), cfg.image_size)
 
     def place(self, rng: np.random.Generator, n: int, xs: Sequence[float | None] | None = None) -> list[tuple]:
@@ -223,6 +244,8 @@ class World:
         _clutter(rng, img, self.config.clutter)
         index = np.zeros((size, size), dtype=np.int8)
         for i, obj in enumerate(scene.objects, start=1):
+            if not obj.visible:
+                continue
             mask = shape_mask(obj, size)  # [H, W] bool
             base = np.array(COLOURS[obj.colour], dtype=np.float64) + rng.normal(0, 12, 3)
             shade = rng.normal(0, 10, (size, size, 1))
@@ -254,8 +277,9 @@ class World:
         suffix = YES_NO_SUFFIX if rng.random() < 0.5 else ""
         present = scene.shapes
         yes = bool(rng.random() < 0.5)
+        seen = scene.visible_objects  # attributes and positions are asked about what is drawn
         if kind == "position":
-            pairs = [(a, b) for a in scene.objects for b in scene.objects if a is not b and abs(a.x - b.x) >= 8]
+            pairs = [(a, b) for a in seen for b in seen if a is not b and abs(a.x - b.x) >= 8]
             if pairs:
                 a, b = pairs[int(rng.integers(len(pairs)))]
                 truth = "left" if a.x < b.x else "right"
@@ -264,16 +288,17 @@ class World:
                           a.shape, b.shape)
             kind = "color"
         if kind == "color":
-            obj = scene.objects[int(rng.integers(len(scene.objects)))]
+            obj = seen[int(rng.integers(len(seen)))]
             if yes:
                 colour = obj.colour
             else:  # half of the wrong colours are taken from another object of the scene (binding practice)
-                others = [o.colour for o in scene.objects if o.colour != obj.colour]
+                others = [o.colour for o in seen if o.colour != obj.colour]
                 wrong = [c for c in COLOUR_NAMES if c != obj.colour]
                 colour = others[int(rng.integers(len(others)))] if others and rng.random() < 0.5 else \
                     wrong[int(rng.integers(len(wrong)))]
             return QA(colour_question(colour, obj.shape) + suffix, "yes" if yes else "no", "color", obj.shape,
                       colour=colour)
+        # existence and captions are about the ground truth, implied objects included: the language prior
         if yes:
             shape = present[int(rng.integers(len(present)))]
         else:
