@@ -158,7 +158,8 @@ def test_world_is_deterministic():
     img_a, idx_a = world.render(a[0])
     img_b, idx_b = world.render(b[0])
     assert np.array_equal(img_a, img_b) and np.array_equal(idx_a, idx_b)
-    assert set(np.unique(idx_a)) == set(range(len(a[0].objects) + 1))  # every object is drawn
+    drawn = {0} | {i + 1 for i, o in enumerate(a[0].objects) if o.visible}
+    assert set(np.unique(idx_a)) == drawn  # every visible object is drawn
     other = world.sample_scene(np.random.default_rng(6))
     assert other != a[0]
     s1, p1 = pope_sets(world, n_images=6, seed=4)
