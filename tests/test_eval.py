@@ -309,3 +309,21 @@ def test_torch_reference_backend_matches_runtime(tiny_model, tiny_artifact, worl
     ref = TorchAnswerer(tiny_model, manifest, max_new_tokens=4, mitigation={})
     onnx = pipeline_answerer(Pipeline(manifest), max_new_tokens=4)
     assert ref(items) == onnx(items)
+
+
+@pytest.mark.slow
+def test_demo_training_is_deterministic_and_exportable(tmp_path):
+    """A few steps of the demo recipe, twice: the same weights; the folder exports and answers."""
+    from exporter.demo.train import DemoSpec, train
+    from exporter.export import export_model
+    from runtime.pipeline import Pipeline
+
+    spec = DemoSpec(vision_steps=3, align_steps=2, llava_steps=3, llava_images=2, warmup=1, yes_no_steps=1,
+                    check_questions=4, check_every=0)
+    for name in ("a", "b"):
+        train(tmp_path / name, spec, log=lambda msg: None)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    export_model(tmp_path / "a", tmp_path / "art")
+    image = World().image(World().sample_scene(np.random.default_rng(0)))
+    out = Pipeline.from_dir(tmp_path / "art").generate(image, "Is there a circle in the image?", max_new_tokens=3)
+    assert out.prompt_tokens == 3 + 64 + 8 + 2 and 1 <= len(out.token_ids) <= 3  # <s> user : <image>x64 ... assistant :

@@ -1,4 +1,4 @@
-"""Train the demo LLaVA of the synthetic world (`runtime/eval/world.py`) on 2 CPU cores in about 10-15 minutes.
+"""Train the demo LLaVA of the synthetic world (`runtime/eval/world.py`): 18 minutes on 2 shared CPU cores.
 
 The model is a real `LlavaForConditionalGeneration` (CLIP ViT + GELU projector + Llama), saved as a Hugging Face
 folder that `anchorrt export` reads unchanged: fp16 safetensors, a word-level tokenizer over the world's
