@@ -305,3 +305,200 @@ def bake_visalign_weights(artifact_dir: str | os.PathLike, weights: str | os.Pat
     return Manifest(folder, written)
 
 
+
+
+# ---------------------------------------------------------------------------------- precision / quantization
+
+PRECISIONS = ("fp32", "fp16")
+QUANTIZE = ("int4", "int8")
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """What `bake --precision/--quantize` and `export --precision/--quantize` do (graph_passes/precision.py and
+    quantize.py). `vision`: the vision graph's precision, None = follows `precision` (fp16 with --precision fp16;
+    it is never quantized). The embed graph follows the decoder's activations (see `convert_into`)."""
+
+    precision: str = "fp32"
+    quantize: str | None = None
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 0
+    reduce_range: bool = True  # int8: 7-bit weight codes (see quantize.py)
+    vision: str | None = None
+
+    def check(self) -> PrecisionOptions:
+        from graph_passes.quantize import ACCURACY_LEVELS, BLOCK_SIZES
+
+        if self.precision not in PRECISIONS:
+            raise PassError(f"precision '{self.precision}' is not supported; use fp32 or fp16")
+        if self.vision not in (None, *PRECISIONS):
+            raise PassError(f"vision precision '{self.vision}' is not supported; use fp32 or fp16")
+        if self.quantize not in (None, *QUANTIZE):
+            raise PassError(f"quantization '{self.quantize}' is not supported; use int4 (GPU and CPU) or int8 (CPU)")
+        if self.quantize == "int8" and self.precision == "fp16":
+            raise PassError("int8 is dynamic quantization for the CPU and needs fp32 activations; use "
+                            "--quantize int4 with --precision fp16, or drop --precision fp16")
+        if self.block_size not in BLOCK_SIZES:
+            raise PassError(f"block size {self.block_size} is not supported; choose one of "
+                            f"{', '.join(map(str, BLOCK_SIZES))}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise PassError(f"accuracy level {self.accuracy_level} is not supported; choose 0 (unset), 1 (fp32), "
+                            "2 (fp16), 3 (bf16) or 4 (int8 compute)")
+        return self
+
+    @property
+    def vision_precision(self) -> str:
+        return self.vision or self.precision
+
+    @property
+    def changes_anything(self) -> bool:
+        return self.precision != "fp32" or self.quantize is not None or self.vision_precision != "fp32"
+
+
+def _check_convertible(data: dict, where: str) -> None:
+    p = data.get("precision") or {}
+    if p.get("activations", "fp32") != "fp32" or p.get("weights", "fp32") != "fp32" or p.get("graphs"):
+        raise PassError(f"'{where}' is already converted (weights {p.get('weights')}, activations "
+                        f"{p.get('activations')}); convert an fp32 export instead")
+
+
+def _check_mitigation_bakeable(data: dict, where: str) -> None:
+    """Mitigation passes run before precision passes: an fp16 decoder cannot take them any more."""
+    p = data.get("precision") or {}
+    if p.get("activations", "fp32") != "fp32":
+        raise PassError(f"'{where}' was converted to {p['activations']}; mitigation must be baked first: bake it into "
+                        "the fp32 export, then `anchorrt bake OUT --precision fp16` (or export with both)")
+
+
+def _precision_passes(role: str, options: PrecisionOptions) -> list[GraphPass]:
+    from graph_passes.precision import Fp16Pass
+    from graph_passes.quantize import Int4WeightPass, Int8DynamicPass
+
+    passes: list[GraphPass] = []
+    vision16 = options.vision_precision == "fp16"
+    half = options.precision == "fp16"
+    if role == "vision" and vision16:
+        passes.append(Fp16Pass("vision", fp16_outputs={"image_features"}))
+    elif role == "embed" and (half or vision16):
+        # image_features follows the vision graph's output; inputs_embeds the decoder's input.
+        passes.append(Fp16Pass("embed", fp16_inputs={"image_features"} if vision16 else set(),
+                               fp16_outputs={"inputs_embeds"} if half else set()))
+    elif role == "decoder":
+        if half:
+            passes.append(Fp16Pass("decoder"))
+        if options.quantize == "int4":
+            passes.append(Int4WeightPass(options.block_size, options.symmetric, options.accuracy_level))
+        elif options.quantize == "int8":
+            passes.append(Int8DynamicPass(options.reduce_range))
+    return passes
+
+
+def convert_into(folder: Path, data: dict, options: PrecisionOptions, source: Path | None = None,
+                 say: Progress | None = None) -> dict[str, dict[str, int]]:
+    """Run the precision/quantization passes on the graphs of `source` (default `folder`), write them into `folder`
+    and record it in `data` (the manifest dict): `precision` {weights, activations, kv, graphs, quantization,
+    fp16}, the graphs' inputs/outputs and the `passes` log. Runs after any mitigation pass (its subgraphs are
+    kept fp32 and never quantized). The embed graph is converted with the decoder: its table is as large as
+    lm_head and an fp16 decoder rounds its input to fp16 anyway, so fp16 storage loses nothing and halves it;
+    VisAlign's fusion in it stays fp32. -> {role: {pass: count}}."""
+    say = say or (lambda msg: None)
+    options.check()
+    counts: dict[str, dict[str, int]] = {}
+    record: dict = {}
+    for role in ("vision", "embed", "decoder"):
+        passes = _precision_passes(role, options)
+        if not passes:
+            continue
+        graph = data["graphs"][role]
+        src = (source or folder) / graph["file"]
+        say(f"{role}: {', '.join(p.name for p in passes)}")
+        model = ir.load(src)
+        counts[role] = run_on_model(model, passes)
+        # Written beside, then renamed over: the source may be this very file (weights read lazily from it).
+        stage = Path(tempfile.mkdtemp(prefix=".precision-", dir=folder))
+        try:
+            ext = has_external_data(src)
+            save_model(model, stage / graph["file"], ext)
+            for name in (graph["file"], ext):
+                if name:
+                    os.replace(stage / name, folder / name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        graph["inputs"], graph["outputs"] = describe_io(model)
+        data["passes"] = list(data.get("passes") or []) + [{"graph": role, "pass": p.name, "count": p.count}
+                                                           for p in passes]
+        for p in passes:
+            if p.name == "fp16":
+                record.setdefault("fp16", {})[role] = p.record()
+            else:
+                record["quantization"] = p.record()
+    half = options.precision == "fp16"
+    data["precision"] = {
+        "weights": options.quantize or options.precision,
+        "activations": options.precision,
+        "kv": "fp16" if half else "fp32",
+        "graphs": {"vision": options.vision_precision, "embed": "fp16" if half else "fp32",
+                   "decoder": options.precision + (f"+{options.quantize}" if options.quantize else "")},
+        **record,
+    }
+    return counts
+
+
+def _hidden_copy(folder: Path, source: Path, skip: set[str]) -> Path:
+    """A hidden sibling of `folder` holding hard links (or copies) of `source`'s files except `skip`."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.bake-", dir=folder.resolve().parent))
+    os.chmod(tmp, folder.stat().st_mode & 0o777)
+    for p in sorted(source.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.name not in skip:
+            _link_or_copy(p, tmp / p.name)
+    return tmp
+
+
+def _graph_files(data: dict, roles) -> set[str]:
+    out = {MANIFEST_NAME}
+    for role in roles:
+        g = data["graphs"][role]
+        out |= {g["file"]} | ({g["external_data"]} if g.get("external_data") else set())
+    return out
+
+
+def convert_precision(artifact_dir: str | os.PathLike, options: PrecisionOptions, mitigation: str | None = None,
+                      bake_options: BakeOptions | None = None, progress: Progress | None = None,
+                      verify: bool = True) -> Manifest:
+    """`anchorrt bake OUT [--mitigation M] --precision/--quantize ...`: mitigation first (if given), then the
+    precision passes, in one atomic write (hidden sibling folders, then a rename). Every rewritten graph is read
+    from one folder and written into another, so nothing is written through a hard link. -> the new Manifest."""
+    say = progress or (lambda msg: None)
+    options.check()
+    folder = Path(artifact_dir)
+    manifest = Manifest.load(folder, verify=verify)
+    data = dict(manifest.data)
+    methods = parse_methods(mitigation) if mitigation else []
+    if methods:
+        _check_not_baked(methods, data, str(folder))
+        _check_mitigation_bakeable(data, str(folder))
+    if not options.changes_anything:
+        raise PassError("nothing to convert: give --precision fp16 and/or --quantize int4|int8")
+    _check_convertible(data, str(folder))
+    roles = [r for r in ("vision", "embed", "decoder") if _precision_passes(r, options)]
+    staged: list[Path] = []
+    try:
+        source = folder
+        if methods:
+            say(f"baking {', '.join(methods)}")
+            staged.append(_hidden_copy(folder, folder, _graph_files(data, ["decoder"])))
+            transform_into(staged[-1], data, _passes(methods, bake_options or BakeOptions()), source=folder, say=say,
+                           require_match=True)
+            source = staged[-1]
+        staged.append(_hidden_copy(folder, source, _graph_files(data, roles)))
+        counts = convert_into(staged[-1], data, options, source=source, say=say)
+        written = write_manifest(staged[-1], data)
+        replace_folder(staged[-1], folder)
+        staged.pop()
+    finally:
+        for tmp in staged:
+            shutil.rmtree(tmp, ignore_errors=True)
+    say(f"converted {folder}: " + "; ".join(f"{role} " + ", ".join(f"{k} {v}" for k, v in c.items())
+                                            for role, c in counts.items()))
+    return Manifest(folder, written)

@@ -82,7 +82,8 @@ class Pipeline:
         self.tokens_per_image = manifest.tokens["tokens_per_image"]
         self.stop_ids = tuple(manifest.tokens["eos_token_ids"])
         self.pad_id = manifest.tokens["pad_token_id"]
-        self.kv_dtype = np.float16 if manifest.data.get("precision", {}).get("activations") == "fp16" else np.float32
+        precision = manifest.data.get("precision", {})  # "kv" since issue 6; older artifacts: the activations
+        self.kv_dtype = np.float16 if precision.get("kv", precision.get("activations")) == "fp16" else np.float32
         self.visalign = VisAlignFeed.from_manifest(manifest)  # None unless the embed graph has VisAlign
 
     @classmethod
