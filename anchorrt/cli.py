@@ -16,7 +16,15 @@ import click
 from anchorrt import __version__
 from anchorrt.cli_common import friendly as _friendly
 from anchorrt.cli_common import say as _say
-from anchorrt.cli_mitigation import bake_options, generate_torch, make_bake_options, mitigation_flags
+from anchorrt.cli_mitigation import (
+    bake_options,
+    generate_torch,
+    make_bake_options,
+    make_precision_options,
+    mitigation_flags,
+    precision_options,
+    split_precision,
+)
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -32,20 +40,28 @@ def main() -> None:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
 @click.option("--opset", type=click.Choice(["18", "23"]), default="18", show_default=True,
               help="18: attention as MatMul/Softmax; 23: the ONNX Attention op.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="Export precision.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", hidden=True,
+              help="Alias of --precision (kept for old scripts).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt (pickle) weights. Pickle can run code: trust the source.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--mitigation", default=None, metavar="METHODS", help="Bake these into the decoder: clva, sevi, clva,sevi.")
 @bake_options
+@precision_options
 @_friendly
 def export(model_dir: Path, out_dir: Path, opset: str, dtype: str, allow_pickle: bool, force: bool, mitigation,
            **bake_choices) -> None:
     """Export a Hugging Face checkpoint folder (LLaVA-1.5) to an artifact folder."""
     from exporter.export import export_model
 
+    bake_choices, precision = split_precision(bake_choices)
+    if dtype == "fp16" and precision["precision"] in (None, "fp16"):
+        precision["precision"] = "fp16"  # --dtype fp16: the alias
+    elif dtype == "fp16":
+        raise click.UsageError("--dtype is an alias of --precision; give one of them")
     t = time.perf_counter()
-    manifest = export_model(model_dir, out_dir, opset=int(opset), dtype=dtype, allow_pickle=allow_pickle, force=force,
-                            progress=_say, mitigation=mitigation, bake_options=make_bake_options(**bake_choices))
+    manifest = export_model(model_dir, out_dir, opset=int(opset), allow_pickle=allow_pickle, force=force,
+                            progress=_say, mitigation=mitigation, bake_options=make_bake_options(**bake_choices),
+                            precision_options=make_precision_options(**precision))
     _say(f"exported {manifest.data['architecture']} in {time.perf_counter() - t:.1f} s")
 
 
@@ -118,23 +134,34 @@ def generate(artifact_dir: Path, images, prompts, max_new_tokens, sample, temper
 @click.option("--visalign", "visalign_weights", default=None, type=click.Path(path_type=Path),
               help="Add VisAlign's fusion from this visalign.safetensors to the embed graph.")
 @bake_options
+@precision_options
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact files.")
 @_friendly
 def bake(artifact_dir: Path, mitigation: str | None, visalign_weights: Path | None, no_verify: bool,
          **bake_choices) -> None:
-    """Bake mitigation into an exported artifact folder (atomically; torch not needed)."""
+    """Bake mitigation into an exported artifact folder, and/or convert it to fp16 / int4 / int8 (atomically;
+    torch not needed). Mitigation is always baked before the precision passes."""
     from graph_passes.bake import bake as run_bake
-    from graph_passes.bake import bake_visalign_weights
+    from graph_passes.bake import bake_visalign_weights, convert_precision
 
-    if mitigation is None and visalign_weights is None:
-        raise click.UsageError("say what to bake: --mitigation clva,sevi,probe and/or --visalign FILE")
+    bake_choices, precision = split_precision(bake_choices)
+    options = make_precision_options(**precision)
+    if mitigation is None and visalign_weights is None and not options.changes_anything:
+        raise click.UsageError("say what to bake: --mitigation clva,sevi,probe, --visalign FILE, "
+                               "--precision fp16 and/or --quantize int4|int8")
+    if visalign_weights is not None:  # the embed graph's fusion comes before any precision pass
+        bake_visalign_weights(artifact_dir, visalign_weights, progress=_say, verify=not no_verify)
+    if options.changes_anything:
+        m = convert_precision(artifact_dir, options, mitigation, make_bake_options(**bake_choices), progress=_say,
+                              verify=not no_verify)
+        p = m.data["precision"]
+        _say(f"  precision: weights {p['weights']}, activations {p['activations']}, kv {p['kv']}, graphs {p['graphs']}")
+        mitigation = None
     if mitigation is not None:
         m = run_bake(artifact_dir, mitigation, make_bake_options(**bake_choices), progress=_say, verify=not no_verify)
         for method, record in m.mitigation.items():
             if method in ("clva", "sevi", "probe"):
                 _say(f"  {method}: layers {record['layers']}, inputs {', '.join(record['inputs'])}")
-    if visalign_weights is not None:
-        bake_visalign_weights(artifact_dir, visalign_weights, progress=_say, verify=not no_verify)
 
 
 @main.command()
@@ -175,25 +202,50 @@ def inspect(artifact_dir: Path, no_verify: bool, as_json: bool) -> None:
 
 @main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="The PyTorch checkpoint folder.")
+@click.option("--model", "model_dir", default=None, type=click.Path(path_type=Path),
+              help="The PyTorch checkpoint folder (parity vs PyTorch; not needed with --precision).")
 @click.option("--image", "images", multiple=True, help="Image files (default: random images).")
 @click.option("--prompt", "prompts", multiple=True, help="Prompts (default: two built-in prompts).")
-@click.option("--steps", default=5, show_default=True, type=int, help="Decode steps after the prefill.")
+@click.option("--steps", default=None, type=int, help="Decode steps after the prefill [default: 5; 8 with --precision].")
 @click.option("--atol", default=1e-4, show_default=True, type=float, help="Largest accepted |logit difference|.")
+@click.option("--precision", "precisions", default=None, metavar="LIST",
+              help="Instead: compare fp16, int8, int4, fp16+int4 (comma-separated) with fp32. ARTIFACT_DIR is then "
+                   "an fp32 artifact or a checkpoint folder (exported first).")
+@click.option("--opset", type=click.Choice(["18", "23"]), default="18", show_default=True,
+              help="With --precision and a checkpoint folder: the export's opset.")
+@click.option("--device", type=click.Choice(sorted(PROVIDERS)), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="With --precision: print the rows as JSON.")
 @_friendly
-def verify(artifact_dir: Path, model_dir: Path, images, prompts, steps: int, atol: float) -> None:
-    """Compare the exported graphs with the PyTorch model: max logit difference and greedy-token agreement."""
-    from exporter.checkpoint import inspect_checkpoint
+def verify(artifact_dir: Path, model_dir: Path | None, images, prompts, steps: int | None, atol: float,
+           precisions: str | None, opset: str, device: str, as_json: bool) -> None:
+    """Compare the exported graphs with the PyTorch model: max logit difference and greedy-token agreement.
+    With --precision: each precision's logits (teacher-forced on the fp32 greedy tokens) against fp32's."""
     from exporter.verify import random_images
-    from exporter.verify import verify as run_verify
     from runtime.errors import VerifyError
 
-    inspect_checkpoint(model_dir)
     prompts = list(prompts) or None
     if images and prompts and len(images) != len(prompts):
         raise click.UsageError("give one --prompt per --image")
     imgs = list(images) if images else (random_images(len(prompts)) if prompts else None)
-    report = run_verify(model_dir, artifact_dir, images=imgs, prompts=prompts, steps=steps, atol=atol)
+    if precisions is not None:
+        from exporter.verify import precision_table, verify_precisions
+
+        rows = verify_precisions(artifact_dir, precisions, images=imgs, prompts=prompts,
+                                 steps=8 if steps is None else steps, providers=PROVIDERS[device], opset=int(opset),
+                                 say=_say)
+        if as_json:
+            click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+        else:
+            click.echo(precision_table(rows, device))
+        return
+    if model_dir is None:
+        raise click.UsageError("give --model CHECKPOINT_DIR (parity vs PyTorch) or --precision LIST")
+    from exporter.checkpoint import inspect_checkpoint
+    from exporter.verify import verify as run_verify
+
+    inspect_checkpoint(model_dir)
+    report = run_verify(model_dir, artifact_dir, images=imgs, prompts=prompts, steps=5 if steps is None else steps,
+                        atol=atol)
     click.echo(report.summary())
     if not report.ok:
         raise VerifyError(f"exported graphs differ from the PyTorch model: {report.summary()}")

@@ -194,3 +194,45 @@ def _generate_torch_iava(model_dir: Path, images, prompts, max_new_tokens: int, 
                              instruction=params.instruction, max_new_tokens=max_new_tokens, beta_cut=params.beta_cut)
         out.append((ref.processor.tokenizer.decode(trace.tokens, skip_special_tokens=True), trace.tokens))
     return out
+
+
+def precision_options(fn):
+    """Precision/quantization choices shared by `export` and `bake` (graph_passes/precision.py, quantize.py)."""
+    options = [
+        click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+                     help="fp16: weights and activations fp16, KV cache fp16; softmax/mask, norms, mitigation and "
+                          "the logits stay fp32 [default: fp32]."),
+        click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
+                     help="Decoder weight MatMuls: int4 (MatMulNBits, CUDA and CPU) or int8 (dynamic, CPU only)."),
+        click.option("--block-size", type=int, default=32, show_default=True,
+                     help="int4 block size along K (16, 32, 64, 128 or 256)."),
+        click.option("--asymmetric", is_flag=True, help="int4 with per-block zero points (default: symmetric)."),
+        click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
+                     help="int4 MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute."),
+        click.option("--vision-precision", type=click.Choice(["fp32", "fp16"]), default=None,
+                     help="The vision graph's precision [default: follows --precision]."),
+        click.option("--int8-full-range", is_flag=True,
+                     help="int8: 8-bit weight codes (default 7-bit: exact on x86 CPUs without VNNI)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def make_precision_options(precision=None, quantize=None, block_size=32, asymmetric=False, accuracy_level=0,
+                           vision_precision=None, int8_full_range=False):
+    from graph_passes.bake import PrecisionOptions
+
+    return PrecisionOptions(precision=precision or "fp32", quantize=quantize, block_size=block_size,
+                            symmetric=not asymmetric, accuracy_level=accuracy_level,
+                            reduce_range=not int8_full_range, vision=vision_precision).check()
+
+
+PRECISION_KEYS = ("precision", "quantize", "block_size", "asymmetric", "accuracy_level", "vision_precision",
+                  "int8_full_range")
+
+
+def split_precision(choices: dict) -> tuple[dict, dict]:
+    """Separate the precision options from the bake options in a command's keyword arguments."""
+    return ({k: v for k, v in choices.items() if k not in PRECISION_KEYS},
+            {k: v for k, v in choices.items() if k in PRECISION_KEYS})

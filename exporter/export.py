@@ -117,11 +117,17 @@ def export_model(
     after_export: Callable[[Path, dict], None] | None = None,
     mitigation: str | list[str] | None = None,
     bake_options=None,
+    precision_options=None,
 ) -> Manifest:
     """Export `model_dir` to `out_dir`. `after_export(tmp_folder, manifest_data)` runs before the final rename
     (the CLI uses it to bake graph passes into the same atomic write). Every graph gets deterministic node names
     (graph_passes/naming.py); `mitigation` ("clva", "sevi", "clva,sevi") bakes those methods into the decoder with
-    `bake_options` (a graph_passes.bake.BakeOptions; None: METHODS.md defaults) in the same atomic write."""
+    `bake_options` (a graph_passes.bake.BakeOptions; None: METHODS.md defaults) in the same atomic write.
+
+    Precision: the graphs are always traced in fp32; `precision_options` (graph_passes.bake.PrecisionOptions:
+    fp16 conversion, int4/int8 quantization) run as graph passes after mitigation, so mitigation subgraphs stay
+    fp32 and are never quantized. `dtype="fp16"` (the former torch-fp16 export) is an alias of
+    PrecisionOptions(precision="fp16")."""
     from exporter.checkpoint import inspect_checkpoint
     from exporter.visalign.checkpoint import export_hook as visalign_export_hook
 
@@ -131,6 +137,13 @@ def export_model(
         raise AnchorError(f"opset {opset} is not supported; use 18 (MatMul/Softmax attention) or 23 (Attention op)")
     if dtype not in ("fp32", "fp16"):
         raise AnchorError(f"export dtype '{dtype}' is not supported; use fp32 or fp16")
+    from graph_passes.bake import PrecisionOptions, convert_into
+
+    if precision_options is None:
+        precision_options = PrecisionOptions(precision=dtype)
+    elif dtype == "fp16" and precision_options.precision != "fp16":
+        raise AnchorError("--dtype fp16 is an alias of --precision fp16; give one of them")
+    precision_options.check()  # bad choices fail before the slow export
     if out.exists() and not force:
         raise ArtifactError(f"output folder '{out}' already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
@@ -146,10 +159,14 @@ def export_model(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
     try:
-        manifest = _export_into(ckpt, tmp, opset, dtype, say)
+        manifest = _export_into(ckpt, tmp, opset, say)
         if visalign is not None:
             visalign(tmp, manifest)
         run_graph_passes(tmp, manifest)  # node names in every graph; CLVA/SEVI if asked
+        if precision_options.changes_anything:  # after mitigation: its subgraphs stay fp32
+            say("converting precision: " + ", ".join(filter(None, [precision_options.precision,
+                                                                   precision_options.quantize])))
+            convert_into(tmp, manifest, precision_options, say=say)
         if after_export is not None:
             after_export(tmp, manifest)
         data = write_manifest(tmp, manifest)
@@ -161,7 +178,7 @@ def export_model(
     return Manifest(out, data)
 
 
-def _export_into(ckpt, tmp: Path, opset: int, dtype: str, say: Progress) -> dict:
+def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -173,7 +190,7 @@ def _export_into(ckpt, tmp: Path, opset: int, dtype: str, say: Progress) -> dict
     t0 = time.perf_counter()
     say(f"[1/5] loading {ckpt.architecture} from {ckpt.path}")
     arch_cls = get_arch(ckpt.architecture)
-    arch = arch_cls(ckpt, dtype=torch.float16 if dtype == "fp16" else torch.float32)
+    arch = arch_cls(ckpt, dtype=torch.float32)  # fp16/int4/int8 come from graph passes (graph_passes/bake.py)
     processor = load_processor(ckpt.path)
     pre = preprocessing_params(ckpt.path)
     crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
@@ -211,7 +228,7 @@ def _export_into(ckpt, tmp: Path, opset: int, dtype: str, say: Progress) -> dict
         "tokenizer": {"file": "tokenizer.json"},
         "graphs": graphs,
         "opset": opset,
-        "precision": {"weights": dtype, "activations": dtype},
+        "precision": {"weights": "fp32", "activations": "fp32", "kv": "fp32"},
         "context_length": max_ctx,
         "mitigation": {},
         "passes": [],

@@ -7,6 +7,7 @@ difference per step and whether the greedy tokens agree. Used by `anchorrt verif
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,3 +122,151 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
         tok_o += np.stack([ol.argmax(-1) for ol in o_logits], 1).tolist()
     agree = float(np.mean(np.array(tok_t) == np.array(tok_o)))
     return VerifyReport(max(per_step), per_step, agree, tok_t, tok_o, atol, len(prompts))
+
+
+# ------------------------------------------------------------------------------ precision vs fp32 (issue 6)
+
+PRECISION_CHOICES = {  # name -> PrecisionOptions fields
+    "fp16": {"precision": "fp16"},
+    "int8": {"quantize": "int8"},
+    "int4": {"quantize": "int4"},
+    "fp16+int4": {"precision": "fp16", "quantize": "int4"},
+}
+
+
+@dataclass
+class PrecisionRow:
+    precision: str
+    ran: bool
+    max_abs_diff: float | None = None
+    mean_abs_diff: float | None = None
+    top1_agreement: float | None = None  # fraction of (row, step) argmaxes equal to fp32's
+    per_step_max_abs_diff: list[float] = field(default_factory=list)
+    decode_ms_per_step: float | None = None
+    size_mb: float | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def parse_precisions(value: str | Sequence[str]) -> list[str]:
+    items = [p.strip().lower() for p in (value.split(",") if isinstance(value, str) else value) if p.strip()]
+    unknown = [p for p in items if p not in PRECISION_CHOICES]
+    if unknown or not items:
+        raise VerifyError(f"unknown precision {unknown[0] if unknown else value!r}; choose from "
+                          f"{', '.join(PRECISION_CHOICES)} (comma-separated)")
+    return list(dict.fromkeys(items))
+
+
+def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None):
+    """Prefill + `steps` decode steps; the next token is `tokens[:, s]` when given (teacher forcing), else the
+    argmax. -> (logits [steps+1] of [B, V], chosen tokens [B, steps+1], seconds per decode step)."""
+    import time
+
+    from runtime.kv_cache import KVCache
+
+    enc = [pipe.prompts.encode(p) for p in prompts]
+    b = pipe._pad(enc)
+    feats = pipe.encode_images(pipe.preprocess([pipe._load(img, i) for i, img in enumerate(images)]))
+    cache = KVCache(pipe.num_layers, len(prompts), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
+                    pipe.kv_dtype, device=pipe.decoder.device)
+    extra = pipe._extra_inputs(b)
+    logits = [pipe.prefill(b, feats, cache, extra)]
+    chosen = [logits[-1].argmax(-1) if tokens is None else tokens[:, 0]]
+    amask, pos = b.attention_mask, b.attention_mask.sum(-1) - 1
+    t = time.perf_counter()
+    for s in range(steps):
+        amask = np.concatenate([amask, np.ones((len(prompts), 1), np.int64)], axis=1)
+        pos = pos + 1
+        logits.append(pipe.decode_one_token(chosen[-1].astype(np.int64), amask, pos, cache, extra))
+        chosen.append(logits[-1].argmax(-1) if tokens is None else tokens[:, s + 1])
+    per_step = (time.perf_counter() - t) / max(steps, 1)
+    return logits, np.stack(chosen, 1), per_step
+
+
+def _fp32_artifact(target: Path, work: Path, opset: int, say) -> Path:
+    from runtime.manifest import MANIFEST_NAME, Manifest
+
+    if (target / MANIFEST_NAME).is_file():
+        p = Manifest.load(target).data.get("precision") or {}
+        if p.get("weights", "fp32") != "fp32" or p.get("activations", "fp32") != "fp32":
+            raise VerifyError(f"'{target}' is a {p.get('weights')}/{p.get('activations')} artifact; verify "
+                              "--precision compares against fp32: pass the fp32 export (or the model folder)")
+        return target
+    from exporter.export import export_model
+
+    say(f"exporting {target} (fp32, opset {opset})")
+    out = work / "fp32"
+    export_model(target, out, opset=opset, progress=say)
+    return out
+
+
+def verify_precisions(target: str | Path, precisions: str | Sequence[str] = ("fp16", "int8", "int4"), *,
+                      images: Sequence | None = None, prompts: Sequence[str] | None = None, steps: int = 8,
+                      providers: Sequence[str] | None = None, opset: int = 18, block_size: int = 32,
+                      say=None) -> list[PrecisionRow]:
+    """For each precision, build the artifact from the fp32 one (graph_passes/bake.py, in a temporary folder),
+    run the same prefill + `steps` decode steps, teacher-forced on the fp32 greedy tokens, on the same prompts
+    and images, and compare the logits with fp32's. `target`: an fp32 artifact folder, or a checkpoint folder
+    (exported first; needs torch). A precision that the provider cannot run gets ran=False and the error."""
+    import shutil
+    import tempfile
+
+    from graph_passes.bake import PrecisionOptions, convert_precision
+    from runtime.pipeline import Pipeline
+
+    say = say or (lambda msg: None)
+    names = parse_precisions(precisions)
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    images = list(images) if images is not None else random_images(len(prompts))
+    if len(images) != len(prompts):
+        raise VerifyError("verify needs one image per prompt")
+    rows: list[PrecisionRow] = []
+    with tempfile.TemporaryDirectory(prefix="anchorrt-verify-") as work:
+        work = Path(work)
+        base = _fp32_artifact(Path(target), work, opset, say)
+
+        def size_mb(folder: Path) -> float:
+            return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data")) / 1e6
+
+        ref_pipe = Pipeline.from_dir(base, providers=providers)
+        ref, tokens, ref_step = _teacher_forced(ref_pipe, images, prompts, steps, None)
+        rows.append(PrecisionRow("fp32", True, 0.0, 0.0, 1.0, [0.0] * len(ref), 1000 * ref_step, size_mb(base)))
+        for name in names:
+            folder = work / name.replace("+", "_")
+            shutil.copytree(base, folder, copy_function=os.link if _same_device(base, work) else shutil.copy2)
+            say(f"building {name}")
+            convert_precision(folder, PrecisionOptions(**PRECISION_CHOICES[name], block_size=block_size), verify=False)
+            try:
+                pipe = Pipeline.from_dir(folder, providers=providers, verify=False)
+                logits, _, step_s = _teacher_forced(pipe, images, prompts, steps, tokens)
+            except Exception as e:  # noqa: BLE001 - a provider without the kernels: reported in the table
+                rows.append(PrecisionRow(name, False, size_mb=size_mb(folder),
+                                         error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+                continue
+            diffs = [np.abs(a.astype(np.float64) - r) for a, r in zip(logits, ref)]
+            agree = np.mean([a.argmax(-1) == r.argmax(-1) for a, r in zip(logits, ref)])
+            rows.append(PrecisionRow(name, True, float(max(d.max() for d in diffs)),
+                                     float(np.mean([d.mean() for d in diffs])), float(agree),
+                                     [float(d.max()) for d in diffs], 1000 * step_s, size_mb(folder)))
+    return rows
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    return a.resolve().stat().st_dev == b.resolve().stat().st_dev
+
+
+def precision_table(rows: Sequence[PrecisionRow], provider: str = "") -> str:
+    """A markdown table of `verify_precisions` rows."""
+    head = ["precision", "max abs logit diff", "mean abs logit diff", "top-1 agreement", "decode ms/step",
+            "graphs MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if not r.ran:
+            lines.append(f"| {r.precision} | cannot run{' on ' + provider if provider else ''}: {r.error} | | | | "
+                         f"{r.size_mb:.2f} |")
+            continue
+        lines.append(f"| {r.precision} | {r.max_abs_diff:.3g} | {r.mean_abs_diff:.3g} | {100 * r.top1_agreement:.1f}% | "
+                     f"{r.decode_ms_per_step:.2f} | {r.size_mb:.2f} |")
+    return "\n".join(lines)

@@ -266,6 +266,7 @@ def bake(artifact_dir: str | os.PathLike, mitigation: str | Sequence[str], optio
 
     def check(data: dict) -> None:
         _check_not_baked(methods, data, str(folder))
+        _check_mitigation_bakeable(data, str(folder))
         say(f"baking {', '.join(methods)} into {folder}")
 
     manifest, counts = transform_artifact(folder, _passes(methods, options or BakeOptions()), progress, verify,
