@@ -4,8 +4,13 @@
     result = pipe.generate("cat.jpg", "What is in the image?", max_new_tokens=32)
     print(result.text)
 
-A batch of (image, prompt) requests is left-padded into one batch. Each call owns its KV cache, bindings and
-random generators, so one Pipeline can serve several threads (onnxruntime sessions are safe to run concurrently).
+A batch of (image, prompt) requests is left-padded into one batch.
+
+Threads: one Pipeline may be shared by any number of threads. Each generate call owns everything it changes (its
+KV cache, IOBinding objects, random generators, flag arrays, VisAlign state, timings); the Pipeline's attributes
+are set in __init__ and only read afterwards; onnxruntime's `InferenceSession.run` is safe to call concurrently, and
+each session is built once under a lock. tests/test_concurrency.py runs one Pipeline from 8 threads with mixed
+prompts, flags and seeds and requires the outputs of serial runs, token for token.
 """
 
 from __future__ import annotations
@@ -68,8 +73,9 @@ class _Batch:
 
 class Pipeline:
     def __init__(self, manifest: Manifest, providers: Sequence | None = None, allow_fallback: bool = False,
-                 intra_op_threads: int | None = None):
+                 intra_op_threads: int | None = None, max_image_pixels: int | None = None):
         self.manifest = manifest
+        self.max_image_pixels = max_image_pixels  # None: runtime.preprocess.default_max_pixels()
         kw = {"providers": providers, "allow_fallback": allow_fallback, "intra_op_threads": intra_op_threads}
         self.vision = make_backend(manifest.graph_path("vision"), **kw)
         self.embed = make_backend(manifest.graph_path("embed"), **kw)
@@ -88,9 +94,11 @@ class Pipeline:
 
     @classmethod
     def from_dir(cls, path: str | Path, providers: Sequence | None = None, verify: bool = True,
-                 allow_fallback: bool = False, intra_op_threads: int | None = None) -> Pipeline:
-        """Open an artifact folder. `verify=False` skips the sha256 check of every file (faster for huge models)."""
-        return cls(Manifest.load(path, verify=verify), providers, allow_fallback, intra_op_threads)
+                 allow_fallback: bool = False, intra_op_threads: int | None = None,
+                 max_image_pixels: int | None = None) -> Pipeline:
+        """Open an artifact folder. `verify=False` skips the sha256 check of every file (faster for huge models).
+        `max_image_pixels`: the largest width * height accepted (default 64 Mpx, see runtime/preprocess.py)."""
+        return cls(Manifest.load(path, verify=verify), providers, allow_fallback, intra_op_threads, max_image_pixels)
 
     # -- public API -----------------------------------------------------------------------------------------
     def generate(self, image: Any, prompt: str, *, on_token: TokenCallback | None = None,
@@ -172,8 +180,7 @@ class Pipeline:
     # -- internals --------------------------------------------------------------------------------------------
     def _generate_tokens(self, batch: _Batch, features, cfg: SamplingConfig, on_token, mitigation=None):
         b, s = batch.ids.shape
-        cache = KVCache(self.num_layers, b, self.kv_heads, self.head_dim, s + cfg.max_new_tokens, self.kv_dtype,
-                        device=self.decoder.device)
+        cache = self._new_cache(b, s + cfg.max_new_tokens)
         extra = self._extra_inputs(batch, mitigation)
         visalign = visalign_state(self.visalign, mitigation, features, batch.image_mask)  # v_bar once per request
         t = time.perf_counter()
@@ -235,8 +242,7 @@ class Pipeline:
         both = self._pad(general + encoded)  # rows 0..b-1: G, rows b..2b-1: Q (one padded length S)
         s = both.ids.shape[1]
         features2 = np.concatenate([features, features])  # [2N, T, d]: the G rows' images, then the Q rows'
-        cache = KVCache(self.num_layers, 2 * b, self.kv_heads, self.head_dim, s + cfg.max_new_tokens, self.kv_dtype,
-                        device=self.decoder.device)
+        cache = self._new_cache(2 * b, s + cfg.max_new_tokens)
         specs2 = list(specs) * 2
         timings: dict[str, Any] = {}
         # 1. probe prefill: att_G, att_Q at the last prompt row of each stream
@@ -326,6 +332,12 @@ class Pipeline:
         logits = outputs[0].numpy()  # [B, 1, V]
         return logits[:, -1, :].astype(np.float32, copy=False)
 
+    def _new_cache(self, rows: int, max_len: int) -> KVCache:
+        """KV buffers where the decoder runs (device memory on CUDA / TensorRT; see runtime/kv_cache.py)."""
+        return KVCache(self.num_layers, rows, self.kv_heads, self.head_dim, max_len, self.kv_dtype,
+                       device=self.decoder.device, device_id=getattr(self.decoder, "device_id", 0),
+                       allocator=getattr(self.decoder, "allocate", None))
+
     def _extra_inputs(self, batch: _Batch, mitigation: Sequence | None = None) -> dict:
         """Decoder feeds beyond embeds/mask/positions/cache: the baked methods' inputs (runtime/mitigation.py).
         `mitigation`: one spec (dict or None) per batch row; None: every method off."""
@@ -358,7 +370,7 @@ class Pipeline:
     def _load(self, image: Any, index: int):
         if image is None:
             raise ImageError(f"request {index} has no image; this model answers about an image: pass one")
-        return load_image(image)
+        return load_image(image, max_pixels=self.max_image_pixels)
 
     def _sampling_config(self, kw: dict) -> SamplingConfig:
         allowed = set(SamplingConfig.__dataclass_fields__)

@@ -43,7 +43,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from runtime.errors import AnchorError, ArtifactError, ImageError
 
 MAX_PIXELS = 64_000_000
-"""Default limit on width * height of an input image, checked from the header before any pixel is decoded."""
+"""Default limit on width * height of an input image, checked from the header before any pixel is decoded.
+
+Why 64 Mpx: it admits every camera photo in common use (a 61 Mpx full-frame sensor is 9504 x 6336 = 60.2 Mpx) while
+bounding what one request can cost: decoded RGB is 3 bytes a pixel (192 MB at the limit, plus one RGBA copy for
+images with transparency) before the resize to the model's few hundred pixels a side. It sits below Pillow's own
+`Image.MAX_IMAGE_PIXELS` (89.5 Mpx, a warning; twice that, an error), which also applies. Override it per call
+(`load_image(..., max_pixels=N)`), per pipeline (`Pipeline.from_dir(..., max_image_pixels=N)`), or for a process,
+the CLI included, with the environment variable ANCHORRT_MAX_IMAGE_PIXELS."""
+
+MAX_PIXELS_ENV = "ANCHORRT_MAX_IMAGE_PIXELS"
+
+MAX_PREPROCESS_SIDE = 8_192
+"""Upper bound on `shortest_edge` and `crop_size` from a manifest: a forged value would make every request allocate
+a huge `pixel_values` array (8192 x 8192 x 3 float32 is already 805 MB)."""
 
 MAX_RESIZED_PIXELS = 64_000_000
 """Limit on the size after the shortest-edge resize: an extreme aspect ratio (1 x 100000) would otherwise ask
@@ -105,7 +118,7 @@ def _decode(image: Image.Image, name: str, max_pixels: int, fmt: str | None) -> 
         raise _fail(name, f"image has zero width or height ({width}x{height})", "pass a non-empty image")
     if width * height > max_pixels:
         raise _fail(name, f"image is too large ({width}x{height} = {width * height} pixels, limit {max_pixels})",
-                    "downscale it or raise max_pixels")
+                    f"downscale it or raise the limit (max_pixels, or {MAX_PIXELS_ENV})")
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)  # animated GIF/PNG/WEBP or multi-page TIFF: the first frame is the image
@@ -163,17 +176,35 @@ class _PillowWarnings(warnings.catch_warnings):
         warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
 
 
-def load_image(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def default_max_pixels() -> int:
+    """MAX_PIXELS, or the value of the ANCHORRT_MAX_IMAGE_PIXELS environment variable when it is set."""
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None or raw.strip() == "":
+        return MAX_PIXELS
+    try:
+        value = int(raw.strip().replace("_", ""))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ImageError(f"{MAX_PIXELS_ENV} must be a positive integer number of pixels, got {_printable(raw)!r}; "
+                         f"unset it for the default of {MAX_PIXELS}")
+    return value
+
+
+def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
     """Load an image as an upright RGB `PIL.Image.Image`, or raise a one-line `ImageError`.
 
     `src` is a path (str or os.PathLike), the encoded bytes of an image file, or a PIL image. The declared
     width * height is checked against `max_pixels` before the pixels are decoded (Pillow's `Image.open` only reads
     the header); Pillow's own decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) also applies and is reported the
-    same way. Animated images (GIF, APNG, WEBP) and multi-page TIFFs yield their first frame only. The EXIF
+    same way. `max_pixels=None` is `default_max_pixels()` (MAX_PIXELS unless ANCHORRT_MAX_IMAGE_PIXELS is set).
+    Animated images (GIF, APNG, WEBP) and multi-page TIFFs yield their first frame only. The EXIF
     orientation tag is applied (`ImageOps.exif_transpose`), then the image is converted to RGB by `convert_to_rgb`
     (transparent pixels become white, as in transformers' image processors). No exception other than `ImageError`
     escapes.
     """
+    if max_pixels is None:
+        max_pixels = default_max_pixels()
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
         raise ImageError(f"max_pixels must be a positive integer, got {max_pixels!r}; pass e.g. {MAX_PIXELS}")
     with _PillowWarnings():
@@ -264,16 +295,17 @@ def validate_params(
             raise bad(key, "true or false", params[key])
         out[key] = params[key]
     edge = params["shortest_edge"]
-    if not _is_int(edge) or edge <= 0:
-        raise bad("shortest_edge", "a positive integer", edge)
+    if not _is_int(edge) or not 0 < edge <= MAX_PREPROCESS_SIDE:
+        raise bad("shortest_edge", f"a positive integer up to {MAX_PREPROCESS_SIDE}", edge)
     out["shortest_edge"] = edge
     resample = params["resample"]
     if not _is_int(resample) or not 0 <= resample <= 5:
         raise bad("resample", "a PIL resampling code 0-5 (3 = bicubic)", resample)
     out["resample"] = resample
     crop = params["crop_size"]
-    if not isinstance(crop, (list, tuple)) or len(crop) != 2 or not all(_is_int(c) and c > 0 for c in crop):
-        raise bad("crop_size", "[height, width] as positive integers", crop)
+    if not isinstance(crop, (list, tuple)) or len(crop) != 2 or \
+            not all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE for c in crop):
+        raise bad("crop_size", f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", crop)
     out["crop_size"] = [crop[0], crop[1]]
     factor = params["rescale_factor"]
     if not _is_real(factor) or factor <= 0:
