@@ -26,7 +26,8 @@ from anchorrt.cli_mitigation import (
     split_precision,
 )
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "trt": ["tensorrt-native"]}  # trt: engines from `anchorrt trt build` (runtime/trt_backend.py)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -168,11 +169,21 @@ def bake(artifact_dir: Path, mitigation: str | None, visalign_weights: Path | No
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--trt-compat", is_flag=True,
+              help="Instead: check every op of every graph against TensorRT's published ONNX operator support; "
+                   "exit 0 when all are supported, 1 when any is not (2 on errors). Needs no TensorRT.")
+@click.option("--trt-version", default=None, metavar="10.x", help="TensorRT version targeted by --trt-compat "
+              "(default: the embedded table's, 10.15).")
 @_friendly
-def inspect(artifact_dir: Path, no_verify: bool, as_json: bool) -> None:
-    """Summarise an artifact folder: model, dims, tokens, graphs and their inputs/outputs, sizes."""
+def inspect(artifact_dir: Path, no_verify: bool, as_json: bool, trt_compat: bool, trt_version: str | None) -> None:
+    """Summarise an artifact folder: model, dims, tokens, graphs and their inputs/outputs, sizes.
+    With --trt-compat: a table of op, count, graph, supported (yes/restricted/no) and reason."""
     from runtime.manifest import Manifest
 
+    if trt_compat or trt_version:
+        from anchorrt.cli_trt import trt_compat_report
+
+        raise SystemExit(trt_compat_report(artifact_dir, trt_version, not no_verify, as_json))
     m = Manifest.load(artifact_dir, verify=not no_verify)
     if as_json:
         click.echo(json.dumps(m.data, indent=2))
@@ -262,6 +273,10 @@ main.add_command(visalign)
 from anchorrt.cli_eval import eval_group  # noqa: E402 - subcommands from their own modules, registered last
 
 main.add_command(eval_group)
+
+from anchorrt.cli_trt import trt_group  # noqa: E402 - subcommands from their own modules, registered last
+
+main.add_command(trt_group)
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,16 @@
 
 The session is built lazily on first use. A GPU provider that silently falls back to the CPU is refused unless
 `allow_fallback=True`: onnxruntime logs the failure and carries on, so only `session.get_providers()` tells.
+
+CUDA: a plain "CUDAExecutionProvider" gets this project's provider options (documented on onnxruntime.ai, CUDA
+Execution Provider): `device_id`; `cudnn_conv_algo_search=HEURISTIC` (the vision graph has one patch-embedding
+Conv; an exhaustive search costs more at load than it can save); `arena_extend_strategy=kSameAsRequested` (the KV
+cache is one large allocation per request, which next-power-of-two growth would nearly double). `cuda_options`
+overrides any of them. `cuda_graph=True` sets `enable_cuda_graph`; onnxruntime can only replay a captured graph
+when every input and output is bound through IOBinding at fixed device addresses with the same shapes each run.
+Our decoder's shapes change every step (past_length and attention_mask grow by one token), and the vision and
+embed graphs are fed host arrays, so the Pipeline never turns it on: CUDA graphs do not apply to these graphs.
+`make_backend(..., providers=["tensorrt-native"])` returns the TensorRT backend (runtime/trt_backend.py).
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import numpy as np
 from runtime.errors import BackendError
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+TRT_NATIVE = "tensorrt-native"
+CUDA_DEFAULTS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
 
 
 def _import_ort():
@@ -30,14 +42,27 @@ def _import_ort():
 
 class OrtBackend:
     def __init__(self, path: str | Path, providers: Sequence | None = None, allow_fallback: bool = False,
-                 intra_op_threads: int | None = None, profile_prefix: str | Path | None = None):
+                 intra_op_threads: int | None = None, profile_prefix: str | Path | None = None, device_id: int = 0,
+                 cuda_options: dict | None = None, cuda_graph: bool = False):
         self.path = Path(path)
-        self.requested = list(providers) if providers else ["CPUExecutionProvider"]
+        self.device_id = device_id
+        self.requested = [self._with_options(p, device_id, cuda_options, cuda_graph)
+                          for p in (list(providers) if providers else ["CPUExecutionProvider"])]
         self.allow_fallback = allow_fallback
         self.intra_op_threads = intra_op_threads
         self.profile_prefix = profile_prefix  # onnxruntime's own profiler (chrome-trace JSON) when set
         self._session = None
         self._lock = threading.Lock()  # threads sharing a Pipeline build the session once
+
+    @staticmethod
+    def _with_options(provider, device_id: int, cuda_options: dict | None, cuda_graph: bool):
+        """A plain "CUDAExecutionProvider" -> (name, options); anything else as given."""
+        if provider != "CUDAExecutionProvider":
+            return provider
+        options = {**CUDA_DEFAULTS, "device_id": str(device_id), **{k: str(v) for k, v in (cuda_options or {}).items()}}
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        return provider, options
 
     def __enter__(self) -> OrtBackend:
         _ = self.session
@@ -118,8 +143,13 @@ class OrtBackend:
         return dict(zip(names, self.session.run(names, feed)))
 
 
-def make_backend(path: str | Path, providers: Sequence | None = None, **kw) -> OrtBackend:
+def make_backend(path: str | Path, providers: Sequence | None = None, **kw):
+    """OrtBackend for onnxruntime providers; TrtBackend (an engine from `anchorrt trt build`) for "tensorrt-native".
+    Without TensorRT that is a BackendError at construction, one line with the install command."""
     names = [p if isinstance(p, str) else p[0] for p in (providers or [])]
-    if names and names[0] == "tensorrt-native":
-        raise BackendError("the native TensorRT backend needs TensorRT: `pip install anchorrt[trt]` on a machine with an NVIDIA GPU")
+    if names and names[0] == TRT_NATIVE:
+        from runtime.trt_backend import TrtBackend, import_tensorrt
+
+        import_tensorrt()  # fail at construction, before any image is read
+        return TrtBackend(path, device_id=kw.get("device_id", 0))
     return OrtBackend(path, providers=providers, **kw)

@@ -5,6 +5,11 @@ Each layer owns two flat buffers per kind, each big enough for [B, KVH, max_len,
 one buffer and the graph writes its present into the other through IOBinding (ping-pong), so no step allocates or
 copies the cache on the host: a C-contiguous [B, KVH, n, D] array is the first B*KVH*n*D elements of a flat buffer,
 whatever n is. On a GPU the buffers are device OrtValues and the cache never leaves the device.
+
+`allocator(n, dtype)`: another source of flat buffers (anything with `data_ptr()` and `numpy()`), e.g. the TensorRT
+backend's device memory, so that the cache needs no onnxruntime-gpu there. Without one, OrtValues on `device`.
+On CUDA a step then moves only the small per-step tensors between host and device (embeds [B, 1, d], the mask
+[B, T], positions, and the last position's logits [B, V]); the cache itself is read and written in place.
 """
 
 from __future__ import annotations
@@ -14,9 +19,7 @@ import numpy as np
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype=np.float32, device: str = "cpu", device_id: int = 0):
-        import onnxruntime as ort
-
+                 dtype=np.float32, device: str = "cpu", device_id: int = 0, allocator=None):
         self.num_layers, self.batch, self.kv_heads, self.head_dim = num_layers, batch, kv_heads, head_dim
         self.max_len = max_len
         self.dtype = np.dtype(dtype)
@@ -24,12 +27,13 @@ class KVCache:
         self.length = 0  # tokens held
         self._flip = 0
         n = batch * kv_heads * max_len * head_dim
+        if allocator is None:
+            import onnxruntime as ort
+
+            def allocator(size, dtype):
+                return ort.OrtValue.ortvalue_from_shape_and_type([size], dtype, device, device_id)
         # buffers[side][layer][0=key, 1=value]
-        self._buffers = [
-            [[ort.OrtValue.ortvalue_from_shape_and_type([n], self.dtype, device, device_id) for _ in range(2)]
-             for _ in range(num_layers)]
-            for _ in range(2)
-        ]
+        self._buffers = [[[allocator(n, self.dtype) for _ in range(2)] for _ in range(num_layers)] for _ in range(2)]
 
     def shape(self, length: int) -> list[int]:
         return [self.batch, self.kv_heads, length, self.head_dim]  # [B, KVH, T, D]

@@ -180,8 +180,7 @@ class Pipeline:
     # -- internals --------------------------------------------------------------------------------------------
     def _generate_tokens(self, batch: _Batch, features, cfg: SamplingConfig, on_token, mitigation=None):
         b, s = batch.ids.shape
-        cache = KVCache(self.num_layers, b, self.kv_heads, self.head_dim, s + cfg.max_new_tokens, self.kv_dtype,
-                        device=self.decoder.device)
+        cache = self._new_cache(b, s + cfg.max_new_tokens)
         extra = self._extra_inputs(batch, mitigation)
         visalign = visalign_state(self.visalign, mitigation, features, batch.image_mask)  # v_bar once per request
         t = time.perf_counter()
@@ -243,8 +242,7 @@ class Pipeline:
         both = self._pad(general + encoded)  # rows 0..b-1: G, rows b..2b-1: Q (one padded length S)
         s = both.ids.shape[1]
         features2 = np.concatenate([features, features])  # [2N, T, d]: the G rows' images, then the Q rows'
-        cache = KVCache(self.num_layers, 2 * b, self.kv_heads, self.head_dim, s + cfg.max_new_tokens, self.kv_dtype,
-                        device=self.decoder.device)
+        cache = self._new_cache(2 * b, s + cfg.max_new_tokens)
         specs2 = list(specs) * 2
         timings: dict[str, Any] = {}
         # 1. probe prefill: att_G, att_Q at the last prompt row of each stream
@@ -333,6 +331,12 @@ class Pipeline:
             fetch[name] = outputs[k].numpy()
         logits = outputs[0].numpy()  # [B, 1, V]
         return logits[:, -1, :].astype(np.float32, copy=False)
+
+    def _new_cache(self, rows: int, max_len: int) -> KVCache:
+        """KV buffers where the decoder runs (device memory on CUDA / TensorRT; see runtime/kv_cache.py)."""
+        return KVCache(self.num_layers, rows, self.kv_heads, self.head_dim, max_len, self.kv_dtype,
+                       device=self.decoder.device, device_id=getattr(self.decoder, "device_id", 0),
+                       allocator=getattr(self.decoder, "allocate", None))
 
     def _extra_inputs(self, batch: _Batch, mitigation: Sequence | None = None) -> dict:
         """Decoder feeds beyond embeds/mask/positions/cache: the baked methods' inputs (runtime/mitigation.py).
