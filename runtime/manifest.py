@@ -177,9 +177,11 @@ class Manifest:
             raise ArtifactError(f"'{folder}' has no {MANIFEST_NAME}; it is not an AnchorRT artifact folder (re-export)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+            validate(data)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
             raise ArtifactError(f"'{path}' is not valid JSON ({exc.__class__.__name__}); re-export the model") from None
-        validate(data)
+        except RecursionError:  # found by tests/test_fuzz.py: "[[[[..." deeper than Python's recursion limit
+            raise ArtifactError(f"'{path}' is nested too deeply to be a manifest; re-export the model") from None
         m = cls(folder, data)
         m.check_files()
         if verify:
