@@ -20,6 +20,7 @@ embed graphs are fed host arrays, so the Pipeline never turns it on: CUDA graphs
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,8 +101,14 @@ class OrtBackend:
         if self.profile_prefix:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(self.profile_prefix)
+        # A provider this onnxruntime build lacks gets no options (with options onnxruntime logs a device warning
+        # of its own) and its Python warning is muted: the fallback check below reports it as one line.
+        available = set(ort.get_available_providers())
+        providers = [p if isinstance(p, str) or p[0] in available else p[0] for p in self.requested]
         try:
-            sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.requested)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
+                sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc.__class__.__name__
             raise BackendError(f"onnxruntime cannot open '{self.path.name}': {msg}") from None
