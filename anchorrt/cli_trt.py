@@ -42,7 +42,8 @@ def trt_group() -> None:
 @trt_group.command("build")
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--precision", "flags", multiple=True, type=click.Choice(["fp16", "int8", "fp8"]),
-              help="Builder precision flags (repeat; default: none, i.e. the graphs' own types).")
+              help="Builder precision flags (repeat; default: none, i.e. the graphs' own types). int8/fp8 act only "
+                   "on graphs with Q/DQ nodes (explicit quantization): no calibrator is supplied.")
 @click.option("--max-batch", default=1, show_default=True, type=int, help="Most decoder rows per call (IAVA: 2 per "
               "request).")
 @click.option("--max-context", default=None, type=int, help="Most tokens (prompt + generated); default: the manifest's "
