@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_foundation.py
 	$(PY) scripts/bench_mitigation.py
 	$(PY) scripts/bench_iava.py --threads 1
+	$(PY) scripts/soak.py --generations 1000
 
 lint: $(STAMP)
 	$(PY) -m ruff check anchorrt exporter runtime graph_passes tests scripts samples
