@@ -179,7 +179,7 @@ def require_float32(sites: list[AttentionSite], method: str) -> None:
         dtype = site.v.dtype
         if dtype is not None and dtype != ir.DataType.FLOAT:
             raise PassError(f"{method} needs a float32 decoder; layer {site.layer}'s attention runs in {dtype.name.lower()}"
-                            " (export with --dtype fp32)")
+                            " (bake mitigation into the fp32 export first; --precision fp16 converts after it)")
 
 
 def num_decoder_layers(graph: ir.Graph) -> int:
