@@ -426,3 +426,28 @@ def test_eval_results_interrupted_keep_previous(tiny_artifact, tmp_path, images)
     assert proc.returncode == 143, proc.stderr
     assert (out / "results.json").read_text() == '{"previous": true}\n'
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_matches_transformers_load_image(tmp_path, orientation):
+    """Decision (SECURITY.md, README): images are made upright from their EXIF orientation, as transformers'
+    `image_utils.load_image` does before its processor runs (the CLIP/LLaVA image processors themselves ignore
+    EXIF). Reference: transformers' load_image + CLIPImageProcessor on the same file; pixel values within 1e-5
+    (the preprocessing parity tolerance of tests/test_preprocess.py)."""
+    from PIL import Image
+    from transformers.image_utils import load_image as hf_load_image
+
+    from runtime.preprocess import ImagePreprocessor, load_image
+    from tests.test_preprocess import TOL, hf_pixels, make_params
+
+    rng = np.random.default_rng(orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(rng.integers(0, 256, (30, 52, 3), dtype=np.uint8)).save(path, exif=exif, quality=95)
+    params = make_params(32, 32)
+    ours = ImagePreprocessor(params)([load_image(path)])
+    ref = hf_pixels(params, hf_load_image(str(path)))
+    assert float(np.abs(ours - ref).max()) <= TOL
+    with Image.open(path) as raw:  # and the orientation really changed the input (so the check is not vacuous)
+        assert float(np.abs(ours - hf_pixels(params, raw.convert("RGB"))).max()) > 0.1
