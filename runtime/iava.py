@@ -33,6 +33,7 @@ from runtime.errors import FlagError
 GENERAL_INSTRUCTION = "Describe the content of the image."
 PROBE_ENABLE = "probe.enable"
 PROBE_OUTPUT = "probe.attention"
+MAX_ALPHA = 1e4  # contrast strength bound: keeps (1 + a) * log-probabilities far inside float32
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ def parse_iava(spec: Any) -> IavaParams | None:
         raise FlagError(f"unknown iava parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
     kw: dict[str, Any] = {}
     if "alpha" in spec:
-        kw["alpha"] = _number("alpha", spec["alpha"], ">= 0", lambda v: v >= 0)
+        # bounded: the scores are float64 cast to float32, and (1 + a) * logp past ~1e38 would become inf (then a
+        # sampled step fails on NaN probabilities); METHODS.md uses a = 1 (found by scripts/security_report.py)
+        kw["alpha"] = _number("alpha", spec["alpha"], f"in [0, {MAX_ALPHA:g}]", lambda v: 0 <= v <= MAX_ALPHA)
     if "i" in spec and spec["i"] is not None:
         i = spec["i"]
         if isinstance(i, bool) or not isinstance(i, (int, float, np.integer, np.floating)):

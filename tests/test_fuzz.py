@@ -337,7 +337,7 @@ def test_mitigation_flags(spec):
         one_line(exc)
     else:
         if params is not None:
-            assert math.isfinite(params.alpha) and params.alpha >= 0 and math.isfinite(params.lam)
+            assert 0 <= params.alpha <= 1e4 and math.isfinite(params.lam)
             assert 0 <= params.count(16) <= 16
     try:
         flags = requested(spec, 2, False)
@@ -364,9 +364,19 @@ def test_sampling_flags(kw):
 
 def test_regression_inputs_found_by_fuzzing(tmp_path):
     """Every input a fuzz run crashed on stays here as a fixed check, with the edge cases the strategies are built
-    around. Found so far: a manifest.json nested deeper than Python's recursion limit (RecursionError from json)."""
+    around. Found so far: a manifest.json nested deeper than Python's recursion limit (RecursionError from json);
+    an IAVA alpha of 1e39 (accepted, then float32 scores of inf: a sampled step would fail on NaN probabilities)."""
+    from runtime.iava import MAX_ALPHA, contrastive_scores, parse_iava
     from runtime.manifest import Manifest
     from runtime.preprocess import load_image
+
+    for alpha in (1e39, 2**200, MAX_ALPHA * 1.0001):
+        with pytest.raises(FlagError):
+            parse_iava({"alpha": alpha})
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((2, 460)) * 30).astype(np.float32)  # wide logits: log-probabilities near -200
+    scores = contrastive_scores(logits, logits[::-1].copy(), np.array([MAX_ALPHA, MAX_ALPHA]))
+    assert np.isfinite(scores).all()
 
     for raw in (b"[" * 5000, b'{"a":' * 3000 + b"1" + b"}" * 3000, b"[" * 900 + b"]" * 900):
         (tmp_path / "manifest.json").write_bytes(raw)
