@@ -67,8 +67,10 @@ class EmbedGraph(nn.Module):
         embeds = self.embed_tokens(ids)  # [B, S, d]
         d = embeds.shape[-1]
         flat = torch.cat([torch.zeros(1, d, dtype=embeds.dtype), image_features.reshape(-1, d)], dim=0)  # [1+N*T, d]
-        mask_flat = image_mask.reshape(-1).to(torch.int64)
-        index = torch.cumsum(mask_flat, dim=0) * mask_flat  # 1-based feature index at image positions, else 0
+        # 1-based feature index at image positions, else 0. The running count is summed in float32 (exact below
+        # 2**24 image tokens per batch) because TensorRT's ONNX parser takes CumSum on floats only.
+        mask_f = image_mask.reshape(-1).to(torch.float32)
+        index = (torch.cumsum(mask_f, dim=0) * mask_f).to(torch.int64)
         gathered = flat[index].reshape(embeds.shape)
         return torch.where(image_mask.unsqueeze(-1), gathered, embeds)
 
