@@ -77,7 +77,7 @@ def parse_iava(spec: Any) -> IavaParams | None:
     if "alpha" in spec:
         # bounded: the scores are float64 cast to float32, and (1 + a) * logp past ~1e38 would become inf (then a
         # sampled step fails on NaN probabilities); METHODS.md uses a = 1 (found by scripts/security_report.py)
-        kw["alpha"] = _number("alpha", spec["alpha"], f"in [0, {MAX_ALPHA:g}]", lambda v: 0 <= v <= MAX_ALPHA)
+        kw["alpha"] = _number("alpha", spec["alpha"], f">= 0 and <= {MAX_ALPHA:g}", lambda v: 0 <= v <= MAX_ALPHA)
     if "i" in spec and spec["i"] is not None:
         i = spec["i"]
         if isinstance(i, bool) or not isinstance(i, (int, float, np.integer, np.floating)):
