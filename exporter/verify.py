@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import VerifyError
+from runtime.errors import FlagError, VerifyError
 
 DEFAULT_PROMPTS = ("What is in the image?", "Describe the content of the image.")
 
@@ -154,7 +154,7 @@ def parse_precisions(value: str | Sequence[str]) -> list[str]:
     items = [p.strip().lower() for p in (value.split(",") if isinstance(value, str) else value) if p.strip()]
     unknown = [p for p in items if p not in PRECISION_CHOICES]
     if unknown or not items:
-        raise VerifyError(f"unknown precision {unknown[0] if unknown else value!r}; choose from "
+        raise FlagError(f"unknown precision {unknown[0] if unknown else value!r}; choose from "
                           f"{', '.join(PRECISION_CHOICES)} (comma-separated)")
     return list(dict.fromkeys(items))
 
@@ -259,8 +259,17 @@ def _same_device(a: Path, b: Path) -> bool:
 
 def precision_table(rows: Sequence[PrecisionRow], provider: str = "") -> str:
     """A markdown table of `verify_precisions` rows."""
-    head = ["precision", "max abs logit diff", "mean abs logit diff", "top-1 agreement", "decode ms/step",
-            "graphs MB"]
+    gpu = provider.lower() not in ("", "cpu", "cpuexecutionprovider")
+    # Times as ratios to fp32 measured in the same run; absolute ms only on a GPU (a shared CPU's ms mean little).
+    base = next((r.decode_ms_per_step for r in rows if r.precision == "fp32" and r.ran), None)
+    head = ["precision", "max abs logit diff", "mean abs logit diff", "top-1 agreement",
+            "decode step (ms)" if gpu else "decode step vs fp32", "graphs MB"]
+
+    def step(r) -> str:
+        if gpu or not base:
+            return f"{r.decode_ms_per_step:.2f}"
+        return f"{r.decode_ms_per_step / base:.2f}x"
+
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if not r.ran:
@@ -268,5 +277,5 @@ def precision_table(rows: Sequence[PrecisionRow], provider: str = "") -> str:
                          f"{r.size_mb:.2f} |")
             continue
         lines.append(f"| {r.precision} | {r.max_abs_diff:.3g} | {r.mean_abs_diff:.3g} | {100 * r.top1_agreement:.1f}% | "
-                     f"{r.decode_ms_per_step:.2f} | {r.size_mb:.2f} |")
+                     f"{step(r)} | {r.size_mb:.2f} |")
     return "\n".join(lines)

@@ -200,3 +200,16 @@ def test_cli_bake_quantize_torch_free(tiny_artifact, tmp_path):
     bad = run_cli("bake", str(art), "--quantize", "int4", "--block-size", "48", block_torch=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "block size 48" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_verify_precision_table(tiny_artifact):
+    """`verify --precision` on an fp32 artifact, torch-free: one row per precision, times as ratios to fp32 on the CPU."""
+    r = run_cli("verify", str(tiny_artifact), "--precision", "int8,int4", "--steps", "2", block_torch=True)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert "decode step vs fp32" in rows[0] and [row.split("|")[1].strip() for row in rows[1:]] == ["fp32", "int8", "int4"]
+    assert rows[1].split("|")[5].strip() == "1.00x" and all(row.split("|")[5].strip().endswith("x") for row in rows[2:])
+    agree = [float(row.split("|")[4].strip().rstrip("%")) for row in rows[2:]]
+    assert all(0 <= a <= 100 for a in agree)
+    bad = run_cli("verify", str(tiny_artifact), "--precision", "int3", block_torch=True)
+    assert bad.returncode == 2 and "int3" in bad.stderr and "Traceback" not in bad.stderr
