@@ -378,12 +378,13 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def test_export_sigterm_keeps_previous_artifact(tiny_model, tiny_artifact, tmp_path):
-    """SIGTERM once every graph is in the temporary folder (SIGINT mid-export: tests/test_cli_errors.py)."""
+    """SIGTERM mid-export, once the first graph is in the temporary folder (SIGINT mid-export:
+    tests/test_cli_errors.py; scripts/security_report.py interrupts both after the last graph)."""
     work = tmp_path / "work"
     work.mkdir()
     out = copy_artifact(tiny_artifact, work / "art")  # the previous state, replaced only by a finished export
     before = snapshot(out)
-    proc = run_paused(tmp_path, "exporter.export:write_manifest", "before",
+    proc = run_paused(tmp_path, "exporter.export:graph_io", "after",
                       ["export", str(tiny_model), "-o", str(out), "--force"], signal.SIGTERM)
     assert proc.returncode == 143, proc.stderr
     assert "Traceback" not in proc.stderr and "interrupted" in proc.stderr
