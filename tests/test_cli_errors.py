@@ -86,7 +86,11 @@ def test_export_interrupted_leaves_nothing(tiny_model, tmp_path):
     import os
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "anchorrt", "export", str(tiny_model), "-o", str(tmp_path / "out")],
+    # A child of a background job starts with SIGINT ignored (POSIX) and Python then raises no KeyboardInterrupt:
+    # the child installs Python's own handler first, so the test's SIGINT is a Ctrl-C wherever CI runs it.
+    cli = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+          "sys.argv = ['anchorrt', *sys.argv[1:]]; from anchorrt.cli import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", cli, "export", str(tiny_model), "-o", str(tmp_path / "out")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the export has started writing

@@ -328,7 +328,8 @@ def test_pixel_limit_cli_env(tiny_artifact, tmp_path):
 
 # ---- 4. atomic outputs under SIGTERM / SIGINT ---------------------------------------------------------------------
 PAUSED_CLI = r"""
-import os, sys, time, importlib
+import os, sys, time, importlib, signal
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job's child starts with SIGINT ignored
 from pathlib import Path
 marker, target, where = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 module_name, attr = target.rsplit(":", 1)
