@@ -327,3 +327,26 @@ def test_demo_training_is_deterministic_and_exportable(tmp_path):
     image = World().image(World().sample_scene(np.random.default_rng(0)))
     out = Pipeline.from_dir(tmp_path / "art").generate(image, "Is there a circle in the image?", max_new_tokens=3)
     assert out.prompt_tokens == 3 + 64 + 8 + 2 and 1 <= len(out.token_ids) <= 3  # <s> user : <image>x64 ... assistant :
+
+
+def test_shipped_visalign_demo_is_a_trained_visalign_checkpoint():
+    """samples/demo-llava-visalign: the checkpoint format reads, the fusion is trained (not the identity it started
+    from), stage 2 changed the LLM, and the vision tower is the base model's."""
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    from exporter.visalign.checkpoint import load_fusion_weights
+
+    root = Path(__file__).resolve().parents[1] / "samples"
+    entry, fusion = load_fusion_weights(root / "demo-llava-visalign")
+    assert entry.raw["training"]["stage"] == 2 and entry.init == "identity" and entry.hidden_size == 128
+    d = fusion.weight.shape[0]
+    assert fusion.weight.shape == (d, 2 * d) == (128, 256)
+    identity = np.concatenate([np.eye(d), np.zeros((d, d))], axis=1)
+    assert np.abs(fusion.weight - identity).max() > 1e-3 and np.abs(fusion.bias).max() > 1e-4
+    base = load_file(str(root / "demo-llava" / "model.safetensors"))
+    va = load_file(str(root / "demo-llava-visalign" / "model.safetensors"))
+    assert base.keys() == va.keys()
+    changed = {k for k in base if not np.array_equal(base[k], va[k])}
+    assert any("language_model" in k for k in changed) and not any("vision_tower" in k for k in changed)
