@@ -88,13 +88,13 @@ def replace_folder(tmp: Path, out: Path) -> None:
 
 def _safe_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
-        raise ArtifactError(f"manifest field {what} must be a plain file name, got {name!r}; re-export the model")
+        raise ArtifactError(f"manifest field {_printable(what)} must be a plain file name, got {name!r}; re-export the model")
     return name
 
 
 def _expect(cond: bool, what: str) -> None:
     if not cond:
-        raise ArtifactError(f"manifest field {what} is missing or invalid; re-export the model")
+        raise ArtifactError(f"manifest field {_printable(what)} is missing or invalid; re-export the model")
 
 
 def _is_int(v: Any) -> bool:
@@ -198,14 +198,14 @@ class Manifest:
                 continue  # verify_files names it; with --no-verify onnxruntime or the tokenizer will
             real = p.resolve()
             if real.parent != root and root not in real.parents:
-                raise ArtifactError(f"artifact file '{name}' is a link to '{_printable(str(real))}', outside the "
+                raise ArtifactError(f"artifact file '{_printable(name)}' is a link to '{_printable(str(real))}', outside the "
                                     f"artifact folder; refusing it (copy the file into the folder instead)")
             try:
                 mode = os.stat(real).st_mode
             except OSError:
-                raise ArtifactError(f"artifact file '{name}' cannot be read; re-export the model") from None
+                raise ArtifactError(f"artifact file '{_printable(name)}' cannot be read; re-export the model") from None
             if not stat.S_ISREG(mode):
-                raise ArtifactError(f"artifact file '{name}' is not a regular file; re-export the model")
+                raise ArtifactError(f"artifact file '{_printable(name)}' is not a regular file; re-export the model")
         for role in GRAPH_ROLES:
             path = self.graph_path(role)
             if path.is_file():
@@ -217,7 +217,7 @@ class Manifest:
         for name, digest in files.items():
             p = self.folder / name
             if not p.is_file():
-                raise ArtifactError(f"artifact file '{name}' is missing from '{self.folder}'; re-export the model")
+                raise ArtifactError(f"artifact file '{_printable(name)}' is missing from '{self.folder}'; re-export the model")
             if file_sha256(p) != digest:
                 raise ArtifactError(
                     f"artifact file '{name}' was modified (sha256 mismatch); re-export, or pass --no-verify if you changed it on purpose"
@@ -294,7 +294,7 @@ def validate(data: Any) -> None:
 
 def _check_finite(obj: Any, where: str) -> None:
     if isinstance(obj, float) and not math.isfinite(obj):
-        raise ArtifactError(f"manifest field {where} is not a finite number; re-export the model")
+        raise ArtifactError(f"manifest field {_printable(where)} is not a finite number; re-export the model")
     if isinstance(obj, dict):
         for k, v in obj.items():
             _check_finite(v, f"{where}.{k}")

@@ -19,6 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK_TORCH = Path(__file__).resolve().parent / "block_torch"
 
 
+# Property-based tests draw the same examples on every run (CI stays deterministic: a red run is a code change, not
+# luck); ANCHORRT_FUZZ_RANDOM=1 explores new examples, and whatever it finds becomes a regression test
+# (tests/test_fuzz.py::test_regression_inputs_found_by_fuzzing).
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("fixed", derandomize=True, database=None)
+    _hypothesis_settings.register_profile("explore", derandomize=False)
+    _hypothesis_settings.load_profile("explore" if os.environ.get("ANCHORRT_FUZZ_RANDOM") == "1" else "fixed")
+except ImportError:  # hypothesis is in the dev extra; without it only test_fuzz.py fails to import
+    pass
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import onnxruntime as ort

@@ -389,3 +389,15 @@ def test_regression_inputs_found_by_fuzzing(tmp_path):
             load_image(data)
         one_line(err.value)
     assert Path(ROOT / "scripts" / "fuzz_images.py").is_file()
+
+    # A forged manifest key holding a newline (found by CI's run of test_manifest_validation): the field path in the
+    # message is escaped, so the error stays one line.
+    from runtime.manifest import validate
+
+    for key in ("\n", "a\rb", "\x1b[2J", "x" * 500):
+        data = copy.deepcopy(BASE_MANIFEST)
+        data["mitigation"]["clva"]["inputs"] = {key: None}
+        with pytest.raises(ArtifactError) as err:
+            validate(data)
+        one_line(err.value)
+        assert len(str(err.value)) < 300
