@@ -210,7 +210,7 @@ def precision_options(fn):
         click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
                      help="int4 MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute."),
         click.option("--vision-precision", type=click.Choice(["fp32", "fp16"]), default=None,
-                     help="The vision graph's precision [default: follows --precision]."),
+                     help="The vision graph's precision (never quantized) [default: fp16 with --precision fp16 or --quantize int4, else fp32]."),
         click.option("--int8-full-range", is_flag=True,
                      help="int8: 8-bit weight codes (default 7-bit: exact on x86 CPUs without VNNI)."),
     ]

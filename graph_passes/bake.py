@@ -317,8 +317,8 @@ QUANTIZE = ("int4", "int8")
 @dataclass(frozen=True)
 class PrecisionOptions:
     """What `bake --precision/--quantize` and `export --precision/--quantize` do (graph_passes/precision.py and
-    quantize.py). `vision`: the vision graph's precision, None = follows `precision` (fp16 with --precision fp16;
-    it is never quantized). The embed graph follows the decoder's activations (see `convert_into`)."""
+    quantize.py). `vision`: the vision graph's precision, None = fp16 with --precision fp16 or --quantize int4, else
+    fp32 (it is never quantized). The embed graph follows the decoder's activations (see `convert_into`)."""
 
     precision: str = "fp32"
     quantize: str | None = None
@@ -350,7 +350,12 @@ class PrecisionOptions:
 
     @property
     def vision_precision(self) -> str:
-        return self.vision or self.precision
+        """The vision graph is never quantized; by default it is fp16 whenever the decoder targets a GPU-style
+        precision (fp16, or int4 weights: the issue's "the vision graph stays fp16 by default"), and fp32 with
+        fp32 or CPU int8 decoders (onnxruntime's CPU EP would only cast fp16 back)."""
+        if self.vision:
+            return self.vision
+        return "fp16" if self.precision == "fp16" or self.quantize == "int4" else "fp32"
 
     @property
     def changes_anything(self) -> bool:
