@@ -149,3 +149,35 @@ def build_tiny_llava(path: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) ->
         cfg["image_processor"].update(image_processor_type="LlavaImageProcessor", do_pad=True)
         cfg_path.write_text(json.dumps(cfg, indent=2))
     return path
+
+
+def externalise_first_initializer(graph: Path, location: str, data_file: Path | None) -> str:
+    """Rewrite `graph` so that its first sizeable initializer lives in external data at `location` (its bytes written
+    to `data_file` when given): how the security tests and scripts/security_report.py forge artifacts whose external
+    data points anywhere. Returns the tensor's name."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= 16)
+    raw = numpy_helper.to_array(tensor).tobytes()
+    if data_file is not None:
+        data_file.write_bytes(raw)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(len(raw)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(graph))
+    return tensor.name
+
+
+def tree_paths(obj, prefix: tuple = ()):
+    """Every key path of a JSON-like tree (dicts and lists), the root's () first: what manifest fuzzers forge."""
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tree_paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from tree_paths(v, prefix + (i,))

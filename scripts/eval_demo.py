@@ -152,13 +152,13 @@ def main() -> None:
 
     sweep: list[tuple[str, dict, dict]] = []
     if args.sweep:
-        grid = [("clva", main_art, f"clva.alpha={a}", ()) for a in (2, 28)]
-        grid += [("clva", main_art, "clva.beta=0", ()), ("clva", main_art, "clva.tau=1", ())]
-        grid += [("sevi", arts[f"sevi{s}"], f"start_layer={s}, sevi.omega=0.5", (s,)) for s in (4, 6)]
-        grid += [("sevi", main_art, f"start_layer=2, sevi.omega={w}", (2,)) for w in (1, 2)]
-        grid += [("iava", main_art, "iava.alpha=2", ())]
-        grid += [("iava", main_art, f"iava.i={i}", ()) for i in (0.25, 0.5)]
-        for method, art, label, _start in grid:
+        grid = [("clva", main_art, f"clva.alpha={a}") for a in (2, 28)]
+        grid += [("clva", main_art, "clva.beta=0"), ("clva", main_art, "clva.tau=1")]
+        grid += [("sevi", arts[f"sevi{s}"], f"start_layer={s}, sevi.omega=0.5") for s in (4, 6)]
+        grid += [("sevi", main_art, f"start_layer=2, sevi.omega={w}") for w in (1, 2)]
+        grid += [("iava", main_art, "iava.alpha=2")]
+        grid += [("iava", main_art, f"iava.i={i}") for i in (0.25, 0.5)]
+        for method, art, label in grid:
             sets = [s.strip() for s in label.split(",") if "=" in s and s.strip().startswith(method + ".")]
             tag = f"sweep-{label.replace(', ', '-').replace('=', '')}"
             res_p = run.evaluate("pope", art, tag, method, sets=["adversarial"], extra=tuple(sets),

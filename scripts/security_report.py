@@ -38,6 +38,7 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from exporter.testing import externalise_first_initializer, tree_paths  # noqa: E402
 from runtime.errors import AnchorError  # noqa: E402
 
 
@@ -162,7 +163,7 @@ def artifact_rows(art: Path, model: Path, work: Path, random_examples: int) -> l
         (folder / "manifest.json").write_text(json.dumps(data))
         load_and_run(folder, False, True, fields, f"{section}.{key}={value!r}")
     # random mutations of the real manifest (hypothesis): refused, or accepted and then typed errors only
-    leaves = [p for p in _paths(base) if p]
+    leaves = [p for p in tree_paths(base) if p]
     junk = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=8),
                         lambda s: st.lists(s, max_size=3) | st.dictionaries(st.text(max_size=6), s, max_size=3),
                         max_leaves=6)
@@ -181,27 +182,12 @@ def artifact_rows(art: Path, model: Path, work: Path, random_examples: int) -> l
         load_and_run(folder, False, True, fields, f"manifest bytes {raw[:12]!r}")
 
     # external data, links and special files
-    import onnx
-    from onnx import numpy_helper
-
-    def externalise(graph: Path, location: str) -> None:
-        model_proto = onnx.load(str(graph), load_external_data=False)
-        t = next(t for t in model_proto.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= 16)
-        raw = numpy_helper.to_array(t).tobytes()
-        (work / "secret.bin").write_bytes(raw)
-        t.ClearField("raw_data")
-        t.data_location = onnx.TensorProto.EXTERNAL
-        for k, v in (("location", location), ("offset", "0"), ("length", str(len(raw)))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        onnx.save(model_proto, str(graph))
-
     for graph in ("vision.onnx", "embed.onnx", "decoder.onnx"):
         for location in ("../secret.bin", "/etc/passwd", "sub/../../secret.bin", "..", "a\\..\\b", "link.bin",
                          "unrecorded.bin", "/dev/zero", "x\x00y"):
             for verify in (True, False):
                 folder = copy_art("ext")
-                externalise(folder / graph, location)
+                externalise_first_initializer(folder / graph, location, work / "secret.bin")
                 if location == "link.bin":
                     os.symlink(work / "secret.bin", folder / "link.bin")
                 if location == "unrecorded.bin":
@@ -237,16 +223,6 @@ def artifact_rows(art: Path, model: Path, work: Path, random_examples: int) -> l
             (folder / name).write_bytes(bytes(data))
             load_and_run(folder, True, True, hashes, f"{name} byte {where} flipped")
     return [fields, files, hashes]
-
-
-def _paths(obj, prefix=()):
-    yield prefix
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _paths(v, prefix + (i,))
 
 
 def checkpoint_row(model: Path, work: Path) -> Row:

@@ -69,6 +69,20 @@ def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def baked_artifact(tiny_artifact, tmp_path_factory) -> Path:
+    """tiny_artifact with CLVA, SEVI (start_layer 2, so the 8-layer model changes) and the IAVA probe baked in.
+    Read-only for the tests that share it."""
+    import shutil
+
+    from graph_passes.bake import BakeOptions, bake
+
+    out = tmp_path_factory.mktemp("artifacts") / "baked"
+    shutil.copytree(tiny_artifact, out)
+    bake(out, "clva,sevi,probe", BakeOptions(sevi_start_layer=2))
+    return out
+
+
+@pytest.fixture(scope="session")
 def gqa_artifact(gqa_model, tmp_path_factory) -> Path:
     from exporter.export import export_model
 

@@ -5,24 +5,12 @@ leak of any of them into a neighbour shows up as a different token."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
-from graph_passes.bake import BakeOptions, bake
 from runtime.pipeline import Pipeline, Request
 
 THREADS = 8
-
-
-@pytest.fixture(scope="module")
-def baked_artifact(tiny_artifact, tmp_path_factory):
-    art = tmp_path_factory.mktemp("concurrency") / "baked"
-    shutil.copytree(tiny_artifact, art)
-    bake(art, "clva,sevi,probe", BakeOptions(sevi_start_layer=2))
-    return art
 
 
 def jobs(images) -> list[dict]:

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from exporter.testing import tree_paths
 from runtime.errors import AnchorError, ArtifactError, FlagError, ImageError, PromptError
 from tests.conftest import ROOT
 
@@ -166,17 +167,7 @@ BASE_MANIFEST = {
 }
 
 
-def paths(obj, prefix=()):
-    yield prefix
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from paths(v, prefix + (i,))
-
-
-ALL_PATHS = [p for p in paths(BASE_MANIFEST) if p]
+ALL_PATHS = [p for p in tree_paths(BASE_MANIFEST) if p]
 
 
 @st.composite

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from exporter.testing import externalise_first_initializer
 from runtime.errors import ArtifactError, CheckpointError, ImageError
 from runtime.manifest import Manifest, file_sha256, write_manifest
 from tests.conftest import ROOT, run_cli
@@ -55,25 +56,6 @@ def no_ort(monkeypatch):
     NoOrt.calls = []
     monkeypatch.setattr(onnxruntime, "InferenceSession", NoOrt)
     return NoOrt
-
-
-def externalise_first_initializer(graph: Path, location: str, data_file: Path | None) -> str:
-    """Move the first initializer of `graph` to external data at `location` (bytes written to `data_file`)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(graph), load_external_data=False)
-    tensor = next(t for t in model.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= 16)
-    raw = numpy_helper.to_array(tensor).tobytes()
-    if data_file is not None:
-        data_file.write_bytes(raw)
-    tensor.ClearField("raw_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", str(len(raw)))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, str(graph))
-    return tensor.name
 
 
 # ---- 1. artifacts: external data -----------------------------------------------------------------------------

@@ -56,16 +56,6 @@ def _rows_by_op(report, graph):
     return out
 
 
-@pytest.fixture(scope="module")
-def baked_artifact(tiny_artifact, tmp_path_factory):
-    from graph_passes.bake import BakeOptions, bake
-
-    out = tmp_path_factory.mktemp("trt") / "baked"
-    shutil.copytree(tiny_artifact, out)
-    bake(out, "clva,sevi,probe", BakeOptions(sevi_start_layer=2))
-    return out
-
-
 @pytest.mark.parametrize("which", ["tiny_artifact", "gqa_artifact", "baked_artifact"])
 def test_compat_lists_every_op_of_every_graph(which, request):
     folder = request.getfixturevalue(which)

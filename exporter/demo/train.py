@@ -314,6 +314,18 @@ def make_batch(enc: Encoder, images: np.ndarray, qas) -> Batch:
 
 # ------------------------------------------------------------------------------------------------ model pieces
 
+def patch_batch(world: World, spec: DemoSpec, stage: int, step: int, n: int):
+    """`n` training scenes of `stage`'s `step` (rng [seed, stage, step]) -> pixel values and the per-patch shape and
+    colour labels, flattened to [n * patches]."""
+    rng = np.random.default_rng([spec.seed, stage, step])
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    rendered = [world.render(s) for s in scenes]
+    labels = [world.patch_labels(s, idx, spec.patch_size) for s, (_, idx) in zip(scenes, rendered)]
+    shape_t = torch.from_numpy(np.stack([x[0] for x in labels])).flatten()
+    colour_t = torch.from_numpy(np.stack([x[1] for x in labels])).flatten()
+    return pixel_values(np.stack([r[0] for r in rendered])), shape_t, colour_t
+
+
 def vision_features(model, pixel: torch.Tensor) -> torch.Tensor:
     """The patch tokens LLaVA feeds the projector (vision_feature_layer -1, CLS dropped): [B, P, dv]."""
     hidden = model.model.vision_tower(pixel, output_hidden_states=True).hidden_states
@@ -379,13 +391,8 @@ def train_vision(model, world: World, spec: DemoSpec, log: Log) -> None:
     tower.train()
     t0 = time.perf_counter()
     for step in range(spec.vision_steps):
-        rng = np.random.default_rng([spec.seed, 1, step])
-        scenes = [world.sample_scene(rng) for _ in range(spec.vision_batch)]
-        rendered = [world.render(s) for s in scenes]
-        labels = [world.patch_labels(s, idx, spec.patch_size) for s, (_, idx) in zip(scenes, rendered)]
-        shape_t = torch.from_numpy(np.stack([x[0] for x in labels])).flatten()  # [B*P]
-        colour_t = torch.from_numpy(np.stack([x[1] for x in labels])).flatten()  # [B*P]
-        feats = vision_features(model, pixel_values(np.stack([r[0] for r in rendered]))).flatten(0, 1)  # [B*P, dv]
+        pixels, shape_t, colour_t = patch_batch(world, spec, 1, step, spec.vision_batch)
+        feats = vision_features(model, pixels).flatten(0, 1)  # [B*P, dv]
         shape_logits, colour_logits = heads["shape"](feats), heads["colour"](feats)
         on = shape_t > 0  # the shape loss on object patches only: background patches (most of them) would
         loss_shape = F.cross_entropy(shape_logits[on], shape_t[on] - 1)  # swamp it; the colour head has a background
@@ -413,14 +420,9 @@ def train_align(model, world: World, spec: DemoSpec, tok, log: Log) -> None:
     opt = torch.optim.AdamW(projector.parameters(), lr=spec.align_lr, weight_decay=0.0)
     t0 = time.perf_counter()
     for step in range(spec.align_steps):
-        rng = np.random.default_rng([spec.seed, 2, step])
-        scenes = [world.sample_scene(rng) for _ in range(spec.align_batch)]
-        rendered = [world.render(s) for s in scenes]
-        labels = [world.patch_labels(s, idx, spec.patch_size) for s, (_, idx) in zip(scenes, rendered)]
-        shape_t = torch.from_numpy(np.stack([x[0] for x in labels])).flatten()  # [B*P]
-        colour_t = torch.from_numpy(np.stack([x[1] for x in labels])).flatten()
+        pixels, shape_t, colour_t = patch_batch(world, spec, 2, step, spec.align_batch)
         with torch.no_grad():
-            feats = vision_features(model, pixel_values(np.stack([r[0] for r in rendered])))
+            feats = vision_features(model, pixels)
         out = projector(feats).flatten(0, 1)  # [B*P, d]
         on = shape_t > 0
         target = (embed[shape_ids[shape_t[on] - 1]] + embed[colour_ids[colour_t[on] - 1]]).detach()
