@@ -1,0 +1,257 @@
+"""The four pictures of `anchorrt explain`, from the numbers of explain.json (matplotlib, the `profile` extra).
+
+- heads.png: the layer x head matrix of Phi (the CLVA paper's Figure 1), sensitive / insensitive heads marked.
+- layers.png: the last prompt row's attention over the image for every layer (Figure 2a): all heads, the layer's
+  sensitive heads, and all heads with the mitigation on, over the image as the model sees it.
+- drift.png: per layer, entropy of the visual attention and its Pearson correlation with the l_neg and l_pos
+  anchor maps (Figure 2b), mitigation off and on, drift layers shaded.
+- anchors.png: the image with CLVA's positive and negative anchors, the question and both answers.
+
+Every figure has a title with the prompt, axis labels and a legend. Drawn with matplotlib's object API on the Agg
+canvas (no pyplot, no global backend switch).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import AnchorError
+
+INSTALL_HINT = 'matplotlib is not installed; explain draws with it: `pip install "anchorrt[profile]"`'
+POS, NEG = "#1a9850", "#d73027"  # green: positive anchors / l_pos, red: negative anchors / l_neg
+
+
+class PlotError(AnchorError):
+    """Pictures were asked for but cannot be drawn (matplotlib missing)."""
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlotError(INSTALL_HINT) from None
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _title(fig, what: str, report: dict, width: int = 110) -> None:
+    prompt = textwrap.shorten(report["prompt"], 300)
+    lines = textwrap.wrap(f'prompt: "{prompt}"', width)
+    fig.suptitle(f"{what}\n" + "\n".join(lines), fontsize=11)
+
+
+def _layer_tag(report: dict, layer: int) -> str:
+    lay = report["layers"]
+    tags = []
+    if layer == lay["l_neg"]:
+        tags.append("l_neg")
+    if layer == lay["l_pos"]:
+        tags.append("l_pos")
+    if layer in lay["drift_layers"]:
+        tags.append("drift")
+    return ", ".join(tags)
+
+
+def _grid(values, report: dict) -> np.ndarray:
+    g = report["image_tokens"]
+    v = np.asarray(values, dtype=np.float64)[g["skip"]:]
+    return v.reshape(g["rows"], g["cols"])
+
+
+def heads_png(report: dict, path: Path) -> None:
+    from matplotlib.lines import Line2D
+
+    off = report["off"]
+    phi = np.asarray(off["phi"], dtype=np.float64)  # [L, H]
+    layers, heads = phi.shape
+    fig = _figure(max(7.0, 2.5 + 0.42 * heads), max(5.0, 3.2 + 0.36 * layers))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(phi, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(float(phi.max()), 1e-9))
+    cb = fig.colorbar(im, ax=ax, shrink=0.9)
+    cb.set_label("Phi: mean attention of the prompt's text rows on image tokens (eq. 1)")
+    if layers * heads <= 40 * 40:
+        for (l, h), v in np.ndenumerate(phi):
+            ax.text(h, l, f"{v:.2f}"[1:] if 0 <= v < 1 else f"{v:.1f}", ha="center", va="center", fontsize=6,
+                    color="white" if v < 0.6 * phi.max() else "black")
+    for l in range(layers):
+        for h in off["sensitive_heads"][l]:
+            ax.scatter(h, l - 0.28, marker="^", s=36, facecolor="white", edgecolor="black", lw=0.8, zorder=3)
+        for h in off["insensitive_heads"][l]:
+            ax.scatter(h, l - 0.28, marker="v", s=36, facecolor="black", edgecolor="white", lw=0.8, zorder=3)
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(layers), [f"{l} ({t})" if (t := _layer_tag(report, l)) else str(l) for l in range(layers)],
+                  fontsize=8)
+    ax.set_xlabel("attention head")
+    ax.set_ylabel("decoder layer (CLVA's role in brackets)")
+    lam = report["thresholds"]["lam"]
+    handles = [Line2D([], [], ls="", marker="^", markerfacecolor="white", markeredgecolor="black", markersize=8,
+                      label=f"visually sensitive head: Phi > mean + {lam:g} std of its layer (eq. 2)"),
+               Line2D([], [], ls="", marker="v", markerfacecolor="black", markeredgecolor="white", markersize=8,
+                      label=f"visually insensitive head: Phi < mean - {lam:g} std of its layer (eq. 3)")]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=1, fontsize=8, frameon=False)
+    lay = report["layers"]
+    _title(fig, f"Visual attention intensity per layer and head (mitigation off). CLVA takes positive anchors from "
+                f"the sensitive heads of layer {lay['l_pos']} (l_pos) and negative anchors from the insensitive "
+                f"heads of layer {lay['l_neg']} (l_neg)", report, width=100)
+    fig.savefig(path)
+
+
+def _overlay(ax, view: np.ndarray, values, report: dict, title: str):
+    ax.imshow(view, extent=(0, 1, 1, 0))
+    if values is None:
+        ax.text(0.5, 0.5, "no head\nin the set", ha="center", va="center", fontsize=8, color="white",
+                bbox={"facecolor": "black", "alpha": 0.6})
+    else:
+        g = _grid(values, report)
+        top = g.max()
+        ax.imshow(g / top if top > 0 else g, extent=(0, 1, 1, 0), cmap="jet", alpha=0.5, vmin=0, vmax=1,
+                  interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def layers_png(report: dict, view: np.ndarray, path: Path) -> None:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    layers = report["layers"]["num_layers"]
+    cols = min(layers, 8)
+    blocks = -(-layers // cols)
+    kinds = [("off", "map_all_heads", "all heads"), ("off", "map_sensitive_heads", "sensitive heads of the layer"),
+             ("on", "map_all_heads", f"all heads, {report['mitigation_on']['methods']} on")]
+    rows = blocks * len(kinds)
+    fig = _figure(1.7 * cols + 1.6, 1.75 * rows + 1.6)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for layer in range(layers):
+        block, col = divmod(layer, cols)
+        tag = _layer_tag(report, layer)
+        for k, (which, key, label) in enumerate(kinds):
+            ax = axes[block * len(kinds) + k][col]
+            _overlay(ax, view, report[which][key][layer], report, f"layer {layer}" + (f" ({tag})" if tag else ""))
+            if col == 0:
+                ax.set_ylabel(textwrap.fill(label, 16), fontsize=8)
+    for layer in range(layers, blocks * cols):
+        for k in range(len(kinds)):
+            axes[(layer // cols) * len(kinds) + k][layer % cols].set_axis_off()
+    cb = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes, shrink=0.6, alpha=0.5)
+    cb.set_label("share of the panel's maximum attention")
+    _title(fig, "Where the last prompt token looks in each layer (its attention over the image tokens; each panel "
+                "scaled to its own maximum)", report, width=int(14 * cols))
+    fig.savefig(path)
+
+
+def drift_png(report: dict, path: Path) -> None:
+    layers = report["layers"]["num_layers"]
+    x = np.arange(layers)
+    lay = report["layers"]
+    on = report["mitigation_on"]["methods"]
+    fig = _figure(9, 7.5)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+
+    def series(values):
+        return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+    for ax in (top, bottom):
+        if lay["drift_layers"]:
+            ax.axvspan(min(lay["drift_layers"]) - 0.5, max(lay["drift_layers"]) + 0.5, color="0.9",
+                       label="drift layers (CLVA re-weights these)")
+        ax.axvline(lay["l_neg"], color=NEG, ls=":", lw=1.2, label=f"l_neg = {lay['l_neg']}")
+        ax.axvline(lay["l_pos"], color=POS, ls=":", lw=1.2, label=f"l_pos = {lay['l_pos']}")
+        ax.grid(alpha=0.3)
+    top.plot(x, series(report["off"]["entropy_all_heads"]), "o-", color="#4575b4", label="all heads, mitigation off")
+    top.plot(x, series(report["on"]["entropy_all_heads"]), "s--", color="#4575b4", mfc="none",
+             label=f"all heads, {on} on")
+    top.plot(x, series(report["off"]["entropy_sensitive_heads"]), "^-", color="#7b3294",
+             label="sensitive heads of the layer, off")
+    n_v = report["image_tokens"]["count"] - report["image_tokens"]["skip"]
+    top.axhline(np.log(max(report["image_tokens"]["count"], 1)), color="black", lw=0.8,
+                label=f"uniform over the {report['image_tokens']['count']} image tokens")
+    del n_v
+    top.set_ylabel("entropy of the visual attention (nats)")
+    top.set_title("Entropy of the last prompt token's attention over the image (lower = more focused), eq. 5",
+                  fontsize=10)
+    top.legend(fontsize=8, loc="lower left")
+    bottom.plot(x, series(report["off"]["pearson_neg"]), "o-", color=NEG,
+                label=f"r with the l_neg insensitive-head map, off")
+    bottom.plot(x, series(report["on"]["pearson_neg"]), "s--", color=NEG, mfc="none",
+                label=f"r with the l_neg insensitive-head map, {on} on")
+    bottom.plot(x, series(report["off"]["pearson_pos"]), "o-", color=POS,
+                label=f"r with the l_pos sensitive-head map, off")
+    bottom.plot(x, series(report["on"]["pearson_pos"]), "s--", color=POS, mfc="none",
+                label=f"r with the l_pos sensitive-head map, {on} on")
+    bottom.axhline(0, color="black", lw=0.8)
+    bottom.set_ylim(-1.05, 1.05)
+    bottom.set_ylabel("Pearson r with the anchor map")
+    bottom.set_xlabel("decoder layer")
+    bottom.set_xticks(x)
+    bottom.set_title("Correlation of each layer's map (all heads) with the anchor maps, eq. 6", fontsize=10)
+    bottom.legend(fontsize=8, loc="lower left", ncol=2)
+    s = report["suggestion"]
+    if s["l_pos"] is not None:
+        text = f"Suggestion: l_pos = {s['l_pos']}, drift layers {s['drift_layers']}. {s['reason']}. Based on {s['basis']}."
+    else:
+        text = f"No suggestion: {s['reason']}."
+    missing = [k for k in ("pearson_neg", "pearson_pos") if all(v is None for v in report["off"][k])]
+    if missing:
+        text += " A missing line: that anchor's head set is empty at this lam (no map to correlate with)."
+    fig.text(0.01, 0.0, textwrap.fill(text, 150), fontsize=8, va="bottom")
+    fig.get_layout_engine().set(rect=(0, 0.08, 1, 0.92))
+    _title(fig, "Deep-layer attention drift (the CLVA paper's Fig. 2b), mitigation off and on", report)
+    fig.savefig(path)
+
+
+def anchors_png(report: dict, view: np.ndarray, path: Path) -> None:
+    from matplotlib.patches import Patch
+
+    g = report["image_tokens"]
+    n = g["rows"] * g["cols"]
+    fig = _figure(10, 6.6)
+    left, right = fig.subplots(1, 2)
+    left.imshow(view, extent=(0, 1, 1, 0))
+    left.set_title("the image as the model sees it", fontsize=10)
+    right.imshow(view, extent=(0, 1, 1, 0))
+    overlay = np.zeros((g["rows"], g["cols"], 4))
+    zpos = np.zeros(g["count"], dtype=bool)
+    zneg = np.zeros(g["count"], dtype=bool)
+    zpos[report["off"]["zpos"]] = True
+    zneg[report["off"]["zneg"]] = True
+    zpos, zneg = zpos[g["skip"]:].reshape(g["rows"], g["cols"]), zneg[g["skip"]:].reshape(g["rows"], g["cols"])
+    overlay[zneg] = (0.84, 0.19, 0.15, 0.6)
+    overlay[zpos] = (0.10, 0.60, 0.31, 0.6)
+    overlay[zpos & zneg] = (0.95, 0.75, 0.1, 0.7)
+    right.imshow(overlay, extent=(0, 1, 1, 0), interpolation="nearest")
+    lay, tau = report["layers"], report["thresholds"]["tau"]
+    right.set_title(f"CLVA's anchors ({g['layout']})", fontsize=10)
+    for ax in (left, right):
+        ax.set_xlabel("image x")
+        ax.set_ylabel("image y")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Patch(color=POS, alpha=0.7, label=f"positive anchor: z > {tau:g} in the map of layer {lay['l_pos']}'s "
+                                                  f"sensitive heads ({int(zpos.sum())} of {n} tokens; boosted)"),
+               Patch(color=NEG, alpha=0.7, label=f"negative anchor: z > {tau:g} in the map of layer {lay['l_neg']}'s "
+                                                  f"insensitive heads ({int(zneg.sum())} of {n}; suppressed)")]
+    if (zpos & zneg).any():
+        handles.append(Patch(color=(0.95, 0.75, 0.1), label="both"))
+    right.legend(handles=handles, loc="upper center", bbox_to_anchor=(-0.1, -0.06), fontsize=8, frameon=False)
+    a = report["answers"]
+    on = report["mitigation_on"]["methods"]
+    text = "\n".join([textwrap.fill(f"Q: {report['prompt']}", 120),
+                      textwrap.fill(f"A, mitigation off: {a['off']['text']!r}", 120),
+                      textwrap.fill(f"A, {on} on: {a['on']['text']!r}", 120)])
+    fig.text(0.02, 0.01, text, fontsize=9, va="bottom", family="monospace")
+    fig.get_layout_engine().set(rect=(0, 0.14, 1, 0.86))
+    _title(fig, "Where CLVA steers the drift layers: positive anchors are boosted (w = 1 + alpha), negative "
+                "anchors suppressed (w = 1 - beta)", report, width=100)
+    fig.savefig(path)
