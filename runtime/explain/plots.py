@@ -44,10 +44,12 @@ def _figure(w: float, h: float):
     return fig
 
 
-def _title(fig, what: str, report: dict, width: int = 110) -> None:
-    prompt = textwrap.shorten(report["prompt"], 300)
-    lines = textwrap.wrap(f'prompt: "{prompt}"', width)
-    fig.suptitle(f"{what}\n" + "\n".join(lines), fontsize=11)
+def _title(fig, what: str, report: dict) -> None:
+    """The figure's title and the prompt, wrapped to the figure's width (about 11.5 characters an inch at 11 pt)."""
+    width = int(fig.get_figwidth() * 11.5)
+    prompt = textwrap.shorten(report["prompt"], 400)
+    lines = textwrap.wrap(what, width) + textwrap.wrap(f'prompt: "{prompt}"', width)
+    fig.suptitle("\n".join(lines), fontsize=11)
 
 
 def _layer_tag(report: dict, layer: int) -> str:
@@ -81,7 +83,7 @@ def heads_png(report: dict, path: Path) -> None:
     cb.set_label("Phi: mean attention of the prompt's text rows on image tokens (eq. 1)")
     if layers * heads <= 40 * 40:
         for (l, h), v in np.ndenumerate(phi):
-            ax.text(h, l, f"{v:.2f}"[1:] if 0 <= v < 1 else f"{v:.1f}", ha="center", va="center", fontsize=6,
+            ax.text(h, l, f"{v:.2f}".removeprefix("0"), ha="center", va="center", fontsize=6,
                     color="white" if v < 0.6 * phi.max() else "black")
     for l in range(layers):
         for h in off["sensitive_heads"][l]:
@@ -102,7 +104,7 @@ def heads_png(report: dict, path: Path) -> None:
     lay = report["layers"]
     _title(fig, f"Visual attention intensity per layer and head (mitigation off). CLVA takes positive anchors from "
                 f"the sensitive heads of layer {lay['l_pos']} (l_pos) and negative anchors from the insensitive "
-                f"heads of layer {lay['l_neg']} (l_neg)", report, width=100)
+                f"heads of layer {lay['l_neg']} (l_neg)", report)
     fig.savefig(path)
 
 
@@ -147,7 +149,7 @@ def layers_png(report: dict, view: np.ndarray, path: Path) -> None:
     cb = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes, shrink=0.6, alpha=0.5)
     cb.set_label("share of the panel's maximum attention")
     _title(fig, "Where the last prompt token looks in each layer (its attention over the image tokens; each panel "
-                "scaled to its own maximum)", report, width=int(14 * cols))
+                "scaled to its own maximum)", report)
     fig.savefig(path)
 
 
@@ -156,18 +158,21 @@ def drift_png(report: dict, path: Path) -> None:
     x = np.arange(layers)
     lay = report["layers"]
     on = report["mitigation_on"]["methods"]
-    fig = _figure(9, 7.5)
+    fig = _figure(12, 7.8)
     top, bottom = fig.subplots(2, 1, sharex=True)
 
     def series(values):
         return np.array([np.nan if v is None else v for v in values], dtype=float)
 
-    for ax in (top, bottom):
+    for ax in (top, bottom):  # the shared marks are labelled once, in the top legend
+        shown = ax is top
         if lay["drift_layers"]:
             ax.axvspan(min(lay["drift_layers"]) - 0.5, max(lay["drift_layers"]) + 0.5, color="0.9",
-                       label="drift layers (CLVA re-weights these)")
-        ax.axvline(lay["l_neg"], color=NEG, ls=":", lw=1.2, label=f"l_neg = {lay['l_neg']}")
-        ax.axvline(lay["l_pos"], color=POS, ls=":", lw=1.2, label=f"l_pos = {lay['l_pos']}")
+                       label="drift layers (CLVA re-weights these)" if shown else "_nolegend_")
+        ax.axvline(lay["l_neg"], color=NEG, ls=":", lw=1.2,
+                   label=f"l_neg = {lay['l_neg']} (negative anchors)" if shown else "_nolegend_")
+        ax.axvline(lay["l_pos"], color=POS, ls=":", lw=1.2,
+                   label=f"l_pos = {lay['l_pos']} (positive anchors)" if shown else "_nolegend_")
         ax.grid(alpha=0.3)
     top.plot(x, series(report["off"]["entropy_all_heads"]), "o-", color="#4575b4", label="all heads, mitigation off")
     top.plot(x, series(report["on"]["entropy_all_heads"]), "s--", color="#4575b4", mfc="none",
@@ -181,7 +186,7 @@ def drift_png(report: dict, path: Path) -> None:
     top.set_ylabel("entropy of the visual attention (nats)")
     top.set_title("Entropy of the last prompt token's attention over the image (lower = more focused), eq. 5",
                   fontsize=10)
-    top.legend(fontsize=8, loc="lower left")
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     bottom.plot(x, series(report["off"]["pearson_neg"]), "o-", color=NEG,
                 label=f"r with the l_neg insensitive-head map, off")
     bottom.plot(x, series(report["on"]["pearson_neg"]), "s--", color=NEG, mfc="none",
@@ -196,7 +201,7 @@ def drift_png(report: dict, path: Path) -> None:
     bottom.set_xlabel("decoder layer")
     bottom.set_xticks(x)
     bottom.set_title("Correlation of each layer's map (all heads) with the anchor maps, eq. 6", fontsize=10)
-    bottom.legend(fontsize=8, loc="lower left", ncol=2)
+    bottom.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     s = report["suggestion"]
     if s["l_pos"] is not None:
         text = f"Suggestion: l_pos = {s['l_pos']}, drift layers {s['drift_layers']}. {s['reason']}. Based on {s['basis']}."
@@ -205,7 +210,7 @@ def drift_png(report: dict, path: Path) -> None:
     missing = [k for k in ("pearson_neg", "pearson_pos") if all(v is None for v in report["off"][k])]
     if missing:
         text += " A missing line: that anchor's head set is empty at this lam (no map to correlate with)."
-    fig.text(0.01, 0.0, textwrap.fill(text, 150), fontsize=8, va="bottom")
+    fig.text(0.01, 0.0, textwrap.fill(text, 190), fontsize=8, va="bottom")
     fig.get_layout_engine().set(rect=(0, 0.08, 1, 0.92))
     _title(fig, "Deep-layer attention drift (the CLVA paper's Fig. 2b), mitigation off and on", report)
     fig.savefig(path)
@@ -214,44 +219,44 @@ def drift_png(report: dict, path: Path) -> None:
 def anchors_png(report: dict, view: np.ndarray, path: Path) -> None:
     from matplotlib.patches import Patch
 
+    from matplotlib.patches import Rectangle
+
     g = report["image_tokens"]
     n = g["rows"] * g["cols"]
-    fig = _figure(10, 6.6)
+    fig = _figure(9, 7.2)
     left, right = fig.subplots(1, 2)
     left.imshow(view, extent=(0, 1, 1, 0))
     left.set_title("the image as the model sees it", fontsize=10)
     right.imshow(view, extent=(0, 1, 1, 0))
-    overlay = np.zeros((g["rows"], g["cols"], 4))
     zpos = np.zeros(g["count"], dtype=bool)
     zneg = np.zeros(g["count"], dtype=bool)
     zpos[report["off"]["zpos"]] = True
     zneg[report["off"]["zneg"]] = True
     zpos, zneg = zpos[g["skip"]:].reshape(g["rows"], g["cols"]), zneg[g["skip"]:].reshape(g["rows"], g["cols"])
-    overlay[zneg] = (0.84, 0.19, 0.15, 0.6)
-    overlay[zpos] = (0.10, 0.60, 0.31, 0.6)
-    overlay[zpos & zneg] = (0.95, 0.75, 0.1, 0.7)
-    right.imshow(overlay, extent=(0, 1, 1, 0), interpolation="nearest")
+    h, w = 1.0 / g["rows"], 1.0 / g["cols"]
+    for mask, colour, inset in ((zneg, NEG, 0.0), (zpos, POS, 0.12)):  # a cell in both gets a green box in a red one
+        for r, c in zip(*np.nonzero(mask)):
+            right.add_patch(Rectangle((c * w + inset * w, r * h + inset * h), w * (1 - 2 * inset), h * (1 - 2 * inset),
+                                      facecolor=colour, alpha=0.35, edgecolor=colour, lw=2.5))
     lay, tau = report["layers"], report["thresholds"]["tau"]
-    right.set_title(f"CLVA's anchors ({g['layout']})", fontsize=10)
+    right.set_title(f"CLVA's anchors on the image tokens ({g['layout']})", fontsize=10)
     for ax in (left, right):
         ax.set_xlabel("image x")
         ax.set_ylabel("image y")
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [Patch(color=POS, alpha=0.7, label=f"positive anchor: z > {tau:g} in the map of layer {lay['l_pos']}'s "
-                                                  f"sensitive heads ({int(zpos.sum())} of {n} tokens; boosted)"),
-               Patch(color=NEG, alpha=0.7, label=f"negative anchor: z > {tau:g} in the map of layer {lay['l_neg']}'s "
-                                                  f"insensitive heads ({int(zneg.sum())} of {n}; suppressed)")]
-    if (zpos & zneg).any():
-        handles.append(Patch(color=(0.95, 0.75, 0.1), label="both"))
-    right.legend(handles=handles, loc="upper center", bbox_to_anchor=(-0.1, -0.06), fontsize=8, frameon=False)
+    handles = [Patch(facecolor=POS, alpha=0.6, edgecolor=POS, label=f"positive anchor: z > {tau:g} in the map of "
+               f"layer {lay['l_pos']}'s sensitive heads ({int(zpos.sum())} of {n} tokens; boosted in the drift layers)"),
+               Patch(facecolor=NEG, alpha=0.6, edgecolor=NEG, label=f"negative anchor: z > {tau:g} in the map of "
+               f"layer {lay['l_neg']}'s insensitive heads ({int(zneg.sum())} of {n} tokens; suppressed)")]
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.13), fontsize=9, frameon=False)
     a = report["answers"]
     on = report["mitigation_on"]["methods"]
-    text = "\n".join([textwrap.fill(f"Q: {report['prompt']}", 120),
-                      textwrap.fill(f"A, mitigation off: {a['off']['text']!r}", 120),
-                      textwrap.fill(f"A, {on} on: {a['on']['text']!r}", 120)])
-    fig.text(0.02, 0.01, text, fontsize=9, va="bottom", family="monospace")
-    fig.get_layout_engine().set(rect=(0, 0.14, 1, 0.86))
+    text = "\n".join([textwrap.fill(f"Q: {report['prompt']}", 100),
+                      textwrap.fill(f"A, mitigation off: {a['off']['text']!r}", 100),
+                      textwrap.fill(f"A, {on} on: {a['on']['text']!r}", 100)])
+    fig.text(0.03, 0.01, text, fontsize=9, va="bottom", family="monospace")
+    fig.get_layout_engine().set(rect=(0, 0.2, 1, 0.8))
     _title(fig, "Where CLVA steers the drift layers: positive anchors are boosted (w = 1 + alpha), negative "
-                "anchors suppressed (w = 1 - beta)", report, width=100)
+                "anchors suppressed (w = 1 - beta)", report)
     fig.savefig(path)
