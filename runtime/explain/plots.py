@@ -82,16 +82,16 @@ def heads_png(report: dict, path: Path) -> None:
     cb = fig.colorbar(im, ax=ax, shrink=0.9)
     cb.set_label("Phi: mean attention of the prompt's text rows on image tokens (eq. 1)")
     if layers * heads <= 40 * 40:
-        for (l, h), v in np.ndenumerate(phi):
-            ax.text(h, l, f"{v:.2f}".removeprefix("0"), ha="center", va="center", fontsize=6,
+        for (li, h), v in np.ndenumerate(phi):
+            ax.text(h, li, f"{v:.2f}".removeprefix("0"), ha="center", va="center", fontsize=6,
                     color="white" if v < 0.6 * phi.max() else "black")
-    for l in range(layers):
-        for h in off["sensitive_heads"][l]:
-            ax.scatter(h, l - 0.28, marker="^", s=36, facecolor="white", edgecolor="black", lw=0.8, zorder=3)
-        for h in off["insensitive_heads"][l]:
-            ax.scatter(h, l - 0.28, marker="v", s=36, facecolor="black", edgecolor="white", lw=0.8, zorder=3)
+    for li in range(layers):
+        for h in off["sensitive_heads"][li]:
+            ax.scatter(h, li - 0.28, marker="^", s=36, facecolor="white", edgecolor="black", lw=0.8, zorder=3)
+        for h in off["insensitive_heads"][li]:
+            ax.scatter(h, li - 0.28, marker="v", s=36, facecolor="black", edgecolor="white", lw=0.8, zorder=3)
     ax.set_xticks(range(heads))
-    ax.set_yticks(range(layers), [f"{l} ({t})" if (t := _layer_tag(report, l)) else str(l) for l in range(layers)],
+    ax.set_yticks(range(layers), [f"{li} ({t})" if (t := _layer_tag(report, li)) else str(li) for li in range(layers)],
                   fontsize=8)
     ax.set_xlabel("attention head")
     ax.set_ylabel("decoder layer (CLVA's role in brackets)")
@@ -188,11 +188,11 @@ def drift_png(report: dict, path: Path) -> None:
                   fontsize=10)
     top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     bottom.plot(x, series(report["off"]["pearson_neg"]), "o-", color=NEG,
-                label=f"r with the l_neg insensitive-head map, off")
+                label="r with the l_neg insensitive-head map, off")
     bottom.plot(x, series(report["on"]["pearson_neg"]), "s--", color=NEG, mfc="none",
                 label=f"r with the l_neg insensitive-head map, {on} on")
     bottom.plot(x, series(report["off"]["pearson_pos"]), "o-", color=POS,
-                label=f"r with the l_pos sensitive-head map, off")
+                label="r with the l_pos sensitive-head map, off")
     bottom.plot(x, series(report["on"]["pearson_pos"]), "s--", color=POS, mfc="none",
                 label=f"r with the l_pos sensitive-head map, {on} on")
     bottom.axhline(0, color="black", lw=0.8)
@@ -217,9 +217,7 @@ def drift_png(report: dict, path: Path) -> None:
 
 
 def anchors_png(report: dict, view: np.ndarray, path: Path) -> None:
-    from matplotlib.patches import Patch
-
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Patch, Rectangle
 
     g = report["image_tokens"]
     n = g["rows"] * g["cols"]

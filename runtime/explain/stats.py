@@ -74,8 +74,8 @@ def layer_curves(last: np.ndarray, sensitive: np.ndarray, m_neg: np.ndarray | No
     """Per layer: the all-heads and own-sensitive-heads maps, their entropies and the correlations of the all-heads
     map with the two anchor maps. last [L, H, V]; sensitive [L, H]."""
     layers = last.shape[0]
-    all_maps = [head_map(last[l], np.ones(last.shape[1], dtype=bool)) for l in range(layers)]
-    sens_maps = [head_map(last[l], sensitive[l]) for l in range(layers)]
+    all_maps = [head_map(last[li], np.ones(last.shape[1], dtype=bool)) for li in range(layers)]
+    sens_maps = [head_map(last[li], sensitive[li]) for li in range(layers)]
     return {
         "map_all_heads": all_maps,
         "map_sensitive_heads": sens_maps,
@@ -97,8 +97,8 @@ def suggest(last: np.ndarray, sensitive: np.ndarray, insensitive: np.ndarray, l_
     layers = last.shape[0]
     basis = ("one forward pass (this image and prompt); the paper reads its curves averaged over 100 COCO images: "
              "run explain on several images before changing the export")
-    candidates = [(entropy(head_map(last[l], sensitive[l])), l) for l in range(1, layers - 1) if sensitive[l].any()]
-    candidates = [(e, l) for e, l in candidates if e is not None]
+    candidates = [(entropy(head_map(last[li], sensitive[li])), li) for li in range(1, layers - 1) if sensitive[li].any()]
+    candidates = [(e, li) for e, li in candidates if e is not None]
     if layers < 3 or not candidates:
         return {"l_pos": None, "drift_layers": None, "basis": basis,
                 "reason": "no intermediate layer has a sensitive head at this lam: no suggestion"}
@@ -107,11 +107,11 @@ def suggest(last: np.ndarray, sensitive: np.ndarray, insensitive: np.ndarray, l_
     m_neg = head_map(last[l_neg], insensitive[l_neg])
     first = max(l_pos, l_neg) + 1
     drifting = []
-    for l in range(first, layers):
-        m = head_map(last[l], np.ones(last.shape[1], dtype=bool))
+    for layer in range(first, layers):
+        m = head_map(last[layer], np.ones(last.shape[1], dtype=bool))
         r_neg, r_pos = pearson(m, m_neg), pearson(m, m_pos)
         if r_neg is not None and r_pos is not None and r_neg > r_pos:
-            drifting.append(l)
+            drifting.append(layer)
     if drifting:
         drift = list(range(drifting[0], layers))
         why = (f"l_pos = layer {l_pos}: lowest entropy of the sensitive-head map among layers 1..{layers - 2}; "
