@@ -133,23 +133,27 @@ def layers_png(report: dict, view: np.ndarray, path: Path) -> None:
     kinds = [("off", "map_all_heads", "all heads"), ("off", "map_sensitive_heads", "sensitive heads of the layer"),
              ("on", "map_all_heads", f"all heads, {report['mitigation_on']['methods']} on")]
     rows = blocks * len(kinds)
-    fig = _figure(1.7 * cols + 1.6, 1.75 * rows + 1.6)
+    fig = _figure(1.7 * cols + 1.6, 1.9 * rows + 1.6)
     axes = fig.subplots(rows, cols, squeeze=False)
     for layer in range(layers):
         block, col = divmod(layer, cols)
         tag = _layer_tag(report, layer)
         for k, (which, key, label) in enumerate(kinds):
             ax = axes[block * len(kinds) + k][col]
-            _overlay(ax, view, report[which][key][layer], report, f"layer {layer}" + (f" ({tag})" if tag else ""))
+            values = report[which][key][layer]
+            share = f"\non the image: {sum(values):.2f}" if values is not None else ""
+            _overlay(ax, view, values, report, f"layer {layer}" + (f" ({tag})" if tag else "") + share)
             if col == 0:
                 ax.set_ylabel(textwrap.fill(label, 16), fontsize=8)
     for layer in range(layers, blocks * cols):
         for k in range(len(kinds)):
             axes[(layer // cols) * len(kinds) + k][layer % cols].set_axis_off()
+    fig.supxlabel("each panel: the image as the model sees it (x left to right, y top to bottom), one cell per image "
+                  "token", fontsize=9)
     cb = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes, shrink=0.6, alpha=0.5)
     cb.set_label("share of the panel's maximum attention")
-    _title(fig, "Where the last prompt token looks in each layer (its attention over the image tokens; each panel "
-                "scaled to its own maximum)", report)
+    _title(fig, "Where the last prompt token looks in each layer: its attention over the image tokens, each panel "
+                "scaled to its own maximum ('on the image': the attention's total share on image tokens)", report)
     fig.savefig(path)
 
 
