@@ -173,3 +173,28 @@ def test_missing_matplotlib_is_one_line(monkeypatch, tiny_artifact, tmp_path):
                                   str(tmp_path / "o")])
     assert r.exit_code == 2
     assert 'pip install "anchorrt[profile]"' in r.output and r.output.strip().count("\n") == 0, r.output
+
+
+def test_demo_marks_unknown_words_and_wrong_answers():
+    """scripts/demo.py's helpers: the demo model's 44-word tokenizer flags unknown words; POPE's yes/no rule; caption
+    mentions the scene does not hold."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from runtime.eval.world import COLOUR_NAMES, SHAPES, Obj, Scene
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    tok = Tokenizer.from_file(str(ROOT / "samples" / "demo-llava" / "tokenizer.json"))
+    assert tok.get_vocab_size() == 44
+    pipe = SimpleNamespace(prompts=SimpleNamespace(tokenizer=tok))
+    assert demo.unknown_words(pipe, "Is there a purple elephant in the image?") == ["purple", "elephant"]
+    assert demo.unknown_words(pipe, "Is there a red circle in the image?") == []
+    assert [demo.yes_no(t) for t in ("yes", "no.", "Yes, there is", "there is not a star")] == ["yes", "no", "yes", "no"]
+    scene = Scene((Obj("circle", "yellow", 16, 16, 7), Obj("ring", "blue", 48, 16, 7)), seed=0)
+    caption = "a yellow circle, a yellow ring and a blue square."
+    assert demo.not_in_scene(caption, scene, SHAPES, COLOUR_NAMES) == ["yellow ring", "blue square"]

@@ -128,6 +128,8 @@ def layers_png(report: dict, view: np.ndarray, path: Path) -> None:
     from matplotlib.colors import Normalize
 
     layers = report["layers"]["num_layers"]
+    step = max(1, view.shape[0] // 160)  # a panel is ~170 px wide: a smaller background keeps the file small
+    view = view[::step, ::step]
     cols = min(layers, 8)
     blocks = -(-layers // cols)
     kinds = [("off", "map_all_heads", "all heads"), ("off", "map_sensitive_heads", "sensitive heads of the layer"),

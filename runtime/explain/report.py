@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ImageError
+from runtime.errors import FlagError
 from runtime.explain import stats
 from runtime.explain.forward import attention_rows
 
@@ -158,7 +158,7 @@ def explain(folder: str | os.PathLike, image, prompt: str, out: str | os.PathLik
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ImageError(f"--out '{out}' is a file; give a folder for the pictures")
+        raise FlagError(f"--out '{out}' is a file; give a folder for the pictures")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.explain-", dir=out.parent))
     try:
