@@ -81,7 +81,7 @@ def explain(artifact_dir: Path, image: str, prompt: str, out_dir: Path, mitigati
         spec["clva"] = overrides
     _say(f"copying {artifact_dir} with the attention rows exposed" + ("" if "clva" in baked else
                                                                       " (and CLVA at METHODS.md's default layers)"))
-    copy = explained_copy(artifact_dir, BakeOptions(), verify=not no_verify)
+    copy = explained_copy(artifact_dir, BakeOptions(debug_outputs=True), verify=not no_verify)
     try:
         from runtime.explain.report import explain as run_explain
         from runtime.pipeline import Pipeline

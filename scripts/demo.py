@@ -101,7 +101,7 @@ def explain_scene(art: Path, image_path: Path, prompt: str) -> None:
     except ImportError:
         print('  (no explain pictures: matplotlib is missing; `pip install "anchorrt[profile]"`)')
         return
-    copy = explained_copy(art, BakeOptions(), verify=False)
+    copy = explained_copy(art, BakeOptions(debug_outputs=True), verify=False)
     try:
         pipe = Pipeline.from_dir(copy, verify=False)
         out = OUT / "demo-explain"

@@ -34,7 +34,7 @@ def explained(request, tmp_path_factory, images):
     work = tmp_path_factory.mktemp(f"explain-{request.param}")
     image = work / "image.png"
     images[0].save(image)
-    copy = explained_copy(art, BakeOptions())
+    copy = explained_copy(art, BakeOptions(debug_outputs=True))  # the graph's own CLVA head sets and anchors too
     try:
         pipe = Pipeline.from_dir(copy, verify=False)
         layers = pipe.manifest.mitigation["clva"]["layers"]
@@ -81,6 +81,9 @@ def test_explain_writes_every_file_with_its_content(explained):
     grid = data["image_tokens"]
     assert grid["rows"] * grid["cols"] + grid["skip"] == grid["count"]
     assert grid["skip"] == (1 if explained["name"] == "gqa23" else 0)  # the class token of "full" features
+    # The copy's CLVA (baked with debug outputs) computed the same head sets and anchors in the graph.
+    assert data["graph_check"] == {"sensitive_heads_equal": True, "insensitive_heads_equal": True, "zpos_equal": True,
+                                   "zneg_equal": True}
     assert set(data["answers"]) == {"off", "on"} and all(isinstance(a["text"], str) for a in data["answers"].values())
     s = data["suggestion"]
     assert "one forward pass" in s["basis"] and s["reason"]

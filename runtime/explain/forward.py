@@ -17,6 +17,7 @@ import numpy as np
 from runtime.errors import ArtifactError, PromptError
 
 ATTENTION = "explain.attention"
+CLVA_DEBUG = ("clva.zpos", "clva.zneg", "clva.sensitive_heads", "clva.insensitive_heads")
 
 
 @dataclass
@@ -25,6 +26,7 @@ class PassRows:
     visual: np.ndarray  # [K] bool
     first_t_row: int
     prompt_tokens: int
+    graph_debug: dict  # CLVA's own debug outputs of this pass (row 0), where the decoder has them (bake --debug-outputs)
 
 
 def attention_rows(pipe, features: np.ndarray, encoded, mitigation: dict | None) -> PassRows:
@@ -43,8 +45,10 @@ def attention_rows(pipe, features: np.ndarray, encoded, mitigation: dict | None)
     cache = pipe._new_cache(1, s + 1)
     extra = pipe._extra_inputs(batch, [mitigation])
     fetched = {ATTENTION: None}
+    fetched.update({name: None for name in CLVA_DEBUG if name in pipe.decoder.output_names()})
     pipe.prefill(batch, features, cache, extra, fetch=fetched)
     attention = fetched[ATTENTION][0]  # [L, H, R, K]
     if attention.shape[2] != s - first_t:
         raise ArtifactError(f"the explain output has {attention.shape[2]} rows for {s - first_t} T rows; re-make the copy")
-    return PassRows(attention, batch.image_mask[0].copy(), first_t, s)
+    debug = {name: value[0] for name, value in fetched.items() if name != ATTENTION}
+    return PassRows(attention, batch.image_mask[0].copy(), first_t, s, debug)

@@ -243,7 +243,7 @@ def anchors_png(report: dict, view: np.ndarray, path: Path) -> None:
             right.add_patch(Rectangle((c * w + inset * w, r * h + inset * h), w * (1 - 2 * inset), h * (1 - 2 * inset),
                                       facecolor=colour, alpha=0.35, edgecolor=colour, lw=2.5))
     lay, tau = report["layers"], report["thresholds"]["tau"]
-    right.set_title(f"CLVA's anchors on the image tokens ({g['layout']})", fontsize=10)
+    right.set_title(textwrap.fill(f"CLVA's anchors on the image tokens ({g['layout']})", 48), fontsize=10)
     for ax in (left, right):
         ax.set_xlabel("image x")
         ax.set_ylabel("image y")

@@ -35,8 +35,7 @@ def image_grid(n: int) -> dict:
         return {"rows": side, "cols": side, "skip": 0, "layout": f"{side}x{side} patches"}
     side = math.isqrt(n - 1)
     if n > 1 and side * side == n - 1:
-        return {"rows": side, "cols": side, "skip": 1, "layout": f"class token + {side}x{side} patches "
-                                                                 "(the class token is left out of the pictures)"}
+        return {"rows": side, "cols": side, "skip": 1, "layout": f"{side}x{side} patches; the class token is not drawn"}
     return {"rows": 1, "cols": n, "skip": 0, "layout": f"{n} tokens in order (not a square grid)"}
 
 
@@ -66,6 +65,21 @@ def _pass_numbers(rows, lam: float, tau: float, l_neg: int, l_pos: int, grid: di
         "zpos": stats.anchor(m_pos, tau, n_v), "zneg": stats.anchor(m_neg, tau, n_v),
         "visual_mass_last_row": last.sum(-1).mean(-1),  # [L] mean over heads of the last row's mass on V
         **curves,
+    }
+
+
+def _graph_check(rows, numbers: dict, l_neg: int, l_pos: int, clva_on: bool) -> dict | None:
+    """Where the decoder has CLVA's debug outputs (bake --debug-outputs) and CLVA was on: do the graph's own head sets
+    and anchors equal the ones computed here from the exposed attention? None when there is nothing to compare."""
+    d = rows.graph_debug
+    if not d or not clva_on:
+        return None
+    visual = rows.visual
+    return {
+        "sensitive_heads_equal": bool((d["clva.sensitive_heads"] == numbers["sensitive"][l_pos]).all()),
+        "insensitive_heads_equal": bool((d["clva.insensitive_heads"] == numbers["insensitive"][l_neg]).all()),
+        "zpos_equal": bool((d["clva.zpos"][visual] == numbers["zpos"]).all()),
+        "zneg_equal": bool((d["clva.zneg"][visual] == numbers["zneg"]).all()),
     }
 
 
@@ -109,6 +123,7 @@ def explain(folder: str | os.PathLike, image, prompt: str, out: str | os.PathLik
     for name, spec in (("off", None), ("on", mitigation)):
         g = pipe.generate(img, prompt, max_new_tokens=max_new_tokens, mitigation=spec)
         answers[name] = {"text": g.text, "finish_reason": g.finish_reason, "total_s": g.timings.get("total_s")}
+    graph_check = _graph_check(rows_on, on, l_neg, l_pos, bool(parsed.get("clva")))
     suggestion = stats.suggest(off["last"], off["sensitive"], off["insensitive"], l_neg)
 
     L, H = off["phi"].shape
@@ -139,6 +154,7 @@ def explain(folder: str | os.PathLike, image, prompt: str, out: str | os.PathLik
                   "change; SEVI's last-row edit is not in the exposed attention",
         },
         "answers": answers,
+        "graph_check": graph_check,
         "suggestion": suggestion,
     }
     for name, d in (("off", off), ("on", on)):
