@@ -139,6 +139,22 @@ def test_phi_and_head_sets_equal_the_pytorch_reference(explained):
         assert np.flatnonzero(r.debug["clva"][key][0].numpy()[visual]).tolist() == d["off"][key], key
 
 
+def test_pass_counts_layers_and_leaves_graphs_without_attention_alone(baked_artifact):
+    import onnx_ir as ir
+
+    from graph_passes.explain import ATTENTION, ExplainPass
+
+    decoder = ir.load(baked_artifact / "decoder.onnx")
+    p = ExplainPass()
+    assert p(decoder).modified and p.count == 8
+    out = next(v for v in decoder.graph.outputs if v.name == ATTENTION)
+    assert list(out.shape)[1:3] == [8, 8]  # [batch, layers, heads, rows, keys]
+    embed = ir.load(baked_artifact / "embed.onnx")  # a near miss: a graph of the artifact with no attention
+    p = ExplainPass()
+    assert not p(embed).modified and p.count == 0
+    assert all(v.name != ATTENTION for v in embed.graph.outputs)
+
+
 def test_pass_on_a_graph_without_visual_mask_is_refused(tiny_artifact):
     import onnx_ir as ir
 
