@@ -37,6 +37,19 @@ def parse_on(text: str | None, baked: list[str]) -> dict:
     return {m: True for m in items}
 
 
+def _number(name: str, text: str | None) -> float | None:
+    """Parsed here, not by click, so that a bad value is one line `error: ...` like the rest of the CLI."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise FlagError(f"{name} must be a finite number >= 0, got {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise FlagError(f"{name} must be a finite number >= 0, got {text}")
+    return value
+
+
 @click.command("explain")
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--image", required=True, help="Image file.")
@@ -45,14 +58,13 @@ def parse_on(text: str | None, baked: list[str]) -> dict:
               help="Folder for heads.png, layers.png, drift.png, anchors.png and explain.json.")
 @click.option("--mitigation", default=None, metavar="METHODS",
               help="Methods on in the 'on' pass: clva (default), sevi, clva,sevi.")
-@click.option("--lam", default=None, type=float, help="Head-set width lambda (default: the artifact's CLVA default).")
-@click.option("--tau", default=None, type=float, help="Anchor z-score threshold (default: the artifact's CLVA default).")
-@click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1, 4096),
-              help="Length of the answers shown in anchors.png.")
+@click.option("--lam", default=None, help="Head-set width lambda (default: the artifact's CLVA default).")
+@click.option("--tau", default=None, help="Anchor z-score threshold (default: the artifact's CLVA default).")
+@click.option("--max-new-tokens", default="24", show_default=True, help="Length of the answers shown in anchors.png.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact files.")
 @_friendly
-def explain(artifact_dir: Path, image: str, prompt: str, out_dir: Path, mitigation: str | None, lam: float | None,
-            tau: float | None, max_new_tokens: int, no_verify: bool) -> None:
+def explain(artifact_dir: Path, image: str, prompt: str, out_dir: Path, mitigation: str | None, lam: str | None,
+            tau: str | None, max_new_tokens: str, no_verify: bool) -> None:
     """Draw where the model looks: Phi per layer and head, per-layer maps, drift curves, CLVA's anchors."""
     from runtime.explain.plots import require_matplotlib
     from runtime.manifest import Manifest
@@ -61,9 +73,13 @@ def explain(artifact_dir: Path, image: str, prompt: str, out_dir: Path, mitigati
     require_matplotlib()  # before anything is read or copied
     if out_dir.exists() and not out_dir.is_dir():
         raise FlagError(f"--out '{out_dir}' exists and is not a folder; pass another --out")
-    for name, value in (("--lam", lam), ("--tau", tau)):
-        if value is not None and not (value >= 0 and value != float("inf")):
-            raise FlagError(f"{name} must be a finite number >= 0, got {value}")
+    lam, tau = _number("--lam", lam), _number("--tau", tau)
+    try:
+        max_new_tokens = int(max_new_tokens)
+    except ValueError:
+        raise FlagError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}") from None
+    if max_new_tokens < 1:
+        raise FlagError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens}")
     if not prompt.strip():
         raise FlagError("--prompt is empty; ask a question about the image")
     manifest = Manifest.load(artifact_dir, verify=not no_verify)

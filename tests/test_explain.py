@@ -180,6 +180,33 @@ def test_cli_one_line_errors(tiny_artifact, tmp_path, images):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args, message", [(("--lam", "-1"), "--lam must be a finite number >= 0"),
+                                           (("--tau", "nan"), "--tau must be a finite number >= 0"),
+                                           (("--max-new-tokens", "0"), "--max-new-tokens must be an integer >= 1")])
+def test_cli_bad_numbers_are_one_line(tiny_artifact, tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from anchorrt.cli import main
+
+    r = CliRunner().invoke(main, ["explain", str(tiny_artifact), "--image", "x.png", "--prompt", "Hi?", "--out",
+                                  str(tmp_path / "o"), *args])
+    assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and message in r.output, r.output
+
+
+def test_cli_runs_without_torch(tiny_artifact, tmp_path, images):
+    """The whole command on the plain tiny export (CLVA baked into the copy) with torch made unimportable."""
+    from tests.conftest import run_cli
+
+    image = tmp_path / "i.png"
+    images[1].save(image)
+    r = run_cli("explain", str(tiny_artifact), "--image", str(image), "--prompt", "Describe it.", "--out",
+                str(tmp_path / "o"), "--max-new-tokens", "2", block_torch=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["anchors.png", "drift.png", "explain.json",
+                                                                  "heads.png", "layers.png"]
+    assert "wrote" in r.stdout and "suggest" in r.stdout
+
+
 def test_missing_matplotlib_is_one_line(monkeypatch, tiny_artifact, tmp_path):
     import sys
 
