@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 
 from runtime.eval.loaders import EvalDataError, load_chair, load_mme, load_pope
-from runtime.eval.metrics import (
-    SynonymTable,
-    caption_objects,
-    chair_metrics,
-    mme_scores,
-    parse_yes_no,
-    pope_metrics,
-)
+from runtime.eval.chair import Chair
+from runtime.eval.metrics import chair_metrics, mme_scores, parse_yes_no, pope_metrics
 from runtime.eval.world import PAIRS, SHAPES, World, caption, mme_sets, pope_sets
 from tests.conftest import run_cli
 
@@ -52,13 +46,11 @@ def test_pope_metrics_hand_computed():
 
 
 def test_chair_hand_computed():
-    table = SynonymTable.from_lines(["circle, disc", "square", "dog, puppy", "hot dog, frankfurter", "", "# note"])
-    assert table.categories == ("circle", "square", "dog", "hot dog")
-    assert caption_objects("Two squares, a disc and a hot dog; no puppies.", table) == ["square", "circle", "hot dog",
-                                                                                          "dog"]
-    captions = {"1": "a red circle and two squares.", "2": "a disc, a hot dog and a circle."}
-    gt = {"1": {"circle", "square"}, "2": {"circle"}}
-    m = chair_metrics(captions, gt, table)
+    chair = Chair("opera")
+    assert chair.caption_words("Two dogs, a puppy and a hot dog; no cats.").nodes == ["dog", "dog", "hot dog", "cat"]
+    captions = {"1": "a dog and two cats.", "2": "a puppy, a hot dog and a dog."}
+    gt = {"1": {"dog", "cat"}, "2": {"dog"}}
+    m = chair_metrics(captions, gt, chair)
     assert (m["mentions"], m["hallucinated_mentions"]) == (5, 1)
     assert m["chair_i"] == pytest.approx(1 / 5)
     assert m["chair_s"] == pytest.approx(1 / 2)
@@ -68,18 +60,18 @@ def test_chair_hand_computed():
 
 def test_mme_score_hand_computed():
     recs = [
-        {"subset": "color", "image": "a", "label": "yes", "prediction": "yes"},
-        {"subset": "color", "image": "a", "label": "no", "prediction": "no"},
-        {"subset": "color", "image": "b", "label": "yes", "prediction": "yes"},
-        {"subset": "color", "image": "b", "label": "no", "prediction": "yes"},
-        {"subset": "position", "image": "a", "label": "no", "prediction": "yes"},
-        {"subset": "position", "image": "a", "label": "yes", "prediction": "yes"},
+        {"subset": "color", "label": "yes", "answer": "Yes"},
+        {"subset": "color", "label": "no", "answer": "No"},
+        {"subset": "color", "label": "yes", "answer": "yes"},
+        {"subset": "color", "label": "no", "answer": "Yes"},
+        {"subset": "position", "label": "no", "answer": "yes"},
+        {"subset": "position", "label": "yes", "answer": "yes"},
     ]
     m = mme_scores(recs)
     assert m["color"]["acc"] == pytest.approx(0.75) and m["color"]["acc_plus"] == pytest.approx(0.5)
     assert m["color"]["score"] == pytest.approx(125.0)
     assert m["position"]["score"] == pytest.approx(50.0)
-    assert m["total"] == pytest.approx(175.0)
+    assert m["totals"]["perception"] == pytest.approx(175.0)
 
 
 # ------------------------------------------------------------------------------------------------ loaders
@@ -114,16 +106,19 @@ def test_load_chair(tmp_path):
     (tmp_path / "captions.json").write_text(json.dumps(captions))
     (tmp_path / "syn.txt").write_text("dog, puppy\nhot dog, frankfurter\n")
     data = load_chair(tmp_path / "instances.json", tmp_path / "captions.json", tmp_path / "syn.txt", tmp_path / "im",
-                      "Describe.")
+                      "Describe.", impl="rohrbach")
     assert [it.id for it in data.items] == ["3", "7"]  # id order
     assert data.ground_truth() == {"3": {"hot dog"}, "7": {"dog", "hot dog"}}  # caption objects count as present
     assert data.items[1].image == tmp_path / "im" / "x.jpg" and data.items[1].prompt == "Describe."
     sampled = load_chair(tmp_path / "instances.json", tmp_path / "captions.json", tmp_path / "syn.txt", tmp_path,
-                         "Describe.", sample=1, seed=0)
+                         "Describe.", sample=1, seed=0, impl="rohrbach")
+    with pytest.raises(EvalDataError, match="does not cover synonym word.*frankfurter"):  # opera needs its lemmas
+        load_chair(tmp_path / "instances.json", tmp_path / "captions.json", tmp_path / "syn.txt", tmp_path, "D")
     assert len(sampled.items) == 1
     (tmp_path / "syn.txt").write_text("dog\n")
     with pytest.raises(EvalDataError, match="not in the synonym table"):
-        load_chair(tmp_path / "instances.json", tmp_path / "captions.json", tmp_path / "syn.txt", tmp_path, "D")
+        load_chair(tmp_path / "instances.json", tmp_path / "captions.json", tmp_path / "syn.txt", tmp_path, "D",
+                   impl="rohrbach")
 
 
 def test_load_mme_both_layouts(tmp_path):
@@ -275,7 +270,7 @@ def test_eval_pope_end_to_end_and_resume(tiny_artifact, world_files, tmp_path):
     assert json.loads((out / "results.json").read_text())["results"]["world_pope_random"]["n"] == 24
     # other settings on the same answers file are refused, not mixed
     proc = run_cli(*args[:-3], "--max-new-tokens", "5", "--no-progress")
-    assert proc.returncode == 2 and "other settings (max_new_tokens)" in proc.stderr
+    assert proc.returncode == 2 and "other inputs (max_new_tokens: 3 -> 5)" in proc.stderr
 
 
 def test_eval_mme_and_chair_end_to_end(tiny_artifact, world_files, tmp_path):
@@ -284,7 +279,7 @@ def test_eval_mme_and_chair_end_to_end(tiny_artifact, world_files, tmp_path):
                    "--max-new-tokens", "2", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "mme" / "results.json").read_text())["results"]
-    assert set(res) == {"existence", "color", "position", "total"}
+    assert set(res) == {"existence", "color", "position", "totals"}
     assert all(res[s]["n"] == 4 and res[s]["images"] == 2 for s in ("existence", "color", "position"))
     c = root / "chair"
     proc = run_cli("eval", "chair", str(tiny_artifact), "--instances", str(c / "instances_world.json"),
