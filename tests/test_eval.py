@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from runtime.eval.loaders import EvalDataError, load_chair, load_mme, load_pope
 from runtime.eval.chair import Chair
+from runtime.eval.loaders import EvalDataError, load_chair, load_mme, load_pope
 from runtime.eval.metrics import chair_metrics, mme_scores, parse_yes_no, pope_metrics
 from runtime.eval.world import PAIRS, SHAPES, World, caption, mme_sets, pope_sets
 from tests.conftest import run_cli
@@ -271,6 +271,42 @@ def test_eval_pope_end_to_end_and_resume(tiny_artifact, world_files, tmp_path):
     # other settings on the same answers file are refused, not mixed
     proc = run_cli(*args[:-3], "--max-new-tokens", "5", "--no-progress")
     assert proc.returncode == 2 and "other inputs (max_new_tokens: 3 -> 5)" in proc.stderr
+    # the official answers file that evaluate.py reads: one JSON line per question with "answer" (and "text")
+    official = [json.loads(line) for line in (out / "world_pope_random.pope_answers.jsonl").read_text().splitlines()]
+    assert [(o["question_id"], o["answer"], o["text"]) for o in official] == [(int(r["id"]), r["answer"], r["answer"])
+                                                                                for r in recs2]
+
+
+def test_eval_resume_only_when_every_input_matches(tiny_artifact, world_files, tmp_path):
+    """Issue 13 item 7: an existing --out with another --image-root or an edited questions file was silently
+    reused (exit 0, the old answers). Now one line names the mismatch and the fix; --overwrite starts over."""
+    import shutil
+
+    root, pope = world_files
+    split = [p for p in pope if p.stem.endswith("random")][0]
+    q = tmp_path / split.name
+    q.write_text(split.read_text())
+    other_images = tmp_path / "images-copy"
+    shutil.copytree(root / "pope" / "images", other_images)
+    out = tmp_path / "res"
+    base = ["eval", "pope", str(tiny_artifact), "-q", str(q), "--out", str(out), "--max-new-tokens", "2",
+            "--no-progress", "--limit", "3"]
+    proc = run_cli(*base, "--image-root", str(root / "pope" / "images"), block_torch=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli(*base, "--image-root", str(other_images), block_torch=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "image_root:" in line and "--overwrite" in line and "another --out" in line
+    rows = [json.loads(r) for r in q.read_text().splitlines()]
+    rows[0]["text"] = rows[0]["text"].replace("Is there", "Do you see")  # the same file, edited
+    q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli(*base, "--image-root", str(root / "pope" / "images"), block_torch=True)
+    assert proc.returncode == 2 and "file.sha256" in proc.stderr and "items_sha256" in proc.stderr
+    proc = run_cli(*base, "--image-root", str(other_images), "--overwrite", block_torch=True)
+    assert proc.returncode == 0, proc.stderr
+    header, recs = _answers(out / f"{q.stem}.answers.jsonl")
+    assert header["settings"]["image_root"] == str(other_images.resolve()) and len(recs) == 3
+    assert recs[0]["prompt"].startswith("Do you see")
 
 
 def test_eval_mme_and_chair_end_to_end(tiny_artifact, world_files, tmp_path):
@@ -280,6 +316,9 @@ def test_eval_mme_and_chair_end_to_end(tiny_artifact, world_files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "mme" / "results.json").read_text())["results"]
     assert set(res) == {"existence", "color", "position", "totals"}
+    for subset in ("existence", "color", "position"):  # the eval tool's input: image, question, gt, answer
+        lines = (tmp_path / "mme" / "mme_results" / f"{subset}.txt").read_text().splitlines()
+        assert len(lines) == 4 and all(len(line.split("\t")) == 4 for line in lines)
     assert all(res[s]["n"] == 4 and res[s]["images"] == 2 for s in ("existence", "color", "position"))
     c = root / "chair"
     proc = run_cli("eval", "chair", str(tiny_artifact), "--instances", str(c / "instances_world.json"),
@@ -289,6 +328,8 @@ def test_eval_mme_and_chair_end_to_end(tiny_artifact, world_files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "chair" / "results.json").read_text())["results"]
     assert res["n_captions"] == 3 and 0.0 <= res["chair_i"] <= 1.0 and 0.0 <= res["recall"] <= 1.0
+    caps = json.loads((tmp_path / "chair" / "captions.chair.json").read_text())  # OPERA chair.py's --cap_file
+    assert len(caps) == 3 and all(set(c) == {"image_id", "caption"} for c in caps)
 
 
 def test_torch_reference_backend_matches_runtime(tiny_model, tiny_artifact, world_files):
