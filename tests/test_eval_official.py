@@ -342,13 +342,13 @@ def test_chair_caption_formats(tmp_path):
     p = tmp_path / "caps.json"
     p.write_text(chair_caption_doc(records))
     assert json.loads(p.read_text()) == [{"image_id": 42, "caption": "a dog."}, {"image_id": 7, "caption": "a cat."}]
-    assert read_chair_captions(p) == {"42": "a dog.", "7": "a cat."}
+    assert read_chair_captions(p) == [("42", "a dog."), ("7", "a cat.")]
     jl = tmp_path / "caps.jsonl"
     jl.write_text('{"question_id": 1, "text": "x"}\n{"question_id": 2, "text": "y"}\n')
-    assert read_chair_captions(jl, "question_id", "text") == {"1": "x", "2": "y"}
+    assert read_chair_captions(jl, "question_id", "text") == [("1", "x"), ("2", "y")]
     lisa = tmp_path / "lisa.json"
     lisa.write_text(json.dumps({"overall": {}, "imgToEval": {"5": {"image_id": 5, "caption": "a bus"}}}))
-    assert read_chair_captions(lisa) == {"5": "a bus"}
+    assert read_chair_captions(lisa) == [("5", "a bus")]
     with pytest.raises(EvalDataError, match="--image-id-key"):
         read_chair_captions(jl)
 

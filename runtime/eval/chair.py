@@ -327,7 +327,8 @@ def lemmatize_caption(words: Sequence[str]) -> list[str]:
 class CaptionWords:
     words: list[str]  # synonym-table words, in order, one per mention
     nodes: list[str]  # their categories
-    tokens: list[str] = field(default_factory=list)  # after singularization/lemmatization and double words
+    tokens: list[str] = field(default_factory=list)  # singular/lemma tokens after the double-word merge (OPERA's
+    #                                                   "double_words", whose mean length gives its Len metric)
 
 
 class Chair:
@@ -367,9 +368,10 @@ class Chair:
             else:
                 merged.append(tokens[i])
                 i += 1
-        if "toilet" in merged and "seat" in merged:
-            merged = [w for w in merged if w != "seat"]
-        words = [w for w in merged if w in self.objects]
+        kept = merged
+        if "toilet" in kept and "seat" in kept:
+            kept = [w for w in kept if w != "seat"]
+        words = [w for w in kept if w in self.objects]
         return CaptionWords(words, [self.inverse[w] for w in words], merged)
 
     def objects_of(self, captions: Iterable[str], categories: Iterable[str] = ()) -> set[str]:
@@ -379,13 +381,16 @@ class Chair:
             gt.update(self.caption_words(cap).nodes)
         return gt
 
-    def score(self, captions: Mapping[str, str], ground_truth: Mapping[str, Iterable[str]]) -> dict:
-        """`captions`: image id -> generated caption; `ground_truth`: image id -> category nodes.
-        -> {"chair_s", "chair_i", "recall", ...} as compute_chair computes them (recall: OPERA's definition,
-        reported for both variants; the Rohrbach code has none)."""
-        n_caps = n_bad = mentions = wrong = n_gt = n_recalled = 0
+    def score(self, captions: Mapping[str, str] | Iterable[tuple[str, str]],
+              ground_truth: Mapping[str, Iterable[str]]) -> dict:
+        """`captions`: image id -> generated caption, or (image id, caption) pairs (each counts, repeated ids
+        too, as compute_chair reads its list); `ground_truth`: image id -> category nodes (an id without any:
+        no object, as the official defaultdict gives). -> {"chair_s", "chair_i", "recall", "len", ...} as
+        compute_chair computes them (recall and Len: OPERA's additions, reported for both variants)."""
+        pairs = list(captions.items()) if isinstance(captions, Mapping) else list(captions)
+        n_caps = n_bad = mentions = wrong = n_gt = n_recalled = n_tokens = 0
         per_image = {}
-        for image_id, caption in captions.items():
+        for image_id, caption in pairs:
             gt = set(ground_truth.get(image_id, ()))
             cw = self.caption_words(caption)
             bad = [(w, n) for w, n in zip(cw.words, cw.nodes) if n not in gt]
@@ -396,12 +401,14 @@ class Chair:
             n_bad += bool(bad)
             n_gt += len(gt)
             n_recalled += len(recalled)
+            n_tokens += len(cw.tokens)
             per_image[image_id] = {"mentioned": cw.nodes, "hallucinated": [n for _, n in bad],
                                    "ground_truth": sorted(gt)}
         return {
             "chair_s": n_bad / n_caps if n_caps else 0.0,
             "chair_i": wrong / mentions if mentions else 0.0,
             "recall": n_recalled / n_gt if n_gt else 0.0,
+            "len": 0.01 * n_tokens / n_caps if n_caps else 0.0,
             "n_captions": n_caps, "mentions": mentions, "hallucinated_mentions": wrong,
             "impl": self.impl, "per_image": per_image,
         }

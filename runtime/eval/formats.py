@@ -100,13 +100,14 @@ def chair_caption_doc(records: Sequence[Mapping]) -> str:
     return json.dumps([{"image_id": _int_or_str(r["id"]), "caption": r["answer"]} for r in records], indent=1) + "\n"
 
 
-def read_chair_captions(path: str | Path, image_id_key: str = "image_id", caption_key: str = "caption") -> dict:
-    """-> {image id (str): caption}. Later entries for the same image replace earlier ones (OPERA's dict)."""
+def read_chair_captions(path: str | Path, image_id_key: str = "image_id",
+                        caption_key: str = "caption") -> list[tuple[str, str]]:
+    """-> [(image id as str, caption)] in file order; an image listed twice counts twice, as in OPERA's list."""
     path = Path(path)
     rows = _json_rows(path, "CHAIR captions file")
     if len(rows) == 1 and isinstance(rows[0], dict) and "imgToEval" in rows[0]:
         rows = list(rows[0]["imgToEval"].values())
-    out = {}
+    out = []
     for n, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise EvalDataError(f"{path}: entry {n} is not an object; expected {{'{image_id_key}', '{caption_key}'}}")
@@ -115,7 +116,7 @@ def read_chair_captions(path: str | Path, image_id_key: str = "image_id", captio
         if image_id is None or not isinstance(caption, str):
             raise EvalDataError(f"{path}: entry {n} lacks '{image_id_key}' or '{caption_key}'; set --image-id-key / "
                                 "--caption-key to the file's keys")
-        out[str(image_id)] = caption
+        out.append((str(image_id), caption))
     if not out:
         raise EvalDataError(f"CHAIR captions file '{path}' holds no captions")
     return out
