@@ -33,6 +33,8 @@ OPERA, ROHRBACH = C.Chair("opera"), C.Chair("rohrbach")
     ("a dog. a cat, two cats!", ["a", "dog", ".", "a", "cat", ",", "two", "cats", "!"]),
     # "mr." is a Punkt abbreviation: no sentence break, so the period stays on the token
     ("mr. smith has a dog.", ["mr.", "smith", "has", "a", "dog", "."]),
+    # a closing quote after the period: Punkt breaks after the quote, and the period is split off
+    ('he said "a dog." then a cat', ["he", "said", "``", "a", "dog", ".", "''", "then", "a", "cat"]),
     # a period not followed by white space is no break: "dog.a" stays one token
     ("a dog.a cat", ["a", "dog.a", "cat"]),
     # hyphens are kept inside a token; possessives split ('s), as do the contractions n't
@@ -156,6 +158,12 @@ def nodes(chair, caption):
     # Rohrbach: pattern leaves -ing/-ed words alone.
     ("a man skiing down a hill. a dog tied to a bench.", ["person", "skis", "dog", "tie", "bench"],
      ["person", "dog", "bench"]),
+    # "bed" before a preposition: a verb reading would lemmatize it to "be"; its noun lemma is an object word, so
+    # it is a noun (as the perceptron tags it: NN)
+    ("a bed with a teddy bear", ["bed", "teddy bear"], ["bed", "teddy bear"]),
+    # -ing after a determiner is a noun: "a bowling ball" -> ball only; after a noun a verb: "a man bowling" -> bowl
+    ("a bowling ball", ["sports ball"], ["sports ball"]),
+    ("a man bowling", ["person", "bowl"], ["person"]),
     # every mention counts
     ("a dog and another dog", ["dog", "dog"], ["dog", "dog"]),
 ])

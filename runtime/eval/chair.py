@@ -141,14 +141,14 @@ _CONTRACTIONS = [re.compile(p) for p in (
     r"(?i)\b(can)(?#X)(not)\b", r"(?i)\b(d)(?#X)('ye)\b", r"(?i)\b(gim)(?#X)(me)\b", r"(?i)\b(gon)(?#X)(na)\b",
     r"(?i)\b(got)(?#X)(ta)\b", r"(?i)\b(lem)(?#X)(me)\b", r"(?i)\b(more)(?#X)('n)\b", r"(?i)\b(wan)(?#X)(na)(?=\s)",
     r"(?i) ('t)(?#X)(is)\b", r"(?i) ('t)(?#X)(was)\b")]
-_SENT_END = re.compile(r"\S*[.?!](?=\s|$)")
+_SENT_END = re.compile(r"\S*?[.?!][\"')\]}»”’]*(?=\s|$)")  # closing quotes/brackets join the sentence (Punkt)
 
 
 def split_sentences(text: str) -> list[str]:
     """Punkt's sentence breaks for a caption (see the module docstring): after `...x.`, `x?`, `x!` + white space."""
     out, start = [], 0
     for m in _SENT_END.finditer(text):
-        tok = m.group()
+        tok = m.group().rstrip("\"')]}»”’")
         if tok.endswith("."):
             if tok.endswith("..") or tok[:-1].lower().lstrip("\"'([{`") in ABBREVIATIONS:
                 continue
@@ -287,15 +287,18 @@ _VERB_FOLLOWERS = frozenset({"to", "on", "in", "with", "by", "up", "down", "at",
                              "through", "around", "along", "across", "behind", "under", "and", ",", ".", "!", "?"})
 
 
-def coarse_pos(words: Sequence[str], i: int) -> str:
+def coarse_pos(words: Sequence[str], i: int, objects: frozenset[str] | set[str] = frozenset()) -> str:
     """WordNet part of speech for token `i` where the tagger's choice matters (approximating nltk's perceptron
-    tagger on captions): an "-ing" form is a verb (VBG) unless a determiner precedes it or it starts a double word
+    tagger on captions): a word whose noun lemma is an object word is a noun ("bed", which as a verb would become
+    "be"); an "-ing" form is a verb (VBG) unless a determiner precedes it or it starts a double word
     ("a bowling ball", "parking meter" -> noun); an "-ed" form is a verb (VBN/VBD) when a preposition,
     determiner, conjunction or punctuation (or nothing) follows it ("a dog tied to a pole"), else an adjective
     ("a potted plant"); anything else is a noun (plural nouns are NNS)."""
     w = words[i]
     prev = words[i - 1] if i > 0 else ""
     nxt = words[i + 1] if i + 1 < len(words) else ""
+    if lemmatize(w, "n") in objects:
+        return "n"
     if w.endswith("ing"):
         if prev in _DETERMINERS or (nxt and f"{lemmatize(w, 'n')} {lemmatize(nxt, 'n')}" in _OPERA_DOUBLE):
             return "n"
@@ -308,8 +311,9 @@ def coarse_pos(words: Sequence[str], i: int) -> str:
 _OPERA_DOUBLE = double_word_table("opera")
 
 
-def lemmatize_caption(words: Sequence[str]) -> list[str]:
-    """OPERA's lemma per token; the part of speech is looked at only where the lemmas differ (see coarse_pos)."""
+def lemmatize_caption(words: Sequence[str], objects: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """OPERA's lemma per token; the part of speech is looked at only where the lemmas differ (see coarse_pos;
+    `objects`: the synonym table's words)."""
     table = _lemma_table()
     out = []
     for i, w in enumerate(words):
@@ -317,7 +321,7 @@ def lemmatize_caption(words: Sequence[str]) -> list[str]:
         if len(set(by_pos.values())) == 1:
             out.append(by_pos["n"])
         else:
-            out.append(by_pos[coarse_pos(words, i)])
+            out.append(by_pos[coarse_pos(words, i, objects)])
     return out
 
 
@@ -356,7 +360,7 @@ class Chair:
     def caption_words(self, caption: str) -> CaptionWords:
         tokens = word_tokenize(caption.lower())
         if self.impl == "opera":
-            tokens = lemmatize_caption(tokens)
+            tokens = lemmatize_caption(tokens, self.objects)
         else:
             tokens = [singularize(t) for t in tokens]
         merged, i = [], 0
