@@ -60,7 +60,9 @@ def test_word_tokenize(text, tokens):
     ("glasses", "glass"),     # (x|ch|ss|sh)es$
     ("tennis", "tenni"),      # s$: "tennis racket" is no double word for Rohrbach, "racket" still matches
     ("ties", "ty"),           # ([^aeiouy]|qu)ies$ -> y ("^tie" in pattern's -ie list is a literal, never matches)
-    ("cookies", "cookies"),   # "cookie" is in the -ie list: the word comes back unchanged
+    ("cookies", "cookie"),    # "cookie" is in pattern 2.6's -ie list: that entry is returned
+    ("doggies", "doggie"),    # likewise (on the dog line); pattern 3.6 would return "doggies"
+    ("pies", "py"),           # "^pie" is a literal in the -ie list: the ies -> y rule applies
     ("people", "person"),     # irregular table
     ("women", "woman"),       # irregular ending "men" -> "man"
     ("policemen", "policeman"),

@@ -21,8 +21,10 @@ No NLTK or pattern at run time and nothing downloaded:
   sentences are split where Punkt splits a lower-cased caption: after a token ending in one "." (or "?", "!")
   that is followed by white space, unless the token is one of Punkt's English abbreviations that occur in captions
   (ABBREVIATIONS). Punkt's model is not shipped: this is exact for every token that can be a synonym-table word.
-- `singularize` follows pattern.en's rules (clips/pattern `pattern/text/en/inflect.py`, "SINGULARIZE"), with
-  its quirks: "bus" -> "bu", "glass" -> "glas", "ties" -> "ty", "cookies" -> "cookies", "people" -> "person".
+- `singularize` follows pattern.en 2.6's rules (clips/pattern `pattern/text/en/inflect.py`, "SINGULARIZE"; the
+  Python-2 release the Rohrbach code ran with), with its quirks: "bus" -> "bu", "glass" -> "glas", "ties" -> "ty",
+  "people" -> "person", "shelves" -> "shelve". (pattern 3.6 differs only in its -ie list: it returns "cookies"
+  and "doggies" unchanged where 2.6 gives "cookie", "doggie".)
 - the lemmatizer is WordNet 3.0 morphy as nltk 3.6+ applies it (scripts/build_chair_lemmas.py builds
   chair_lemmas.json, the lemmas of every form whose lemma is a word CHAIR looks at).
 - the part-of-speech tag matters only for a token whose lemma differs by part of speech among those words (e.g.
@@ -206,12 +208,11 @@ _SG_UNCOUNTABLE = (
     "advice", "equipment", "happiness", "luggage", "news", "software", "bread", "fruit", "information",
     "mathematics", "progress", "understanding", "butter", "furniture", "ketchup", "mayonnaise", "research", "water",
     "cheese", "garbage", "knowledge", "meat", "rice", "electricity", "gravel", "love", "mustard", "sand")
-_SG_IE = (  # "^pie" and "^tie" are literal strings in pattern's list: they never match
-    "alergie", "cutie", "hoagie", "newbie", "softie", "veggie", "auntie", "doggie", "hottie", "nightie", "sortie",
-    "weenie", "beanie", "eyrie", "indie", "oldie", "stoolie", "yuppie", "birdie", "freebie", "junkie", "^pie",
-    "sweetie", "zombie", "bogie", "goonie", "laddie", "pixie", "techie", "bombie", "groupie", "laramie", "quickie",
-    "^tie", "collie", "hankie", "lingerie", "reverie", "toughie", "cookie", "hippie", "meanie", "rookie",
-    "valkyrie")
+_SG_IE = (  # pattern 2.6's list; "^pie" and "^tie" are literal strings: they never match
+    "algerie", "auntie", "beanie", "birdie", "bogie", "bombie", "bookie", "collie", "cookie", "cutie", "doggie",
+    "eyrie", "freebie", "goonie", "groupie", "hankie", "hippie", "hoagie", "hottie", "indie", "junkie", "laddie",
+    "laramie", "lingerie", "meanie", "nightie", "oldie", "^pie", "pixie", "quickie", "reverie", "rookie", "softie",
+    "sortie", "stoolie", "sweetie", "techie", "^tie", "toughie", "valkyrie", "veggie", "weenie", "yuppie", "zombie")
 _SG_IRREGULAR = {
     "atlantes": "atlas", "atlases": "atlas", "axes": "axe", "beeves": "beef", "brethren": "brother",
     "children": "child", "corpora": "corpus", "corpuses": "corpus", "ephemerides": "ephemeris", "feet": "foot",
@@ -229,10 +230,10 @@ _PLURAL_PREPOSITIONS = frozenset((
 
 
 def singularize(word: str) -> str:
-    """pattern.en.singularize (noun), its checks in its order: compounds with a preposition ("mothers-in-law"),
-    a trailing apostrophe, uninflected and uncountable words (any whose END is this word: "a" -> "a" because
-    of "tuna"), -ie words (returned unchanged: "cookies"), irregular endings ("women" -> "woman"), then the first
-    matching suffix rule."""
+    """pattern.en.singularize (noun, pattern 2.6), its checks in its order: compounds with a preposition
+    ("mothers-in-law"), a trailing apostrophe, uninflected and uncountable words (any whose END is this word: "a"
+    -> "a" because of "tuna"), -ie words ("doggies" -> "doggie"), irregular endings ("women" -> "woman"), then
+    the first matching suffix rule."""
     if "-" in word:
         parts = word.split("-")
         if len(parts) > 1 and parts[1] in _PLURAL_PREPOSITIONS:
@@ -242,8 +243,9 @@ def singularize(word: str) -> str:
     w = word.lower()
     if any(x.endswith(w) for x in _SG_UNINFLECTED) or any(x.endswith(w) for x in _SG_UNCOUNTABLE):
         return word
-    if any(w.endswith(x + "s") for x in _SG_IE):
-        return w
+    for x in _SG_IE:
+        if w.endswith(x + "s"):
+            return x  # pattern 2.6 returns the list's word ("cookies" -> "cookie"; 3.6 returns "cookies")
     for x, sg in _SG_IRREGULAR.items():
         if w.endswith(x):
             return re.sub("(?i)" + x + "$", sg, word)
