@@ -283,9 +283,10 @@ def pope(artifact_dir, out_dir, limit, batch_size, mitigation, overrides, backen
             it.prompt += prompt_suffix
         records[name] = run.answers(name, items, limit, {"file": file_fingerprint(path), "prompt_suffix": prompt_suffix,
                                                          "image_root": str(Path(image_root).resolve())})
-        run.write(f"{name}.pope_answers.jsonl", pope_answer_lines(records[name]))
     results, table = pope_report(records)
     run.finish(results, table)
+    for name, recs in records.items():  # after results.json: the official format, for evaluate.py
+        run.write(f"{name}.pope_answers.jsonl", pope_answer_lines(recs))
 
 
 @eval_group.command("chair")
@@ -315,9 +316,9 @@ def chair(artifact_dir, out_dir, limit, batch_size, mitigation, overrides, backe
                no_verify, progress, max_new_tokens, overwrite)
     records = run.answers("captions", data.items, limit, {"image_root": str(Path(image_root).resolve()),
                                                           "prompt": prompt, "sample": sample, "seed": seed})
-    run.write("captions.chair.json", chair_caption_doc(records))
     results, table = chair_report(records, data.ground_truth(), data.chair)
     run.finish(results, table)
+    run.write("captions.chair.json", chair_caption_doc(records))  # OPERA chair.py's --cap_file
 
 
 @eval_group.command("mme")
@@ -353,10 +354,10 @@ def mme(artifact_dir, out_dir, limit, batch_size, mitigation, overrides, backend
         items = load_mme(root, [subset], image_root)
         records += run.answers(subset, items, limit, {"root": str(Path(root).resolve()),
                                                       "image_root": str(Path(image_root or root).resolve())})
-    for subset, text in result_lines(records).items():
-        run.write(f"mme_results/{subset}.txt", text)
     results, table = mme_report(records)
     run.finish(results, table)
+    for subset, text in result_lines(records).items():  # the eval tool's calculation.py input
+        run.write(f"mme_results/{subset}.txt", text)
 
 
 # ------------------------------------------------------------------------------------------------ eval score
