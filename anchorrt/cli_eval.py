@@ -400,8 +400,10 @@ def score_pope(answers, questions, json_out) -> None:
 
 @score_group.command("chair")
 @click.argument("answers", type=click.Path(path_type=Path))
-@click.option("--instances", required=True, type=click.Path(path_type=Path), help="COCO instances_*.json.")
-@click.option("--captions", required=True, type=click.Path(path_type=Path), help="COCO captions_*.json.")
+@click.option("--instances", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="COCO instances_*.json (repeatable: OPERA's script combines train2014 and val2014).")
+@click.option("--captions", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="COCO captions_*.json (repeatable).")
 @click.option("--synonyms", default=None, type=click.Path(path_type=Path),
               help="Synonym table (default: the official COCO table of the CHAIR code).")
 @click.option("--image-id-key", default="image_id", show_default=True)
@@ -422,7 +424,7 @@ def score_chair(answers, instances, captions, synonyms, image_id_key, caption_ke
     gt = {str(k): v for k, v in objects.items()}
     unknown = sorted({k for k, _ in caps if k not in gt})
     if unknown:  # the official code scores them with no ground-truth object (its defaultdict); so do we, loudly
-        _say(f"warning: {len(unknown)} image id(s) of '{answers}' are not in '{instances}' (e.g. {unknown[0]}); "
+        _say(f"warning: {len(unknown)} image id(s) of '{answers}' are in no --instances file (e.g. {unknown[0]}); "
              "scored with no ground-truth object, as the official code does")
     m = chair.score(caps, gt)
     table = markdown_table(["captions", "CHAIR_s", "CHAIR_i", "recall", "object mentions", "implementation"],

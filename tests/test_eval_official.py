@@ -398,6 +398,21 @@ def test_eval_score_commands(tmp_path):
     # Rohrbach: "bus" -> "bu": image 2 mentions only car (wrong); gt 2 = {bus} (annotation); recall 2/3
     assert r.exit_code == 0 and m["chair_i"] == pytest.approx(2 / 4) and m["recall"] == pytest.approx(2 / 3)
     assert "rohrbach" in runner.invoke(main, ["eval", "score", "chair", "--help"]).output
+    # the annotations split over two files (as train2014 + val2014), and an image id in neither: the official
+    # defaultdict gives it no ground truth, so its one mention (dog) is hallucinated
+    full = json.loads(inst.read_text())
+    part = dict(full, annotations=full["annotations"][:1], images=full["images"][:1])
+    rest = dict(full, annotations=full["annotations"][1:], images=full["images"][1:])
+    (tmp_path / "i1.json").write_text(json.dumps(part))
+    (tmp_path / "i2.json").write_text(json.dumps(rest))
+    gen.write_text(json.dumps([{"image_id": 1, "caption": "A dog and a cat on a couch."},
+                               {"image_id": 2, "caption": "A bus next to a car."},
+                               {"image_id": 99, "caption": "A dog."}]))
+    r = runner.invoke(main, ["eval", "score", "chair", str(gen), "--instances", str(tmp_path / "i1.json"),
+                             "--instances", str(tmp_path / "i2.json"), "--captions", str(caps), "--json", str(out)])
+    assert r.exit_code == 0 and "warning: 1 image id(s)" in r.output
+    m = json.loads(out.read_text())["results"]
+    assert m["chair_i"] == pytest.approx(3 / 6) and m["chair_s"] == 1.0 and m["recall"] == 1.0
 
     q = _pope_files(tmp_path, False)
     ans = tmp_path / "pope.jsonl"

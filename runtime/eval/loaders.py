@@ -125,27 +125,35 @@ def make_chair(impl: str = DEFAULT_IMPL, synonyms: str | Path | None = None) -> 
         raise EvalDataError(str(exc)) from None
 
 
-def coco_ground_truth(instances: str | Path, captions: str | Path, chair: Chair) -> tuple[dict[int, set[str]],
-                                                                                          dict[int, str]]:
-    """COCO annotations -> ({image id: ground-truth nodes}, {image id: file name}), as the official code builds
-    them: the node of every annotated category's name, plus the nodes the human captions mention."""
-    inst = _read_json(Path(instances), "COCO instances file")
-    caps = _read_json(Path(captions), "COCO captions file")
-    for name, data, keys in (("instances", inst, ("images", "annotations", "categories")),
-                             ("captions", caps, ("annotations",))):
-        if not isinstance(data, dict) or any(k not in data for k in keys):
-            raise EvalDataError(f"the COCO {name} file lacks {'/'.join(keys)}; pass instances_*.json and "
-                                "captions_*.json")
-    cat_name = {c["id"]: c["name"] for c in inst["categories"]}
-    objects: dict[int, set[str]] = {img["id"]: set() for img in inst["images"]}
-    for ann in inst["annotations"]:
-        name = cat_name.get(ann["category_id"])
-        if name not in chair.inverse:
-            raise EvalDataError(f"COCO category {name!r} is not in the synonym table; add a line for it")
-        objects.setdefault(ann["image_id"], set()).add(chair.inverse[name])
-    for ann in caps["annotations"]:  # objects the human captions name count as present (official code)
-        objects.setdefault(ann["image_id"], set()).update(chair.caption_words(ann.get("caption", "")).nodes)
-    return objects, {img["id"]: img["file_name"] for img in inst["images"]}
+def coco_ground_truth(instances, captions, chair: Chair) -> tuple[dict[int, set[str]], dict[int, str]]:
+    """COCO annotations (a file or a list of files each: OPERA combines train2014 and val2014) -> ({image id:
+    ground-truth nodes}, {image id: file name}), as the official code builds them: the node of every annotated
+    category's name, plus the nodes the human captions mention."""
+    inst_files = [instances] if isinstance(instances, (str, Path)) else list(instances)
+    cap_files = [captions] if isinstance(captions, (str, Path)) else list(captions)
+    objects: dict[int, set[str]] = {}
+    files: dict[int, str] = {}
+    for path in inst_files:
+        inst = _read_json(Path(path), "COCO instances file")
+        if not isinstance(inst, dict) or any(k not in inst for k in ("images", "annotations", "categories")):
+            raise EvalDataError(f"the COCO instances file '{path}' lacks images/annotations/categories; pass "
+                                "instances_*.json")
+        cat_name = {c["id"]: c["name"] for c in inst["categories"]}
+        for img in inst["images"]:
+            objects.setdefault(img["id"], set())
+            files[img["id"]] = img["file_name"]
+        for ann in inst["annotations"]:
+            name = cat_name.get(ann["category_id"])
+            if name not in chair.inverse:
+                raise EvalDataError(f"COCO category {name!r} is not in the synonym table; add a line for it")
+            objects.setdefault(ann["image_id"], set()).add(chair.inverse[name])
+    for path in cap_files:
+        caps = _read_json(Path(path), "COCO captions file")
+        if not isinstance(caps, dict) or "annotations" not in caps:
+            raise EvalDataError(f"the COCO captions file '{path}' lacks annotations; pass captions_*.json")
+        for ann in caps["annotations"]:  # objects the human captions name count as present (official code)
+            objects.setdefault(ann["image_id"], set()).update(chair.caption_words(ann.get("caption", "")).nodes)
+    return objects, files
 
 
 def load_chair(instances: str | Path, captions: str | Path, synonyms: str | Path | None, image_root: str | Path,
