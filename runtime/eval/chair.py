@@ -229,6 +229,7 @@ _PLURAL_PREPOSITIONS = frozenset((
     "but", "by"))
 
 
+@lru_cache(maxsize=1 << 16)
 def singularize(word: str) -> str:
     """pattern.en.singularize (noun, pattern 2.6), its checks in its order: compounds with a preposition
     ("mothers-in-law"), a trailing apostrophe, uninflected and uncountable words (any whose END is this word: "a"
