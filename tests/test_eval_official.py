@@ -166,6 +166,12 @@ def nodes(chair, caption):
     # -ing after a determiner is a noun: "a bowling ball" -> ball only; after a noun a verb: "a man bowling" -> bowl
     ("a bowling ball", ["sports ball"], ["sports ball"]),
     ("a man bowling", ["person", "bowl"], ["person"]),
+    # irregular verb forms the tagger tags VBN/VBD: "born" -> bear, "sank" -> sink (OPERA); "sunken" is JJ
+    ("a calf born in a barn", ["cow", "bear"], ["cow"]),
+    ("the boat sank near a sunken ship", ["boat", "sink", "boat"], ["boat", "boat"]),
+    # common -ing nouns stay nouns: "outdoor seating" is no chair, "a man seated at a table" is (VBN -> seat)
+    ("outdoor seating and a man seated at a table", ["person", "chair", "dining table"],
+     ["person", "dining table"]),
     # every mention counts
     ("a dog and another dog", ["dog", "dog"], ["dog", "dog"]),
 ])

@@ -290,11 +290,20 @@ _VERB_FOLLOWERS = frozenset({"to", "on", "in", "with", "by", "up", "down", "at",
                              "through", "around", "along", "across", "behind", "under", "and", ",", ".", "!", "?"})
 
 
+_NOUN_ING = frozenset({  # -ing words that are nouns in the tagger's training text (tagged NN in any context)
+    "seating", "lighting", "parking", "bedding", "shipping", "training", "booking", "planting", "monitoring",
+    "trafficking", "topping", "tracking", "signing"})
+_IRREGULAR_VERB = {"born": "v", "borne": "v", "sank": "v", "sunk": "v", "lit": "v", "rang": "v", "rung": "v",
+                   "sunken": "a"}  # irregular forms whose verb lemma is an object word (verb.exc): VBN/VBD, JJ
+
+
 def coarse_pos(words: Sequence[str], i: int, objects: frozenset[str] | set[str] = frozenset()) -> str:
     """WordNet part of speech for token `i` where the tagger's choice matters (approximating nltk's perceptron
     tagger on captions): a word whose noun lemma is an object word is a noun ("bed", which as a verb would become
-    "be"); an "-ing" form is a verb (VBG) unless a determiner precedes it or it starts a double word
-    ("a bowling ball", "parking meter" -> noun); an "-ed" form is a verb (VBN/VBD) when a preposition,
+    "be"; "stove", "stave"); the irregular verb forms "born"/"borne" (-> bear), "sank"/"sunk" (-> sink), "lit",
+    "rang", "rung" are verbs, "sunken" an adjective; an "-ing" form is a noun when it is a common noun (_NOUN_ING:
+    "seating", "parking", "training"), follows a determiner or starts a double word ("a bowling ball", "parking
+    meter"), else a verb (VBG: "a man skiing" -> ski); an "-ed" form is a verb (VBN/VBD) when a preposition,
     determiner, conjunction or punctuation (or nothing) follows it ("a dog tied to a pole"), else an adjective
     ("a potted plant"); anything else is a noun (plural nouns are NNS)."""
     w = words[i]
@@ -302,7 +311,11 @@ def coarse_pos(words: Sequence[str], i: int, objects: frozenset[str] | set[str] 
     nxt = words[i + 1] if i + 1 < len(words) else ""
     if lemmatize(w, "n") in objects:
         return "n"
+    if w in _IRREGULAR_VERB:
+        return _IRREGULAR_VERB[w]
     if w.endswith("ing"):
+        if w in _NOUN_ING:
+            return "n"
         if prev in _DETERMINERS or (nxt and f"{lemmatize(w, 'n')} {lemmatize(nxt, 'n')}" in _OPERA_DOUBLE):
             return "n"
         return "v"
