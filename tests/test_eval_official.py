@@ -172,6 +172,9 @@ def nodes(chair, caption):
     # common -ing nouns stay nouns: "outdoor seating" is no chair, "a man seated at a table" is (VBN -> seat)
     ("outdoor seating and a man seated at a table", ["person", "chair", "dining table"],
      ["person", "dining table"]),
+    # "-ed" before a preposition is a participle: "sandwiched between" -> sandwich (VBN); before a noun an
+    # adjective: "a bottled drink" stays "bottled"
+    ("a cat sandwiched between pillows and a bottled drink", ["cat", "sandwich"], ["cat"]),
     # every mention counts
     ("a dog and another dog", ["dog", "dog"], ["dog", "dog"]),
 ])

@@ -285,9 +285,12 @@ def lemmatize(word: str, pos: str) -> str:
 _DETERMINERS = frozenset({"a", "an", "the", "this", "that", "these", "those", "his", "her", "its", "their", "our",
                           "my", "your", "some", "each", "every", "no", "any", "one", "two", "three", "several",
                           "many", "few"})
-_VERB_FOLLOWERS = frozenset({"to", "on", "in", "with", "by", "up", "down", "at", "near", "next", "together", "a",
-                             "an", "the", "his", "her", "their", "its", "into", "onto", "from", "off", "over",
-                             "through", "around", "along", "across", "behind", "under", "and", ",", ".", "!", "?"})
+_VERB_FOLLOWERS = frozenset({  # words after which an "-ed" form is a verb (a participle, not an adjective)
+    "to", "on", "in", "with", "by", "up", "down", "at", "near", "next", "together", "a", "an", "the", "his", "her",
+    "their", "its", "into", "onto", "from", "off", "over", "through", "around", "along", "across", "behind", "under",
+    "between", "beside", "against", "inside", "outside", "beneath", "underneath", "above", "below", "atop", "for",
+    "as", "of", "out", "away", "back", "toward", "towards", "within", "upon", "while", "and", "or", "but", ",", ".",
+    "!", "?", ";", ":"})
 
 
 _NOUN_ING = frozenset({  # -ing words that are nouns in the tagger's training text (tagged NN in any context)
