@@ -152,7 +152,8 @@ def split_sentences(text: str) -> list[str]:
     for m in _SENT_END.finditer(text):
         tok = m.group().rstrip("\"')]}»”’")
         if tok.endswith("."):
-            if tok.endswith("..") or tok[:-1].lower().lstrip("\"'([{`") in ABBREVIATIONS:
+            typ = tok[:-1].lower().lstrip("\"'([{`")
+            if tok.endswith("..") or typ in ABBREVIATIONS or typ.split("-")[-1] in ABBREVIATIONS:
                 continue
         out.append(text[start:m.end()])
         start = m.end()
