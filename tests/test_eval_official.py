@@ -443,3 +443,59 @@ def test_eval_score_commands(tmp_path):
     assert m["existence"]["score"] == pytest.approx(200.0) and m["count"]["score"] == pytest.approx(50.0)
     r = runner.invoke(main, ["eval", "score", "mme", str(tmp_path / "nowhere")])
     assert r.exit_code != 0 and "error: MME results folder" in r.output and "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------------------------ comparison script
+
+_FAKE_OFFICIAL = '''
+import json
+from runtime.eval.chair import Chair
+class CHAIR:
+    """Stands in for an official chair.py (its interface only): scores with our code, minus DROP mentions."""
+    DROP = {drop}
+    def __init__(self, coco_path):
+        self.chair = Chair("opera")
+        self.gt = {{}}
+        for split in ("val", "train"):
+            inst = json.load(open(f"{{coco_path}}/instances_{{split}}2014.json"))
+            names = {{c["id"]: c["name"] for c in inst["categories"]}}
+            for a in inst["annotations"]:
+                self.gt.setdefault(a["image_id"], set()).add(self.chair.inverse[names[a["category_id"]]])
+    def compute_chair(self, cap_file, image_id_key, caption_key):
+        caps = json.load(open(cap_file))
+        sentences, bad, words, wrong = [], 0, 0, 0
+        for c in caps:
+            nodes = self.chair.caption_words(c[caption_key]).nodes[self.DROP:]
+            miss = [n for n in nodes if n not in self.gt.get(c[image_id_key], set())]
+            sentences.append({{"caption": c[caption_key], "mscoco_generated_words": nodes}})
+            bad += bool(miss); words += len(nodes); wrong += len(miss)
+        return {{"sentences": sentences, "overall_metrics": {{"CHAIRs": bad / len(caps), "CHAIRi": wrong / words}}}}
+'''
+
+
+@pytest.mark.parametrize("drop, code", [(0, 0), (1, 1)])
+def test_compare_official_chair_script(tmp_path, drop, code, capsys):
+    """scripts/compare_official_chair.py loads an official chair.py by path and reports every difference (here a
+    stand-in with the official interface: identical -> exit 0; one mention dropped per caption -> exit 1)."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("compare_official_chair", ROOT / "scripts" / "compare_official_chair.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    inst, caps = _coco(tmp_path)
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    empty = {"images": [], "annotations": [], "categories": json.loads(inst.read_text())["categories"]}
+    (coco / "instances_val2014.json").write_text(inst.read_text())
+    (coco / "instances_train2014.json").write_text(json.dumps(empty))
+    (coco / "captions_val2014.json").write_text(json.dumps({"annotations": []}))
+    (coco / "captions_train2014.json").write_text(json.dumps({"annotations": []}))
+    (tmp_path / "official.py").write_text(_FAKE_OFFICIAL.format(drop=drop))
+    gen = tmp_path / "gen.json"
+    gen.write_text(json.dumps([{"image_id": 1, "caption": "A dog and a cat."}, {"image_id": 2, "caption": "A bus."}]))
+    assert mod.main(["--official", str(tmp_path / "official.py"), "--coco-path", str(coco), "--cap-file",
+                     str(gen)]) == code
+    out = capsys.readouterr().out
+    assert ("DIFFERENT" in out) == bool(drop) and f"differ: {2 if drop else 0} of 2" in out
