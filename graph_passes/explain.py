@@ -85,7 +85,8 @@ class ExplainPass(GraphPass):
 def explained_copy(artifact_dir: str | os.PathLike, clva_options=None, verify: bool = True) -> Path:
     """A temporary copy of an artifact folder whose decoder also has `explain.attention` (and CLVA, baked here with
     `clva_options` (a BakeOptions) when the artifact has none). -> the copy's folder; the caller removes it
-    (shutil.rmtree). The original folder is only read."""
+    (shutil.rmtree). The original folder is only read. The decoder is written anew with its weights (as `bake`
+    does): for a 7B fp32 export that is its full size on disk for the duration of the run."""
     from graph_passes.bake import _passes, transform_into
     from runtime.manifest import Manifest, write_manifest
 
@@ -100,7 +101,10 @@ def explained_copy(artifact_dir: str | os.PathLike, clva_options=None, verify: b
     passes.append(ExplainPass())
     decoder = data["graphs"]["decoder"]
     skip = {decoder["file"], decoder.get("external_data"), "manifest.json"}
-    tmp = Path(tempfile.mkdtemp(prefix=".anchorrt-explain-"))
+    try:  # beside the artifact, so that the unchanged graphs are hard links, not copies
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.explain-", dir=folder.resolve().parent))
+    except OSError:  # a read-only parent folder
+        tmp = Path(tempfile.mkdtemp(prefix=".anchorrt-explain-"))
     try:
         for p in sorted(folder.iterdir()):
             if p.is_file() and not p.name.startswith(".") and p.name not in skip:
