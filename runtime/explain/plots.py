@@ -185,10 +185,12 @@ def drift_png(report: dict, path: Path) -> None:
              label=f"all heads, {on} on")
     top.plot(x, series(report["off"]["entropy_sensitive_heads"]), "^-", color="#7b3294",
              label="sensitive heads of the layer, off")
-    n_v = report["image_tokens"]["count"] - report["image_tokens"]["skip"]
-    top.axhline(np.log(max(report["image_tokens"]["count"], 1)), color="black", lw=0.8,
-                label=f"uniform over the {report['image_tokens']['count']} image tokens")
-    del n_v
+    uniform = float(np.log(max(report["image_tokens"]["count"], 1)))
+    top.axhline(uniform, color="black", lw=0.8, label=f"uniform over the {report['image_tokens']['count']} image tokens")
+    drawn = [v for key in ("entropy_all_heads", "entropy_sensitive_heads") for side in ("off", "on")
+             for v in report[side].get(key, []) if v is not None] + [uniform]
+    span = max(max(drawn) - min(drawn), 0.1)
+    top.set_ylim(min(drawn) - 0.08 * span, max(drawn) + 0.08 * span)  # the uniform line inside, not on the edge
     top.set_ylabel("entropy of the visual attention (nats)")
     top.set_title("Entropy of the last prompt token's attention over the image (lower = more focused), eq. 5",
                   fontsize=10)
