@@ -123,7 +123,7 @@ class FakeResponse:
 
 
 class FakeError:
-    CANCELLED = "CANCELLED"
+    CANCELLED, INVALID_ARG = "CANCELLED", "INVALID_ARG"
 
     def __init__(self, message, code=None):
         self.msg, self.code = message, code
@@ -196,7 +196,7 @@ def test_model_execute_mixed_batch_equals_pipeline(repo, local, images, monkeypa
     responses = model.execute(requests)
     assert len(responses) == len(requests)
     assert "not a recognised image format" in responses[2].error.msg
-    assert responses[4].error.msg == "clva alpha must be >= 0, got -1"
+    assert responses[4].error.msg == "clva alpha must be >= 0, got -1" and responses[4].error.code == "INVALID_ARG"
     served = [r for i, r in enumerate(responses) if i not in (2, 4)]
     for (img, prompt, mitigation), r in zip(rows, served):
         ref = local.generate(img, prompt, mitigation=mitigation, max_new_tokens=6)

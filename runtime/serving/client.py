@@ -86,8 +86,8 @@ class AnchorClient:
             result = self.client.infer(self.model, self._inputs(image, prompt), parameters=params, **kw)
         except self.tc.InferenceServerException as exc:
             raise ServerError(_one_line(exc)) from None
-        except (OSError, ConnectionError) as exc:
-            raise ServerError(f"cannot reach the server: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the transports raise their own types (gevent, grpc): one line
+            raise ServerError(f"no answer from the server ({type(exc).__name__}: {_one_line(exc)})") from None
         return _generation(result)
 
     def stream(self, image: Any, prompt: str, mitigation: dict | None = None, model: str | None = None,

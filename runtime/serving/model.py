@@ -167,7 +167,8 @@ class TritonPythonModel:
 
     @staticmethod
     def _fail(i: int, message: str, responses: list, senders, cancelled: bool = False) -> None:
-        code = getattr(pb_utils.TritonError, "CANCELLED", None) if cancelled else None
+        # a request the caller can fix is INVALID_ARG (HTTP 400), not the default INTERNAL (500)
+        code = getattr(pb_utils.TritonError, "CANCELLED" if cancelled else "INVALID_ARG", None)
         error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
         response = pb_utils.InferenceResponse(output_tensors=[], error=error)
         if senders is None:

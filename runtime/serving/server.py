@@ -49,6 +49,13 @@ def find_tritonserver() -> Path:
     return root
 
 
+def _shm_regions() -> list[str]:
+    try:
+        return [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm") if n.startswith("triton_python_backend_shm")]
+    except OSError:
+        return []
+
+
 def http_ready(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=timeout) as r:
@@ -76,6 +83,7 @@ class LocalTriton:
         self.verbose = verbose
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
+        self._shm_before: set[str] = set()
         self._log = None
 
     @property
@@ -108,6 +116,7 @@ class LocalTriton:
             raise BackendError(f"nvidia-pytriton has no Python backend stub for Python {version}; use Python 3.8-3.13")
         if http_ready(self.http_url, timeout=0.5):
             raise BackendError(f"port {self.http_port} already serves a Triton; stop it or pass another --port")
+        self._shm_before = set(_shm_regions())
         self._workdir = Path(tempfile.mkdtemp(prefix="anchorrt-triton-"))
         backends = self._workdir / "backends"
         shutil.copytree(self._root / "backends", backends, ignore=shutil.ignore_patterns("__pycache__"))
@@ -142,6 +151,24 @@ class LocalTriton:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+        self.stop()  # the session's other processes, the temporary backend folder
+
+    def _remove_shm(self) -> None:
+        """Shared-memory regions the Python backend made and a killed server left in /dev/shm (only those that
+        appeared since this server started and that no live process maps: another server's stay)."""
+        mapped = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/maps") as maps:
+                        mapped.update(ln.split()[-1] for ln in maps if "triton_python_backend_shm" in ln)
+                except OSError:
+                    continue
+        for path in set(_shm_regions()) - self._shm_before - mapped:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -156,6 +183,7 @@ class LocalTriton:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            self._remove_shm()
         if self._log is not None:
             self._log.close()
             self._log = None
