@@ -255,6 +255,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    rows = list({r["clients"]: r for r in rows}.values())  # a repeated level: its last run
     x = [r["clients"] for r in rows]
     a.plot(x, [r["req_per_s"] for r in rows], "o-")
     a.set(xscale="log", xticks=x, xticklabels=x, xlabel="concurrent clients", ylabel="requests / s", title="throughput")
@@ -267,11 +268,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| clients | requests | req/s | new tok/s | p50 ms | p99 ms | errors | mismatches |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| clients | requests | req/s | new tok/s | p50 ms | p99 ms | errors | mismatches | server RSS after (MiB) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['mismatches']} |")
+                     f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['mismatches']} | {r['rss_after_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -322,10 +323,11 @@ def main() -> int:
         for clients in (int(c) for c in args.levels.split(",")):
             row = run_level(host, pool, clients, args.requests, args.max_seconds, args.max_new_tokens,
                             args.request_timeout)
+            row["rss_after_mb"] = rss_mb(server.process.pid)
             rows.append(row)
             print(f"clients {clients:3d}: {row['requests']} requests, {row['req_per_s']:.2f} req/s, p50 "
                   f"{row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, errors {row['errors']}, mismatches "
-                  f"{row['mismatches']}", flush=True)
+                  f"{row['mismatches']}, server RSS {row['rss_after_mb']:.0f} MiB", flush=True)
         result["rss_after_mb"] = rss_mb(server.process.pid)
         result["levels"] = rows
         stats = json.loads(_get(f"{server.http_url}/v2/models/anchorrt/stats"))["model_stats"][0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -200,13 +201,20 @@ class LocalTriton:
             return ""
 
     def _failure(self) -> str:
-        """The most telling line of the server's log."""
+        """The most telling line of the server's log: the first model that did not load and why."""
         text = self.log_text()
         if "_recursion_count" in text:
             return ("the Python backend stub links another libpython than this environment's; make the virtual "
                     "environment from /usr/bin/python3")
+        unavailable = re.findall(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.*?)\s*\|\s*$", text, re.M)
+        if unavailable:
+            name, why = unavailable[0]
+            hint = ""
+            if "ModuleNotFoundError" in why:
+                hint = f"; install anchorrt[cpu] into the environment of {sys.executable} (the backend uses it)"
+            return f"model {name} did not load: {why}{hint}"[:400]
         lines = [ln for ln in text.splitlines() if ln.startswith("E") or "error" in ln.lower()]
-        lines = [ln for ln in lines if "CudaDriverHelper" not in ln and "cuda" not in ln.lower()] or lines
+        lines = [ln for ln in lines if "CudaDriverHelper" not in ln] or lines
         return (lines[-1].strip() if lines else "no log output")[:400]
 
     def __enter__(self) -> LocalTriton:
