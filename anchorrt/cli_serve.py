@@ -64,6 +64,27 @@ def _write(artifact_dir: Path, out: Path, force: bool, kind, instances, gpus, ma
                             max_new_tokens_limit=max_new_tokens_limit)
 
 
+def first_request(server) -> None:
+    """One 1-token request: Triton reports ready once the models loaded, but a Python-backend stub that links another
+    libpython than this environment's only crashes on the first request ("Stub process ... is not healthy")."""
+    import io
+
+    from PIL import Image
+
+    from runtime.errors import BackendError
+    from runtime.serving.client import AnchorClient, ServerError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, "PNG")
+    try:
+        AnchorClient(server.http_url.removeprefix("http://")).generate(buf.getvalue(), "Describe the image.",
+                                                                      max_new_tokens=1)
+    except ServerError as exc:
+        hint = ("; the Python backend stub crashed: make the virtual environment from /usr/bin/python3 (the stub links "
+                "the system libpython)") if "not healthy" in str(exc) else ""
+        raise BackendError(f"the served model failed its first request: {str(exc).rstrip('.')}{hint}") from None
+
+
 @click.group("serve", cls=_ServeGroup)
 def serve_group() -> None:
     """Serve an artifact on NVIDIA Triton Inference Server: `serve triton ARTIFACT -o REPO` writes a model repository
@@ -108,6 +129,7 @@ def serve_run(artifact_dir: Path, port: int, grpc_port, metrics_port, repo_dir, 
         t = time.perf_counter()
         server.start(timeout=ready_timeout)
         try:
+            first_request(server)
             models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
             say(f"ready in {time.perf_counter() - t:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}; models "
                 f"{', '.join(models)}; health {server.http_url}/v2/health/ready; Ctrl-C stops")

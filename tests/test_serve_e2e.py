@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,34 @@ def test_stream_and_errors(server, baked_artifact, images):
     with pytest.raises(ServerError, match="unknown request parameter 'clva.alpah'"):
         grpc.generate(img, "x", mitigation={"clva": {"alpah": 1.0}})
     assert server.ready()
+
+
+def test_cli_serve_ready_then_sigterm(baked_artifact, tmp_path):
+    """`anchorrt serve ARTIFACT --port P`: ready (health endpoint, one answered request), SIGTERM stops it and its
+    server, nothing left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from runtime.serving.server import http_ready
+
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (anchorrt[serve]) is not installed")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "anchorrt", "serve", str(baked_artifact), "--port", str(port),
+                             "--grpc-port", str(free_port()), "--threads", "1"], stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        first = proc.stderr.readline() + proc.stderr.readline()
+        assert "ready in" in first, first + proc.stderr.read()
+        assert http_ready(f"http://127.0.0.1:{port}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 143
+    deadline = time.monotonic() + 10
+    while http_ready(f"http://127.0.0.1:{port}", timeout=0.5) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not http_ready(f"http://127.0.0.1:{port}", timeout=0.5)
