@@ -17,7 +17,8 @@ from anchorrt.cli_common import friendly, say
 
 
 class _ServeGroup(click.Group):
-    """`anchorrt serve ARTIFACT ...` runs the `run` subcommand; `anchorrt serve triton ...` writes a repository."""
+    """`anchorrt serve ARTIFACT ...` runs the `run` subcommand; `anchorrt serve triton ...` writes a repository. An
+    artifact folder literally named `triton` or `run` is reached as `anchorrt serve run ./triton`."""
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and not args[0].startswith("-"):

@@ -268,11 +268,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| clients | requests | req/s | new tok/s | p50 ms | p99 ms | errors | mismatches | server RSS after (MiB) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| clients | requests | req/s | new tok/s | p50 ms | p99 ms | errors | mismatches | mean batch "
+             "| server RSS after (MiB) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['mismatches']} | {r['rss_after_mb']:.0f} |")
+                     f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['mismatches']} | "
+                     f"{r['mean_batch']:.2f} | {r['rss_after_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -321,18 +322,22 @@ def main() -> int:
         result["rss_before_mb"] = rss_mb(server.process.pid)
         rows = []
         for clients in (int(c) for c in args.levels.split(",")):
+            before = model_stats(server.http_url)
             row = run_level(host, pool, clients, args.requests, args.max_seconds, args.max_new_tokens,
                             args.request_timeout)
+            after = model_stats(server.http_url)
+            # requests per model execution: the dynamic batches Triton formed
+            row["mean_batch"] = (after[0] - before[0]) / max(1, after[1] - before[1])
             row["rss_after_mb"] = rss_mb(server.process.pid)
             rows.append(row)
             print(f"clients {clients:3d}: {row['requests']} requests, {row['req_per_s']:.2f} req/s, p50 "
                   f"{row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, errors {row['errors']}, mismatches "
-                  f"{row['mismatches']}, server RSS {row['rss_after_mb']:.0f} MiB", flush=True)
+                  f"{row['mismatches']}, mean batch {row['mean_batch']:.2f}, server RSS {row['rss_after_mb']:.0f} MiB",
+                  flush=True)
         result["rss_after_mb"] = rss_mb(server.process.pid)
         result["levels"] = rows
-        stats = json.loads(_get(f"{server.http_url}/v2/models/anchorrt/stats"))["model_stats"][0]
-        result["triton_stats"] = {"inference_count": stats.get("inference_count"),
-                                  "execution_count": stats.get("execution_count")}
+        inferences, executions = model_stats(server.http_url)
+        result["triton_stats"] = {"inference_count": inferences, "execution_count": executions}
         if not args.no_faults:
             result["faults"] = faults(server, pool, args.max_new_tokens, args.request_timeout)
             print("faults:", json.dumps(result["faults"], indent=1))
@@ -348,6 +353,12 @@ def main() -> int:
     ok = ok and (args.no_faults or result["faults"]["ok"])
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def model_stats(http_url: str) -> tuple[int, int]:
+    """(inference_count, execution_count) of the plain model (Triton's statistics extension)."""
+    stats = json.loads(_get(f"{http_url}/v2/models/anchorrt/stats"))["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
 def _get(url: str) -> str:
