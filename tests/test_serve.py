@@ -141,12 +141,16 @@ class FakeSender:
 
 
 class FakeRequest:
-    def __init__(self, image, prompt, params, cancel_after=None):
+    def __init__(self, image, prompt, params, cancel_after=None, cancelled=False):
+        self.cancelled = cancelled
         self.inputs = {"IMAGE": np.array([[image]], dtype=object), "PROMPT": np.array([[prompt.encode()]], dtype=object)}
         self.params, self.sender = json.dumps(params), FakeSender(cancel_after)
 
     def parameters(self):
         return self.params
+
+    def is_cancelled(self):
+        return self.cancelled
 
     def get_response_sender(self):
         return self.sender
@@ -193,11 +197,14 @@ def test_model_execute_mixed_batch_equals_pipeline(repo, local, images, monkeypa
     requests = [FakeRequest(img, p, to_parameters(m, max_new_tokens=6)) for img, p, m in rows]
     requests.insert(2, FakeRequest(b"not an image", "x", {}))
     requests.insert(4, FakeRequest(png(images[0]), "x", {"clva.alpha": -1.0}))
+    requests.append(FakeRequest(png(images[0]), "x", {}, cancelled=True))  # the client gave up while it was queued
     responses = model.execute(requests)
     assert len(responses) == len(requests)
+    assert responses.pop().error.code == "CANCELLED"
     assert "not a recognised image format" in responses[2].error.msg
     assert responses[4].error.msg == "clva alpha must be >= 0, got -1" and responses[4].error.code == "INVALID_ARG"
     served = [r for i, r in enumerate(responses) if i not in (2, 4)]
+    assert len(served) == len(rows)
     for (img, prompt, mitigation), r in zip(rows, served):
         ref = local.generate(img, prompt, mitigation=mitigation, max_new_tokens=6)
         assert r.error is None

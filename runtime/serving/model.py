@@ -82,6 +82,8 @@ class TritonPythonModel:
         for i, item in enumerate(parsed):
             if isinstance(item, AnchorError):
                 self._fail(i, str(item), responses, senders)
+            elif _cancelled(requests[i], senders[i] if senders else None):  # gave up while queued
+                self._fail(i, "request cancelled by the client", responses, senders, cancelled=True)
             else:
                 request_obj, sampling = item
                 key = tuple(sorted(sampling.items()))
@@ -175,6 +177,13 @@ class TritonPythonModel:
             responses[i] = response
         else:
             senders[i].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _cancelled(request, sender) -> bool:
+    """Request cancellation (Triton >= 23.10; `is_cancelled()` on the request, or on the response sender in
+    decoupled mode)."""
+    check = getattr(sender if sender is not None else request, "is_cancelled", None)
+    return bool(check()) if check is not None else False
 
 
 def _single(tensor, name: str, error):
