@@ -56,7 +56,7 @@ def png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def request_pool(pipe, n_images: int, max_new_tokens: int, seed: int = 0) -> list[dict]:
+def request_pool(pipe, n_images: int, max_new_tokens: int, seed: int = 0, plain_only: bool = False) -> list[dict]:
     """Mixed (image, prompt, flags) requests and the local Pipeline's greedy answer for each."""
     from runtime.eval.world import SHAPES, YES_NO_SUFFIX, World, existence_question
     from runtime.serving.params import methods_of
@@ -65,7 +65,7 @@ def request_pool(pipe, n_images: int, max_new_tokens: int, seed: int = 0) -> lis
     flags = [None]
     for spec in ({"clva": True}, {"sevi": True}, {"clva": True, "sevi": True}, {"iava": True},
                  {"clva": {"alpha": 8.0, "beta": 0.8}}, {"sevi": {"omega": 1.0}}, {"visalign": True}):
-        if all(m in methods for m in spec):
+        if all(m in methods for m in spec) and not plain_only:
             flags.append(spec)
     world, rng = World(), np.random.default_rng(seed)
     images = [png(np.asarray(world.image(world.sample_scene(rng)))) for _ in range(n_images)]
@@ -292,6 +292,7 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=None)
     ap.add_argument("--request-timeout", type=float, default=60.0)
     ap.add_argument("--no-faults", action="store_true")
+    ap.add_argument("--plain-only", action="store_true", help="no mitigation flags (to separate their cost)")
     args = ap.parse_args()
     if args.requests < 1 or args.max_seconds <= 0:
         ap.error("--requests must be >= 1 and --max-seconds > 0")
@@ -303,7 +304,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_dir(args.artifact, providers=["CPUExecutionProvider"], intra_op_threads=args.threads)
     t = time.perf_counter()
-    pool = request_pool(pipe, args.images, args.max_new_tokens)
+    pool = request_pool(pipe, args.images, args.max_new_tokens, plain_only=args.plain_only)
     print(f"{len(pool)} distinct requests, references from the local Pipeline in {time.perf_counter() - t:.1f} s")
     del pipe
     repo = write_repository(args.artifact, args.out / "repo", force=True, instances=args.instances,
