@@ -75,6 +75,23 @@ def test_gpu_instance_group_and_batch_size(baked_artifact, tmp_path):
     assert not (repo / "anchorrt_stream").exists()
 
 
+def test_max_batch_size_from_the_manifest(tiny_artifact, tmp_path):
+    import shutil
+
+    from runtime.errors import ArtifactError
+    from runtime.serving.repository import write_repository
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    (art / "manifest.json").write_text(json.dumps(dict(manifest, serving={"max_batch_size": 3})))
+    repo = write_repository(art, tmp_path / "r", streaming=False)
+    assert parse_config(repo / "anchorrt" / "config.pbtxt")[0].max_batch_size == 3
+    (art / "manifest.json").write_text(json.dumps(dict(manifest, serving={"max_batch_size": 0})))
+    with pytest.raises(ArtifactError, match="serving.max_batch_size"):
+        write_repository(art, tmp_path / "r2")
+
+
 def test_repository_errors(baked_artifact, tmp_path):
     from runtime.serving.repository import write_repository
 

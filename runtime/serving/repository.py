@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from runtime.errors import ArtifactError, FlagError
+from runtime.errors import FlagError
 from runtime.manifest import Manifest, replace_folder
 
 MODEL_NAME = "anchorrt"
@@ -41,12 +41,8 @@ _RUNTIME = Path(__file__).resolve().parents[1]  # the runtime package
 
 
 def max_batch_from_manifest(manifest: Manifest) -> int:
-    serving = manifest.data.get("serving", {})
-    value = serving.get("max_batch_size", DEFAULT_MAX_BATCH) if isinstance(serving, dict) else DEFAULT_MAX_BATCH
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
-        raise ArtifactError(f"manifest serving.max_batch_size must be an integer in [1, 4096], got {value!r}; "
-                            "fix the manifest or pass --max-batch-size")
-    return value
+    """The manifest's `serving.max_batch_size` (validated by runtime/manifest.py: an integer in [1, 4096]), else 8."""
+    return manifest.data.get("serving", {}).get("max_batch_size", DEFAULT_MAX_BATCH)
 
 
 def config_text(name: str, *, max_batch_size: int, kind: str = "cpu", instances: int = 1,
