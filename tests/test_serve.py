@@ -182,7 +182,7 @@ def fake_pb_utils():
     return m
 
 
-def load_model(repo, name, monkeypatch):
+def load_model(repo, name, monkeypatch, kind="CPU"):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
     monkeypatch.setattr(sys, "path", list(sys.path))
     path = repo / name / "1" / "model.py"
@@ -192,7 +192,7 @@ def load_model(repo, name, monkeypatch):
     _, config = parse_config(repo / name / "config.pbtxt")
     model = module.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config), "model_repository": str(repo / name), "model_version": "1",
-                      "model_instance_kind": "CPU", "model_instance_device_id": "0", "model_name": name})
+                      "model_instance_kind": kind, "model_instance_device_id": "0", "model_name": name})
     return model
 
 
@@ -248,6 +248,15 @@ def test_model_stream_sends_tokens_then_final(repo, local, images, monkeypatch):
         assert req.sender.sent[-1][0].outputs["FINISH_REASON"][0, 0].decode() == ref.finish_reason
     cancelled = requests[-1].sender.sent
     assert len(cancelled) == 3 and cancelled[-1][1] == 1 and cancelled[-1][0].error.code == "CANCELLED"
+
+
+def test_gpu_instance_without_cuda_fails_at_load(repo, monkeypatch):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has the CUDA provider: the refusal below cannot happen")
+    with pytest.raises(BackendError, match="install onnxruntime-gpu"):
+        load_model(repo, "anchorrt", monkeypatch, kind="GPU")
 
 
 def test_model_runs_without_torch(repo, images, tmp_path):

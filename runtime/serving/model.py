@@ -63,6 +63,8 @@ class TritonPythonModel:
         artifact = os.path.normpath(os.path.join(version_dir, params.get("artifact", "artifact")))
         self.pipe = Pipeline.from_dir(artifact, providers=providers, verify=params.get("verify", "true") == "true",
                                       intra_op_threads=threads, max_image_pixels=self.max_image_pixels)
+        for backend in (self.pipe.vision, self.pipe.embed, self.pipe.decoder):
+            _ = backend.session  # open now: a missing CUDA provider fails the model load, not the first request
         self.methods = methods_of(self.pipe.manifest.mitigation, self.pipe.visalign is not None)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
 
