@@ -178,6 +178,14 @@ def export_model(
     return Manifest(out, data)
 
 
+def prompt_pad_id(tokenizer, fallback: int) -> int:
+    """The id that left-pads prompts: the checkpoint tokenizer's pad token, which is what its processor pads with
+    (a Qwen2 LLaVA has no pad_token_id in its config and pads with <|endoftext|>, not EOS: issue 13 item 9);
+    `fallback` (the config's, else EOS) when the tokenizer has none."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else int(fallback)
+
+
 def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
@@ -194,6 +202,7 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     processor = load_processor(ckpt.path)
     pre = preprocessing_params(ckpt.path)
     crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
+    crop = tuple(pre["resize_to"]) if pre.get("resize_to") else crop  # SigLIP: resized to exactly h x w
     specs = arch.graphs(image_size=crop)
     graphs = {}
     for i, spec in enumerate(specs, start=2):
@@ -214,6 +223,7 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
         if (ckpt.path / name).is_file():
             shutil.copyfile(ckpt.path / name, tmp / name)
     fields = arch.manifest_fields()
+    fields["tokens"]["pad_token_id"] = prompt_pad_id(tokenizer, fields["tokens"]["pad_token_id"])
     image_token = tokenizer.convert_ids_to_tokens(fields["tokens"]["image_token_id"])
     fields["tokens"]["image_token"] = image_token
     prompt = arch.prompt_template(processor)
