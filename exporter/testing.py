@@ -167,7 +167,7 @@ class TinyInterleaveSpec:
     pad_token_id in the config, tokenizer pad token <|endoftext|> != EOS <|im_end|>), SigLIP vision tower (no CLS,
     "full" strategy, last layer), SiglipImageProcessor (resize to height x width, mean = std = 0.5)."""
 
-    layers: int = 4
+    layers: int = 6
     hidden: int = 64
     heads: int = 4
     kv_heads: int = 2
