@@ -233,3 +233,24 @@ def test_one_image_artifact_refuses_several(tiny_artifact, images):
         pipe.prompts.image_separator = None  # as an artifact exported before several images were supported
     with pytest.raises(PromptError, match="takes exactly one image, got 2"):
         pipe.generate([images[0], "/nonexistent.png"], PROMPTS[0], max_new_tokens=2)
+
+
+def test_cli_one_prompt_with_two_images(interleave_artifact, images, tmp_path):
+    from tests.conftest import run_cli
+
+    paths = []
+    for i in (0, 1):
+        paths += ["--image", str(tmp_path / f"{i}.png")]
+        images[i].convert("RGB").save(paths[-1])
+    run = run_cli("generate", str(interleave_artifact), *paths, "--prompt", PROMPTS[0], "--one-prompt", "--json",
+                  "--max-new-tokens", "5", block_torch=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1
+    pipe = Pipeline.from_dir(interleave_artifact)
+    want = pipe.generate([tmp_path / "0.png", tmp_path / "1.png"], PROMPTS[0], max_new_tokens=5)
+    assert json.loads(lines[0])["token_ids"] == want.token_ids
+    assert json.loads(lines[0])["prompt_tokens"] == want.prompt_tokens > 2 * pipe.manifest.tokens["tokens_per_image"]
+    bad = run_cli("generate", str(interleave_artifact), *paths, "--prompt", "a", "--prompt", "b", "--one-prompt",
+                  block_torch=True)
+    assert bad.returncode == 2 and "--one-prompt puts every --image into one prompt" in bad.stderr
