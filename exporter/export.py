@@ -198,9 +198,9 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     t0 = time.perf_counter()
     say(f"[1/5] loading {ckpt.architecture} from {ckpt.path}")
     arch_cls = get_arch(ckpt.architecture)
+    pre = preprocessing_params(ckpt.path)  # an unsupported image processor is refused before the weights load
     arch = arch_cls(ckpt, dtype=torch.float32)  # fp16/int4/int8 come from graph passes (graph_passes/bake.py)
     processor = load_processor(ckpt.path)
-    pre = preprocessing_params(ckpt.path)
     crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
     crop = tuple(pre["resize_to"]) if pre.get("resize_to") else crop  # SigLIP: resized to exactly h x w
     specs = arch.graphs(image_size=crop)

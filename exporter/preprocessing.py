@@ -46,7 +46,9 @@ CLIP_TYPES = frozenset({
 })
 LLAVA_TYPES = frozenset({"LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil"})
 SIGLIP_TYPES = frozenset({"SiglipImageProcessor", "SiglipImageProcessorFast", "SiglipImageProcessorPil"})
-SUPPORTED_TYPES = CLIP_TYPES | LLAVA_TYPES | SIGLIP_TYPES
+LLAVA_NEXT_TYPES = frozenset({"LlavaNextImageProcessor", "LlavaNextImageProcessorFast", "LlavaNextImageProcessorPil"})
+SUPPORTED_TYPES = CLIP_TYPES | LLAVA_TYPES | SIGLIP_TYPES | LLAVA_NEXT_TYPES
+_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # the class default
 
 # transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD and the class defaults of CLIPImageProcessor / LlavaImageProcessor
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -122,6 +124,8 @@ def params_from_config(config: Mapping[str, Any], source: str = "image-processor
     do_resize = flag("do_resize")
     if kind in SIGLIP_TYPES:
         return _siglip_params(get, flag, do_resize, source)
+    if kind in LLAVA_NEXT_TYPES:
+        return _llava_next_params(config, get, flag, source)
     params: dict[str, Any] = {
         "do_convert_rgb": flag("do_convert_rgb"),
         "do_pad": do_pad,
@@ -138,6 +142,39 @@ def params_from_config(config: Mapping[str, Any], source: str = "image-processor
     }
     # the runtime's own checks (positive sizes, std > 0, resample code...), reported against the config
     return validate_params(params, source=source, error=CheckpointError, fix="fix the config")
+
+
+def _llava_next_params(config: Mapping[str, Any], get, flag, source: str) -> dict[str, Any]:
+    """LlavaNextImageProcessor: per tile the CLIP steps (shortest-edge resize and centre crop, identities on a
+    tile of crop size), plus `image_grid_pinpoints` and the base image's `base_size` for the runtime's tiling
+    (runtime/archs/llava_next.py). Its `do_pad` pads a batch's tile counts, which the runtime does not need."""
+    size, crop = get("size"), _crop_size(get("crop_size"), source)
+    if isinstance(size, dict) and set(size) == {"height", "width"}:
+        base = [_int(size["height"], "size.height", source), _int(size["width"], "size.width", source)]
+        edge = min(base)
+    else:
+        edge = _shortest_edge(size, False, True, source)
+        base = [edge, edge]
+    if not (flag("do_resize") and flag("do_center_crop")) or crop[0] != crop[1] or base != crop or edge != crop[0]:
+        raise CheckpointError(f"{source}: LLaVA-NeXT tiling is supported with square tiles (size = crop_size, "
+                              f"do_resize and do_center_crop true), got size {size!r}, crop_size {crop}; "
+                              "use the checkpoint's original processor config")
+    pins = config.get("image_grid_pinpoints") or _NEXT_PINPOINTS
+    if not isinstance(pins, list) or not pins or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 and v % crop[0] == 0 for v in p)
+            for p in pins):
+        raise CheckpointError(f"{source}: 'image_grid_pinpoints' must be [height, width] pairs, multiples of the tile "
+                              f"size {crop[0]}, got {pins!r}; fix the config")
+    params: dict[str, Any] = {
+        "do_convert_rgb": flag("do_convert_rgb"), "do_pad": False, "do_resize": True, "shortest_edge": edge,
+        "resample": _int(get("resample"), "resample", source), "do_center_crop": True, "crop_size": crop,
+        "do_rescale": flag("do_rescale"), "rescale_factor": _number(get("rescale_factor"), "rescale_factor", source),
+        "do_normalize": flag("do_normalize"), "image_mean": _triple(get("image_mean"), "image_mean", source),
+        "image_std": _triple(get("image_std"), "image_std", source),
+    }
+    out = validate_params(params, source=source, error=CheckpointError, fix="fix the config")
+    out["image_grid_pinpoints"] = [list(p) for p in pins]  # read by exporter/archs/llava_next.py into the manifest
+    return out
 
 
 def _siglip_params(get, flag, do_resize: bool, source: str) -> dict[str, Any]:

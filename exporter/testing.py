@@ -274,6 +274,101 @@ def build_tiny_llava_interleave(path: str | Path, spec: TinyInterleaveSpec = Tin
     return path
 
 
+MISTRAL_CHAT_TEMPLATE = (  # llava-hf/llava-v1.6-mistral-7b-hf's format, reduced to one user turn
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ ' [/INST]' }}{% endif %}{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyNextSpec:
+    """A tiny llava-hf/llava-v1.6-mistral-7b-hf: Mistral language model, CLIP tower ("default" strategy, layer -2),
+    image_grid_pinpoints scaled from [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] to 32-pixel
+    tiles, an image_newline parameter, LlavaNextImageProcessor."""
+
+    layers: int = 6
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+    max_position_embeddings: int = 1024
+    vocab_extra: int = 200
+    seed: int = 5
+
+    @property
+    def pinpoints(self) -> list[list[int]]:
+        t = self.image_size
+        return [[t, 2 * t], [2 * t, t], [2 * t, 2 * t], [3 * t, t], [t, 3 * t]]
+
+
+def build_tiny_llava_next(path: str | Path, spec: TinyNextSpec = TinyNextSpec()) -> Path:
+    """Write a random-weight LlavaNextForConditionalGeneration checkpoint folder to `path` and return it."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        MistralConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = train_tokenizer(vocab_size=300 + spec.vocab_extra)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.padding_side = "left"
+    image_token_id = raw.token_to_id("<image>")
+    text_config = MistralConfig(
+        vocab_size=raw.get_vocab_size(), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-5, rope_theta=1_000_000.0,
+        sliding_window=None, bos_token_id=raw.token_to_id("<s>"), eos_token_id=raw.token_to_id("</s>"),
+        pad_token_id=raw.token_to_id("<pad>"), tie_word_embeddings=False,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        image_grid_pinpoints=spec.pinpoints, image_seq_length=(spec.image_size // spec.patch_size) ** 2,
+        use_image_newline_parameter=True, tie_word_embeddings=False,
+    )
+    config.pad_token_id = text_config.pad_token_id
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _randomize(model, spec.seed)
+    import torch
+
+    with torch.no_grad():
+        model.model.image_newline.normal_(0.0, 0.5)
+    model.generation_config.pad_token_id = text_config.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
+        image_grid_pinpoints=spec.pinpoints, image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+        vision_feature_select_strategy="default", chat_template=MISTRAL_CHAT_TEMPLATE, num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
 def externalise_first_initializer(graph: Path, location: str, data_file: Path | None) -> str:
     """Rewrite `graph` so that its first sizeable initializer lives in external data at `location` (its bytes written
     to `data_file` when given): how the security tests and scripts/security_report.py forge artifacts whose external

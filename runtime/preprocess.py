@@ -71,7 +71,9 @@ PARAM_KEYS = (
     "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
 )
 
-OPTIONAL_PARAM_KEYS = ("resize_to",)  # [height, width]: resize to exactly this size (SigLIP), else shortest_edge
+OPTIONAL_PARAM_KEYS = ("resize_to", "image_grid_pinpoints")
+# resize_to [height, width]: resize to exactly this size (SigLIP), else shortest_edge. image_grid_pinpoints: LLaVA-NeXT's
+# tiling resolutions, used by runtime/archs/llava_next.py (each tile then goes through the steps above).
 
 _FORMATS_HINT = "PNG, JPEG, GIF, BMP, WEBP or TIFF"
 _REWRITE_HINT = "re-export or re-save the image"
@@ -317,6 +319,13 @@ def validate_params(
                 not all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE for c in size):
             raise bad("resize_to", f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", size)
         out["resize_to"] = [size[0], size[1]]
+    if params.get("image_grid_pinpoints") is not None:
+        pins = params["image_grid_pinpoints"]
+        if not isinstance(pins, (list, tuple)) or not 0 < len(pins) <= 64 or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE
+                                                                     for c in p) for p in pins):
+            raise bad("image_grid_pinpoints", f"up to 64 [height, width] pairs up to {MAX_PREPROCESS_SIDE}", pins)
+        out["image_grid_pinpoints"] = [[p[0], p[1]] for p in pins]
     factor = params["rescale_factor"]
     if not _is_real(factor) or factor <= 0:
         raise bad("rescale_factor", "a positive number", factor)

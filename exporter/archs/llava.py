@@ -100,19 +100,22 @@ class LlavaArch:
     model_type = "llava"
 
     def __init__(self, checkpoint, dtype: torch.dtype = torch.float32):
-        from transformers import LlavaForConditionalGeneration
-
         self.checkpoint = checkpoint
         try:
-            self.model = LlavaForConditionalGeneration.from_pretrained(
-                checkpoint.path, dtype=dtype, attn_implementation="sdpa", use_safetensors=not checkpoint.uses_pickle,
-            ).eval()
+            self.model = self._load(checkpoint, dtype)
         except Exception as exc:  # noqa: BLE001 - transformers/safetensors raise many types; the user needs one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise CheckpointError(f"cannot load '{checkpoint.path}' as LLaVA: {first[:300]}") from None
         self.config = self.model.config
         self.text = self.config.text_config
         self.vision = self.config.vision_config
+
+    def _load(self, checkpoint, dtype):
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(
+            checkpoint.path, dtype=dtype, attn_implementation="sdpa", use_safetensors=not checkpoint.uses_pickle,
+        ).eval()
 
     # -- graphs ------------------------------------------------------------------------------------------
     def graphs(self, image_size: tuple[int, int]) -> list[GraphSpec]:
