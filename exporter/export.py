@@ -199,6 +199,9 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     say(f"[1/5] loading {ckpt.architecture} from {ckpt.path}")
     arch_cls = get_arch(ckpt.architecture)
     pre = preprocessing_params(ckpt.path)  # an unsupported image processor is refused before the weights load
+    check_config = getattr(arch_cls, "check_config", None)  # an arch's own config checks, also before the weights
+    if check_config is not None:
+        check_config(ckpt.config, None)
     arch = arch_cls(ckpt, dtype=torch.float32)  # fp16/int4/int8 come from graph passes (graph_passes/bake.py)
     processor = load_processor(ckpt.path)
     crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])

@@ -181,3 +181,57 @@ def test_iava_runs_over_every_image_position(next_baked, next_model):
                                               max_new_tokens=8)
     assert got.details["iava"]["irrelevant"] == want.irrelevant
     assert got.token_ids == want.tokens
+
+
+# -- unsupported forms: one line naming what is supported, before any weights load ----------------------------------
+def _never_load(monkeypatch):
+    from exporter.archs.llava import LlavaArch
+
+    def boom(self, checkpoint, dtype):
+        raise AssertionError("weights were loaded before the refusal")
+
+    monkeypatch.setattr(LlavaArch, "_load", boom)
+
+
+@pytest.mark.parametrize("config,fragment", [
+    ({"architectures": ["LlavaNextVideoForConditionalGeneration"], "model_type": "llava_next_video"},
+     "architecture 'LlavaNextVideoForConditionalGeneration' is not supported; supported: "),
+    ({"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen",
+      "auto_map": {"AutoModelForCausalLM": "modeling_llava_qwen.LlavaQwenForCausalLM"}},
+     "architecture 'LlavaQwenForCausalLM' is not supported; supported: "),
+])
+def test_unsupported_architectures_are_refused_in_one_line(tmp_path, monkeypatch, config, fragment):
+    from exporter.export import export_model
+    from runtime.errors import CheckpointError
+
+    _never_load(monkeypatch)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        export_model(tmp_path / "m", tmp_path / "out")
+    msg = str(err.value)
+    assert fragment in msg and "\n" not in msg
+    assert "LlavaForConditionalGeneration" in msg and "LlavaNextForConditionalGeneration" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_image_processor_and_bad_next_options_refused_before_weights(next_model, tmp_path, monkeypatch):
+    from exporter.export import export_model
+    from runtime.errors import CheckpointError
+
+    _never_load(monkeypatch)
+    model = tmp_path / "m"
+    shutil.copytree(next_model, model)
+    proc = model / "processor_config.json"
+    data = json.loads(proc.read_text())
+    data["image_processor"]["image_processor_type"] = "Idefics3ImageProcessor"
+    proc.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"image_processor_type 'Idefics3ImageProcessor' is not supported; "
+                                              r"AnchorRT supports .*LlavaNextImageProcessor.*SiglipImageProcessor"):
+        export_model(model, tmp_path / "out")
+    shutil.copyfile(next_model / "processor_config.json", proc)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["vision_feature_select_strategy"] = "full"
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="vision_feature_select_strategy 'full' is not supported"):
+        export_model(model, tmp_path / "out")
