@@ -254,3 +254,53 @@ def test_cli_one_prompt_with_two_images(interleave_artifact, images, tmp_path):
     bad = run_cli("generate", str(interleave_artifact), *paths, "--prompt", "a", "--prompt", "b", "--one-prompt",
                   block_torch=True)
     assert bad.returncode == 2 and "--one-prompt puts every --image into one prompt" in bad.stderr
+
+
+def test_visalign_over_two_images_matches_the_reference(interleave_model, interleave_artifact, images, tmp_path):
+    """A random VisAlign fusion baked (torch-free pass) onto the Qwen2 + SigLIP artifact; one prompt with two images:
+    v_bar is the mean over both images' tokens, in the runtime and in the reference (exporter/visalign/reference.py)."""
+    from exporter.visalign.checkpoint import write_entry
+    from exporter.visalign.reference import VisAlignLlava
+    from graph_passes.visalign import WEIGHTS_FILE, bake_visalign
+    from runtime.kv_cache import KVCache
+    from runtime.manifest import MANIFEST_NAME, write_manifest
+    from runtime.visalign import visalign_state
+    from tests.test_visalign import random_fusion
+
+    model_dir, art = tmp_path / "model", tmp_path / "art"
+    shutil.copytree(interleave_model, model_dir)
+    shutil.copytree(interleave_artifact, art)
+    random_fusion(64).save(model_dir / WEIGHTS_FILE)
+    write_entry(model_dir, 64, "identity")
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    assert bake_visalign(art, manifest, str(model_dir / WEIGHTS_FILE)) == 1
+    write_manifest(art, manifest)
+    pipe = Pipeline.from_dir(art)
+    visual = pipe.preprocess_images([pipe._load(images[0], 0), pipe._load(images[1], 1)])
+    enc = pipe.prompts.encode(PROMPTS[0], 2, tokens_per_image=visual.tokens_per_image)
+    enc.images = [0, 1]
+    batch = pipe._pad([enc], visual)
+    feats = pipe.encode_images(visual)
+    cache = KVCache(pipe.num_layers, 1, pipe.kv_heads, pipe.head_dim, batch.ids.shape[1] + 4, pipe.kv_dtype)
+    state = visalign_state(pipe.visalign, [{"visalign": True}], feats, batch.image_mask)
+    np.testing.assert_allclose(state.v_bar[0], feats.mean(0), rtol=1e-5, atol=1e-6)  # both images' tokens
+    got = [pipe.prefill(batch, feats, cache, {}, state)]
+    ref = VisAlignLlava.from_pretrained(model_dir)
+    ids, mask = torch.from_numpy(batch.ids), torch.from_numpy(batch.attention_mask)
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        out = ref(ids, mask, pixel_values=torch.from_numpy(visual.feeds["pixel_values"]), enable=True,
+                  past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        want = [out.logits[:, -1].numpy()]
+        last, amask = batch.attention_mask.sum(-1) - 1, batch.attention_mask
+        for _ in range(3):
+            token = out.logits[:, -1].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = ref(token[:, None], mask, v_bar=out.v_bar, enable=True, past_key_values=out.past_key_values,
+                      use_cache=True, logits_to_keep=1)
+            want.append(out.logits[:, -1].numpy())
+            amask = np.concatenate([amask, np.ones((1, 1), np.int64)], 1)
+            last = last + 1
+            got.append(pipe.decode_one_token(token.numpy().astype(np.int64), amask, last, cache, {}, state))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) <= ATOL
