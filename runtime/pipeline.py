@@ -223,6 +223,9 @@ class Pipeline:
         """The vision stage(s) -> features [total_visual_tokens, d] in image order. `visual`: a VisualInput, or
         `pixel_values` for an architecture with a fixed token count per image."""
         if isinstance(visual, np.ndarray):
+            if self.arch.fixed_tokens_per_image is None:
+                raise FlagError("this architecture's images take a size-dependent number of positions: pass "
+                                "pipe.preprocess_images(images), not pixel values, to encode_images")
             visual = VisualInput({"pixel_values": visual}, [self.arch.fixed_tokens_per_image] * len(visual))
         return self.arch.encode(visual, texts)
 

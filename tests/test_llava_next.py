@@ -235,3 +235,22 @@ def test_unknown_image_processor_and_bad_next_options_refused_before_weights(nex
     (model / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="vision_feature_select_strategy 'full' is not supported"):
         export_model(model, tmp_path / "out")
+
+
+def test_forged_runtime_fields_are_refused(next_artifact, tiny_artifact, tmp_path):
+    from runtime.errors import ArtifactError
+
+    for source, edit, fragment in (
+        (next_artifact, lambda d: d["llava_next"].update(patches_per_side=5), "manifest fields llava_next"),
+        (next_artifact, lambda d: d["llava_next"].update(image_grid_pinpoints=[[33, 64]]), "manifest fields llava_next"),
+        (tiny_artifact, lambda d: d.update(model_type="qwen9"),
+         "model_type 'qwen9' has no runtime module (supported: llava, llava_next)"),
+    ):
+        folder = tmp_path / f"a{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(source, folder)
+        data = json.loads((folder / "manifest.json").read_text())
+        edit(data)
+        (folder / "manifest.json").write_text(json.dumps(data))
+        with pytest.raises(ArtifactError, match=fragment.replace("(", r"\(").replace(")", r"\)")) as err:
+            Pipeline.from_dir(folder, verify=False)
+        assert "\n" not in str(err.value)
