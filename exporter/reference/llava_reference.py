@@ -4,7 +4,10 @@ The Llama decoder is re-implemented here in explicit PyTorch from the Hugging Fa
 (embedding, RMSNorm, q/k/v/o projections, rotary embedding recomputed from `rope_theta`, grouped-query
 `repeat_kv`, eager attention with explicit `QK^T/sqrt(d)` logits, mask, softmax, SwiGLU MLP, final norm,
 lm_head). Only the vision tower + projector are called from the HF model (`get_image_features`): neither
-method touches them. Nothing here is shared with the export code or the graph passes, so parity between
+method touches them. The same code covers Qwen2 language models (LLaVA-Interleave): their q/k/v projections carry
+a bias, which `_linear` applies from the module's own `bias`, and tied embeddings are the same tensor as `lm_head`.
+For LLaVA-NeXT, `get_image_features(pixel_values, image_sizes)` is transformers' own tiling layout (unpad, one
+`image_newline` per grid row), independent of the runtime's numpy packing (runtime/archs/llava_next.py). Nothing here is shared with the export code or the graph passes, so parity between
 the two is not a tautology. Everything runs in fp32 on the CPU.
 
 Per layer, per pass (prefill or one decode step):
