@@ -47,12 +47,15 @@ class LlavaNextArch(LlavaArch):
     model_type = "llava_next"
 
     @classmethod
-    def check_config(cls, config: dict, preprocessor: dict | None = None) -> None:
-        """Cheap checks from config.json alone (before any weights load)."""
+    def check_config(cls, config: dict, preprocessor: dict | None = None) -> dict:
+        """Pre-load check (exporter/registry.py): the feature strategy from config.json, then LLaVA-1.5's checks
+        (image processor, layer count) where the parent class has them. -> facts for the generic checks."""
         strategy = config.get("vision_feature_select_strategy", "default")
         if strategy != "default":
             raise CheckpointError(f"LLaVA-NeXT with vision_feature_select_strategy {strategy!r} is not supported "
                                   "(its tiles are packed without the CLS token: 'default' only)")
+        parent = getattr(super(), "check_config", None)
+        return dict(parent(config, preprocessor) or {}) if parent is not None else {}
 
     def _load(self, checkpoint, dtype):
         from transformers import LlavaNextForConditionalGeneration
@@ -62,7 +65,6 @@ class LlavaNextArch(LlavaArch):
         ).eval()
 
     def graphs(self, image_size: tuple[int, int]) -> list[GraphSpec]:
-        self.check_config(self.config.to_dict())
         cfg, text = self.config, self.text
         dtype = self.model.dtype
         h, w = image_size
