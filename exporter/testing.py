@@ -301,6 +301,7 @@ class TinyNextSpec:
     max_position_embeddings: int = 1024
     vocab_extra: int = 200
     seed: int = 5
+    text_model: str = "mistral"  # "llama": llava-hf/llava-v1.6-vicuna-7b-hf's form (Llama, the LLaVA-1.5 chat format)
 
     @property
     def pinpoints(self) -> list[list[int]]:
@@ -316,6 +317,7 @@ def build_tiny_llava_next(path: str | Path, spec: TinyNextSpec = TinyNextSpec())
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
+        LlamaConfig,
         MistralConfig,
         PreTrainedTokenizerFast,
     )
@@ -329,12 +331,14 @@ def build_tiny_llava_next(path: str | Path, spec: TinyNextSpec = TinyNextSpec())
     )
     tokenizer.padding_side = "left"
     image_token_id = raw.token_to_id("<image>")
-    text_config = MistralConfig(
+    text_class = {"mistral": MistralConfig, "llama": LlamaConfig}[spec.text_model]
+    text_config = text_class(
         vocab_size=raw.get_vocab_size(), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-5, rope_theta=1_000_000.0,
-        sliding_window=None, bos_token_id=raw.token_to_id("<s>"), eos_token_id=raw.token_to_id("</s>"),
+        bos_token_id=raw.token_to_id("<s>"), eos_token_id=raw.token_to_id("</s>"),
         pad_token_id=raw.token_to_id("<pad>"), tie_word_embeddings=False,
+        **({"sliding_window": None} if spec.text_model == "mistral" else {}),
     )
     vision_config = CLIPVisionConfig(
         hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
@@ -363,7 +367,8 @@ def build_tiny_llava_next(path: str | Path, spec: TinyNextSpec = TinyNextSpec())
     )
     processor = LlavaNextProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-        vision_feature_select_strategy="default", chat_template=MISTRAL_CHAT_TEMPLATE, num_additional_image_tokens=1,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=MISTRAL_CHAT_TEMPLATE if spec.text_model == "mistral" else LLAVA_CHAT_TEMPLATE,
     )
     processor.save_pretrained(path)
     return path

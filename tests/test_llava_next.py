@@ -254,3 +254,18 @@ def test_forged_runtime_fields_are_refused(next_artifact, tiny_artifact, tmp_pat
         with pytest.raises(ArtifactError, match=fragment.replace("(", r"\(").replace(")", r"\)")) as err:
             Pipeline.from_dir(folder, verify=False)
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_vicuna_form_exports_and_verifies(tmp_path):
+    """llava-hf/llava-v1.6-vicuna-7b-hf's form: the same tiling over a Llama language model and LLaVA-1.5's chat
+    format (slow: one more export)."""
+    from exporter.export import export_model
+    from exporter.testing import TinyNextSpec, build_tiny_llava_next
+    from exporter.verify import verify
+
+    model = build_tiny_llava_next(tmp_path / "vicuna", TinyNextSpec(text_model="llama", seed=7))
+    export_model(model, tmp_path / "art")
+    assert json.loads((model / "config.json").read_text())["text_config"]["model_type"] == "llama"
+    report = verify(model, tmp_path / "art", prompts=PROMPTS)
+    assert report.ok, report.summary()
