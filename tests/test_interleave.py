@@ -124,6 +124,20 @@ def test_pad_token_comes_from_the_tokenizer_and_verify_passes(interleave_model, 
     assert report.ok and report.max_abs_diff <= ATOL and report.greedy_agreement == 1.0, report.summary()
 
 
+def test_padding_with_eos_is_what_failed(interleave_model, interleave_artifact, tmp_path):
+    """The check above can fail: the same artifact with main's choice (pad = EOS) is refused by verify."""
+    from exporter.verify import verify
+    from runtime.errors import VerifyError
+
+    art = tmp_path / "eos-pad"
+    shutil.copytree(interleave_artifact, art)
+    data = json.loads((art / "manifest.json").read_text())
+    data["tokens"]["pad_token_id"] = data["tokens"]["eos_token_ids"][0]
+    (art / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(VerifyError, match="prompt ids .* differ from the checkpoint processor's"):
+        verify(interleave_model, art, prompts=PROMPTS)
+
+
 def test_greedy_tokens_match_transformers(interleave_artifact, hf, images):
     pipe = Pipeline.from_dir(interleave_artifact)
     template = pipe.manifest.prompt["template"]
@@ -304,3 +318,26 @@ def test_visalign_over_two_images_matches_the_reference(interleave_model, interl
             last = last + 1
             got.append(pipe.decode_one_token(token.numpy().astype(np.int64), amask, last, cache, {}, state))
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) <= ATOL
+
+
+@pytest.mark.slow
+def test_pad_token_regression_on_a_clip_llama_llava(tmp_path):
+    """Issue 13 item 9 without SigLIP: a LLaVA-1.5 checkpoint whose config has no pad_token_id and whose tokenizer
+    pads with <pad> (not EOS). On main the manifest padded with EOS and verify failed with exit 3."""
+    from exporter.export import export_model
+    from exporter.testing import TinyLlavaSpec, build_tiny_llava
+    from exporter.verify import verify
+
+    model = build_tiny_llava(tmp_path / "m", TinyLlavaSpec(layers=2, seed=4))
+    for name, keys in (("config.json", ("pad_token_id",)), ("generation_config.json", ("pad_token_id",))):
+        data = json.loads((model / name).read_text())
+        for k in keys:
+            data.pop(k, None)
+            if isinstance(data.get("text_config"), dict):
+                data["text_config"].pop(k, None)
+        (model / name).write_text(json.dumps(data))
+    export_model(model, tmp_path / "art")
+    tokens = json.loads((tmp_path / "art" / "manifest.json").read_text())["tokens"]
+    assert tokens["pad_token_id"] != tokens["eos_token_ids"][0]
+    report = verify(model, tmp_path / "art", prompts=PROMPTS)
+    assert report.ok, report.summary()
