@@ -313,11 +313,11 @@ def build_tiny_llava_next(path: str | Path, spec: TinyNextSpec = TinyNextSpec())
     """Write a random-weight LlavaNextForConditionalGeneration checkpoint folder to `path` and return it."""
     from transformers import (
         CLIPVisionConfig,
+        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
-        LlamaConfig,
         MistralConfig,
         PreTrainedTokenizerFast,
     )

@@ -8,8 +8,8 @@ transformers' LlavaProcessor does before tokenizing; the spans of the expanded i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
