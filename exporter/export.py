@@ -178,6 +178,26 @@ def export_model(
     return Manifest(out, data)
 
 
+def _raw_image_processor_config(path: Path) -> dict | None:
+    """The image-processor config as plain JSON (what an arch's check_config reads), None when there is none."""
+    import json
+
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        if (path / name).is_file():
+            data = json.loads((path / name).read_text(encoding="utf-8"))  # preprocessing_params has parsed it
+            data = data.get(key) if key and isinstance(data, dict) else data
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def prompt_pad_id(tokenizer, fallback: int) -> int:
+    """The id that left-pads prompts: the checkpoint tokenizer's pad token, which is what its processor pads with
+    (a Qwen2 LLaVA has no pad_token_id in its config and pads with <|endoftext|>, not EOS: issue 13 item 9);
+    `fallback` (the config's, else EOS) when the tokenizer has none."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else int(fallback)
+
+
 def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
@@ -190,10 +210,14 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     t0 = time.perf_counter()
     say(f"[1/5] loading {ckpt.architecture} from {ckpt.path}")
     arch_cls = get_arch(ckpt.architecture)
+    pre = preprocessing_params(ckpt.path)  # an unsupported image processor is refused before the weights load
+    check_config = getattr(arch_cls, "check_config", None)  # an arch's own config checks, also before the weights
+    if check_config is not None:  # (h13's pre-load hook runs the same check earlier; this one is then redundant)
+        check_config(ckpt.config, _raw_image_processor_config(ckpt.path))
     arch = arch_cls(ckpt, dtype=torch.float32)  # fp16/int4/int8 come from graph passes (graph_passes/bake.py)
     processor = load_processor(ckpt.path)
-    pre = preprocessing_params(ckpt.path)
     crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
+    crop = tuple(pre["resize_to"]) if pre.get("resize_to") else crop  # SigLIP: resized to exactly h x w
     specs = arch.graphs(image_size=crop)
     graphs = {}
     for i, spec in enumerate(specs, start=2):
@@ -214,6 +238,7 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
         if (ckpt.path / name).is_file():
             shutil.copyfile(ckpt.path / name, tmp / name)
     fields = arch.manifest_fields()
+    fields["tokens"]["pad_token_id"] = prompt_pad_id(tokenizer, fields["tokens"]["pad_token_id"])
     image_token = tokenizer.convert_ids_to_tokens(fields["tokens"]["image_token_id"])
     fields["tokens"]["image_token"] = image_token
     prompt = arch.prompt_template(processor)

@@ -1,4 +1,4 @@
-"""Tiny random-weight LLaVA checkpoints built in code, for tests, benchmarks and the demo.
+"""Tiny random-weight LLaVA checkpoints (LLaVA-1.5; LLaVA-Interleave: Qwen2 + SigLIP) built in code, for tests, benchmarks and the demo.
 
 Nothing is downloaded: the tokenizer is a small BPE trained here on a fixed corpus, the weights are
 seeded random numbers, and the folder is written exactly as Hugging Face writes a LLaVA-1.5 checkpoint
@@ -148,6 +148,229 @@ def build_tiny_llava(path: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) ->
         cfg = json.loads(cfg_path.read_text())
         cfg["image_processor"].update(image_processor_type="LlavaImageProcessor", do_pad=True)
         cfg_path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+# llava-hf/llava-interleave-qwen-0.5b-hf's chat format (ChatML): every image of a message first, then its text.
+INTERLEAVE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{{ '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyInterleaveSpec:
+    """A tiny llava-hf/llava-interleave-qwen-0.5b-hf: Qwen2 language model (q/k/v bias, tied embeddings, no
+    pad_token_id in the config, tokenizer pad token <|endoftext|> != EOS <|im_end|>), SigLIP vision tower (no CLS,
+    "full" strategy, last layer), SiglipImageProcessor (resize to height x width, mean = std = 0.5)."""
+
+    layers: int = 6
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+    max_position_embeddings: int = 512
+    vocab_extra: int = 200
+    seed: int = 3
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def train_chatml_tokenizer(vocab_size: int):
+    """A byte-level BPE with Qwen2's special tokens (no BOS) and an `<image>` token, trained on a fixed corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4 + ["user assistant system"] * 4, trainer=trainer)
+    return tok
+
+
+def _randomize(model, seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():  # random weights large enough that logits are not all alike
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02 if "proj" not in name else 0.2)
+
+
+def build_tiny_llava_interleave(path: str | Path, spec: TinyInterleaveSpec = TinyInterleaveSpec()) -> Path:
+    """Write a random-weight LLaVA-Interleave (Qwen2 + SigLIP) checkpoint folder to `path` and return it. The
+    config mirrors llava-hf/llava-interleave-qwen-0.5b-hf's structure: text model_type qwen2 with
+    tie_word_embeddings, vision model_type siglip_vision_model with vision_use_head false, no pad_token_id."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = train_chatml_tokenizer(vocab_size=300 + spec.vocab_extra)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.padding_side = "left"
+    image_token_id = raw.token_to_id("<image>")
+    text_config = Qwen2Config(
+        vocab_size=raw.get_vocab_size(), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        bos_token_id=raw.token_to_id("<|endoftext|>"), eos_token_id=raw.token_to_id("<|im_end|>"),
+        tie_word_embeddings=True, use_sliding_window=False, sliding_window=spec.max_position_embeddings,
+        max_window_layers=spec.layers,
+    )
+    text_config.pad_token_id = None  # as the real checkpoint: none in the config
+    vision_config = SiglipVisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size,
+        vision_use_head=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_token_id,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu",
+        image_seq_length=spec.image_tokens, tie_word_embeddings=True,
+    )
+    config.pad_token_id = None
+    model = LlavaForConditionalGeneration(config).eval()
+    _randomize(model, spec.seed)
+    model.tie_weights()
+    model.generation_config.pad_token_id = None
+    model.generation_config.eos_token_id = text_config.eos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    image_processor = SiglipImageProcessor(
+        size={"height": spec.image_size, "width": spec.image_size}, resample=3, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+        vision_feature_select_strategy="full", chat_template=INTERLEAVE_CHAT_TEMPLATE, num_additional_image_tokens=0,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+MISTRAL_CHAT_TEMPLATE = (  # llava-hf/llava-v1.6-mistral-7b-hf's format, reduced to one user turn
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ ' [/INST]' }}{% endif %}{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyNextSpec:
+    """A tiny llava-hf/llava-v1.6-mistral-7b-hf: Mistral language model, CLIP tower ("default" strategy, layer -2),
+    image_grid_pinpoints scaled from [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] to 32-pixel
+    tiles, an image_newline parameter, LlavaNextImageProcessor."""
+
+    layers: int = 6
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+    max_position_embeddings: int = 1024
+    vocab_extra: int = 200
+    seed: int = 5
+    text_model: str = "mistral"  # "llama": llava-hf/llava-v1.6-vicuna-7b-hf's form (Llama, the LLaVA-1.5 chat format)
+
+    @property
+    def pinpoints(self) -> list[list[int]]:
+        t = self.image_size
+        return [[t, 2 * t], [2 * t, t], [2 * t, 2 * t], [3 * t, t], [t, 3 * t]]
+
+
+def build_tiny_llava_next(path: str | Path, spec: TinyNextSpec = TinyNextSpec()) -> Path:
+    """Write a random-weight LlavaNextForConditionalGeneration checkpoint folder to `path` and return it."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        MistralConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = train_tokenizer(vocab_size=300 + spec.vocab_extra)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.padding_side = "left"
+    image_token_id = raw.token_to_id("<image>")
+    text_class = {"mistral": MistralConfig, "llama": LlamaConfig}[spec.text_model]
+    text_config = text_class(
+        vocab_size=raw.get_vocab_size(), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-5, rope_theta=1_000_000.0,
+        bos_token_id=raw.token_to_id("<s>"), eos_token_id=raw.token_to_id("</s>"),
+        pad_token_id=raw.token_to_id("<pad>"), tie_word_embeddings=False,
+        **({"sliding_window": None} if spec.text_model == "mistral" else {}),
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        image_grid_pinpoints=spec.pinpoints, image_seq_length=(spec.image_size // spec.patch_size) ** 2,
+        use_image_newline_parameter=True, tie_word_embeddings=False,
+    )
+    config.pad_token_id = text_config.pad_token_id
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _randomize(model, spec.seed)
+    import torch
+
+    with torch.no_grad():
+        model.model.image_newline.normal_(0.0, 0.5)
+    model.generation_config.pad_token_id = text_config.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
+        image_grid_pinpoints=spec.pinpoints, image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=MISTRAL_CHAT_TEMPLATE if spec.text_model == "mistral" else LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
     return path
 
 

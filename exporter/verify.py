@@ -56,7 +56,8 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     `batch=True` runs all cases as one left-padded batch (different prompt lengths), as a serving runtime would.
     """
     import torch
-    from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor, DynamicCache
     from transformers.utils import logging as hf_logging
 
     from runtime.kv_cache import KVCache
@@ -68,7 +69,11 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     if len(images) != len(prompts):
         raise ValueError("verify needs one image per prompt")
     pipe = Pipeline.from_dir(artifact_dir, providers=providers, verify=verify_files)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    architecture = pipe.manifest.data.get("architecture", "LlavaForConditionalGeneration")
+    model_class = getattr(transformers, architecture, None)  # the registered exporter arch's transformers class
+    if model_class is None:
+        raise VerifyError(f"transformers has no class {architecture!r}; upgrade transformers to verify this artifact")
+    model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     processor.tokenizer.padding_side = "left"
     template = pipe.manifest.prompt["template"]
@@ -95,19 +100,22 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
                 t_logits.append(out.logits[:, -1, :].float().numpy())
                 chosen.append(t_logits[-1].argmax(-1))
         # --- onnx: the same inputs through the runtime's own stages
-        enc = [pipe.prompts.encode(prompts[i]) for i in group]
-        b = pipe._pad(enc)
+        visual = pipe.preprocess_images(pil)  # the runtime arch's tiles/feeds and per-image token counts
+        enc = [pipe.prompts.encode(prompts[i], tokens_per_image=[n]) for i, n in zip(group, visual.tokens_per_image)]
+        for k, e in enumerate(enc):
+            e.images = [k]
+        b = pipe._pad(enc, visual)
         if not np.array_equal(b.ids, inputs["input_ids"].numpy()):
             raise VerifyError(
                 f"the artifact's prompt ids ({b.ids.shape[1]} tokens) differ from the checkpoint processor's "
                 f"({inputs['input_ids'].shape[1]} tokens); is '{model_dir}' the checkpoint this artifact came from?"
             )
-        feats = pipe.encode_images(pipe.preprocess(pil))
+        feats = pipe.encode_images(visual, [prompts[i] for i in group])
         cache = KVCache(pipe.num_layers, len(group), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
                         pipe.kv_dtype, device=pipe.decoder.device)
         extra = pipe._extra_inputs(b)
         o_logits = [pipe.prefill(b, feats, cache, extra)]
-        amask, pos = b.attention_mask, b.attention_mask.sum(-1) - 1
+        amask, pos = b.attention_mask, pipe.arch.prefill_positions(b.layout())[1]
         for s in range(steps):
             amask = np.concatenate([amask, np.ones((len(group), 1), np.int64)], axis=1)
             pos = pos + 1
@@ -166,15 +174,18 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
 
     from runtime.kv_cache import KVCache
 
-    enc = [pipe.prompts.encode(p) for p in prompts]
-    b = pipe._pad(enc)
-    feats = pipe.encode_images(pipe.preprocess([pipe._load(img, i) for i, img in enumerate(images)]))
+    visual = pipe.preprocess_images([pipe._load(img, i) for i, img in enumerate(images)])
+    enc = [pipe.prompts.encode(p, tokens_per_image=[n]) for p, n in zip(prompts, visual.tokens_per_image)]
+    for k, e in enumerate(enc):
+        e.images = [k]
+    b = pipe._pad(enc, visual)
+    feats = pipe.encode_images(visual, list(prompts))
     cache = KVCache(pipe.num_layers, len(prompts), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
                     pipe.kv_dtype, device=pipe.decoder.device)
     extra = pipe._extra_inputs(b)
     logits = [pipe.prefill(b, feats, cache, extra)]
     chosen = [logits[-1].argmax(-1) if tokens is None else tokens[:, 0]]
-    amask, pos = b.attention_mask, b.attention_mask.sum(-1) - 1
+    amask, pos = b.attention_mask, pipe.arch.prefill_positions(b.layout())[1]
     t = time.perf_counter()
     for s in range(steps):
         amask = np.concatenate([amask, np.ones((len(prompts), 1), np.int64)], axis=1)

@@ -15,7 +15,9 @@ documented behaviour, in this order:
 2. Optional pad to a square (LLaVA's `do_pad`): on the uint8 pixels, before resizing, the image is centred
    (offset `(side - edge) // 2`) on a square filled with `int(m * 255)` for each channel mean `m`.
 3. Resize with Pillow on uint8 RGB so that the short side equals `shortest_edge`; the long side is
-   `int(shortest_edge * long / short)`, i.e. truncated, not rounded.
+   `int(shortest_edge * long / short)`, i.e. truncated, not rounded. With the optional `resize_to` [h, w]
+   (SigLIP's `SiglipImageProcessorPil`, `size` {"height", "width"}) the image is resized to exactly h x w
+   instead, aspect ratio not kept, and there is no centre crop.
 4. Centre crop to `crop_size`: the crop starts at `(size - crop) // 2`; if the image is smaller than the crop it is
    first placed at offset `ceil((crop - size) / 2)` on zeros (uint8 zeros, so they are normalised like black).
 5. Rescale in float64 (`pixels * rescale_factor`) then cast to float32.
@@ -68,6 +70,10 @@ PARAM_KEYS = (
     "do_convert_rgb", "do_pad", "do_resize", "shortest_edge", "resample", "do_center_crop", "crop_size",
     "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
 )
+
+OPTIONAL_PARAM_KEYS = ("resize_to", "image_grid_pinpoints")
+# resize_to [height, width]: resize to exactly this size (SigLIP), else shortest_edge. image_grid_pinpoints: LLaVA-NeXT's
+# tiling resolutions, used by runtime/archs/llava_next.py (each tile then goes through the steps above).
 
 _FORMATS_HINT = "PNG, JPEG, GIF, BMP, WEBP or TIFF"
 _REWRITE_HINT = "re-export or re-save the image"
@@ -286,7 +292,7 @@ def validate_params(
     missing = [k for k in PARAM_KEYS if k not in params]
     if missing:
         raise error(f"{source}: missing {', '.join(missing)}; {fix}")
-    unknown = sorted(str(k) for k in params if k not in PARAM_KEYS)
+    unknown = sorted(str(k) for k in params if k not in PARAM_KEYS + OPTIONAL_PARAM_KEYS)
     if unknown:
         raise error(f"{source}: unknown keys {', '.join(unknown)} (written by a newer AnchorRT?); {fix}")
     out: dict[str, Any] = {}
@@ -307,6 +313,19 @@ def validate_params(
             not all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE for c in crop):
         raise bad("crop_size", f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", crop)
     out["crop_size"] = [crop[0], crop[1]]
+    if params.get("resize_to") is not None:
+        size = params["resize_to"]
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or \
+                not all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE for c in size):
+            raise bad("resize_to", f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", size)
+        out["resize_to"] = [size[0], size[1]]
+    if params.get("image_grid_pinpoints") is not None:
+        pins = params["image_grid_pinpoints"]
+        if not isinstance(pins, (list, tuple)) or not 0 < len(pins) <= 64 or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE
+                                                                     for c in p) for p in pins):
+            raise bad("image_grid_pinpoints", f"up to 64 [height, width] pairs up to {MAX_PREPROCESS_SIDE}", pins)
+        out["image_grid_pinpoints"] = [[p[0], p[1]] for p in pins]
     factor = params["rescale_factor"]
     if not _is_real(factor) or factor <= 0:
         raise bad("rescale_factor", "a positive number", factor)
@@ -339,6 +358,8 @@ class ImagePreprocessor:
         """(height, width) of every output image, or None when it depends on the input (no centre crop)."""
         if self.params["do_center_crop"]:
             return self.params["crop_size"][0], self.params["crop_size"][1]
+        if self.params["do_resize"] and self.params.get("resize_to"):
+            return self.params["resize_to"][0], self.params["resize_to"][1]
         return None
 
     def __call__(self, images: Sequence[Image.Image] | Image.Image) -> np.ndarray:
@@ -408,6 +429,8 @@ class ImagePreprocessor:
         short, long = (width, height) if width <= height else (height, width)
         new_long = int(edge * long / short)
         new_h, new_w = (new_long, edge) if width <= height else (edge, new_long)
+        if self.params.get("resize_to"):
+            new_h, new_w = self.params["resize_to"]
         if new_h * new_w > MAX_RESIZED_PIXELS:
             raise ImageError(f"image {name} ({width}x{height}) has too extreme an aspect ratio: resizing its short "
                              f"side to {edge} would make it {new_w}x{new_h}; crop it closer to square")

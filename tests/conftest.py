@@ -92,6 +92,24 @@ def gqa_artifact(gqa_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def interleave_model(tmp_path_factory) -> Path:
+    """LLaVA-Interleave-shaped (llava-hf/llava-interleave-qwen-0.5b-hf): Qwen2 with q/k/v bias and tied embeddings,
+    SigLIP tower, no pad_token_id; 6 layers (CLVA's l_pos = 1 differs from l_neg = 0), 4 heads over 2 KV heads."""
+    from exporter.testing import TinyInterleaveSpec, build_tiny_llava_interleave
+
+    return build_tiny_llava_interleave(tmp_path_factory.mktemp("models") / "tiny-interleave", TinyInterleaveSpec())
+
+
+@pytest.fixture(scope="session")
+def interleave_artifact(interleave_model, tmp_path_factory) -> Path:
+    from exporter.export import export_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "interleave"
+    export_model(interleave_model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def images():
     """Deterministic test images of different sizes and modes."""
     from PIL import Image

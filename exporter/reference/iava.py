@@ -54,9 +54,13 @@ def irrelevant_tokens(att_g: torch.Tensor, att_q: torch.Tensor, i: int, lam: flo
 
 class ReferenceIava:
     def __init__(self, model_dir: str | Path):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        import json
 
-        self.model = LlavaForConditionalGeneration.from_pretrained(
+        import transformers
+        from transformers import AutoProcessor
+
+        arch = json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]  # LLaVA-1.5 or NeXT
+        self.model = getattr(transformers, arch).from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="eager").eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.image_token_id = self.model.config.image_token_id
