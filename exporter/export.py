@@ -191,9 +191,14 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     say(f"[1/5] loading {ckpt.architecture} from {ckpt.path}")
     arch_cls = get_arch(ckpt.architecture)
     arch = arch_cls(ckpt, dtype=torch.float32)  # fp16/int4/int8 come from graph passes (graph_passes/bake.py)
-    processor = load_processor(ckpt.path)
-    pre = preprocessing_params(ckpt.path)
-    crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
+    # an arch module may read its own processor and preprocessing config (Qwen2-VL: tokenizer only, dynamic size)
+    processor = (getattr(arch, "load_processor", None) or load_processor)(ckpt.path)
+    if hasattr(arch, "preprocessing_params"):
+        pre = arch.preprocessing_params(ckpt.path)
+        crop = None
+    else:
+        pre = preprocessing_params(ckpt.path)
+        crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
     specs = arch.graphs(image_size=crop)
     graphs = {}
     for i, spec in enumerate(specs, start=2):

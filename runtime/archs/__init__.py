@@ -1,0 +1,1 @@
+"""Per-architecture runtime modules (the registry keyed by the manifest's model_type is owned by h15)."""
