@@ -157,3 +157,64 @@ def check_settings(settings: object) -> dict:
         if not isinstance(v, int) or isinstance(v, bool) or v < settings["patch_size"] * settings["merge_size"]:
             raise ArtifactError(f"manifest field 'qwen2_vl.window_size' is invalid ({v!r}); re-export the model")
     return settings
+
+
+# -- the runtime architecture (runtime/archs/__init__.py's seam) ----------------------------------------------------
+
+def _runtime_class():
+    """Defined lazily so that the numpy helpers above import without the seam (exporter use)."""
+    from runtime.archs import RuntimeArch, VisualInput, _input_dtype, register_runtime
+    from runtime.preprocess_qwen2_vl import Qwen2VLPreprocessor
+
+    @register_runtime("qwen2_vl", "qwen2_5_vl")
+    class Qwen2VLRuntime(RuntimeArch):
+        """Dynamic resolution: each image takes t*h*w/m² image-pad positions (its grid after smart_resize); the
+        vision feeds are built from the grids at encode time (so IAVA's repeated images stay separate segments);
+        positions are M-RoPE [3, B, S] (`rope_index`), decode steps continue at last + 1 on all three axes."""
+
+        def __init__(self, manifest, open_graph):
+            super().__init__(manifest, open_graph)
+            self.settings = check_settings(manifest.data.get("qwen2_vl"))
+            self.merge = self.settings["merge_size"]
+            self.image_processor = Qwen2VLPreprocessor(manifest.preprocessing)
+            self.vision = open_graph("vision")
+            self.max_tokens = manifest.tokens["tokens_per_image"]
+
+        def preprocess(self, images: Sequence, first_index: int = 0) -> VisualInput:
+            from runtime.errors import ImageError
+
+            if len(images) == 0:
+                raise ImageError("no images to preprocess: expected a non-empty list of PIL images; pass at least one")
+            parts = []
+            for i, image in enumerate(images):
+                parts.append(self.image_processor.preprocess_one(image, first_index + i))
+            patches = np.concatenate([p for p, _ in parts])  # [sum of patches, C*T*P*P]
+            grids = np.asarray([g for _, g in parts], dtype=np.int64)  # [N, 3]
+            counts = [tokens_per_image(tuple(g), self.merge) for g in grids.tolist()]
+            return VisualInput({"pixel_values": patches}, counts, {"grid_thw": grids})
+
+        def encode(self, visual: VisualInput, texts: Sequence[str] | None = None) -> np.ndarray:
+            grids = [tuple(g) for g in np.asarray(visual.extra["grid_thw"]).tolist()]
+            feeds = vision_feeds(grids, self.settings, visual.feeds["pixel_values"])
+            feeds["pixel_values"] = feeds["pixel_values"].astype(_input_dtype(self.vision, "pixel_values"))
+            names = {i.name for i in self.vision.session.get_inputs()}
+            out = self.vision.run({k: v for k, v in feeds.items() if k in names}, ["image_features"])
+            return out["image_features"]  # [total image tokens, d], raster order per image, images in order
+
+        def prefill_positions(self, layout) -> tuple[np.ndarray, np.ndarray]:
+            grid_thw = np.asarray(layout.visual.extra["grid_thw"])
+            grids = [[tuple(grid_thw[i]) for i in row] for row in layout.images]
+            positions, deltas = rope_index(layout.image_mask, layout.attention_mask, grids, self.merge)
+            last = layout.attention_mask.sum(-1).astype(np.int64) - 1 + deltas  # [B] the row's largest position
+            return positions, last
+
+        def decode_positions(self, last: np.ndarray) -> np.ndarray:
+            return np.broadcast_to(np.asarray(last, dtype=np.int64)[None, :, None], (3, len(last), 1)).copy()
+
+    return Qwen2VLRuntime
+
+
+def __getattr__(name: str):
+    if name == "Qwen2VLRuntime":
+        return _runtime_class()
+    raise AttributeError(name)
