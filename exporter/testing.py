@@ -293,10 +293,10 @@ def build_tiny_qwen2_vl(path: str | Path, spec: TinyQwen2VLSpec = TinyQwen2VLSpe
     config.architectures = [cls_name]
     torch.manual_seed(spec.seed)
     model = getattr(transformers, cls_name)(config).eval()
-    with torch.no_grad():  # random weights large enough that logits are not all alike
-        for name, p in model.named_parameters():
+    with torch.no_grad():  # random weights large enough that logits are not all alike; with tied embeddings a
+        for name, p in model.named_parameters():  # larger embedding std makes greedy decoding repeat one token
             if p.dim() >= 2:
-                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.1)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.02)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]

@@ -21,7 +21,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from runtime.errors import ArtifactError, PromptError
+from runtime.archs import PromptLayout, RuntimeArch, VisualInput, _input_dtype, register_runtime
+from runtime.errors import ArtifactError, ImageError, PromptError
+from runtime.preprocess_qwen2_vl import Qwen2VLPreprocessor
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
 
@@ -45,9 +47,9 @@ def segment_ids(grids: Sequence[Grid]) -> np.ndarray:
 
 
 def window_index(grids: Sequence[Grid], merge: int, window_size: int, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(window_index [N/m²], cu_window_seqlens) exactly as transformers' `get_vision_window_index`: merged-token
-    grids padded up to whole windows (always by at least one... a full window when already a multiple, as
-    transformers pads), windows visited row by row, padding dropped, boundaries in patches."""
+    """(window_index [N/m²], cu_window_seqlens) exactly as transformers' `get_vision_window_index`: each image's
+    merged-token grid padded up to whole windows (by a whole extra window when already a multiple, as transformers
+    pads), windows visited row by row, padding dropped, boundaries counted in patches; empty windows dropped."""
     win = window_size // merge // patch_size
     unit = merge * merge
     index, cu, offset = [], [0], 0
@@ -136,12 +138,6 @@ def rope_index(image_mask: np.ndarray, attention_mask: np.ndarray, grids: Sequen
     return pos, deltas
 
 
-def decode_positions(prompt_lengths: np.ndarray, deltas: np.ndarray, step: int) -> np.ndarray:
-    """[3, B, 1] position ids of the token generated at `step` (0: the first token fed back after the prefill)."""
-    p = np.asarray(prompt_lengths, dtype=np.int64) + step + deltas  # [B]
-    return np.broadcast_to(p[None, :, None], (3, len(p), 1)).copy()
-
-
 def check_settings(settings: object) -> dict:
     """Validate the manifest's "qwen2_vl" entry (bounded ints, a known layout) and return it."""
     if not isinstance(settings, dict):
@@ -161,60 +157,42 @@ def check_settings(settings: object) -> dict:
 
 # -- the runtime architecture (runtime/archs/__init__.py's seam) ----------------------------------------------------
 
-def _runtime_class():
-    """Defined lazily so that the numpy helpers above import without the seam (exporter use)."""
-    from runtime.archs import RuntimeArch, VisualInput, _input_dtype, register_runtime
-    from runtime.preprocess_qwen2_vl import Qwen2VLPreprocessor
+@register_runtime("qwen2_vl", "qwen2_5_vl")
+class Qwen2VLRuntime(RuntimeArch):
+    """Dynamic resolution: each image takes t*h*w/m² image-pad positions (its grid after smart_resize); the vision
+    feeds are built from the grids at encode time (so IAVA's repeated images stay separate attention segments);
+    positions are M-RoPE [3, B, S] (`rope_index`); decode steps continue at last + 1 on all three axes."""
 
-    @register_runtime("qwen2_vl", "qwen2_5_vl")
-    class Qwen2VLRuntime(RuntimeArch):
-        """Dynamic resolution: each image takes t*h*w/m² image-pad positions (its grid after smart_resize); the
-        vision feeds are built from the grids at encode time (so IAVA's repeated images stay separate segments);
-        positions are M-RoPE [3, B, S] (`rope_index`), decode steps continue at last + 1 on all three axes."""
+    def __init__(self, manifest, open_graph):
+        super().__init__(manifest, open_graph)
+        self.settings = check_settings(manifest.data.get("qwen2_vl"))
+        self.merge = self.settings["merge_size"]
+        self.image_processor = Qwen2VLPreprocessor(manifest.preprocessing)
+        self.vision = open_graph("vision")
 
-        def __init__(self, manifest, open_graph):
-            super().__init__(manifest, open_graph)
-            self.settings = check_settings(manifest.data.get("qwen2_vl"))
-            self.merge = self.settings["merge_size"]
-            self.image_processor = Qwen2VLPreprocessor(manifest.preprocessing)
-            self.vision = open_graph("vision")
-            self.max_tokens = manifest.tokens["tokens_per_image"]
+    def preprocess(self, images: Sequence, first_index: int = 0) -> VisualInput:
+        if len(images) == 0:
+            raise ImageError("no images to preprocess: expected a non-empty list of PIL images; pass at least one")
+        parts = [self.image_processor.preprocess_one(image, first_index + i) for i, image in enumerate(images)]
+        patches = np.concatenate([p for p, _ in parts])  # [sum of patches, C*T*P*P], raster order per image
+        grids = np.asarray([g for _, g in parts], dtype=np.int64)  # [N, 3]
+        counts = [tokens_per_image(tuple(g), self.merge) for g in grids.tolist()]
+        return VisualInput({"pixel_values": patches}, counts, {"grid_thw": grids})
 
-        def preprocess(self, images: Sequence, first_index: int = 0) -> VisualInput:
-            from runtime.errors import ImageError
+    def encode(self, visual: VisualInput, texts: Sequence[str] | None = None) -> np.ndarray:
+        grids = [tuple(g) for g in np.asarray(visual.extra["grid_thw"]).tolist()]
+        feeds = vision_feeds(grids, self.settings, visual.feeds["pixel_values"])
+        feeds["pixel_values"] = feeds["pixel_values"].astype(_input_dtype(self.vision, "pixel_values"))
+        names = {i.name for i in self.vision.session.get_inputs()}
+        out = self.vision.run({k: v for k, v in feeds.items() if k in names}, ["image_features"])
+        return out["image_features"]  # [total image tokens, d]: each image's merged tokens in raster order
 
-            if len(images) == 0:
-                raise ImageError("no images to preprocess: expected a non-empty list of PIL images; pass at least one")
-            parts = []
-            for i, image in enumerate(images):
-                parts.append(self.image_processor.preprocess_one(image, first_index + i))
-            patches = np.concatenate([p for p, _ in parts])  # [sum of patches, C*T*P*P]
-            grids = np.asarray([g for _, g in parts], dtype=np.int64)  # [N, 3]
-            counts = [tokens_per_image(tuple(g), self.merge) for g in grids.tolist()]
-            return VisualInput({"pixel_values": patches}, counts, {"grid_thw": grids})
+    def prefill_positions(self, layout: PromptLayout) -> tuple[np.ndarray, np.ndarray]:
+        grid_thw = np.asarray(layout.visual.extra["grid_thw"])
+        grids = [[tuple(grid_thw[i]) for i in row] for row in layout.images]
+        positions, deltas = rope_index(layout.image_mask, layout.attention_mask, grids, self.merge)  # [3, B, S]
+        last = layout.attention_mask.sum(-1).astype(np.int64) - 1 + deltas  # [B] each row's largest position
+        return positions, last
 
-        def encode(self, visual: VisualInput, texts: Sequence[str] | None = None) -> np.ndarray:
-            grids = [tuple(g) for g in np.asarray(visual.extra["grid_thw"]).tolist()]
-            feeds = vision_feeds(grids, self.settings, visual.feeds["pixel_values"])
-            feeds["pixel_values"] = feeds["pixel_values"].astype(_input_dtype(self.vision, "pixel_values"))
-            names = {i.name for i in self.vision.session.get_inputs()}
-            out = self.vision.run({k: v for k, v in feeds.items() if k in names}, ["image_features"])
-            return out["image_features"]  # [total image tokens, d], raster order per image, images in order
-
-        def prefill_positions(self, layout) -> tuple[np.ndarray, np.ndarray]:
-            grid_thw = np.asarray(layout.visual.extra["grid_thw"])
-            grids = [[tuple(grid_thw[i]) for i in row] for row in layout.images]
-            positions, deltas = rope_index(layout.image_mask, layout.attention_mask, grids, self.merge)
-            last = layout.attention_mask.sum(-1).astype(np.int64) - 1 + deltas  # [B] the row's largest position
-            return positions, last
-
-        def decode_positions(self, last: np.ndarray) -> np.ndarray:
-            return np.broadcast_to(np.asarray(last, dtype=np.int64)[None, :, None], (3, len(last), 1)).copy()
-
-    return Qwen2VLRuntime
-
-
-def __getattr__(name: str):
-    if name == "Qwen2VLRuntime":
-        return _runtime_class()
-    raise AttributeError(name)
+    def decode_positions(self, last: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(np.asarray(last, dtype=np.int64)[None, :, None], (3, len(last), 1)).copy()  # [3,B,1]
