@@ -68,9 +68,14 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     if len(images) != len(prompts):
         raise ValueError("verify needs one image per prompt")
     pipe = Pipeline.from_dir(artifact_dir, providers=providers, verify=verify_files)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    processor.tokenizer.padding_side = "left"
+    # an architecture module may bring its own torch side (Qwen2-VL: no AutoProcessor without torchvision)
+    torch_side = _torch_side(pipe.manifest.data.get("architecture"), model_dir)
+    if torch_side is None:
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        processor = AutoProcessor.from_pretrained(model_dir)
+        processor.tokenizer.padding_side = "left"
+    else:
+        model = torch_side.model
     template = pipe.manifest.prompt["template"]
     groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
     per_step: list[float] = []
@@ -79,7 +84,10 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     for group in groups:
         texts = [template.replace("{prompt}", prompts[i]) for i in group]
         pil = [pipe._load(images[i], i) for i in group]
-        inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
+        if torch_side is None:
+            inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
+        else:
+            inputs = torch_side.inputs(pil, texts)
         # --- torch: prefill then teacher-forced greedy steps with a DynamicCache
         with torch.no_grad():
             out = model(**inputs, use_cache=True, past_key_values=DynamicCache())
@@ -90,24 +98,29 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
             for _ in range(steps):
                 nxt = torch.from_numpy(chosen[-1])[:, None]
                 mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-                out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
+                more = {} if torch_side is None else torch_side.decode_kwargs(mask)
+                out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True, **more)
                 past = out.past_key_values
                 t_logits.append(out.logits[:, -1, :].float().numpy())
                 chosen.append(t_logits[-1].argmax(-1))
         # --- onnx: the same inputs through the runtime's own stages
-        enc = [pipe.prompts.encode(prompts[i]) for i in group]
-        b = pipe._pad(enc)
+        visual = pipe.preprocess_images(pil)
+        enc = [pipe.prompts.encode(prompts[i], tokens_per_image=visual.tokens_per_image[k:k + 1])
+               for k, i in enumerate(group)]
+        for k, e in enumerate(enc):
+            e.images = [k]
+        b = pipe._pad(enc, visual)
         if not np.array_equal(b.ids, inputs["input_ids"].numpy()):
             raise VerifyError(
                 f"the artifact's prompt ids ({b.ids.shape[1]} tokens) differ from the checkpoint processor's "
                 f"({inputs['input_ids'].shape[1]} tokens); is '{model_dir}' the checkpoint this artifact came from?"
             )
-        feats = pipe.encode_images(pipe.preprocess(pil))
+        feats = pipe.encode_images(visual)
         cache = KVCache(pipe.num_layers, len(group), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
                         pipe.kv_dtype, device=pipe.decoder.device)
         extra = pipe._extra_inputs(b)
         o_logits = [pipe.prefill(b, feats, cache, extra)]
-        amask, pos = b.attention_mask, b.attention_mask.sum(-1) - 1
+        amask, pos = b.attention_mask, pipe.arch.prefill_positions(b.layout())[1]  # [B] last prompt position
         for s in range(steps):
             amask = np.concatenate([amask, np.ones((len(group), 1), np.int64)], axis=1)
             pos = pos + 1
@@ -122,6 +135,17 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
         tok_o += np.stack([ol.argmax(-1) for ol in o_logits], 1).tolist()
     agree = float(np.mean(np.array(tok_t) == np.array(tok_o)))
     return VerifyReport(max(per_step), per_step, agree, tok_t, tok_o, atol, len(prompts))
+
+
+def _torch_side(architecture, model_dir):
+    """The exporter arch's `verify_torch_side(model_dir)` (model, inputs(images, texts), decode_kwargs(mask)), or
+    None for the LLaVA path above."""
+    from exporter.registry import get_arch, supported_architectures
+
+    if architecture not in supported_architectures():
+        return None
+    hook = getattr(get_arch(architecture), "verify_torch_side", None)
+    return None if hook is None else hook(model_dir)
 
 
 # ------------------------------------------------------------------------------ precision vs fp32 (issue 6)

@@ -274,6 +274,11 @@ class Qwen2VLArch:
             },
         }
 
+    # -- verify (exporter/verify.py) ----------------------------------------------------------------------
+    @staticmethod
+    def verify_torch_side(model_dir: Path) -> _TorchSide:
+        return _TorchSide(Path(model_dir))
+
     # -- processor ---------------------------------------------------------------------------------------
     @staticmethod
     def load_processor(path: Path):
@@ -307,6 +312,38 @@ class Qwen2VLArch:
             if rendered.count(_SENTINEL) == 1 and rendered.count("<|image_pad|>") == 1:
                 return {"template": rendered.replace(_SENTINEL, "{prompt}"), "source": "chat_template"}
         return {"template": DEFAULT_PROMPT_TEMPLATE, "source": "default (Qwen2-VL chat format)"}
+
+
+class _TorchSide:
+    """transformers' side of `verify` for Qwen2-VL: the model, its inputs as Qwen2VLProcessor builds them (the image
+    processor, then each image-pad token repeated t*h*w/m² times before tokenizing; the processor itself needs
+    torchvision), and a decode step's position ids as transformers' generate makes them (text position + the
+    rope deltas of the model's own `get_rope_index` at the prefill)."""
+
+    def __init__(self, model_dir: Path):
+        import transformers
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+        self.model = getattr(transformers, arch).from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        self.merge = self.model.config.vision_config.spatial_merge_size
+        self.image_token_id = self.model.config.image_token_id
+
+    def inputs(self, images, texts) -> dict:
+        pixels = self.image_processor(images=images, return_tensors="pt")
+        counts = (pixels["image_grid_thw"].prod(-1) // self.merge ** 2).tolist()
+        token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        expanded = [text.replace(token, token * int(n)) for text, n in zip(texts, counts)]
+        enc = self.tokenizer(expanded, return_tensors="pt", padding=True)
+        return {**enc, **pixels, "mm_token_type_ids": (enc["input_ids"] == self.image_token_id).long()}
+
+    def decode_kwargs(self, mask: torch.Tensor) -> dict:
+        text = (mask.long().cumsum(-1) - 1)[:, -1:]  # [B, 1]
+        return {"position_ids": (text + self.model.model.rope_deltas)[None].expand(3, -1, -1)}  # [3, B, 1]
 
 
 def _chat_template(path: Path) -> str | None:
