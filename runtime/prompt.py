@@ -40,6 +40,8 @@ class PromptBuilder:
         self.placeholder: str = manifest.prompt.get("image_placeholder", manifest.tokens["image_token"])
         self.image_token_id: int = manifest.tokens["image_token_id"]
         self.tokens_per_image: int = manifest.tokens["tokens_per_image"]
+        video = manifest.prompt.get("video_placeholder")  # Qwen2-VL: the video-pad token, refused in prompts
+        self.video_placeholder: str | None = video if isinstance(video, str) and video else None
         self.context_length: int = manifest.data.get("context_length", manifest.dims["max_position_embeddings"])
 
     def check(self, prompt: str, num_images: int = 1) -> None:
@@ -50,6 +52,9 @@ class PromptBuilder:
             raise PromptError("the prompt is empty; give a question or instruction")
         if self.placeholder in prompt:
             raise PromptError(f"the prompt contains the image token '{self.placeholder}'; remove it (images are placed by the template)")
+        if self.video_placeholder and self.video_placeholder in prompt:
+            raise PromptError(f"the prompt contains the video token '{self.video_placeholder}'; video input is not "
+                              "supported (still images only): remove it and pass video frames as images")
         if num_images != 1:
             raise PromptError(f"this model's prompt format takes exactly one image, got {num_images}")
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from exporter.archs.llava import EmbedGraph, GraphSpec
-from exporter.registry import register_arch
+from exporter.registry import register_arch, register_refusal
 from runtime.errors import CheckpointError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -146,6 +146,15 @@ def _vision_settings(vision) -> dict[str, Any]:
     }
 
 
+# Qwen-VL (v1, Qwen/Qwen-VL-Chat): `QWenLMHeadModel` with `auto_map`, i.e. the checkpoint's own modeling_qwen.py,
+# which this project never runs (remote code). Refused from config.json alone, before any weights load.
+register_refusal(
+    "Qwen-VL (v1) checkpoints (QWenLMHeadModel) need the checkpoint's own remote code, which AnchorRT never runs; "
+    "use Qwen2-VL or Qwen2.5-VL instead (e.g. Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct)",
+    "QWenLMHeadModel",
+)
+
+
 @register_arch("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 class Qwen2VLArch:
     """Both generations share the text side (Qwen2 + M-RoPE); Qwen2.5 adds windowed vision attention, RMSNorm and a
@@ -155,6 +164,7 @@ class Qwen2VLArch:
         import transformers
 
         self.checkpoint = checkpoint
+        self.preprocessing_params(checkpoint.path)  # a bad or missing image-processor config fails before weights load
         cls = getattr(transformers, checkpoint.architecture)
         self.model_type = "qwen2_5_vl" if checkpoint.architecture.startswith("Qwen2_5") else "qwen2_vl"
         try:
@@ -171,11 +181,11 @@ class Qwen2VLArch:
     # -- pre-load checks ----------------------------------------------------------------------------------
     @classmethod
     def check_config(cls, config: dict, preprocessor: dict | None) -> None:
-        """Refusals that need only config.json / the processor config (before weights load)."""
-        if preprocessor is not None:
-            from runtime.preprocess_qwen2_vl import validate_qwen2_vl_params
+        """Refusals that need only config.json / the image-processor config (issue 13's pre-load hook)."""
+        from exporter.preprocessing_qwen2_vl import params_from_config
 
-            validate_qwen2_vl_params(preprocessor)
+        if preprocessor is not None:
+            params_from_config(preprocessor)
 
     # -- graphs ------------------------------------------------------------------------------------------
     def graphs(self, image_size=None) -> list[GraphSpec]:
@@ -295,11 +305,18 @@ class Qwen2VLArch:
     def preprocessing_params(self, path: Path) -> dict[str, Any]:
         from exporter.preprocessing_qwen2_vl import qwen2_vl_preprocessing_params
 
-        self.preprocessing = qwen2_vl_preprocessing_params(path)
+        if getattr(self, "preprocessing", None) is None:
+            self.preprocessing = qwen2_vl_preprocessing_params(path)
         return self.preprocessing
 
     def prompt_template(self, tokenizer) -> dict[str, str]:
-        """Render the checkpoint's chat template once with a sentinel, so the runtime needs no Jinja."""
+        """Render the checkpoint's chat template once with a sentinel, so the runtime needs no Jinja; name the
+        video-pad token so that the runtime refuses it in prompts (images only)."""
+        out = self._render(tokenizer)
+        out["video_placeholder"] = tokenizer.convert_ids_to_tokens(int(self.config.video_token_id))
+        return out
+
+    def _render(self, tokenizer) -> dict[str, str]:
         template = _chat_template(self.checkpoint.path) or getattr(tokenizer, "chat_template", None)
         if template:
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
