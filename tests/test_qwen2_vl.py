@@ -291,3 +291,34 @@ def test_refusals(qwen2, qwen_images, tmp_path):
     (forged / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="qwen2_vl.merge_size"):
         Pipeline.from_dir(forged, verify=False)
+
+
+@pytest.mark.parametrize("image_index,i", [(0, 0.5), (1, None)])
+def test_iava_matches_the_reference(qwen2, baked, qwen_images, monkeypatch, image_index, i):
+    """IAVA on V = the image-pad positions (12 and 4 of them): irrelevant set, attention read by the probe, combined
+    scores (3 steps, <= 1e-4) and 12 greedy tokens against the reference on transformers' eager attention."""
+    import runtime.pipeline as pipeline_mod
+    from exporter.reference import ReferenceIavaQwen2VL
+    from runtime.iava import contrastive_scores
+
+    calls: list[np.ndarray] = []
+
+    def spy(*args, **kwargs):
+        calls.append(contrastive_scores(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(pipeline_mod, "contrastive_scores", spy)
+    pipe = Pipeline.from_dir(baked)
+    image, prompt = qwen_images[image_index], PROMPTS[0]
+    got = pipe.generate(image, prompt, max_new_tokens=12, mitigation={"iava": {"i": i}})
+    ref = ReferenceIavaQwen2VL(qwen2["model"])
+    want = ref.generate(image, prompt, pipe.manifest.prompt["template"], i=i, max_new_tokens=12,
+                        eos_token_id=list(pipe.stop_ids))
+    assert len(want.att_general) == (12, 4)[image_index]
+    assert got.details["iava"]["irrelevant"] == want.irrelevant and want.irrelevant
+    np.testing.assert_allclose(got.details["iava"]["att_general"], want.att_general.numpy(), atol=1e-6)
+    np.testing.assert_allclose(got.details["iava"]["att_query"], want.att_query.numpy(), atol=1e-6)
+    assert got.token_ids == want.tokens
+    for step in range(3):
+        diff = np.abs(calls[step][0] - want.logits[step].numpy())
+        assert float(diff[np.isfinite(diff)].max()) <= ATOL

@@ -286,8 +286,8 @@ class Qwen2VLArch:
 
     # -- verify (exporter/verify.py) ----------------------------------------------------------------------
     @staticmethod
-    def verify_torch_side(model_dir: Path) -> _TorchSide:
-        return _TorchSide(Path(model_dir))
+    def verify_torch_side(model_dir: Path, attn_implementation: str = "sdpa") -> _TorchSide:
+        return _TorchSide(Path(model_dir), attn_implementation)
 
     # -- processor ---------------------------------------------------------------------------------------
     @staticmethod
@@ -337,13 +337,14 @@ class _TorchSide:
     torchvision), and a decode step's position ids as transformers' generate makes them (text position + the
     rope deltas of the model's own `get_rope_index` at the prefill)."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, attn_implementation: str = "sdpa"):
         import transformers
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
-        self.model = getattr(transformers, arch).from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = getattr(transformers, arch).from_pretrained(model_dir, dtype=torch.float32,
+                                                                 attn_implementation=attn_implementation).eval()
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"

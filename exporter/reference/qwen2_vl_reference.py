@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .iava import ReferenceIava
 from .llava_reference import ReferenceLlava, RefOutput
 
 
@@ -132,3 +133,29 @@ class ReferenceQwen2VL(ReferenceLlava):
         self._grid = None if image_grid_thw is None else torch.as_tensor(image_grid_thw)
         return super().generate(input_ids, pixel_values, attention_mask, max_new_tokens, clva=clva, sevi=sevi,
                                 eos_token_id=eos_token_id)
+
+
+class ReferenceIavaQwen2VL(ReferenceIava):
+    """IAVA's reference (exporter/reference/iava.py) on transformers' Qwen2-VL with eager attention: the inputs as
+    Qwen2VLProcessor builds them, M-RoPE positions from the model's own `get_rope_index` on the full prompt (so the
+    hidden keys of V* do not move them), decode steps at n + step + rope delta on all three axes."""
+
+    def __init__(self, model_dir: str | Path):
+        from exporter.archs.qwen2_vl import Qwen2VLArch
+
+        side = Qwen2VLArch.verify_torch_side(Path(model_dir), attn_implementation="eager")
+        self.side, self.model = side, side.model
+        self.image_token_id = self.model.config.image_token_id
+        self._delta = 0
+
+    def _inputs(self, image, text: str, template: str):
+        return self.side.inputs([image], [template.replace("{prompt}", text)])
+
+    def _prompt_positions(self, inputs) -> torch.Tensor:
+        positions, delta = self.model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"])
+        self._delta = int(delta[0, 0])
+        return positions  # [3, 1, n]
+
+    def _step_position(self, n: int, step: int) -> torch.Tensor:
+        return torch.full((3, 1, 1), n + step + self._delta, dtype=torch.long)
