@@ -322,3 +322,51 @@ def test_iava_matches_the_reference(qwen2, baked, qwen_images, monkeypatch, imag
     for step in range(3):
         diff = np.abs(calls[step][0] - want.logits[step].numpy())
         assert float(diff[np.isfinite(diff)].max()) <= ATOL
+
+
+def test_visalign_matches_the_reference(qwen2, qwen_images, tmp_path):
+    """A random (non-identity) fusion baked into the Qwen2-VL embed graph: on for row 0, off for row 1. v_bar = the
+    mean of the row's merged visual tokens; logits <= 1e-4 on every pass and greedy tokens against the reference on
+    transformers' model; the off row equals the plain artifact's tokens."""
+    from exporter.reference.qwen2_vl_reference import VisAlignQwen2VL
+    from exporter.visalign.fusion import VisAlignFusion
+    from graph_passes.bake import bake_visalign_weights
+    from runtime.visalign import visalign_state
+
+    g = torch.Generator().manual_seed(3)
+    fusion = VisAlignFusion(128)
+    with torch.no_grad():
+        fusion.proj.weight.add_(torch.randn(128, 256, generator=g) * 0.15)
+        fusion.proj.bias.copy_(torch.randn(128, generator=g) * 0.1)
+    weights = tmp_path / "visalign.safetensors"
+    fusion.save(weights)
+    art = tmp_path / "va"
+    shutil.copytree(qwen2["artifact"], art)
+    bake_visalign_weights(art, weights)
+    pipe, plain = Pipeline.from_dir(art), Pipeline.from_dir(qwen2["artifact"])
+    specs = [{"visalign": True}, {"visalign": False}]  # a VisAlign artifact fuses by default
+    got = pipe.generate_batch([Request(img, p, s) for img, p, s in zip(qwen_images, PROMPTS, specs)],
+                              max_new_tokens=10)
+    ref = VisAlignQwen2VL(qwen2["model"], fusion)
+    template = pipe.manifest.prompt["template"]
+    ids, rows, ref_logits = ref.generate(qwen_images, [template.replace("{prompt}", p) for p in PROMPTS], [True, False],
+                                         10, list(pipe.stop_ids))
+    assert [g.token_ids for g in got] == rows
+    base = plain.generate_batch([Request(img, p) for img, p in zip(qwen_images, PROMPTS)], max_new_tokens=10)
+    assert got[1].token_ids == base[1].token_ids and got[0].token_ids != base[0].token_ids
+    # logits, teacher-forced on the reference's tokens, through the runtime's stages (v_bar fed to every pass)
+    visual, batch = prompt_batch(pipe, qwen_images, PROMPTS)
+    assert np.array_equal(batch.ids, ids.numpy())
+    features = pipe.encode_images(visual)
+    state = visalign_state(pipe.visalign, specs, features, batch.image_mask)
+    cache = pipe._new_cache(2, batch.ids.shape[1] + 4)
+    extra = pipe._extra_inputs(batch, specs)
+    logits = [pipe.prefill(batch, features, cache, extra, state)]
+    mask, (_, last) = batch.attention_mask, pipe.arch.prefill_positions(batch.layout())
+    for step in range(3):
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        last = last + 1
+        forced = ref_logits[step].argmax(-1).numpy().astype(np.int64)
+        logits.append(pipe.decode_one_token(forced, mask, last, cache, extra, state))
+    for step, (a, b) in enumerate(zip(logits, ref_logits)):
+        assert float(np.abs(a - b.numpy()).max()) <= ATOL, f"step {step}"

@@ -159,3 +159,56 @@ class ReferenceIavaQwen2VL(ReferenceIava):
 
     def _step_position(self, n: int, step: int) -> torch.Tensor:
         return torch.full((3, 1, 1), n + step + self._delta, dtype=torch.long)
+
+
+class VisAlignQwen2VL:
+    """VisAlign's reference (METHODS.md "VisAlign"; exporter/visalign/reference.py for LLaVA) on transformers'
+    Qwen2-VL: e' = W [e_t ; v_bar] + b on every non-image position of enabled rows, v_bar = the mean of the row's
+    merged visual tokens (the image-pad positions), image positions keep the visual tokens; transformers' own
+    language model and M-RoPE (its get_rope_index at the prefill, text position + rope delta at decode steps)."""
+
+    def __init__(self, model_dir: str | Path, fusion):
+        from exporter.archs.qwen2_vl import Qwen2VLArch
+
+        self.side = Qwen2VLArch.verify_torch_side(Path(model_dir))
+        self.model = self.side.model
+        self.fusion = fusion.float().eval()
+
+    @torch.no_grad()
+    def generate(self, images, texts, enable: list[bool], max_new_tokens: int, eos_token_id: list[int]):
+        """Greedy decoding -> (input_ids [B, S], new tokens per row up to its first stop token, logits per pass)."""
+        from transformers import DynamicCache
+
+        inputs = self.side.inputs(images, texts)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        image_mask = ids == self.side.image_token_id  # [B, S]
+        embed = self.model.get_input_embeddings()
+        e = embed(ids)  # [B, S, d]
+        feats = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                    image_grid_thw=inputs["image_grid_thw"]).pooler_output
+        e = e.masked_scatter(image_mask[..., None], torch.cat(list(feats)).to(e.dtype))
+        count = image_mask.sum(-1, keepdim=True).clamp(min=1).float()  # [B, 1]
+        v_bar = (e * image_mask[..., None]).sum(1) / count  # [B, d]
+        on = torch.tensor(enable)
+        fused = self.fusion(e, v_bar, on[:, None] & ~image_mask)
+        out = self.model(input_ids=ids, inputs_embeds=fused, attention_mask=mask, image_grid_thw=inputs["image_grid_thw"],
+                         mm_token_type_ids=inputs["mm_token_type_ids"], cache=DynamicCache(), use_cache=True)
+        b = ids.shape[0]
+        rows: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        all_logits = []
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1].float()  # [B, V]
+            all_logits.append(logits)
+            token = logits.argmax(-1)  # [B]
+            for i in range(b):
+                if not done[i]:
+                    rows[i].append(int(token[i]))
+                    done[i] = int(token[i]) in eos_token_id
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            new = self.fusion(embed(token[:, None]), v_bar, on[:, None].expand(-1, 1))
+            out = self.model(inputs_embeds=new, attention_mask=mask, cache=out.cache, use_cache=True,
+                             **self.side.decode_kwargs(mask))
+        return ids, rows, all_logits
