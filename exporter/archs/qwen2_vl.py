@@ -289,6 +289,38 @@ class Qwen2VLArch:
     def verify_torch_side(model_dir: Path, attn_implementation: str = "sdpa") -> _TorchSide:
         return _TorchSide(Path(model_dir), attn_implementation)
 
+    # -- `anchorrt generate --backend torch` (anchorrt/cli_mitigation.py) ---------------------------------
+    @staticmethod
+    def torch_generate(model_dir: Path, images, prompts, max_new_tokens: int, clva=None, sevi=None, iava=None):
+        """Greedy generation with the independent references (exporter/reference/qwen2_vl_reference.py) and the
+        checkpoint's chat template. -> [(text, new token ids)] per request."""
+        from exporter.reference.qwen2_vl_reference import ReferenceIavaQwen2VL, ReferenceQwen2VL
+        from runtime.preprocess import load_image
+
+        model_dir = Path(model_dir)
+        iava_ref = ReferenceIavaQwen2VL(model_dir) if iava is not None else None
+        side = iava_ref.side if iava_ref is not None else _TorchSide(model_dir)
+        template = _render_template(side.tokenizer, model_dir)
+        pil = [load_image(i) for i in images]
+        eos = side.model.generation_config.eos_token_id
+        eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        out = []
+        if iava_ref is not None:
+            for image, prompt in zip(pil, prompts):
+                trace = iava_ref.generate(image, prompt, template, alpha=iava.alpha, i=iava.i, lam=iava.lam,
+                                     instruction=iava.instruction, max_new_tokens=max_new_tokens,
+                                     beta_cut=iava.beta_cut, eos_token_id=eos)
+                out.append((side.tokenizer.decode(trace.tokens, skip_special_tokens=True), trace.tokens))
+            return out
+        inputs = side.inputs(pil, [template.replace("{prompt}", p) for p in prompts])
+        ref = ReferenceQwen2VL(side.model)
+        tokens = ref.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], max_new_tokens,
+                              clva=clva, sevi=sevi, eos_token_id=eos, image_grid_thw=inputs["image_grid_thw"])
+        for row in tokens.tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            out.append((side.tokenizer.decode(row[:cut], skip_special_tokens=True), row[:cut]))
+        return out
+
     # -- processor ---------------------------------------------------------------------------------------
     @staticmethod
     def load_processor(path: Path):
@@ -317,18 +349,26 @@ class Qwen2VLArch:
         return out
 
     def _render(self, tokenizer) -> dict[str, str]:
-        template = _chat_template(self.checkpoint.path) or getattr(tokenizer, "chat_template", None)
-        if template:
-            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
-            try:
-                rendered = tokenizer.apply_chat_template(msgs, chat_template=template, add_generation_prompt=True,
-                                                         tokenize=False)
-            except Exception as exc:  # a broken template is the checkpoint's problem: fall back, and say so
-                first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
-                return {"template": DEFAULT_PROMPT_TEMPLATE, "source": f"default (chat template failed: {first})"}
-            if rendered.count(_SENTINEL) == 1 and rendered.count("<|image_pad|>") == 1:
-                return {"template": rendered.replace(_SENTINEL, "{prompt}"), "source": "chat_template"}
-        return {"template": DEFAULT_PROMPT_TEMPLATE, "source": "default (Qwen2-VL chat format)"}
+        return _render_prompt(tokenizer, self.checkpoint.path)
+
+
+def _render_template(tokenizer, path: Path) -> str:
+    return _render_prompt(tokenizer, path)["template"]
+
+
+def _render_prompt(tokenizer, path: Path) -> dict[str, str]:
+    template = _chat_template(path) or getattr(tokenizer, "chat_template", None)
+    if template:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
+        try:
+            rendered = tokenizer.apply_chat_template(msgs, chat_template=template, add_generation_prompt=True,
+                                                     tokenize=False)
+        except Exception as exc:  # a broken template is the checkpoint's problem: fall back, and say so
+            first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+            return {"template": DEFAULT_PROMPT_TEMPLATE, "source": f"default (chat template failed: {first})"}
+        if rendered.count(_SENTINEL) == 1 and rendered.count("<|image_pad|>") == 1:
+            return {"template": rendered.replace(_SENTINEL, "{prompt}"), "source": "chat_template"}
+    return {"template": DEFAULT_PROMPT_TEMPLATE, "source": "default (Qwen2-VL chat format)"}
 
 
 class _TorchSide:
