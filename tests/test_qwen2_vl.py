@@ -370,3 +370,19 @@ def test_visalign_matches_the_reference(qwen2, qwen_images, tmp_path):
         logits.append(pipe.decode_one_token(forced, mask, last, cache, extra, state))
     for step, (a, b) in enumerate(zip(logits, ref_logits)):
         assert float(np.abs(a - b.numpy()).max()) <= ATOL, f"step {step}"
+
+
+def test_cli_torch_backend_agrees_with_the_artifact(qwen2, baked, qwen_images, tmp_path):
+    """`anchorrt generate --backend torch MODEL_DIR --clva ...` (the M-RoPE reference) and the baked artifact through
+    the CLI (torch blocked) give the same tokens with CLVA at the default layers."""
+    from tests.conftest import run_cli
+
+    image = tmp_path / "image.png"
+    qwen_images[0].save(image)
+    flags = ["--clva", "--clva-tau", "0.5", "--clva-lambda", "0", "--max-new-tokens", "6", "--json",
+             "--image", str(image), "--prompt", PROMPTS[0]]
+    torch_run = run_cli("generate", "--backend", "torch", str(qwen2["model"]), *flags)
+    onnx_run = run_cli("generate", str(baked), *flags, block_torch=True)
+    assert torch_run.returncode == 0, torch_run.stderr
+    assert onnx_run.returncode == 0, onnx_run.stderr
+    assert json.loads(torch_run.stdout)["token_ids"] == json.loads(onnx_run.stdout)["token_ids"]
