@@ -46,5 +46,4 @@ def get_arch(name: str) -> type:
 
 def _import_builtin_archs() -> None:
     # Imported lazily so that `import exporter` stays cheap; the modules register themselves.
-    from exporter.archs import llava  # noqa: F401
-    from exporter.archs import qwen2_vl  # noqa: F401
+    from exporter.archs import llava, qwen2_vl  # noqa: F401

@@ -155,10 +155,12 @@ register_refusal(
 )
 
 
-@register_arch("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+@register_arch("Qwen2VLForConditionalGeneration")
 class Qwen2VLArch:
     """Both generations share the text side (Qwen2 + M-RoPE); Qwen2.5 adds windowed vision attention, RMSNorm and a
     gated MLP in the tower (reused from the checkpoint's modules, so only attention and segments are ours)."""
+
+    model_type = "qwen2_vl"
 
     def __init__(self, checkpoint, dtype: torch.dtype = torch.float32):
         import transformers
@@ -166,7 +168,6 @@ class Qwen2VLArch:
         self.checkpoint = checkpoint
         self.preprocessing_params(checkpoint.path)  # a bad or missing image-processor config fails before weights load
         cls = getattr(transformers, checkpoint.architecture)
-        self.model_type = "qwen2_5_vl" if checkpoint.architecture.startswith("Qwen2_5") else "qwen2_vl"
         try:
             self.model = cls.from_pretrained(checkpoint.path, dtype=dtype, attn_implementation="sdpa",
                                              use_safetensors=not checkpoint.uses_pickle).eval()
@@ -350,6 +351,13 @@ class Qwen2VLArch:
 
     def _render(self, tokenizer) -> dict[str, str]:
         return _render_prompt(tokenizer, self.checkpoint.path)
+
+
+@register_arch("Qwen2_5_VLForConditionalGeneration")
+class Qwen25VLArch(Qwen2VLArch):
+    """Qwen2.5-VL: the same graphs; the vision settings (windowed, from its config) switch the window feeds on."""
+
+    model_type = "qwen2_5_vl"
 
 
 def _render_template(tokenizer, path: Path) -> str:
