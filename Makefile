@@ -4,14 +4,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+# Every recipe runs with the project's environment first on PATH: tools and tests that call `python` or
+# `anchorrt` get .venv's, never whatever interpreter the machine has.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install demo test test-all bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build first: a plain `torch` requirement would pull several GB of CUDA packages.
-	$(PY) -m pip install -q $(TORCH)
+	# The CPU build first (PyTorch's CPU index when it answers): a plain `torch` from PyPI is the CUDA build.
+	scripts/install_torch.sh $(PY) $(TORCH)
 	$(PY) -m pip install -q -e ".[export,cpu,dev]"
 	touch $(STAMP)
 
@@ -19,6 +22,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+	@echo "The CLI is .venv/bin/anchorrt: run 'source .venv/bin/activate' to have 'anchorrt' on PATH."
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu"
