@@ -201,6 +201,10 @@ def reference_passes(ref, visual, batch, clva, sevi):
 
 
 def test_flags_off_is_the_plain_artifact_exactly(qwen2, baked, qwen_images):
+    # the attention matcher found the Qwen2 attention (q/k/v bias, M-RoPE, GQA) in every layer it was asked for
+    counts = {p["pass"]: p["count"] for p in json.loads((baked / "manifest.json").read_text())["passes"]
+              if p["graph"] == "decoder"}
+    assert (counts["clva"], counts["sevi"], counts["probe"]) == (5, 6, 8)  # drift layers 3-7, layers 2-7, all 8
     pipe, plain = Pipeline.from_dir(baked), Pipeline.from_dir(qwen2["artifact"])
     visual, batch = prompt_batch(pipe, qwen_images, PROMPTS)
     tokens = [np.array([5, 7]), np.array([9, 11]), np.array([13, 2])]

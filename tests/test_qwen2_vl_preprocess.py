@@ -162,3 +162,19 @@ def test_config_reader_defaults_and_refusals():
         params_from_config({"image_processor_type": "Qwen2VLImageProcessor", "max_pixels": 10})
     with pytest.raises(ArtifactError, match="image_std"):
         validate_qwen2_vl_params({**params, "image_std": [0.0, 1.0, 1.0]})
+
+
+def test_pre_load_check_config():
+    """issue 13's pre-load hook: facts from config.json (flat, as the released checkpoints; or text_config), the
+    image processor checked, refusals in one line."""
+    from exporter.archs.qwen2_vl import Qwen25VLArch, Qwen2VLArch
+
+    assert Qwen2VLArch.check_config({"num_hidden_layers": 28}, dict(CONFIG)) == {"num_layers": 28}
+    assert Qwen25VLArch.check_config({"text_config": {"num_hidden_layers": 36}}, dict(CONFIG)) == {"num_layers": 36}
+    assert Qwen2VLArch.check_config({}, dict(CONFIG)) == {}
+    with pytest.raises(CheckpointError, match="no image-processor config"):
+        Qwen2VLArch.check_config({"num_hidden_layers": 28}, None)
+    with pytest.raises(CheckpointError, match="not a Qwen2-VL image processor"):
+        Qwen2VLArch.check_config({"num_hidden_layers": 28}, {"image_processor_type": "SiglipImageProcessor"})
+    with pytest.raises(CheckpointError, match="num_hidden_layers"):
+        Qwen2VLArch.check_config({"num_hidden_layers": "28"}, dict(CONFIG))

@@ -181,12 +181,24 @@ class Qwen2VLArch:
 
     # -- pre-load checks ----------------------------------------------------------------------------------
     @classmethod
-    def check_config(cls, config: dict, preprocessor: dict | None) -> None:
-        """Refusals that need only config.json / the image-processor config (issue 13's pre-load hook)."""
+    def check_config(cls, config: dict, preprocessor: dict | None) -> dict:
+        """Pre-load check (issue 13's hook in exporter/registry.py): the image processor is a Qwen2-VL one the
+        runtime reproduces, and the decoder's layer count from config.json alone (the released configs keep the
+        text fields at the top level; transformers 5 saves them under text_config). -> {"num_layers": L} or {}."""
         from exporter.preprocessing_qwen2_vl import params_from_config
 
-        if preprocessor is not None:
-            params_from_config(preprocessor)
+        if preprocessor is None:
+            raise CheckpointError("the checkpoint has no image-processor config (preprocessor_config.json or "
+                                  "processor_config.json); copy the checkpoint's preprocessor_config.json into it")
+        params_from_config(preprocessor, "the checkpoint's image-processor config")
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        layers = text.get("num_hidden_layers")
+        if layers is None:
+            return {}
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0:
+            raise CheckpointError(f"config.json: num_hidden_layers must be a positive integer, got {layers!r}; "
+                                  "restore the file")
+        return {"num_layers": layers}
 
     # -- graphs ------------------------------------------------------------------------------------------
     def graphs(self, image_size=None) -> list[GraphSpec]:
