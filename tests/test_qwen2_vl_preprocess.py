@@ -178,3 +178,16 @@ def test_pre_load_check_config():
         Qwen2VLArch.check_config({"num_hidden_layers": 28}, {"image_processor_type": "SiglipImageProcessor"})
     with pytest.raises(CheckpointError, match="num_hidden_layers"):
         Qwen2VLArch.check_config({"num_hidden_layers": "28"}, dict(CONFIG))
+
+
+def test_feeds_of_several_images_equal_one_call_per_image():
+    """The runtime runs the vision graph image by image; attention segments make one call over several images
+    equivalent (checked here on the feeds: positions and segments of a concatenation are the per-image ones)."""
+    grids = [(1, 4, 6), (1, 8, 12)]
+    settings = {"merge_size": 2, "patch_size": 14, "windowed": True, "window_size": 56}
+    both = vision_feeds(grids, settings)
+    first, second = vision_feeds(grids[:1], settings), vision_feeds(grids[1:], settings)
+    assert np.array_equal(both["vision_position_ids"], np.concatenate([first["vision_position_ids"],
+                                                                       second["vision_position_ids"]]))
+    assert np.array_equal(both["merge_order"], np.concatenate([first["merge_order"], second["merge_order"] + 6]))
+    assert len(set(both["segment_ids"][:24]) & set(both["segment_ids"][24:])) == 0

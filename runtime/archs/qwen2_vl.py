@@ -180,12 +180,24 @@ class Qwen2VLRuntime(RuntimeArch):
         return VisualInput({"pixel_values": patches}, counts, {"grid_thw": grids})
 
     def encode(self, visual: VisualInput, texts: Sequence[str] | None = None) -> np.ndarray:
+        """One vision call per image: attention never crosses images, so this gives the same features as one call
+        over all of them while the graph's [heads, N, N] attention scores stay per image (memory grows with the
+        square of the patch count)."""
         grids = [tuple(g) for g in np.asarray(visual.extra["grid_thw"]).tolist()]
-        feeds = vision_feeds(grids, self.settings, visual.feeds["pixel_values"])
-        feeds["pixel_values"] = feeds["pixel_values"].astype(_input_dtype(self.vision, "pixel_values"))
+        pixels = visual.feeds["pixel_values"]
+        dtype = _input_dtype(self.vision, "pixel_values")
         names = {i.name for i in self.vision.session.get_inputs()}
-        out = self.vision.run({k: v for k, v in feeds.items() if k in names}, ["image_features"])
-        return out["image_features"]  # [total image tokens, d]: each image's merged tokens in raster order
+        out, start = [], 0
+        for grid in grids:
+            n = int(np.prod(grid))
+            feeds = vision_feeds([grid], self.settings, pixels[start:start + n])
+            feeds["pixel_values"] = feeds["pixel_values"].astype(dtype)
+            out.append(self.vision.run({k: v for k, v in feeds.items() if k in names}, ["image_features"])
+                       ["image_features"])  # [n / m², d]: this image's merged tokens in raster order
+            start += n
+        if start != len(pixels):
+            raise ImageError(f"{len(pixels)} patches for image grids that need {start}; preprocess the images again")
+        return np.concatenate(out)  # [total image tokens, d], images in order
 
     def prefill_positions(self, layout: PromptLayout) -> tuple[np.ndarray, np.ndarray]:
         grid_thw = np.asarray(layout.visual.extra["grid_thw"])
