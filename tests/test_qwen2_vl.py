@@ -218,9 +218,31 @@ def test_flags_off_is_the_plain_artifact_exactly(qwen2, baked, qwen_images):
 @pytest.mark.parametrize("case", list(CASES))
 def test_methods_match_the_reference(qwen2, baked, reference, qwen_images, case):
     """V = the image-pad positions (12 of them on row 0, 4 on row 1): CLVA/SEVI on row 0, off on row 1."""
+    check_methods(qwen2["artifact"], baked, reference, qwen_images, case)
+
+
+@pytest.mark.slow
+def test_qwen25_methods_match_the_reference(tmp_path_factory, qwen_images):
+    """The same on an 8-layer Qwen2.5-VL (windowed vision tower) exported and baked on its own (slow: one more
+    export)."""
+    from exporter.export import export_model
+    from exporter.reference import ReferenceQwen2VL
+    from graph_passes.bake import BakeOptions, bake
+
+    root = tmp_path_factory.mktemp("qwen2.5-vl-8")
+    model = build_tiny_qwen2_vl(root / "model", TinyQwen2VLSpec(version="2.5", seed=2))
+    export_model(model, root / "artifact")
+    shutil.copytree(root / "artifact", root / "baked")
+    bake(root / "baked", "clva,sevi", BakeOptions(sevi_start_layer=2, debug_outputs=True))
+    reference = ReferenceQwen2VL.from_pretrained(model)
+    for case in CASES:
+        check_methods(root / "artifact", root / "baked", reference, qwen_images, case)
+
+
+def check_methods(plain_dir, baked_dir, reference, qwen_images, case):
     spec = CASES[case]
     clva, sevi = reference_flags(spec)
-    pipe, plain = Pipeline.from_dir(baked), Pipeline.from_dir(qwen2["artifact"])
+    pipe, plain = Pipeline.from_dir(baked_dir), Pipeline.from_dir(plain_dir)
     visual, batch = prompt_batch(pipe, qwen_images, PROMPTS)
     refs, tokens = reference_passes(reference, visual, batch, clva, sevi)
     passes = onnx_passes(pipe, plain, visual, batch, [spec, None], tokens)
