@@ -190,15 +190,18 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
 
     from runtime.kv_cache import KVCache
 
-    enc = [pipe.prompts.encode(p) for p in prompts]
-    b = pipe._pad(enc)
-    feats = pipe.encode_images(pipe.preprocess([pipe._load(img, i) for i, img in enumerate(images)]))
+    visual = pipe.preprocess_images([pipe._load(img, i) for i, img in enumerate(images)])
+    enc = [pipe.prompts.encode(p, tokens_per_image=visual.tokens_per_image[k:k + 1]) for k, p in enumerate(prompts)]
+    for k, e in enumerate(enc):
+        e.images = [k]
+    b = pipe._pad(enc, visual)
+    feats = pipe.encode_images(visual)
     cache = KVCache(pipe.num_layers, len(prompts), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
                     pipe.kv_dtype, device=pipe.decoder.device)
     extra = pipe._extra_inputs(b)
     logits = [pipe.prefill(b, feats, cache, extra)]
     chosen = [logits[-1].argmax(-1) if tokens is None else tokens[:, 0]]
-    amask, pos = b.attention_mask, b.attention_mask.sum(-1) - 1
+    amask, pos = b.attention_mask, pipe.arch.prefill_positions(b.layout())[1]  # [B] last prompt position
     t = time.perf_counter()
     for s in range(steps):
         amask = np.concatenate([amask, np.ones((len(prompts), 1), np.int64)], axis=1)
