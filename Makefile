@@ -1,5 +1,7 @@
 # AnchorRT. Every target sets up what it needs: a virtual environment in .venv with the CPU build of torch.
-PYTHON ?= python3
+# The system interpreter where there is one: Triton's Python-backend stub (`anchorrt serve`, tests marked serve) links
+# the system libpython, and a venv from another build of the same Python version fails under it.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build first (PyTorch's CPU index when it answers): a plain `torch` from PyPI is the CUDA build.
 	scripts/install_torch.sh $(PY) $(TORCH)
-	$(PY) -m pip install -q -e ".[export,cpu,dev]"
+	$(PY) -m pip install -q -e ".[export,cpu,dev,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)
