@@ -412,3 +412,16 @@ def test_cli_torch_backend_agrees_with_the_artifact(qwen2, baked, qwen_images, t
     assert torch_run.returncode == 0, torch_run.stderr
     assert onnx_run.returncode == 0, onnx_run.stderr
     assert json.loads(torch_run.stdout)["token_ids"] == json.loads(onnx_run.stdout)["token_ids"]
+
+
+def test_explain_refuses_in_one_line(baked, qwen_images, tmp_path):
+    """`anchorrt explain` draws fixed patch grids: on a Qwen2-VL artifact it refuses in one line (exit 2)."""
+    from tests.conftest import run_cli
+
+    image = tmp_path / "image.png"
+    qwen_images[1].save(image)
+    run = run_cli("explain", str(baked), "--image", str(image), "--prompt", "What is it?", "--out",
+                  str(tmp_path / "out"), block_torch=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("error: explain draws a fixed patch grid")
+    assert "Traceback" not in run.stderr
