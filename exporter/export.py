@@ -215,9 +215,14 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     if check_config is not None:  # (h13's pre-load hook runs the same check earlier; this one is then redundant)
         check_config(ckpt.config, _raw_image_processor_config(ckpt.path))
     arch = arch_cls(ckpt, dtype=torch.float32)  # fp16/int4/int8 come from graph passes (graph_passes/bake.py)
-    processor = load_processor(ckpt.path)
-    crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
-    crop = tuple(pre["resize_to"]) if pre.get("resize_to") else crop  # SigLIP: resized to exactly h x w
+    # an arch module may read its own processor and preprocessing config (Qwen2-VL: tokenizer only, dynamic size)
+    processor = (getattr(arch, "load_processor", None) or load_processor)(ckpt.path)
+    if hasattr(arch, "preprocessing_params"):
+        pre = arch.preprocessing_params(ckpt.path)
+        crop = None
+    else:
+        crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
+        crop = tuple(pre["resize_to"]) if pre.get("resize_to") else crop  # SigLIP: resized to exactly h x w
     specs = arch.graphs(image_size=crop)
     graphs = {}
     for i, spec in enumerate(specs, start=2):

@@ -20,6 +20,20 @@ def register_arch(*names: str) -> Callable[[type], type]:
     return deco
 
 
+_REFUSALS: dict[str, str] = {}
+
+
+def register_refusal(message: str, *names: str) -> None:
+    """Architectures we recognise and refuse with a specific one-line reason (e.g. remote-code-only checkpoints)."""
+    for name in names:
+        _REFUSALS[name] = message
+
+
+def refusal_for(name: str) -> str | None:
+    _import_builtin_archs()
+    return _REFUSALS.get(name)
+
+
 def supported_architectures() -> list[str]:
     _import_builtin_archs()
     return sorted(_ARCHS)
@@ -32,4 +46,4 @@ def get_arch(name: str) -> type:
 
 def _import_builtin_archs() -> None:
     # Imported lazily so that `import exporter` stays cheap; the modules register themselves.
-    from exporter.archs import llava, llava_next  # noqa: F401
+    from exporter.archs import llava, llava_next, qwen2_vl  # noqa: F401

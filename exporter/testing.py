@@ -404,3 +404,136 @@ def tree_paths(obj, prefix: tuple = ()):
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             yield from tree_paths(v, prefix + (i,))
+
+
+# -- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------------------
+
+# The Qwen2-VL chat template (as Qwen/Qwen2-VL-2B-Instruct ships it in chat_template.json), without its image and
+# video counters (add_vision_id), which a single-image prompt never shows.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_VL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                           "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                           "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+@dataclass(frozen=True)
+class TinyQwen2VLSpec:
+    """Sizes of a tiny Qwen2-VL ("2") or Qwen2.5-VL ("2.5"), shaped like Qwen/Qwen2-VL-2B-Instruct and
+    Qwen/Qwen2.5-VL-3B-Instruct: GQA (12/2 and 16/2 heads there), q/k/v biases, tied embeddings, M-RoPE with
+    mrope_section [16, 24, 24] of a 64-frequency head (here [2, 3, 3] of 8), patch 14, temporal patch 2, merge 2;
+    Qwen2.5: windowed vision attention (window 112 = 4 merged tokens there, 56 = 2 here) with full-attention blocks
+    [7, 15, 23, 31] of 32 (here [1, 3] of 4), RMSNorm and a gated SiLU MLP in the tower."""
+
+    version: str = "2"
+    layers: int = 8
+    hidden: int = 128
+    heads: int = 8
+    kv_heads: int = 2
+    intermediate: int = 256
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    vision_depth: int = 0  # 0: 2 for Qwen2-VL, 4 for Qwen2.5-VL
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 56
+    fullatt_block_indexes: tuple[int, ...] = (1, 3)
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 16
+    max_position_embeddings: int = 1024
+    vocab_extra: int = 200
+    seed: int = 0
+
+
+def train_qwen_tokenizer(vocab_size: int):
+    """A byte-level BPE with Qwen2's special tokens (no BOS is added, as Qwen2's tokenizer does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN2_VL_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4 + ["system user assistant You are a helpful assistant."] * 4, trainer=trainer)
+    return tok
+
+
+def build_tiny_qwen2_vl(path: str | Path, spec: TinyQwen2VLSpec = TinyQwen2VLSpec()) -> Path:
+    """Write a random-weight Qwen2VLForConditionalGeneration (spec.version "2") or Qwen2_5_VLForConditionalGeneration
+    ("2.5") checkpoint folder: config.json, model.safetensors, tokenizer files, preprocessor_config.json and
+    chat_template.json as the Qwen checkpoints ship them (no processor_config.json: Qwen2VLProcessor needs
+    torchvision to save, FIELD-NOTES)."""
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    if spec.version not in ("2", "2.5"):
+        raise ValueError(f"TinyQwen2VLSpec.version must be '2' or '2.5', got {spec.version!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = train_qwen_tokenizer(vocab_size=300 + spec.vocab_extra)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.padding_side = "left"
+    ids = {t: raw.token_to_id(t) for t in QWEN2_VL_SPECIAL_TOKENS}
+    head_dim = spec.hidden // spec.heads
+    if 2 * sum(spec.mrope_section) != head_dim:
+        raise ValueError(f"mrope_section {spec.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    text = {
+        "vocab_size": raw.get_vocab_size(), "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
+        "hidden_act": "silu", "max_position_embeddings": spec.max_position_embeddings, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "use_sliding_window": False, "sliding_window": spec.max_position_embeddings,
+        "max_window_layers": spec.layers, "attention_dropout": 0.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(spec.mrope_section)},
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+    }
+    common = {"patch_size": spec.patch_size, "spatial_merge_size": spec.merge_size, "in_channels": 3,
+              "temporal_patch_size": spec.temporal_patch_size, "num_heads": spec.vision_heads}
+    if spec.version == "2":
+        cls_name, cfg_cls = "Qwen2VLForConditionalGeneration", transformers.Qwen2VLConfig
+        vision = {**common, "depth": spec.vision_depth or 2, "embed_dim": spec.vision_hidden, "mlp_ratio": 4,
+                  "hidden_size": spec.hidden, "hidden_act": "quick_gelu"}
+    else:
+        cls_name, cfg_cls = "Qwen2_5_VLForConditionalGeneration", transformers.Qwen2_5_VLConfig
+        vision = {**common, "depth": spec.vision_depth or 4, "hidden_size": spec.vision_hidden,
+                  "intermediate_size": spec.vision_hidden * 3, "out_hidden_size": spec.hidden, "hidden_act": "silu",
+                  "window_size": spec.window_size, "fullatt_block_indexes": list(spec.fullatt_block_indexes),
+                  "tokens_per_second": 2}
+    config = cfg_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                     video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                     vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+    config.architectures = [cls_name]
+    torch.manual_seed(spec.seed)
+    model = getattr(transformers, cls_name)(config).eval()
+    with torch.no_grad():  # random weights large enough that logits are not all alike; with tied embeddings a
+        for name, p in model.named_parameters():  # larger embedding std makes greedy decoding repeat one token
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    pre = {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+        "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels, "patch_size": spec.patch_size,
+        "temporal_patch_size": spec.temporal_patch_size, "merge_size": spec.merge_size, "do_convert_rgb": True,
+        "do_rescale": True, "rescale_factor": 0.00392156862745098, "do_normalize": True, "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2))
+    return path

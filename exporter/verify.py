@@ -69,13 +69,18 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     if len(images) != len(prompts):
         raise ValueError("verify needs one image per prompt")
     pipe = Pipeline.from_dir(artifact_dir, providers=providers, verify=verify_files)
+    # an architecture module may bring its own torch side (Qwen2-VL: no AutoProcessor without torchvision)
     architecture = pipe.manifest.data.get("architecture", "LlavaForConditionalGeneration")
-    model_class = getattr(transformers, architecture, None)  # the registered exporter arch's transformers class
-    if model_class is None:
-        raise VerifyError(f"transformers has no class {architecture!r}; upgrade transformers to verify this artifact")
-    model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    processor.tokenizer.padding_side = "left"
+    torch_side = _torch_side(architecture, model_dir)
+    if torch_side is None:
+        model_class = getattr(transformers, architecture, None)  # the registered exporter arch's transformers class
+        if model_class is None:
+            raise VerifyError(f"transformers has no class {architecture!r}; upgrade transformers to verify this artifact")
+        model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
+        processor = AutoProcessor.from_pretrained(model_dir)
+        processor.tokenizer.padding_side = "left"
+    else:
+        model = torch_side.model
     template = pipe.manifest.prompt["template"]
     groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
     per_step: list[float] = []
@@ -84,7 +89,10 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     for group in groups:
         texts = [template.replace("{prompt}", prompts[i]) for i in group]
         pil = [pipe._load(images[i], i) for i in group]
-        inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
+        if torch_side is None:
+            inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
+        else:
+            inputs = torch_side.inputs(pil, texts)
         # --- torch: prefill then teacher-forced greedy steps with a DynamicCache
         with torch.no_grad():
             out = model(**inputs, use_cache=True, past_key_values=DynamicCache())
@@ -95,7 +103,8 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
             for _ in range(steps):
                 nxt = torch.from_numpy(chosen[-1])[:, None]
                 mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-                out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
+                more = {} if torch_side is None else torch_side.decode_kwargs(mask)
+                out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True, **more)
                 past = out.past_key_values
                 t_logits.append(out.logits[:, -1, :].float().numpy())
                 chosen.append(t_logits[-1].argmax(-1))
@@ -130,6 +139,17 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
         tok_o += np.stack([ol.argmax(-1) for ol in o_logits], 1).tolist()
     agree = float(np.mean(np.array(tok_t) == np.array(tok_o)))
     return VerifyReport(max(per_step), per_step, agree, tok_t, tok_o, atol, len(prompts))
+
+
+def _torch_side(architecture, model_dir):
+    """The exporter arch's `verify_torch_side(model_dir)` (model, inputs(images, texts), decode_kwargs(mask)), or
+    None for the LLaVA path above."""
+    from exporter.registry import get_arch, supported_architectures
+
+    if architecture not in supported_architectures():
+        return None
+    hook = getattr(get_arch(architecture), "verify_torch_side", None)
+    return None if hook is None else hook(model_dir)
 
 
 # ------------------------------------------------------------------------------ precision vs fp32 (issue 6)

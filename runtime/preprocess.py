@@ -102,6 +102,11 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
+def _is_video(head: bytes) -> bool:
+    """MP4/MOV (ISO base media `ftyp` box), WebM/MKV (EBML), AVI: named so that a video gets a clear refusal."""
+    return head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
+
+
 def convert_to_rgb(image: Image.Image) -> Image.Image:
     """Return `image` as mode RGB the way transformers' `convert_to_rgb` does (transparency over white).
 
@@ -159,6 +164,9 @@ def _open_and_decode(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         if sniffed:  # a known signature Pillow could not parse further: a damaged header, not a foreign format
             raise _fail(name, f"file is truncated or corrupt ({sniffed})", _REWRITE_HINT) from None
+        if _is_video(head):
+            raise _fail(name, "it is a video, and video input is not supported (still images only)",
+                        "extract frames and pass them as images") from None
         raise _fail(name, "not a recognised image format", f"use {_FORMATS_HINT}") from None
     except MemoryError:
         raise _fail(name, "not enough memory to open it", "downscale it") from None

@@ -40,6 +40,8 @@ class PromptBuilder:
         self.placeholder: str = manifest.prompt.get("image_placeholder", manifest.tokens["image_token"])
         self.image_token_id: int = manifest.tokens["image_token_id"]
         self.tokens_per_image: int = manifest.tokens["tokens_per_image"]
+        video = manifest.prompt.get("video_placeholder")  # Qwen2-VL: the video-pad token, refused in prompts
+        self.video_placeholder: str | None = video if isinstance(video, str) and video else None
         self.context_length: int = manifest.data.get("context_length", manifest.dims["max_position_embeddings"])
         # What the chat template puts between consecutive images of one message (recorded at export by rendering
         # it with two images); None: the artifact takes one image per prompt.
@@ -53,6 +55,9 @@ class PromptBuilder:
             raise PromptError("the prompt is empty; give a question or instruction")
         if self.placeholder in prompt:
             raise PromptError(f"the prompt contains the image token '{self.placeholder}'; remove it (images are placed by the template)")
+        if self.video_placeholder and self.video_placeholder in prompt:
+            raise PromptError(f"the prompt contains the video token '{self.video_placeholder}'; video input is not "
+                              "supported (still images only): remove it and pass video frames as images")
         if num_images < 1:
             raise PromptError("a prompt needs at least one image; pass one")
         if num_images > 1 and (self.image_separator is None or self.template.count(self.placeholder) != 1):

@@ -65,6 +65,13 @@ class ReferenceIava:
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.image_token_id = self.model.config.image_token_id
 
+    def _prompt_positions(self, inputs) -> torch.Tensor:
+        """Position ids of the prompt from the full (padding-free) mask, so hidden keys do not shift them."""
+        return torch.arange(inputs["input_ids"].shape[1])[None]
+
+    def _step_position(self, n: int, step: int) -> torch.Tensor:
+        return torch.tensor([[n + step]])
+
     def _inputs(self, image, text: str, template: str):
         return self.processor(images=[image], text=[template.replace("{prompt}", text)], return_tensors="pt")
 
@@ -97,7 +104,7 @@ class ReferenceIava:
             if k not in keep:
                 hidden[pos] = 0
         masks = [torch.ones(1, n, dtype=torch.long), hidden[None]]
-        positions = torch.arange(n)[None]
+        positions = self._prompt_positions(q_inputs)
         pasts = [None, None]
         logits = [None, None]
         for s in range(2):  # main stream (V), contrastive stream (V*)
@@ -117,7 +124,7 @@ class ReferenceIava:
             if tok in eos or step == max_new_tokens - 1:
                 break
             nxt = torch.tensor([[tok]])
-            pos = torch.tensor([[n + step]])
+            pos = self._step_position(n, step)
             for s in range(2):
                 masks[s] = torch.cat([masks[s], torch.ones(1, 1, dtype=torch.long)], dim=1)
                 out = self.model(input_ids=nxt, attention_mask=masks[s], position_ids=pos, past_key_values=pasts[s],

@@ -179,7 +179,7 @@ class ReferenceLlava:
             raise NotImplementedError(f"reference implements plain RoPE only; config has {rope}")
         lm = hf_model.model.language_model
         self.image_token_id = int(getattr(config, "image_token_id", None) or config.image_token_index)
-        pad = text.pad_token_id if text.pad_token_id is not None else config.pad_token_id
+        pad = text.pad_token_id if text.pad_token_id is not None else getattr(config, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
         self.num_layers = text.num_hidden_layers
         self.num_heads = text.num_attention_heads
@@ -214,6 +214,11 @@ class ReferenceLlava:
         freqs = positions[..., None].float() * self.inv_freq  # [B, S, Dh/2]
         angles = torch.cat((freqs, freqs), dim=-1)  # [B, S, Dh]
         return angles.cos(), angles.sin()
+
+    def _positions(self, input_ids, attention_mask, past: int, visual, cache) -> torch.Tensor:
+        """Position ids as transformers' generate makes them: cumsum of the mask - 1, pads clamped to 0. [B, S]
+        (exporter/reference/qwen2_vl_reference.py overrides this with M-RoPE.)"""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
 
     def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                image_sizes: torch.Tensor | None = None) -> torch.Tensor:
@@ -349,8 +354,7 @@ class ReferenceLlava:
         visible = (key_cols[None, None, :] <= query_cols[None, :, None]) & seen[:, None, :]  # [B, S, K]
         visible = visible[:, None]  # [B, 1, S, K]
 
-        # Position ids as transformers' generate makes them: cumsum of the mask - 1, pads clamped to 0.
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, S]
+        positions = self._positions(input_ids, attention_mask, past, visual, cache)  # [B, S] ([3, B, S]: M-RoPE)
         cos, sin = self._rope(positions)  # [B, S, Dh]
         h = self._embed(input_ids, pixel_values, image_sizes)  # [B, S, D]
 
