@@ -81,7 +81,7 @@ class Pipeline:
         self.embed = make_backend(manifest.graph_path("embed"), **kw)
         self.decoder = make_backend(manifest.graph_path("decoder"), **kw)
         self.prompts = PromptBuilder(manifest.folder / manifest.data["tokenizer"]["file"], manifest)
-        self.preprocess = ImagePreprocessor(manifest.preprocessing)
+        self.preprocess = ImagePreprocessor(manifest.preprocessing, max_pixels=max_image_pixels)
         dims = manifest.dims
         self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
         self.hidden = dims["hidden_size"]
