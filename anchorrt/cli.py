@@ -45,7 +45,9 @@ def main() -> None:
               help="Alias of --precision (kept for old scripts).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt (pickle) weights. Pickle can run code: trust the source.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
-@click.option("--mitigation", default=None, metavar="METHODS", help="Bake these into the decoder: clva, sevi, clva,sevi.")
+@click.option("--mitigation", default=None, metavar="METHODS",
+              help="Bake these into the decoder, comma-separated: clva, sevi, probe (IAVA's attention probe), "
+                   "e.g. clva,sevi,probe.")
 @bake_options
 @precision_options
 @_friendly

@@ -152,6 +152,7 @@ def export_model(
     from graph_passes.bake import export_hook as passes_hook
 
     run_graph_passes = passes_hook(mitigation, bake_options, say)  # checks the method names before the slow export
+    _check_before_loading(ckpt, mitigation, bake_options)
     visalign = visalign_export_hook(ckpt)  # a VisAlign checkpoint: fusion into the embed graph (checked now, baked below)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -176,6 +177,20 @@ def export_model(
         raise
     say(f"wrote {out} ({sum((out / f).stat().st_size for f in data['files']) / 1e6:.1f} MB)")
     return Manifest(out, data)
+
+
+def _check_before_loading(ckpt, mitigation, bake_options) -> None:
+    """Everything config.json and the image-processor config can decide, before a weight is read (issue 13): the
+    arch's own `check_config` hook (image processor, options; exporter/registry.py) and the mitigation layer choices
+    against the decoder's layer count. A refusal here takes well under a second instead of a whole export."""
+    from exporter.preprocessing import image_processor_config
+    from exporter.registry import check_config
+    from graph_passes.bake import check_layer_choices
+
+    preprocessor, _ = image_processor_config(ckpt.path)
+    facts = check_config(ckpt.architecture, ckpt.config, preprocessor)
+    if mitigation and "num_layers" in facts:
+        check_layer_choices(mitigation, bake_options, facts["num_layers"])
 
 
 def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
