@@ -259,9 +259,9 @@ def verify(artifact_dir: Path, model_dir: Path | None, images, prompts, steps: i
     inspect_checkpoint(model_dir)
     report = run_verify(model_dir, artifact_dir, images=imgs, prompts=prompts, steps=5 if steps is None else steps,
                         atol=atol)
-    click.echo(report.summary())
-    if not report.ok:
+    if not report.ok:  # the summary once, on the error line (it used to go to stdout as well)
         raise VerifyError(f"exported graphs differ from the PyTorch model: {report.summary()}")
+    click.echo(report.summary())
 
 
 from anchorrt.cli_profile import profile  # noqa: E402 - subcommands from their own modules, registered last
