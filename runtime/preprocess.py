@@ -13,7 +13,8 @@ documented behaviour, in this order:
    saturate at 255, exactly as transformers does). Note that `transformers.image_utils.load_image` instead drops
    the alpha band; we follow the image processor, which is what `processor(images=Image.open(path))` runs.
 2. Optional pad to a square (LLaVA's `do_pad`): on the uint8 pixels, before resizing, the image is centred
-   (offset `(side - edge) // 2`) on a square filled with `int(m * 255)` for each channel mean `m`.
+   (offset `(side - edge) // 2`) on a square filled with `int(m * 255)` for each channel mean `m`. The square's
+   side x side is checked against the pixel limit before it is allocated (as is the resize target).
 3. Resize with Pillow on uint8 RGB so that the short side equals `shortest_edge`; the long side is
    `int(shortest_edge * long / short)`, i.e. truncated, not rounded.
 4. Centre crop to `crop_size`: the crop starts at `(size - crop) // 2`; if the image is smaller than the crop it is
