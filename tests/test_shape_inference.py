@@ -33,6 +33,8 @@ FORMS = {  # name -> passes after AssignNodeNames; SEVI from layer 2 so that the
     "clva,sevi,probe": lambda: [ClvaPass(), SeviPass(2), ProbePass()],
     "clva,sevi,probe+fp16": lambda: [ClvaPass(), SeviPass(2), ProbePass(), _fp16()],
     "clva,sevi,probe+int4": lambda: [ClvaPass(), SeviPass(2), ProbePass(), _int4()],
+    "clva,sevi,probe+int8": lambda: [ClvaPass(), SeviPass(2), ProbePass(), _int8()],
+    "clva+explain": lambda: [ClvaPass(), _explain()],  # `anchorrt explain`'s temporary copy
 }
 FAST = ("clva,sevi,probe+fp16", "clva,sevi,probe+int4")  # every pass once; the rest is @slow (~2-10 s each)
 
@@ -47,6 +49,18 @@ def _int4():
     from graph_passes.quantize import Int4WeightPass
 
     return Int4WeightPass()
+
+
+def _int8():
+    from graph_passes.quantize import Int8DynamicPass
+
+    return Int8DynamicPass()
+
+
+def _explain():
+    from graph_passes.explain import ExplainPass
+
+    return ExplainPass()
 
 
 def symbolic_shape_infer(model: ir.Model):
