@@ -12,7 +12,7 @@ the exporter's decoder names the key length "past_length + sequence" inside and 
 without auto_merge the tool stops at the first op that meets both. Opset 23: onnxruntime 1.32's tool cannot read
 any opset-23 decoder (the unbaked export included; see the xfail below), so there the check is that every value
 is typed and ONNX's strict shape inference accepts the graph. Passes run in memory on the session fixtures'
-graphs (no export, no file written); the individual forms are @slow, the combined ones cover every pass."""
+graphs (no export, no file written): about 10 s for every form on a quiet 2-core machine."""
 
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ FORMS = {  # name -> passes after AssignNodeNames; SEVI from layer 2 so that the
     "clva,sevi,probe+int8": lambda: [ClvaPass(), SeviPass(2), ProbePass(), _int8()],
     "clva+explain": lambda: [ClvaPass(), _explain()],  # `anchorrt explain`'s temporary copy
 }
-FAST = ("clva,sevi,probe+fp16", "clva,sevi,probe+int4")  # every pass once; the rest is @slow (~2-10 s each)
 
 
 def _fp16():
@@ -94,7 +93,7 @@ def _check_logits(inferred) -> None:
     assert logits.elem_type in (1, 10) and len(logits.shape.dim) == 3  # float or float16 [batch, 1, vocab]
 
 
-@pytest.mark.parametrize("form", [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in FORMS])
+@pytest.mark.parametrize("form", list(FORMS))
 def test_symbolic_shape_inference_on_baked_decoder_opset18(tiny_artifact, form):
     _check_logits(symbolic_shape_infer(baked(tiny_artifact, form)))
 
