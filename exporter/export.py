@@ -188,12 +188,10 @@ def _check_before_loading(ckpt, mitigation, bake_options) -> None:
     """Everything config.json and the image-processor config can decide, before a weight is read (issue 13): the
     arch's own `check_config` hook (image processor, options; exporter/registry.py) and the mitigation layer choices
     against the decoder's layer count. A refusal here takes well under a second instead of a whole export."""
-    from exporter.preprocessing import image_processor_config
     from exporter.registry import check_config
     from graph_passes.bake import check_layer_choices
 
-    preprocessor, _ = image_processor_config(ckpt.path)
-    facts = check_config(ckpt.architecture, ckpt.config, preprocessor)
+    facts = check_config(ckpt.architecture, ckpt.config, ckpt.path)
     if mitigation and "num_layers" in facts:
         check_layer_choices(mitigation, bake_options, facts["num_layers"])
 

@@ -41,15 +41,18 @@ def get_arch(name: str) -> type:
     return _ARCHS[name]
 
 
-def check_config(architecture: str, config: dict, preprocessor: dict | None) -> dict:
-    """Run the arch's `check_config` hook (if it has one) on the checkpoint's config files, before any weight
-    loads. -> facts such as {"num_layers": 32}; {} when the arch has no hook (its checks then come at load)."""
+def check_config(architecture: str, config: dict, folder) -> dict:
+    """Run the arch's `check_config` hook (if it has one) on the checkpoint folder's config files, before any weight
+    loads. -> facts such as {"num_layers": 32}; {} when the arch has no hook (its checks then come at load, and
+    nothing is read here: an arch that keeps its processor config elsewhere is not refused by a generic reader)."""
     cls = get_arch(architecture)
     hook = getattr(cls, "check_config", None)
     if hook is None:
         return {}
-    facts = hook(config, preprocessor)
-    return dict(facts or {})
+    from exporter.preprocessing import image_processor_config
+
+    preprocessor, _ = image_processor_config(folder)
+    return dict(hook(config, preprocessor) or {})
 
 
 def _import_builtin_archs() -> None:
