@@ -45,7 +45,9 @@ def main() -> None:
               help="Alias of --precision (kept for old scripts).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt (pickle) weights. Pickle can run code: trust the source.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
-@click.option("--mitigation", default=None, metavar="METHODS", help="Bake these into the decoder: clva, sevi, clva,sevi.")
+@click.option("--mitigation", default=None, metavar="METHODS",
+              help="Bake these into the decoder, comma-separated: clva, sevi, probe (IAVA's attention probe), "
+                   "e.g. clva,sevi,probe.")
 @bake_options
 @precision_options
 @_friendly
@@ -267,9 +269,9 @@ def verify(artifact_dir: Path, model_dir: Path | None, images, prompts, steps: i
     inspect_checkpoint(model_dir)
     report = run_verify(model_dir, artifact_dir, images=imgs, prompts=prompts, steps=5 if steps is None else steps,
                         atol=atol)
-    click.echo(report.summary())
-    if not report.ok:
+    if not report.ok:  # the summary once, on the error line (it used to go to stdout as well)
         raise VerifyError(f"exported graphs differ from the PyTorch model: {report.summary()}")
+    click.echo(report.summary())
 
 
 from anchorrt.cli_profile import profile  # noqa: E402 - subcommands from their own modules, registered last

@@ -40,7 +40,8 @@ def bake_options(fn):
         click.option("--clva-drift-layers", default=None, metavar="LAYERS",
                      help="CLVA drift layers, e.g. '3-7' [default: l_pos+1 .. L-1]."),
         click.option("--sevi-start-layer", type=int, default=8, show_default=True,
-                     help="First layer SEVI edits (literal: a model with that many layers or fewer is unchanged)."),
+                     help="First layer SEVI edits (literal, METHODS.md); must be below the model's layer count: SEVI "
+                          "on a model with that many layers or fewer would change nothing and is refused."),
         click.option("--debug-outputs", is_flag=True, help="Also output CLVA anchor masks/head sets, SEVI head classes."),
         click.option("--probe-layers", default=None, metavar="LAYERS",
                      help="Layers IAVA's attention probe averages, e.g. '0-7' [default: every layer]."),

@@ -152,6 +152,7 @@ def export_model(
     from graph_passes.bake import export_hook as passes_hook
 
     run_graph_passes = passes_hook(mitigation, bake_options, say)  # checks the method names before the slow export
+    _check_before_loading(ckpt, mitigation, bake_options)
     visalign = visalign_export_hook(ckpt)  # a VisAlign checkpoint: fusion into the embed graph (checked now, baked below)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -160,6 +161,11 @@ def export_model(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
     try:
         manifest = _export_into(ckpt, tmp, opset, say)
+        steps = ["node names"] + ([f"baking {mitigation if isinstance(mitigation, str) else ','.join(mitigation)}"]
+                                  if mitigation else [])
+        steps += (["VisAlign fusion"] if visalign is not None else []) + \
+            (["precision"] if precision_options.changes_anything else []) + ["manifest"]
+        say(f"[5/5] finishing: {', '.join(steps)}")
         if visalign is not None:
             visalign(tmp, manifest)
         run_graph_passes(tmp, manifest)  # node names in every graph; CLVA/SEVI if asked
@@ -178,24 +184,23 @@ def export_model(
     return Manifest(out, data)
 
 
-def _raw_image_processor_config(path: Path) -> dict | None:
-    """The image-processor config as plain JSON (what an arch's check_config reads), None when there is none."""
-    import json
-
-    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-        if (path / name).is_file():
-            data = json.loads((path / name).read_text(encoding="utf-8"))  # preprocessing_params has parsed it
-            data = data.get(key) if key and isinstance(data, dict) else data
-            return data if isinstance(data, dict) else None
-    return None
-
-
 def prompt_pad_id(tokenizer, fallback: int) -> int:
     """The id that left-pads prompts: the checkpoint tokenizer's pad token, which is what its processor pads with
     (a Qwen2 LLaVA has no pad_token_id in its config and pads with <|endoftext|>, not EOS: issue 13 item 9);
     `fallback` (the config's, else EOS) when the tokenizer has none."""
     pad = getattr(tokenizer, "pad_token_id", None)
     return int(pad) if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else int(fallback)
+
+def _check_before_loading(ckpt, mitigation, bake_options) -> None:
+    """Everything config.json and the image-processor config can decide, before a weight is read (issue 13): the
+    arch's own `check_config` hook (image processor, options; exporter/registry.py) and the mitigation layer choices
+    against the decoder's layer count. A refusal here takes well under a second instead of a whole export."""
+    from exporter.registry import check_config
+    from graph_passes.bake import check_layer_choices
+
+    facts = check_config(ckpt.architecture, ckpt.config, ckpt.path)
+    if mitigation and "num_layers" in facts:
+        check_layer_choices(mitigation, bake_options, facts["num_layers"])
 
 
 def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
@@ -210,10 +215,6 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     t0 = time.perf_counter()
     say(f"[1/5] loading {ckpt.architecture} from {ckpt.path}")
     arch_cls = get_arch(ckpt.architecture)
-    pre = preprocessing_params(ckpt.path)  # an unsupported image processor is refused before the weights load
-    check_config = getattr(arch_cls, "check_config", None)  # an arch's own config checks, also before the weights
-    if check_config is not None:  # (h13's pre-load hook runs the same check earlier; this one is then redundant)
-        check_config(ckpt.config, _raw_image_processor_config(ckpt.path))
     arch = arch_cls(ckpt, dtype=torch.float32)  # fp16/int4/int8 come from graph passes (graph_passes/bake.py)
     # an arch module may read its own processor and preprocessing config (Qwen2-VL: tokenizer only, dynamic size)
     processor = (getattr(arch, "load_processor", None) or load_processor)(ckpt.path)
@@ -221,6 +222,7 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
         pre = arch.preprocessing_params(ckpt.path)
         crop = None
     else:
+        pre = preprocessing_params(ckpt.path)
         crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
         crop = tuple(pre["resize_to"]) if pre.get("resize_to") else crop  # SigLIP: resized to exactly h x w
     specs = arch.graphs(image_size=crop)

@@ -70,13 +70,24 @@ def preprocessing_params(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     Raises `CheckpointError` when the folder or its image-processor config is missing, unreadable, of an unsupported
     processor type, or holds a value the runtime cannot reproduce.
     """
+    entry, source = image_processor_config(model_dir)
+    if entry is None:
+        raise CheckpointError(f"no image-processor config in '{Path(model_dir)}' (looked for {PREPROCESSOR_CONFIG} and "
+                              f"{PROCESSOR_CONFIG}); save the processor with processor.save_pretrained(folder)")
+    return params_from_config(entry, source)
+
+
+def image_processor_config(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, str]:
+    """The raw image-processor config of a checkpoint folder and where it came from: `preprocessor_config.json`,
+    else the "image_processor" entry of `processor_config.json`; (None, folder) when neither file exists. Plain
+    JSON, no transformers: the exporter's pre-load check (exporter/registry.py `check_config`) reads it."""
     folder = Path(model_dir)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder '{folder}' does not exist; pass the folder of a Hugging Face "
                               "checkpoint")
     pre = folder / PREPROCESSOR_CONFIG
     if pre.is_file():
-        return params_from_config(_read_json(pre), str(pre))
+        return _read_json(pre), str(pre)
     proc = folder / PROCESSOR_CONFIG
     if proc.is_file():
         data = _read_json(proc)
@@ -84,9 +95,8 @@ def preprocessing_params(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(entry, dict):
             raise CheckpointError(f"'{proc}' has no \"image_processor\" object; re-save the processor with "
                                   "transformers (processor.save_pretrained) or add a preprocessor_config.json")
-        return params_from_config(entry, f"{proc} (image_processor)")
-    raise CheckpointError(f"no image-processor config in '{folder}' (looked for {PREPROCESSOR_CONFIG} and "
-                          f"{PROCESSOR_CONFIG}); save the processor with processor.save_pretrained(folder)")
+        return entry, f"{proc} (image_processor)"
+    return None, str(folder)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -7,7 +7,9 @@ difference per step and whether the greedy tokens agree. Used by `anchorrt verif
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +56,30 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     """Compare logits (prefill + `steps` decode steps) of the torch model and the artifact on the same inputs.
 
     `batch=True` runs all cases as one left-padded batch (different prompt lengths), as a serving runtime would.
+    transformers' deprecation chatter (a FutureWarning and a log line about `past_key_values` per call, the
+    torchvision note) is muted for the call: the result is the report, printed once by the caller.
     """
+    with _quiet_transformers():
+        return _verify(model_dir, artifact_dir, images=images, prompts=prompts, steps=steps, atol=atol, batch=batch,
+                       providers=providers, verify_files=verify_files)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence | None, prompts: Sequence[str] | None,
+            steps: int, atol: float, batch: bool, providers: Sequence[str] | None, verify_files: bool) -> VerifyReport:
     import torch
     import transformers
     from transformers import AutoProcessor, DynamicCache

@@ -107,6 +107,7 @@ class Pipeline:
         self.max_image_pixels = max_image_pixels  # None: runtime.preprocess.default_max_pixels()
         kw = {"providers": providers, "allow_fallback": allow_fallback, "intra_op_threads": intra_op_threads}
         self.arch = runtime_for(manifest, lambda role: make_backend(manifest.graph_path(role), **kw))
+        self.arch.limit_pixels(max_image_pixels)  # every intermediate image bounded (issue 13 item 4)
         self.vision = getattr(self.arch, "vision", None)  # the (first) vision stage, for profiling
         self.embed = make_backend(manifest.graph_path("embed"), **kw)
         self.decoder = make_backend(manifest.graph_path("decoder"), **kw)

@@ -59,12 +59,15 @@ def gqa_model(tmp_path_factory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava-gqa", spec)
 
 
+EXPORT_PROGRESS: list[str] = []  # the progress lines of the tiny_artifact export (tests of the export's output)
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
     from exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
-    export_model(tiny_model, out)
+    export_model(tiny_model, out, progress=EXPORT_PROGRESS.append)
     return out
 
 

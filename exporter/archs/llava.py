@@ -117,6 +117,26 @@ class LlavaArch:
             checkpoint.path, dtype=dtype, attn_implementation="sdpa", use_safetensors=not checkpoint.uses_pickle,
         ).eval()
 
+    @classmethod
+    def check_config(cls, config: dict, preprocessor: dict | None) -> dict:
+        """Pre-load check (exporter/registry.py): the image processor is one the runtime reproduces, and the
+        decoder's layer count, from config.json alone. transformers' LlavaConfig fills a missing text_config with
+        Llama defaults, so a missing count is left unknown here rather than guessed."""
+        from exporter.preprocessing import params_from_config
+
+        if preprocessor is None:
+            raise CheckpointError("the checkpoint has no image-processor config (preprocessor_config.json or "
+                                  "processor_config.json); save the processor with processor.save_pretrained(folder)")
+        params_from_config(preprocessor, "the checkpoint's image-processor config")
+        text = config.get("text_config")
+        layers = text.get("num_hidden_layers") if isinstance(text, dict) else None
+        if layers is None:
+            return {}
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0:
+            raise CheckpointError(f"config.json: text_config.num_hidden_layers must be a positive integer, got "
+                                  f"{layers!r}; restore the file")
+        return {"num_layers": layers}
+
     # -- graphs ------------------------------------------------------------------------------------------
     def graphs(self, image_size: tuple[int, int]) -> list[GraphSpec]:
         cfg, text = self.config, self.text

@@ -16,6 +16,7 @@ IAVA (runtime/iava.py) or the attention-probe pass; the tests compare the two.
 
 from __future__ import annotations
 
+import decimal
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +36,15 @@ class IavaTrace:
 
 
 def count_from(i: int | float | None, num_visual: int) -> int:
-    """`i` as a count (int) or a fraction of the visual tokens (float in (0, 1]); default 10%, rounded up."""
+    """`i` as a count (int) or a fraction of the visual tokens (float in (0, 1]); default 10%, rounded up.
+
+    The fraction is the decimal the user wrote (the float's shortest repr), multiplied exactly: 0.28 of 25 is 7, where
+    the float product 0.28 * 25 = 7.000000000000001 would round up to 8."""
     if i is None:
-        return math.ceil(0.1 * num_visual)
+        i = 0.1
     if isinstance(i, float):
-        return math.ceil(i * num_visual)
+        exact = decimal.Decimal(repr(i)) * num_visual
+        return int(exact.to_integral_value(rounding=decimal.ROUND_CEILING))
     return int(i)
 
 

@@ -131,6 +131,13 @@ class RuntimeArch:
         self.hidden = manifest.dims["hidden_size"]
 
     # -- images --------------------------------------------------------------------------------------------
+    def limit_pixels(self, max_pixels: int | None) -> None:
+        """The Pipeline's `max_image_pixels` for this arch's preprocessing (None: the default limit). Archs that
+        preprocess with `runtime.preprocess.ImagePreprocessor` under `self.image_processor` need nothing more."""
+        processor = getattr(self, "image_processor", None)
+        if processor is not None and max_pixels is not None:
+            processor.max_pixels = max_pixels
+
     def preprocess(self, images: Sequence, first_index: int = 0) -> VisualInput:
         raise NotImplementedError
 
