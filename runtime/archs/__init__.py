@@ -151,9 +151,17 @@ class RuntimeArch:
         return None
 
     # -- embed feed ----------------------------------------------------------------------------------------
+    def _embed_input_shape(self, embed) -> list:
+        """The embed graph's `image_features` shape as the manifest records it (every backend, TensorRT's included,
+        runs the graph the manifest describes); the session's own shape when the manifest lacks it."""
+        for x in self.manifest.graph("embed").get("inputs", []):
+            if x.get("name") == "image_features" and isinstance(x.get("shape"), list):
+                return list(x["shape"])
+        return _input_shape(embed, "image_features")
+
     def embed_features(self, features: np.ndarray, embed) -> np.ndarray:
         """Flat features [total, d] -> the embed graph's `image_features` input (rank read from the graph)."""
-        shape = _input_shape(embed, "image_features")
+        shape = self._embed_input_shape(embed)
         dtype = _input_dtype(embed, "image_features")
         if len(shape) == 3:
             t = shape[1]
@@ -165,7 +173,7 @@ class RuntimeArch:
 
     def no_image_features(self, embed) -> np.ndarray:
         """The embed graph's `image_features` for a step without images (a decode step)."""
-        shape = _input_shape(embed, "image_features")
+        shape = self._embed_input_shape(embed)
         dtype = _input_dtype(embed, "image_features")
         if len(shape) == 3:
             return np.zeros((0, shape[1], self.hidden), dtype=dtype)
