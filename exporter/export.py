@@ -193,11 +193,12 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     arch = arch_cls(ckpt, dtype=torch.float32)  # fp16/int4/int8 come from graph passes (graph_passes/bake.py)
     processor = load_processor(ckpt.path)
     pre = preprocessing_params(ckpt.path)
-    crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
+    crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") or "resize_exact" in pre \
+        else (pre["shortest_edge"], pre["shortest_edge"])
     specs = arch.graphs(image_size=crop)
     graphs = {}
     for i, spec in enumerate(specs, start=2):
-        say(f"[{i}/5] exporting {spec.role} graph (opset {opset})")
+        say(f"[{i}/{len(specs) + 2}] exporting {spec.role} graph (opset {opset})")
         path = tmp / f"{spec.role}.onnx"
         _export_graph(spec, path, opset)
         inputs, outputs = graph_io(path)
@@ -210,6 +211,8 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     if backend is None:
         raise CheckpointError(f"the tokenizer of '{ckpt.path}' has no fast (tokenizers) version; convert it first")
     backend.save(str(tmp / "tokenizer.json"))
+    if hasattr(arch, "write_extra_files"):  # e.g. InstructBLIP's Q-Former tokenizer
+        arch.write_extra_files(processor, tmp)
     for name in TOKENIZER_FILES:
         if (ckpt.path / name).is_file():
             shutil.copyfile(ckpt.path / name, tmp / name)

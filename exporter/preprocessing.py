@@ -42,6 +42,9 @@ CLIP_TYPES = frozenset({
     "CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil", "CLIPFeatureExtractor",
 })
 LLAVA_TYPES = frozenset({"LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil"})
+BLIP_TYPES = frozenset({"BlipImageProcessor", "BlipImageProcessorFast", "BlipImageProcessorPil"})
+# BlipImageProcessor's class defaults (transformers): resize to 384 x 384 bicubic, no crop, OpenAI CLIP mean/std
+_BLIP_DEFAULTS: dict[str, Any] = {"size": {"height": 384, "width": 384}, "do_center_crop": False}
 
 # transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD and the class defaults of CLIPImageProcessor / LlavaImageProcessor
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -93,7 +96,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def params_from_config(config: Mapping[str, Any], source: str = "image-processor config") -> dict[str, Any]:
     """Map one image-processor config object (the JSON dict) to the params dict; `source` names it in errors."""
     kind = config.get("image_processor_type") or config.get("feature_extractor_type")
-    supported = ", ".join(sorted(CLIP_TYPES | LLAVA_TYPES))
+    supported = ", ".join(sorted(CLIP_TYPES | LLAVA_TYPES | BLIP_TYPES))
+    if kind in BLIP_TYPES:
+        return _blip_params(config, source)
     if kind not in CLIP_TYPES | LLAVA_TYPES:
         raise CheckpointError(f"{source}: image_processor_type {kind!r} is not supported; AnchorRT supports "
                               f"{supported}")
@@ -179,3 +184,34 @@ def _crop_size(crop: Any, source: str) -> list[int]:
         return [_int(crop[0], "crop_size[0]", source), _int(crop[1], "crop_size[1]", source)]
     raise CheckpointError(f"{source}: 'crop_size' {crop!r} is not supported; use {{\"height\": h, \"width\": w}} "
                           "or an integer")
+
+
+def _blip_params(config: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """BlipImageProcessor (InstructBLIP): resize straight to size {"height", "width"} (aspect ratio not kept),
+    rescale, normalise; no pad, no centre crop (the class has none). Stored as `resize_exact` (runtime/preprocess.py);
+    `shortest_edge` and `crop_size` carry the same size so that older readers of the manifest see the input size."""
+    merged = {**_DEFAULTS, **_BLIP_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    if config.get("do_center_crop") or config.get("do_pad"):
+        raise CheckpointError(f"{source}: BlipImageProcessor with do_center_crop/do_pad is not supported; "
+                              "remove them (BlipImageProcessor has neither)")
+    size = merged["size"]
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = {"height": size, "width": size}  # BLIP's default_to_square
+    if not isinstance(size, dict) or set(size) != {"height", "width"}:
+        raise CheckpointError(f"{source}: 'size' {size!r} is not supported for BlipImageProcessor; use "
+                              "{\"height\": h, \"width\": w}")
+    h, w = _int(size["height"], "size.height", source), _int(size["width"], "size.width", source)
+    for key in ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize"):
+        if not isinstance(merged[key], bool):
+            raise CheckpointError(f"{source}: '{key}' must be true or false, got {merged[key]!r}; fix the config")
+    params: dict[str, Any] = {
+        "do_convert_rgb": merged["do_convert_rgb"], "do_pad": False, "do_resize": merged["do_resize"],
+        "shortest_edge": min(h, w), "resample": _int(merged["resample"], "resample", source),
+        "do_center_crop": False, "crop_size": [h, w], "do_rescale": merged["do_rescale"],
+        "rescale_factor": _number(merged["rescale_factor"], "rescale_factor", source),
+        "do_normalize": merged["do_normalize"],
+        "image_mean": _triple(merged["image_mean"], "image_mean", source),
+        "image_std": _triple(merged["image_std"], "image_std", source),
+        "resize_exact": [h, w],
+    }
+    return validate_params(params, source=source, error=CheckpointError, fix="fix the config")

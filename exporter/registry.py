@@ -32,4 +32,4 @@ def get_arch(name: str) -> type:
 
 def _import_builtin_archs() -> None:
     # Imported lazily so that `import exporter` stays cheap; the modules register themselves.
-    from exporter.archs import llava  # noqa: F401
+    from exporter.archs import instructblip, llava  # noqa: F401

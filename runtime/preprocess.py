@@ -68,6 +68,9 @@ PARAM_KEYS = (
     "do_convert_rgb", "do_pad", "do_resize", "shortest_edge", "resample", "do_center_crop", "crop_size",
     "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
 )
+OPTIONAL_PARAM_KEYS = ("resize_exact",)
+"""`resize_exact: [height, width]`: resize straight to that size, aspect ratio not kept (BLIP's image processor,
+InstructBLIP); absent for CLIP/LLaVA, whose resize keeps the aspect ratio (`shortest_edge`)."""
 
 _FORMATS_HINT = "PNG, JPEG, GIF, BMP, WEBP or TIFF"
 _REWRITE_HINT = "re-export or re-save the image"
@@ -286,7 +289,7 @@ def validate_params(
     missing = [k for k in PARAM_KEYS if k not in params]
     if missing:
         raise error(f"{source}: missing {', '.join(missing)}; {fix}")
-    unknown = sorted(str(k) for k in params if k not in PARAM_KEYS)
+    unknown = sorted(str(k) for k in params if k not in PARAM_KEYS + OPTIONAL_PARAM_KEYS)
     if unknown:
         raise error(f"{source}: unknown keys {', '.join(unknown)} (written by a newer AnchorRT?); {fix}")
     out: dict[str, Any] = {}
@@ -307,6 +310,12 @@ def validate_params(
             not all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE for c in crop):
         raise bad("crop_size", f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", crop)
     out["crop_size"] = [crop[0], crop[1]]
+    if "resize_exact" in params:
+        size = params["resize_exact"]
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or \
+                not all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE for c in size):
+            raise bad("resize_exact", f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", size)
+        out["resize_exact"] = [size[0], size[1]]
     factor = params["rescale_factor"]
     if not _is_real(factor) or factor <= 0:
         raise bad("rescale_factor", "a positive number", factor)
@@ -376,7 +385,9 @@ class ImagePreprocessor:
                              "load it with load_image() to see why") from None
         if p["do_pad"]:
             pixels = self._pad_to_square(pixels)
-        if p["do_resize"]:
+        if p["do_resize"] and "resize_exact" in p:  # BLIP: straight to [height, width]
+            pixels = _resize_exact(pixels, image if not p["do_pad"] else None, p["resize_exact"], p["resample"])
+        elif p["do_resize"]:
             pixels = self._resize(pixels, image if not p["do_pad"] else None, name)
         if p["do_center_crop"]:
             pixels = _center_crop(pixels, *p["crop_size"])
@@ -417,6 +428,13 @@ class ImagePreprocessor:
         except MemoryError:
             raise ImageError(f"image {name}: not enough memory to resize it to {new_w}x{new_h}; downscale it") from None
         return np.asarray(resized, dtype=np.uint8)
+
+
+def _resize_exact(pixels: np.ndarray, rgb: Image.Image | None, size: Sequence[int], resample: int) -> np.ndarray:
+    """Resize the uint8 RGB pixels to `size` = [height, width] with Pillow, as transformers' PIL backend does for
+    BLIP's `size: {"height", "width"}` (no aspect ratio kept, no crop)."""
+    source = rgb if rgb is not None else Image.fromarray(pixels)
+    return np.asarray(source.resize((size[1], size[0]), resample=resample), dtype=np.uint8)
 
 
 def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
