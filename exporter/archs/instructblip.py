@@ -150,6 +150,7 @@ class InstructBlipArch:
                 "qformer_max_length": self.qformer.max_position_embeddings,
                 "qformer_tokenizer": QFORMER_TOKENIZER_FILE,
                 "prompt_order": "image_tokens_then_bos",
+                "method_graphs": {"clva": "qformer"},  # METHODS.md: InstructBLIP's CLVA runs inside the Q-Former
             },
         }
 
