@@ -56,8 +56,10 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     `batch=True` runs all cases as one left-padded batch (different prompt lengths), as a serving runtime would.
     """
     import torch
-    from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, DynamicCache
     from transformers.utils import logging as hf_logging
+
+    from exporter.registry import get_arch
 
     from runtime.kv_cache import KVCache
     from runtime.pipeline import Pipeline
@@ -68,7 +70,11 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     if len(images) != len(prompts):
         raise ValueError("verify needs one image per prompt")
     pipe = Pipeline.from_dir(artifact_dir, providers=providers, verify=verify_files)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # the transformers class of the artifact's architecture (exporter/archs/*.py: `hf_class`)
+    model = get_arch(pipe.manifest.data.get("architecture", "LlavaForConditionalGeneration")).hf_class() \
+        .from_pretrained(model_dir, dtype=torch.float32).eval()
+    arch_cls = get_arch(pipe.manifest.data.get("architecture", "LlavaForConditionalGeneration"))
+    text_model = arch_cls.hf_text_model(model) if hasattr(arch_cls, "hf_text_model") else model  # decode steps
     processor = AutoProcessor.from_pretrained(model_dir)
     processor.tokenizer.padding_side = "left"
     template = pipe.manifest.prompt["template"]
@@ -82,27 +88,35 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
         inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
         # --- torch: prefill then teacher-forced greedy steps with a DynamicCache
         with torch.no_grad():
-            out = model(**inputs, use_cache=True, past_key_values=DynamicCache())
+            past = DynamicCache()  # filled in place (InstructBLIP's output keeps it under language_model_outputs)
+            # positions as generate makes them (cumsum of the mask): InstructBlipProcessor pads between the image
+            # tokens and the text, where arange positions would shift the text against the image
+            positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            out = model(**inputs, position_ids=positions, use_cache=True, past_key_values=past)
             t_logits = [out.logits[:, -1, :].float().numpy()]
-            past = out.past_key_values
             mask = inputs["attention_mask"]
             chosen = [t_logits[-1].argmax(-1)]
             for _ in range(steps):
                 nxt = torch.from_numpy(chosen[-1])[:, None]
                 mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-                out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = text_model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True,
+                                 position_ids=mask.sum(-1, keepdim=True) - 1)
                 t_logits.append(out.logits[:, -1, :].float().numpy())
                 chosen.append(t_logits[-1].argmax(-1))
         # --- onnx: the same inputs through the runtime's own stages
         enc = [pipe.prompts.encode(prompts[i]) for i in group]
         b = pipe._pad(enc)
-        if not np.array_equal(b.ids, inputs["input_ids"].numpy()):
+        # Compared row by row without padding: InstructBlipProcessor pads the text after its image tokens, the
+        # runtime pads on the left; the positions and the visible keys are the same.
+        hf_ids, hf_mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
+        if b.ids.shape[1] != hf_ids.shape[1] or any(
+                not np.array_equal(b.ids[r][b.attention_mask[r] == 1], hf_ids[r][hf_mask[r] == 1])
+                for r in range(len(group))):
             raise VerifyError(
                 f"the artifact's prompt ids ({b.ids.shape[1]} tokens) differ from the checkpoint processor's "
                 f"({inputs['input_ids'].shape[1]} tokens); is '{model_dir}' the checkpoint this artifact came from?"
             )
-        feats = pipe.encode_images(pipe.preprocess(pil))
+        feats = pipe.encode_images(pipe.preprocess_images(pil), [prompts[i] for i in group])
         cache = KVCache(pipe.num_layers, len(group), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
                         pipe.kv_dtype, device=pipe.decoder.device)
         extra = pipe._extra_inputs(b)
@@ -168,7 +182,8 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
 
     enc = [pipe.prompts.encode(p) for p in prompts]
     b = pipe._pad(enc)
-    feats = pipe.encode_images(pipe.preprocess([pipe._load(img, i) for i, img in enumerate(images)]))
+    feats = pipe.encode_images(pipe.preprocess_images([pipe._load(img, i) for i, img in enumerate(images)]),
+                               list(prompts))
     cache = KVCache(pipe.num_layers, len(prompts), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
                     pipe.kv_dtype, device=pipe.decoder.device)
     extra = pipe._extra_inputs(b)

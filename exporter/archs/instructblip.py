@@ -84,6 +84,18 @@ class InstructBlipArch:
                                   "transformers < 4.47); re-save it with a current transformers or use the hub's "
                                   "updated Salesforce/instructblip-vicuna-7b")
 
+    @staticmethod
+    def hf_class():
+        """The transformers class (verify compares the artifact with it)."""
+        from transformers import InstructBlipForConditionalGeneration
+
+        return InstructBlipForConditionalGeneration
+
+    @staticmethod
+    def hf_text_model(model):
+        """What runs a decode step in transformers (InstructBLIP's forward needs pixel_values every call)."""
+        return model.language_model
+
     def __init__(self, checkpoint, dtype: torch.dtype = torch.float32):
         from transformers import InstructBlipForConditionalGeneration
 

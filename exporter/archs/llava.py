@@ -59,6 +59,13 @@ class DecoderGraph(_common.DecoderGraph):
 class LlavaArch:
     model_type = "llava"
 
+    @staticmethod
+    def hf_class():
+        """The transformers class (verify compares the artifact with it)."""
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
     def __init__(self, checkpoint, dtype: torch.dtype = torch.float32):
         from transformers import LlavaForConditionalGeneration
 

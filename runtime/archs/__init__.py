@@ -87,7 +87,7 @@ def runtime_for(manifest, open_graph: Callable[[str], Any]) -> RuntimeArch:
 
 def _import_builtin() -> None:
     # Imported lazily: the modules register themselves.
-    from runtime.archs import llava  # noqa: F401
+    from runtime.archs import instructblip, llava  # noqa: F401
 
 
 @dataclass

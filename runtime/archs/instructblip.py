@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ArtifactError, PromptError
+from runtime.archs import RuntimeArch, VisualInput, _input_dtype, register_runtime
+from runtime.errors import ArtifactError, ImageError, PromptError
+from runtime.mitigation import graph_feeds
 from runtime.preprocess import ImagePreprocessor
 from runtime.prompt import EncodedPrompt, PromptBuilder
 
@@ -55,10 +57,10 @@ class InstructBlipPromptBuilder(PromptBuilder):
                 f"context holds {self.context_length}; shorten the prompt or lower max_new_tokens")
         mask = np.zeros(len(ids), bool)
         mask[:count] = True
-        enc = EncodedPrompt(ids, mask, num_images)
-        if hasattr(enc, "spans"):
-            enc.spans = [(0, count)]
-        return enc
+        return EncodedPrompt(ids, mask, num_images, spans=[(0, count)])
+
+
+QFORMER_INPUTS = ("image_embeds", "qformer_input_ids", "qformer_attention_mask")
 
 
 class QFormerText:
@@ -94,64 +96,45 @@ def check_manifest(manifest) -> None:
         raise ArtifactError("manifest field instructblip.qformer_tokenizer must be a plain file name; re-export")
 
 
-def _register():
-    """Register with the runtime seam (runtime/archs/__init__.py, h15) when it is there."""
-    try:
-        from runtime.archs import RuntimeArch, VisualInput, _input_dtype, register_runtime
-    except ImportError:  # the seam has not landed: the pipeline uses InstructBlipStages directly
-        return None
+@register_runtime("instructblip")
+class InstructBlipRuntime(RuntimeArch):
+    prompt_builder = InstructBlipPromptBuilder  # the pipeline builds its prompts with this class
+    text_conditioned = True  # the features depend on the prompt: IAVA's general stream gets its own
+    takes_mitigation = True  # CLVA runs in the qformer graph: `encode` takes each image's parsed flags
 
-    @register_runtime("instructblip")
-    class InstructBlipRuntime(RuntimeArch):
-        prompt_builder = InstructBlipPromptBuilder
-        text_conditioned = True  # the features depend on the prompt: IAVA's G stream gets its own
+    def __init__(self, manifest, open_graph):
+        super().__init__(manifest, open_graph)
+        check_manifest(manifest)
+        self.vision = open_graph("vision")
+        self.qformer = open_graph("qformer")
+        self.image_processor = ImagePreprocessor(manifest.preprocessing)
+        self.tokens_per_image = manifest.tokens["tokens_per_image"]
+        self.text = QFormerText(manifest)
+        self.qformer_inputs = set(self.qformer.input_names()) - set(QFORMER_INPUTS)
 
-        def __init__(self, manifest, open_graph):
-            super().__init__(manifest, open_graph)
-            check_manifest(manifest)
-            self.vision = open_graph("vision")
-            self.qformer = open_graph("qformer")
-            self.image_processor = ImagePreprocessor(manifest.preprocessing)
-            self.tokens_per_image = manifest.tokens["tokens_per_image"]
-            self.text = QFormerText(manifest)
+    @property
+    def fixed_tokens_per_image(self) -> int:
+        return self.tokens_per_image
 
-        @property
-        def fixed_tokens_per_image(self) -> int:
-            return self.tokens_per_image
+    def preprocess(self, images: Sequence, first_index: int = 0) -> VisualInput:
+        if len(images) == 0:
+            raise ImageError("no images to preprocess: expected a non-empty list of PIL images; pass at least one")
+        pixel_values = self.image_processor(list(images))  # [N, 3, H, W]
+        return VisualInput({"pixel_values": pixel_values}, [self.tokens_per_image] * len(images))
 
-        def preprocess(self, images: Sequence, first_index: int = 0):
-            pixel_values = self.image_processor(list(images))
-            return VisualInput({"pixel_values": pixel_values}, [self.tokens_per_image] * len(images))
-
-        def encode(self, visual, texts: Sequence[str] | None = None) -> np.ndarray:
-            if texts is None or len(texts) != visual.num_images:
-                raise PromptError("InstructBLIP's Q-Former reads each image's prompt; pass one prompt per image")
-            pixel_values = visual.feeds["pixel_values"]
-            embeds = self.vision.run({"pixel_values": pixel_values.astype(_input_dtype(self.vision, "pixel_values"))},
-                                     ["image_embeds"])["image_embeds"]
-            ids, mask = self.text.encode(texts)
-            feeds = {"image_embeds": embeds.astype(_input_dtype(self.qformer, "image_embeds")),
-                     "qformer_input_ids": ids, "qformer_attention_mask": mask}
-            feeds.update(self.qformer_feeds(visual.num_images))
-            out = self.qformer.run(feeds, ["image_features"])["image_features"]  # [N, Q, d]
-            return out.reshape(-1, out.shape[-1])
-
-        def qformer_feeds(self, n: int) -> dict:
-            """Run-time inputs a graph pass added to the qformer graph (CLVA in the Q-Former); set per call by
-            the pipeline through `self.mitigation_rows` (None: all off)."""
-            return qformer_mitigation_feeds(self.manifest, self.qformer, getattr(self, "_rows", None), n)
-
-    return InstructBlipRuntime
-
-
-def qformer_mitigation_feeds(manifest, backend, rows, n: int) -> dict:
-    """Feeds of the qformer graph's run-time flag inputs (none on an unbaked artifact)."""
-    names = set(backend.input_names()) - {"image_embeds", "qformer_input_ids", "qformer_attention_mask"}
-    if not names:
-        return {}
-    from runtime.mitigation import qformer_feeds  # added with graph_passes/clva_qformer.py
-
-    return qformer_feeds(manifest.mitigation, names, rows, n)
-
-
-InstructBlipRuntime = _register()
+    def encode(self, visual: VisualInput, texts: Sequence[str] | None = None, mitigation: list | None = None
+               ) -> np.ndarray:
+        """vision -> qformer with each image's prompt -> [N*Q, d]. `mitigation`: runtime.mitigation.parse_request's
+        result per image (None: every method off)."""
+        if texts is None or len(texts) != visual.num_images:
+            raise PromptError("InstructBLIP's Q-Former reads each image's prompt; pass one prompt per image")
+        pixel_values = visual.feeds["pixel_values"]
+        embeds = self.vision.run({"pixel_values": pixel_values.astype(_input_dtype(self.vision, "pixel_values"))},
+                                 ["image_embeds"])["image_embeds"]  # [N, 1+P, dv]
+        ids, mask = self.text.encode(texts)
+        feeds = {"image_embeds": embeds.astype(_input_dtype(self.qformer, "image_embeds")),
+                 "qformer_input_ids": ids, "qformer_attention_mask": mask}
+        feeds.update(graph_feeds(self.manifest.mitigation, "qformer", self.qformer_inputs, mitigation,
+                                 visual.num_images))
+        out = self.qformer.run(feeds, ["image_features"])["image_features"]  # [N, Q, d]
+        return out.reshape(-1, out.shape[-1])
