@@ -125,8 +125,11 @@ class InstructBlipRuntime(RuntimeArch):
     def encode(self, visual: VisualInput, texts: Sequence[str] | None = None, mitigation: list | None = None
                ) -> np.ndarray:
         """vision -> qformer with each image's prompt -> [N*Q, d]. `mitigation`: runtime.mitigation.parse_request's
-        result per image (None: every method off)."""
-        if texts is None or len(texts) != visual.num_images:
+        result per image (None: every method off). `texts=None` (the vision-only timing of `anchorrt profile`):
+        the Q-Former reads an empty instruction ([CLS] [SEP]); generation always passes the prompts."""
+        if texts is None:
+            texts = [""] * visual.num_images
+        if len(texts) != visual.num_images:
             raise PromptError("InstructBLIP's Q-Former reads each image's prompt; pass one prompt per image")
         pixel_values = visual.feeds["pixel_values"]
         embeds = self.vision.run({"pixel_values": pixel_values.astype(_input_dtype(self.vision, "pixel_values"))},
