@@ -190,3 +190,52 @@ def test_cli_generate_eval_pope_and_profile(instructblip_artifact, instructblip_
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "prof" / "profile.json").read_text())
     assert "clva" in json.dumps(report)
+
+
+def test_visalign_on_the_query_tokens(instructblip_artifact, hf, pictures, tmp_path):
+    """VisAlign on InstructBLIP: v_bar = the mean of the 32 projected query outputs (METHODS.md "Visual positions");
+    a random fusion baked by the torch-free pass vs the reference with the fusion written out here; off = base."""
+    import shutil
+
+    from exporter.reference.instructblip_reference import ImageInputs, ReferenceInstructBlip
+    from exporter.visalign.fusion import VisAlignFusion
+    from graph_passes.bake import bake_visalign_weights
+
+    d = 64
+    fusion = VisAlignFusion(d)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # clearly not the identity
+        fusion.proj.weight.add_(torch.randn(d, 2 * d, generator=g) * 0.15)
+        fusion.proj.bias.copy_(torch.randn(d, generator=g) * 0.1)
+    weights = tmp_path / "visalign.safetensors"
+    fusion.save(weights)
+    art = tmp_path / "va"
+    shutil.copytree(instructblip_artifact, art)
+    bake_visalign_weights(art, weights)
+
+    class FusedReference(ReferenceInstructBlip):
+        v_bar = None
+
+        def _embed(self, input_ids, pixel_values):
+            text = self.embed[input_ids]  # e_t
+            if pixel_values is not None:
+                h = super()._embed(input_ids, pixel_values)
+                slots = input_ids == self.image_token_id
+                self.v_bar = h[slots].mean(0)  # [d]: the request's 32 query outputs
+            else:
+                h, slots = text, torch.zeros_like(input_ids, dtype=torch.bool)
+            fused = fusion.proj(torch.cat([text, self.v_bar.expand_as(text)], dim=-1))
+            return torch.where(slots[..., None], h, fused)
+
+    model, processor = hf
+    inputs = processor(images=[pictures[1]], text=[PROMPTS[1]], return_tensors="pt")
+    images = ImageInputs(inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"])
+    eos = model.generation_config.eos_token_id
+    want = FusedReference(model).generate(inputs["input_ids"], images, inputs["attention_mask"], 8,
+                                          eos_token_id=eos)[0].tolist()
+    pipe, base = Pipeline.from_dir(art), Pipeline.from_dir(instructblip_artifact)
+    got = pipe.generate(pictures[1], PROMPTS[1], max_new_tokens=8, mitigation={"visalign": True}).token_ids
+    plain = base.generate(pictures[1], PROMPTS[1], max_new_tokens=8).token_ids
+    assert got == want
+    assert got != plain  # the fusion changes the answer here
+    assert pipe.generate(pictures[1], PROMPTS[1], max_new_tokens=8, mitigation={"visalign": False}).token_ids == plain
