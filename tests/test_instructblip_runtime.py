@@ -239,3 +239,32 @@ def test_visalign_on_the_query_tokens(instructblip_artifact, hf, pictures, tmp_p
     assert got == want
     assert got != plain  # the fusion changes the answer here
     assert pipe.generate(pictures[1], PROMPTS[1], max_new_tokens=8, mitigation={"visalign": False}).token_ids == plain
+
+
+@pytest.mark.parametrize("spec", [{"lam": -0.1, "i": 0.5}, {"lam": -0.1}, {"lam": 0.0, "i": 8, "alpha": 0.5}])
+def test_iava_matches_the_reference(pipes, tiny_instructblip, pictures, spec, monkeypatch):
+    """The runtime's IAVA (probe prefill, G's own Q-Former features, one-batch contrastive decoding) vs the
+    reference on InstructBLIP: irrelevant set, att_G / att_Q, the combined scores of the first steps, tokens."""
+    import runtime.pipeline as pipeline_mod
+    from exporter.reference.instructblip_reference import ReferenceIavaInstructBlip
+    from runtime.iava import contrastive_scores
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(contrastive_scores(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(pipeline_mod, "contrastive_scores", spy)
+    _, baked = pipes
+    got = baked.generate(pictures[0], PROMPTS[1], max_new_tokens=8, mitigation={"iava": spec})
+    want = ReferenceIavaInstructBlip(tiny_instructblip).generate(
+        pictures[0], PROMPTS[1], "{prompt}", alpha=spec.get("alpha", 1.0), i=spec.get("i"), lam=spec["lam"],
+        max_new_tokens=8)
+    assert got.details["iava"]["irrelevant"] == want.irrelevant and want.irrelevant  # a non-empty I here
+    np.testing.assert_allclose(got.details["iava"]["att_general"], want.att_general.numpy(), atol=1e-6)
+    np.testing.assert_allclose(got.details["iava"]["att_query"], want.att_query.numpy(), atol=1e-6)
+    assert got.token_ids == want.tokens
+    for step in range(3):
+        finite = np.isfinite(want.logits[step].numpy())
+        assert np.abs(calls[step][0] - want.logits[step].numpy())[finite].max() <= ATOL

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .clva import ReferenceFlagError, anchor_mask, anchor_weights, reweight, select_heads, visual_intensity
+from .iava import ReferenceIava
 from .llava_reference import ReferenceLlava, _LayerWeights
 
 
@@ -225,4 +226,27 @@ class ReferenceInstructBlip(ReferenceLlava):
         return h
 
 
-__all__ = ["ImageInputs", "QFormerClva", "ReferenceInstructBlip", "ReferenceQFormer", "default_layers"]
+class ReferenceIavaInstructBlip(ReferenceIava):
+    """IAVA's reference (exporter/reference/iava.py) on InstructBLIP: the 32 query outputs are V; the general
+    instruction G goes through the processor as the query does, so the Q-Former reads G (its own visual tokens)."""
+
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoProcessor, InstructBlipForConditionalGeneration
+
+        self.model = InstructBlipForConditionalGeneration.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.image_token_id = self.model.config.image_token_index
+
+    def _attentions(self, out):
+        return out.language_model_outputs.attentions
+
+    def _past(self, out):  # the full model's prefill output, or the language model's own (decode steps)
+        return getattr(out, "language_model_outputs", None).past_key_values if hasattr(out, "language_model_outputs") \
+            else out.past_key_values
+
+    def _text_model(self):
+        return self.model.language_model
+
+
+__all__ = ["ReferenceIavaInstructBlip", "ImageInputs", "QFormerClva", "ReferenceInstructBlip", "ReferenceQFormer", "default_layers"]
