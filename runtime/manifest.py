@@ -290,6 +290,8 @@ def validate(data: Any) -> None:
         if graphs[role].get("external_data") is not None:
             _expect(graphs[role]["external_data"] in files, f"files (no hash for graphs.{role}.external_data)")
     _expect(tok["file"] in files, "files (no hash for tokenizer.file)")
+    for method, record in data.get("mitigation", {}).items():  # a method baked outside the decoder names its graph
+        _expect(record.get("graph", "decoder") in graphs, f"mitigation.{method}.graph")
     _check_finite(data, "<root>")
 
 
