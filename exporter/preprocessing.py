@@ -96,7 +96,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def params_from_config(config: Mapping[str, Any], source: str = "image-processor config") -> dict[str, Any]:
     """Map one image-processor config object (the JSON dict) to the params dict; `source` names it in errors."""
     kind = config.get("image_processor_type") or config.get("feature_extractor_type")
-    supported = ", ".join(sorted(CLIP_TYPES | LLAVA_TYPES | BLIP_TYPES))
+    supported = ", ".join(sorted(CLIP_TYPES | LLAVA_TYPES) + sorted(BLIP_TYPES))
     if kind in BLIP_TYPES:
         return _blip_params(config, source)
     if kind not in CLIP_TYPES | LLAVA_TYPES:

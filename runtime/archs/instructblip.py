@@ -94,6 +94,8 @@ def check_manifest(manifest) -> None:
                             "re-export the model")
     if "/" in info["qformer_tokenizer"] or "\\" in info["qformer_tokenizer"] or info["qformer_tokenizer"] in (".", ".."):
         raise ArtifactError("manifest field instructblip.qformer_tokenizer must be a plain file name; re-export")
+    if info["qformer_tokenizer"] not in manifest.data.get("files", {}):  # so its sha256 is checked with the rest
+        raise ArtifactError("the manifest has no hash for instructblip.qformer_tokenizer; re-export the model")
 
 
 @register_runtime("instructblip")
