@@ -278,5 +278,9 @@ from anchorrt.cli_trt import trt_group  # noqa: E402 - subcommands from their ow
 
 main.add_command(trt_group)
 
+from anchorrt.cli_serve import serve_group  # noqa: E402 - subcommands from their own modules, registered last
+
+main.add_command(serve_group)
+
 if __name__ == "__main__":
     main()

@@ -265,6 +265,10 @@ def validate(data: Any) -> None:
         _expect(isinstance(data.get(key, {}), dict), key)
     for method, record in data.get("mitigation", {}).items():
         _check_mitigation_record(method, record)
+    serving = data.get("serving", {})  # optional (issue 19): what a Triton repository of this artifact uses
+    _expect(isinstance(serving, dict), "serving")
+    if "max_batch_size" in serving:
+        _pos_int(serving, "max_batch_size", "serving", 4096)
     graphs = data.get("graphs")
     _expect(isinstance(graphs, dict), "graphs")
     extra_roles = tuple(r for r in graphs if r not in GRAPH_ROLES)  # an architecture's own graphs (InstructBLIP's qformer)
