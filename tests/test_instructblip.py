@@ -182,3 +182,24 @@ def test_flan_t5_refused_before_weights_load(tiny_instructblip, tmp_path):
         export_model(bad, out)
     assert "\n" not in str(err.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("forge,fragment", [
+    (lambda d: d["instructblip"].update(qformer_tokenizer="../tokenizer.json"), "plain file name"),
+    (lambda d: d["instructblip"].pop("qformer_tokenizer"), "lacks its 'instructblip' fields"),
+    (lambda d: d["mitigation"].update(clva={"graph": "nowhere", "inputs": {}, "parameters": {}, "layers": {}}),
+     "mitigation.clva.graph"),
+])
+def test_forged_manifest_refused(instructblip_artifact, tmp_path, forge, fragment):
+    from runtime.errors import ArtifactError
+    from runtime.manifest import write_manifest
+    from runtime.pipeline import Pipeline
+
+    art = tmp_path / "art"
+    shutil.copytree(instructblip_artifact, art)
+    data = json.loads((art / "manifest.json").read_text())
+    forge(data)
+    write_manifest(art, {k: v for k, v in data.items() if k != "files"})
+    with pytest.raises(ArtifactError, match=fragment.replace("(", r"\(")) as err:
+        Pipeline.from_dir(art)
+    assert "\n" not in str(err.value)
