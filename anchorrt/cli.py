@@ -282,5 +282,9 @@ from anchorrt.cli_serve import serve_group  # noqa: E402 - subcommands from thei
 
 main.add_command(serve_group)
 
+from anchorrt.cli_explain import explain  # noqa: E402 - subcommands from their own modules, registered last
+
+main.add_command(explain)
+
 if __name__ == "__main__":
     main()

@@ -111,6 +111,26 @@ def slice_axis(b: Builder, x: ir.Value, start: ir.Value | int, axis: int, what: 
     return b.op("Slice", [x, starts, ends, b.const(np.array([axis], np.int64), f"{what}_axis")], what)
 
 
+def attention_rows(b: Builder, site, start: ir.Value | int, what: str = "rows") -> ir.Value:
+    """The post-softmax attention of query rows `start:` of one layer, as the layer applies it: [B, H, R, K].
+
+        opset 18: probs [B,H,S,K] ─Slice(rows)─► [B,H,R,K]             (the layer's own Softmax, NaN guard included)
+        opset 23: q[:, :, rows] kᵀ·scale + mask[rows] ─Softmax─► [B,H,R,K]   (recomputed: Attention hides its probs)
+
+    The mask is the layer's current one (a CLVA bias baked before is included); SEVI's last-row edit is not seen.
+    Shared by the IAVA probe (last row) and the explain pass (the T rows)."""
+    from graph_passes.attention_match import ATTENTION_OP
+
+    if site.form != ATTENTION_OP:
+        return slice_axis(b, site.probs, start, 2, f"probs_{what}")
+    heads = static_heads(site.q, "the attention's query")
+    kv_heads = static_heads(site.k, "the attention's key")
+    q_rows = slice_axis(b, site.q, start, 2, f"q_{what}")  # [B, H, R, D]
+    logits = recompute_logits(b, q_rows, site.k, heads, kv_heads, site.scale)  # [B, H, R, K]
+    mask_rows = slice_axis(b, float_mask(b, site.mask), start, 2, f"mask_{what}")  # [B, 1, R, K]
+    return b.op("Softmax", [b.op("Add", [logits, mask_rows], "masked")], "probs", axis=-1)
+
+
 SHARED_FLOAT_MASK = "/model/attn_mask/float/Where"
 
 

@@ -86,6 +86,21 @@ def test_cli_plots_are_pictures(cli_run):
         assert colours is None or len(colours) > 20, f"{name} is (nearly) a flat colour"
 
 
+def test_memory_panels_hold_their_line(cli_run):
+    """Issue 20 item 3: a near-constant peak-memory series sat on the panel's top edge (autoscaling around a constant,
+    then a bottom at 0); the panels now run from 0 to above the highest point."""
+    from runtime.profile import plots
+
+    _, out = cli_run
+    report = json.loads((out / "profile.json").read_text())
+    for draw, sweep in ((plots._batch, "batch"), (plots._context, "context")):
+        fig = draw(report)
+        memory = next(ax for ax in fig.axes if ax.get_title() == "memory")
+        peak = max(r["summary"]["host_peak_rss_bytes"]["p90"] for r in report["runs"] if sweep in r["sweeps"]) / 2**20
+        bottom, top = memory.get_ylim()
+        assert bottom == 0 and top >= 1.1 * peak, (sweep, top, peak)
+
+
 def test_cli_writes_onnxruntime_traces(cli_run):
     _, out = cli_run
     report = json.loads((out / "profile.json").read_text())
