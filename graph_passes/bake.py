@@ -29,6 +29,7 @@ import onnx_ir as ir
 from graph_passes.base import GraphPass, PassError
 from graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass
 from graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
+from graph_passes.clva_qformer import QFormerClvaPass
 from graph_passes.naming import AssignNodeNames
 from graph_passes.pipeline import has_external_data, run_on_model, save_model
 from graph_passes.probe import ProbePass
@@ -97,8 +98,6 @@ def _by_graph(methods: Sequence[str], data: dict | None) -> dict[str, list[str]]
 
 
 def _qformer_passes(methods: Sequence[str], options: BakeOptions, data: dict) -> list[GraphPass]:
-    from graph_passes.clva_qformer import QFormerClvaPass
-
     info = data["instructblip"]
     out: list[GraphPass] = [AssignNodeNames()]
     for m in methods:
@@ -223,7 +222,7 @@ def transform_into(folder: Path, data: dict, passes: Sequence[GraphPass], source
     src = (source or folder) / graph["file"]
     model = ir.load(src)
     counts = run_on_model(model, passes)
-    mitigation_passes = [p for p in passes if not isinstance(p, AssignNodeNames)]
+    mitigation_passes = [p for p in passes if isinstance(p, (ClvaPass, SeviPass, ProbePass, QFormerClvaPass))]
     if require_match:
         for p in mitigation_passes:
             if p.count == 0:
