@@ -60,7 +60,6 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     from transformers.utils import logging as hf_logging
 
     from exporter.registry import get_arch
-
     from runtime.kv_cache import KVCache
     from runtime.pipeline import Pipeline
 

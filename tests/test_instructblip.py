@@ -140,8 +140,8 @@ def test_clva_flags_off_bit_identical(instructblip_artifact, instructblip_baked,
 
 
 def test_clva_layer_choices(instructblip_artifact, tmp_path):
-    from graph_passes.base import PassError
     from graph_passes.bake import BakeOptions, bake
+    from graph_passes.base import PassError
     from graph_passes.clva_qformer import resolve_qformer_layers
 
     real = resolve_qformer_layers(12, [0, 2, 4, 6, 8, 10])  # instructblip-vicuna-7b's Q-Former
