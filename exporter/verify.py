@@ -7,7 +7,9 @@ difference per step and whether the greedy tokens agree. Used by `anchorrt verif
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +56,34 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     """Compare logits (prefill + `steps` decode steps) of the torch model and the artifact on the same inputs.
 
     `batch=True` runs all cases as one left-padded batch (different prompt lengths), as a serving runtime would.
+    transformers' deprecation chatter (a FutureWarning and a log line about `past_key_values` per call, the
+    torchvision note) is muted for the call: the result is the report, printed once by the caller.
     """
-    import torch
-    from transformers import AutoProcessor, DynamicCache
+    with _quiet_transformers():
+        return _verify(model_dir, artifact_dir, images=images, prompts=prompts, steps=steps, atol=atol, batch=batch,
+                       providers=providers, verify_files=verify_files)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
-    from exporter.registry import get_arch
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence | None, prompts: Sequence[str] | None,
+            steps: int, atol: float, batch: bool, providers: Sequence[str] | None, verify_files: bool) -> VerifyReport:
+    import torch
+    from transformers import DynamicCache
+    from transformers.utils import logging as hf_logging
+
     from runtime.kv_cache import KVCache
     from runtime.pipeline import Pipeline
 
@@ -69,13 +93,12 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     if len(images) != len(prompts):
         raise ValueError("verify needs one image per prompt")
     pipe = Pipeline.from_dir(artifact_dir, providers=providers, verify=verify_files)
-    # the transformers class of the artifact's architecture (exporter/archs/*.py: `hf_class`)
-    model = get_arch(pipe.manifest.data.get("architecture", "LlavaForConditionalGeneration")).hf_class() \
-        .from_pretrained(model_dir, dtype=torch.float32).eval()
-    arch_cls = get_arch(pipe.manifest.data.get("architecture", "LlavaForConditionalGeneration"))
-    text_model = arch_cls.hf_text_model(model) if hasattr(arch_cls, "hf_text_model") else model  # decode steps
-    processor = AutoProcessor.from_pretrained(model_dir)
-    processor.tokenizer.padding_side = "left"
+    # the torch side: the exporter arch's `verify_torch_side` hook (Qwen2-VL: no AutoProcessor without torchvision;
+    # InstructBLIP: decode steps on its language model), else the manifest architecture's transformers class
+    architecture = pipe.manifest.data.get("architecture", "LlavaForConditionalGeneration")
+    torch_side = _torch_side(architecture, model_dir)
+    model = torch_side.model
+    step_model = getattr(torch_side, "step_model", model)  # what runs a decode step
     template = pipe.manifest.prompt["template"]
     groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
     per_step: list[float] = []
@@ -84,27 +107,28 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     for group in groups:
         texts = [template.replace("{prompt}", prompts[i]) for i in group]
         pil = [pipe._load(images[i], i) for i in group]
-        inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
+        inputs = torch_side.inputs(pil, texts)
         # --- torch: prefill then teacher-forced greedy steps with a DynamicCache
         with torch.no_grad():
             past = DynamicCache()  # filled in place (InstructBLIP's output keeps it under language_model_outputs)
-            # positions as generate makes them (cumsum of the mask): InstructBlipProcessor pads between the image
-            # tokens and the text, where arange positions would shift the text against the image
-            positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            out = model(**inputs, position_ids=positions, use_cache=True, past_key_values=past)
+            more = torch_side.prefill_kwargs(inputs) if hasattr(torch_side, "prefill_kwargs") else {}
+            out = model(**inputs, use_cache=True, past_key_values=past, **more)
             t_logits = [out.logits[:, -1, :].float().numpy()]
             mask = inputs["attention_mask"]
             chosen = [t_logits[-1].argmax(-1)]
             for _ in range(steps):
                 nxt = torch.from_numpy(chosen[-1])[:, None]
                 mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-                out = text_model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True,
-                                 position_ids=mask.sum(-1, keepdim=True) - 1)
+                more = torch_side.decode_kwargs(mask)
+                out = step_model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True, **more)
                 t_logits.append(out.logits[:, -1, :].float().numpy())
                 chosen.append(t_logits[-1].argmax(-1))
         # --- onnx: the same inputs through the runtime's own stages
-        enc = [pipe.prompts.encode(prompts[i]) for i in group]
-        b = pipe._pad(enc)
+        visual = pipe.preprocess_images(pil)  # the runtime arch's tiles/feeds and per-image token counts
+        enc = [pipe.prompts.encode(prompts[i], tokens_per_image=[n]) for i, n in zip(group, visual.tokens_per_image)]
+        for k, e in enumerate(enc):
+            e.images = [k]
+        b = pipe._pad(enc, visual)
         # Compared row by row without padding: InstructBlipProcessor pads the text after its image tokens, the
         # runtime pads on the left; the positions and the visible keys are the same.
         hf_ids, hf_mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
@@ -115,12 +139,12 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
                 f"the artifact's prompt ids ({b.ids.shape[1]} tokens) differ from the checkpoint processor's "
                 f"({inputs['input_ids'].shape[1]} tokens); is '{model_dir}' the checkpoint this artifact came from?"
             )
-        feats = pipe.encode_images(pipe.preprocess_images(pil), [prompts[i] for i in group])
+        feats = pipe.encode_images(visual, [prompts[i] for i in group])
         cache = KVCache(pipe.num_layers, len(group), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
                         pipe.kv_dtype, device=pipe.decoder.device)
         extra = pipe._extra_inputs(b)
         o_logits = [pipe.prefill(b, feats, cache, extra)]
-        amask, pos = b.attention_mask, b.attention_mask.sum(-1) - 1
+        amask, pos = b.attention_mask, pipe.arch.prefill_positions(b.layout())[1]
         for s in range(steps):
             amask = np.concatenate([amask, np.ones((len(group), 1), np.int64)], axis=1)
             pos = pos + 1
@@ -135,6 +159,49 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
         tok_o += np.stack([ol.argmax(-1) for ol in o_logits], 1).tolist()
     agree = float(np.mean(np.array(tok_t) == np.array(tok_o)))
     return VerifyReport(max(per_step), per_step, agree, tok_t, tok_o, atol, len(prompts))
+
+
+def _torch_side(architecture, model_dir):
+    """The exporter arch's `verify_torch_side(model_dir)` hook, else `TransformersSide` (the manifest architecture's
+    transformers class and AutoProcessor). A torch side has `model`, `inputs(images, texts)`, `decode_kwargs(mask)`,
+    and optionally `prefill_kwargs(inputs)` and `step_model` (what runs a decode step; default `model`)."""
+    from exporter.registry import get_arch, supported_architectures
+
+    hook = getattr(get_arch(architecture), "verify_torch_side", None) if architecture in supported_architectures() \
+        else None
+    return TransformersSide(architecture, model_dir) if hook is None else hook(model_dir)
+
+
+class TransformersSide:
+    """verify's default torch side: `getattr(transformers, architecture)` and the checkpoint's AutoProcessor (left
+    padding); positions as transformers' `generate` makes them (cumsum of the mask, prefill and decode), so that a
+    processor that pads between the image tokens and the text (InstructBLIP) is compared at the right positions.
+    Arch modules subclass it or bring their own object (exporter/archs/*.py `verify_torch_side`)."""
+
+    def __init__(self, architecture: str, model_dir):
+        import torch
+        import transformers
+        from transformers import AutoProcessor
+
+        model_class = getattr(transformers, architecture, None)  # the registered exporter arch's transformers class
+        if model_class is None:
+            raise VerifyError(f"transformers has no class {architecture!r}; upgrade transformers to verify this artifact")
+        self.model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.processor.tokenizer.padding_side = "left"
+
+    @property
+    def step_model(self):
+        return self.model
+
+    def inputs(self, images, texts) -> dict:
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+    def prefill_kwargs(self, inputs) -> dict:
+        return {"position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+
+    def decode_kwargs(self, mask) -> dict:
+        return {"position_ids": mask.sum(-1, keepdim=True) - 1}
 
 
 # ------------------------------------------------------------------------------ precision vs fp32 (issue 6)
@@ -179,16 +246,18 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
 
     from runtime.kv_cache import KVCache
 
-    enc = [pipe.prompts.encode(p) for p in prompts]
-    b = pipe._pad(enc)
-    feats = pipe.encode_images(pipe.preprocess_images([pipe._load(img, i) for i, img in enumerate(images)]),
-                               list(prompts))
+    visual = pipe.preprocess_images([pipe._load(img, i) for i, img in enumerate(images)])
+    enc = [pipe.prompts.encode(p, tokens_per_image=[n]) for p, n in zip(prompts, visual.tokens_per_image)]
+    for k, e in enumerate(enc):
+        e.images = [k]
+    b = pipe._pad(enc, visual)
+    feats = pipe.encode_images(visual, list(prompts))
     cache = KVCache(pipe.num_layers, len(prompts), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
                     pipe.kv_dtype, device=pipe.decoder.device)
     extra = pipe._extra_inputs(b)
     logits = [pipe.prefill(b, feats, cache, extra)]
     chosen = [logits[-1].argmax(-1) if tokens is None else tokens[:, 0]]
-    amask, pos = b.attention_mask, b.attention_mask.sum(-1) - 1
+    amask, pos = b.attention_mask, pipe.arch.prefill_positions(b.layout())[1]
     t = time.perf_counter()
     for s in range(steps):
         amask = np.concatenate([amask, np.ones((len(prompts), 1), np.int64)], axis=1)

@@ -51,6 +51,7 @@ import onnx_ir as ir
 from graph_passes.base import Builder, GraphPass, PassError, add_graph_input, graph_input
 from graph_passes.clva import select_head_set, weight_bias, zscore_mask
 from graph_passes.regions import BOOL, DOUBLE, FLOAT
+from graph_passes.shapes import annotate_missing
 
 INT32 = ir.DataType.INT32
 _CROSS = re.compile(r"/layer\.(\d+)/crossattention/")
@@ -169,6 +170,7 @@ class QFormerClvaPass(GraphPass):
             graph.extend(lb.nodes)
             site.softmax.replace_input_with(0, biased)
         graph.sort()
+        annotate_missing(model)  # every value this pass created gets a type and shape (graph_passes/shapes.py)
         self.count = len(layers.drift_layers)
         return ir.passes.PassResult(model, modified=True)
 

@@ -32,6 +32,7 @@ import onnx_ir as ir
 from graph_passes.attention_match import match_attention
 from graph_passes.base import Builder, GraphPass, PassError, graph_input
 from graph_passes.regions import FLOAT, attention_rows, build_regions
+from graph_passes.shapes import annotate_missing
 
 ATTENTION = "explain.attention"
 
@@ -79,6 +80,7 @@ class ExplainPass(GraphPass):
         graph.outputs.append(out)
         graph.sort()
         self.count = len(sites)
+        annotate_missing(model)  # every value this pass created gets a type and shape (graph_passes/shapes.py)
         return ir.passes.PassResult(model, modified=True)
 
 

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from graph_passes.attention_match import match_attention
 from graph_passes.base import Builder, GraphPass, PassError, add_graph_input, graph_input
 from graph_passes.regions import BOOL, FLOAT, attention_rows
+from graph_passes.shapes import annotate_missing
 
 INT32 = ir.DataType.INT32
 PROBE_ENABLE = "probe.enable"
@@ -97,6 +98,7 @@ class ProbePass(GraphPass):
         graph.append(ident)
         graph.outputs.append(ident.outputs[0])
         self.count = len(self.layers)
+        annotate_missing(model)  # every value this pass created gets a type and shape
         return ir.passes.PassResult(model, modified=True)
 
     def record(self) -> dict:

@@ -6,7 +6,7 @@ geometry: `attention_mask` [B, K] covers past + this pass (K = total_length), `i
 
     attention_mask ─Cast(bool)─► seen [B,K] ─┬──────────────── And ─► visual [B,K]
     visual_mask ─────────────────────────────┘                   │
-    Range(0,K) ─► key_index [K] ─► Where(visual, key_index, -1) ─► ReduceMax ─► last_image [B,1]  (-1: no image)
+    Range(0,K) ─► key_index [K] ─► Where(visual, key_index, -1) ─► max (ArgMax+GatherElements) ─► last_image [B,1] (-1: none)
     Range(K-S,K) ─► query_index [S] ─► Greater(·, last_image) ─┐
     last_image >= 0 ─► has_image [B,1] ───────────────────────┼─► And ─► t_rows [B,S]
     Gather(seen, query_index, axis=1) ─► seen rows [B,S] ──────┘
@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.base import NEG_INF, Builder, PassError
+from graph_passes.shapes import reduce_extreme
 
 INT64_MAX = np.iinfo(np.int64).max
 FLOAT, DOUBLE, BOOL, INT64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.BOOL, ir.DataType.INT64
@@ -46,9 +47,7 @@ def build_regions(b: Builder, attention_mask: ir.Value, visual_mask: ir.Value, i
     zero = b.const(np.int64(0), "zero")
     key_index = b.op("Range", [zero, total, one], "key_index")
     minus_one = b.const(np.int64(-1), "minus_one")
-    axis1 = b.const(np.array([1], np.int64), "axis1")
-    last_image = b.op("ReduceMax", [b.op("Where", [visual, key_index, minus_one], "last_image"), axis1], "last_image",
-                      keepdims=1)
+    last_image = reduce_extreme(b, b.op("Where", [visual, key_index, minus_one], "last_image"), 1, "last_image")
     has_image = b.op("GreaterOrEqual", [last_image, zero], "has_image")
     query_index = b.op("Range", [b.op("Sub", [total, seq], "past_len"), total, one], "query_index")
     after = b.op("Greater", [query_index, last_image], "after_image")  # [B, S]

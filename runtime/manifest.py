@@ -260,6 +260,7 @@ def validate(data: Any) -> None:
     _expect("{prompt}" in prompt["template"], "prompt.template")
     placeholder = prompt.get("image_placeholder", tokens["image_token"])
     _expect(isinstance(placeholder, str) and placeholder != "", "prompt.image_placeholder")
+    _expect(isinstance(prompt.get("image_separator", ""), str), "prompt.image_separator")
     _expect(isinstance(data.get("preprocessing"), dict), "preprocessing")
     for key in ("precision", "mitigation"):
         _expect(isinstance(data.get(key, {}), dict), key)

@@ -107,6 +107,7 @@ class Pipeline:
         self.max_image_pixels = max_image_pixels  # None: runtime.preprocess.default_max_pixels()
         kw = {"providers": providers, "allow_fallback": allow_fallback, "intra_op_threads": intra_op_threads}
         self.arch = runtime_for(manifest, lambda role: make_backend(manifest.graph_path(role), **kw))
+        self.arch.limit_pixels(max_image_pixels)  # every intermediate image bounded (issue 13 item 4)
         self.vision = getattr(self.arch, "vision", None)  # the (first) vision stage, for profiling
         self.embed = make_backend(manifest.graph_path("embed"), **kw)
         self.decoder = make_backend(manifest.graph_path("decoder"), **kw)
@@ -229,6 +230,9 @@ class Pipeline:
         """The vision stage(s) -> features [total_visual_tokens, d] in image order. `visual`: a VisualInput, or
         `pixel_values` for an architecture with a fixed token count per image."""
         if isinstance(visual, np.ndarray):
+            if self.arch.fixed_tokens_per_image is None:
+                raise FlagError("this architecture's images take a size-dependent number of positions: pass "
+                                "pipe.preprocess_images(images), not pixel values, to encode_images")
             visual = VisualInput({"pixel_values": visual}, [self.arch.fixed_tokens_per_image] * len(visual))
         if getattr(self.arch, "takes_mitigation", False):  # methods baked into the vision stage (per image)
             rows = [parse_request(m, self.manifest.mitigation) for m in (mitigation or [None] * visual.num_images)]

@@ -8,8 +8,8 @@ transformers' LlavaProcessor does before tokenizing; the spans of the expanded i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,12 @@ class PromptBuilder:
         self.placeholder: str = manifest.prompt.get("image_placeholder", manifest.tokens["image_token"])
         self.image_token_id: int = manifest.tokens["image_token_id"]
         self.tokens_per_image: int = manifest.tokens["tokens_per_image"]
+        video = manifest.prompt.get("video_placeholder")  # Qwen2-VL: the video-pad token, refused in prompts
+        self.video_placeholder: str | None = video if isinstance(video, str) and video else None
         self.context_length: int = manifest.data.get("context_length", manifest.dims["max_position_embeddings"])
+        # What the chat template puts between consecutive images of one message (recorded at export by rendering
+        # it with two images); None: the artifact takes one image per prompt.
+        self.image_separator: str | None = manifest.prompt.get("image_separator")
 
     def check(self, prompt: str, num_images: int = 1) -> None:
         """The checks that need no image-token counts (run before any image is decoded)."""
@@ -50,8 +55,14 @@ class PromptBuilder:
             raise PromptError("the prompt is empty; give a question or instruction")
         if self.placeholder in prompt:
             raise PromptError(f"the prompt contains the image token '{self.placeholder}'; remove it (images are placed by the template)")
-        if num_images != 1:
-            raise PromptError(f"this model's prompt format takes exactly one image, got {num_images}")
+        if self.video_placeholder and self.video_placeholder in prompt:
+            raise PromptError(f"the prompt contains the video token '{self.video_placeholder}'; video input is not "
+                              "supported (still images only): remove it and pass video frames as images")
+        if num_images < 1:
+            raise PromptError("a prompt needs at least one image; pass one")
+        if num_images > 1 and (self.image_separator is None or self.template.count(self.placeholder) != 1):
+            raise PromptError(f"this artifact's prompt format takes exactly one image, got {num_images}; pass one "
+                              "image per prompt (or re-export with a chat template that takes several images)")
 
     def encode(self, prompt: str, num_images: int = 1, reserve: int = 0,
                tokens_per_image: int | Sequence[int] | None = None) -> EncodedPrompt:
@@ -63,7 +74,10 @@ class PromptBuilder:
         counts = [tokens_per_image] * num_images if isinstance(tokens_per_image, int) else list(tokens_per_image)
         if len(counts) != num_images:
             raise PromptError(f"{len(counts)} image-token counts for {num_images} images; pass one count per image")
-        text = self.template.replace("{prompt}", prompt)
+        template = self.template
+        if num_images > 1:  # the images of one message sit together, as the checkpoint's chat template puts them
+            template = template.replace(self.placeholder, self.image_separator.join([self.placeholder] * num_images))
+        text = template.replace("{prompt}", prompt)
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int64)
         spots = np.flatnonzero(ids == self.image_token_id)
         if len(spots) != num_images:

@@ -60,7 +60,8 @@ def test_manifest_and_files(instructblip_artifact):
     assert info["cross_attention_layers"] == [0, 2] and info["image_tokens"] == 17
     assert (instructblip_artifact / info["qformer_tokenizer"]).is_file()
     assert "qformer.onnx" in data["files"] and info["qformer_tokenizer"] in data["files"]
-    assert data["preprocessing"]["resize_exact"] == [32, 32] and data["preprocessing"]["do_center_crop"] is False
+    assert data["preprocessing"]["resize_to"] == [32, 32] and data["preprocessing"]["do_center_crop"] is False
+    assert "resize_exact" not in data["preprocessing"]  # the older name is read (runtime/preprocess.py), not written
 
 
 def test_preprocessing_bit_identical(instructblip_artifact, hf, pictures):
@@ -182,6 +183,42 @@ def test_flan_t5_refused_before_weights_load(tiny_instructblip, tmp_path):
         export_model(bad, out)
     assert "\n" not in str(err.value)
     assert not out.exists()
+
+
+def test_pre_load_check_config(tiny_instructblip, tmp_path, monkeypatch):
+    """issue 13's pre-load hook (exporter/registry.check_config) runs InstructBLIP's check: Flan-T5 and a foreign
+    image processor are refused from the config files alone; CLVA is routed to the Q-Former, so a CLVA layer
+    choice that names a Q-Former layer is not checked against the decoder before loading."""
+    from exporter.archs.instructblip import InstructBlipArch
+    from exporter.export import export_model
+    from exporter.registry import check_config
+    from graph_passes.bake import BakeOptions
+
+    config = json.loads((tiny_instructblip / "config.json").read_text())
+    facts = check_config("InstructBlipForConditionalGeneration", config, tiny_instructblip)
+    assert facts == {"num_layers": 8, "method_graphs": {"clva": "qformer"}}
+    t5 = dict(config, text_config={"model_type": "t5", "d_model": 64})
+    with pytest.raises(CheckpointError, match="Flan-T5"):
+        check_config("InstructBlipForConditionalGeneration", t5, tiny_instructblip)
+    bad = tmp_path / "foreign-processor"
+    bad.mkdir()
+    (bad / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "DonutImageProcessor"}))
+    with pytest.raises(CheckpointError, match="DonutImageProcessor"):
+        check_config("InstructBlipForConditionalGeneration", config, bad)
+    # the loader replaced by one that fails: the Flan-T5 refusal shows the check ran before any weight was read
+    def loader(self, *args, **kwargs):
+        raise AssertionError("the export reached the weight loader")
+
+    monkeypatch.setattr(InstructBlipArch, "__init__", loader)
+    flan = tmp_path / "flan-t5"
+    shutil.copytree(tiny_instructblip, flan)
+    (flan / "config.json").write_text(json.dumps(t5))
+    with pytest.raises(CheckpointError, match="Flan-T5"):
+        export_model(flan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError, match="weight loader"):  # the control: a good config reaches the loader
+        export_model(tiny_instructblip, tmp_path / "out", mitigation="clva,sevi",
+                     bake_options=BakeOptions(clva_l_pos=2, sevi_start_layer=4))
 
 
 @pytest.mark.parametrize("forge,fragment", [

@@ -216,7 +216,7 @@ def test_visalign_on_the_query_tokens(instructblip_artifact, hf, pictures, tmp_p
     class FusedReference(ReferenceInstructBlip):
         v_bar = None
 
-        def _embed(self, input_ids, pixel_values):
+        def _embed(self, input_ids, pixel_values, image_sizes=None):
             text = self.embed[input_ids]  # e_t
             if pixel_values is not None:
                 h = super()._embed(input_ids, pixel_values)

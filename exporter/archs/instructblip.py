@@ -70,8 +70,26 @@ class InstructBlipArch:
     model_type = "instructblip"
 
     @classmethod
-    def check_config(cls, config: dict, preprocessor: dict | None = None) -> None:
-        """Refusals that config.json alone decides (before weights load)."""
+    def check_config(cls, config: dict, preprocessor: dict | None) -> dict:
+        """Pre-load check (exporter/registry.py, before any weight is read): a decoder-only Llama language model
+        (Flan-T5 refused), the image-token index, and an image processor the runtime reproduces (BLIP's). -> the
+        decoder's layer count and which methods go into another graph (CLVA: the Q-Former, whose layers its
+        `--clva-*` choices name; the Q-Former pass checks those)."""
+        from exporter.preprocessing import params_from_config
+
+        cls._check_language_model(config)
+        if preprocessor is None:
+            raise CheckpointError("the checkpoint has no image-processor config (preprocessor_config.json or "
+                                  "processor_config.json); save the processor with processor.save_pretrained(folder)")
+        params_from_config(preprocessor, "the checkpoint's image-processor config")
+        facts: dict[str, Any] = {"method_graphs": {"clva": "qformer"}}
+        layers = config["text_config"].get("num_hidden_layers")
+        if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0:
+            facts["num_layers"] = layers
+        return facts
+
+    @staticmethod
+    def _check_language_model(config: dict) -> None:
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
         kind = text.get("model_type", "opt")  # transformers' default text config for InstructBLIP is OPT
         if kind not in SUPPORTED_TEXT_MODELS:
@@ -85,21 +103,22 @@ class InstructBlipArch:
                                   "updated Salesforce/instructblip-vicuna-7b")
 
     @staticmethod
-    def hf_class():
-        """The transformers class (verify compares the artifact with it)."""
-        from transformers import InstructBlipForConditionalGeneration
+    def verify_torch_side(model_dir):
+        """verify's torch side (exporter/verify.py): the default one, with the decode steps on the language model
+        (InstructBLIP's own forward needs pixel_values at every call)."""
+        from exporter.verify import TransformersSide
 
-        return InstructBlipForConditionalGeneration
+        class _Side(TransformersSide):
+            @property
+            def step_model(self):
+                return self.model.language_model
 
-    @staticmethod
-    def hf_text_model(model):
-        """What runs a decode step in transformers (InstructBLIP's forward needs pixel_values every call)."""
-        return model.language_model
+        return _Side("InstructBlipForConditionalGeneration", model_dir)
 
     def __init__(self, checkpoint, dtype: torch.dtype = torch.float32):
         from transformers import InstructBlipForConditionalGeneration
 
-        self.check_config(checkpoint.config)
+        self._check_language_model(checkpoint.config)  # export runs check_config before loading
         self.checkpoint = checkpoint
         try:
             self.model = InstructBlipForConditionalGeneration.from_pretrained(

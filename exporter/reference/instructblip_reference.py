@@ -213,7 +213,8 @@ class ReferenceInstructBlip(ReferenceLlava):
                                                               images.qformer_attention_mask, images.clva)
         return feats  # [N, Q, d]
 
-    def _embed(self, input_ids: torch.Tensor, pixel_values) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, pixel_values, image_sizes=None) -> torch.Tensor:
+        """`image_sizes` (LLaVA-NeXT's, the base class's signature) is unused: the images are an ImageInputs."""
         h = self.embed[input_ids]
         if pixel_values is None:
             return h

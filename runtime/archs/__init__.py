@@ -87,7 +87,7 @@ def runtime_for(manifest, open_graph: Callable[[str], Any]) -> RuntimeArch:
 
 def _import_builtin() -> None:
     # Imported lazily: the modules register themselves.
-    from runtime.archs import instructblip, llava  # noqa: F401
+    from runtime.archs import instructblip, llava, llava_next, qwen2_vl  # noqa: F401
 
 
 @dataclass
@@ -131,6 +131,13 @@ class RuntimeArch:
         self.hidden = manifest.dims["hidden_size"]
 
     # -- images --------------------------------------------------------------------------------------------
+    def limit_pixels(self, max_pixels: int | None) -> None:
+        """The Pipeline's `max_image_pixels` for this arch's preprocessing (None: the default limit). Archs that
+        preprocess with `runtime.preprocess.ImagePreprocessor` under `self.image_processor` need nothing more."""
+        processor = getattr(self, "image_processor", None)
+        if processor is not None and max_pixels is not None:
+            processor.max_pixels = max_pixels
+
     def preprocess(self, images: Sequence, first_index: int = 0) -> VisualInput:
         raise NotImplementedError
 

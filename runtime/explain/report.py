@@ -106,6 +106,12 @@ def explain(folder: str | os.PathLike, image, prompt: str, out: str | os.PathLik
     tau = float(clva_on.get("tau", 2.0) if tau is None else tau)
     l_neg, l_pos, drift = int(layers["l_neg"]), int(layers["l_pos"]), [int(x) for x in layers["drift_layers"]]
 
+    if pipe.arch.fixed_tokens_per_image is None:  # e.g. Qwen2-VL: the grids and model_view assume [1, 3, H, W]
+        from runtime.errors import ArtifactError
+
+        raise ArtifactError(f"explain draws a fixed patch grid; this artifact's images take a size-dependent number "
+                            f"of tokens (model_type {pipe.manifest.data.get('model_type')!r}), which it does not "
+                            "support yet; explain a LLaVA-1.5 artifact")
     img = load_image(image, max_pixels=pipe.max_image_pixels)
     pixel_values = pipe.preprocess([img])  # [1, 3, H, W]
     features = pipe.encode_images(pixel_values)
