@@ -39,7 +39,7 @@ def other_processor(tiny_model, tmp_path_factory) -> Path:
     shutil.copytree(tiny_model, path)
     cfg_path = path / "processor_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["image_processor"]["image_processor_type"] = "Idefics3ImageProcessor"  # (SigLIP's is supported since h15)
+    cfg["image_processor"]["image_processor_type"] = "Idefics3ImageProcessor"
     cfg_path.write_text(json.dumps(cfg))
     return path
 
@@ -98,7 +98,7 @@ def test_cli_export_refuses_before_weights(tiny_model, other_processor, tmp_path
     assert "start_layer 8 leaves this 8-layer model unchanged" in res.output
     assert "[1/5]" not in res.output  # refused before the loading step
     res = runner.invoke(main, ["export", str(other_processor), "-o", str(tmp_path / "b")])
-    assert res.exit_code != 0 and "SiglipImageProcessor" in res.output, res.output
+    assert res.exit_code != 0 and "Idefics3ImageProcessor" in res.output, res.output
     help_text = " ".join(runner.invoke(main, ["export", "--help"]).output.split())
     assert "SEVI on a model with that many layers or fewer would change nothing and is refused" in help_text
     assert "clva, sevi, probe (IAVA's attention probe)" in help_text  # issue 13 item 11: probe was not listed

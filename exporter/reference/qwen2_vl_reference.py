@@ -116,8 +116,11 @@ class ReferenceQwen2VL(ReferenceLlava):
     # -- passes --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None, clva=None, sevi=None,
-                visual_mask=None, image_grid_thw=None) -> RefOutput:
-        """ReferenceLlava.forward with the images' grids (kept for the decode passes of `generate`)."""
+                visual_mask=None, image_grid_thw=None, image_sizes=None) -> RefOutput:
+        """ReferenceLlava.forward with the images' grids (kept for the decode passes of `generate`); `image_sizes`
+        (LLaVA-NeXT's) has no meaning here and must be None."""
+        if image_sizes is not None:
+            raise ValueError("Qwen2-VL takes its image grids from image_grid_thw, not image_sizes")
         if image_grid_thw is not None:
             self._grid = torch.as_tensor(image_grid_thw)
         if pixel_values is not None and self._grid is None:
