@@ -129,12 +129,8 @@ def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence
         for k, e in enumerate(enc):
             e.images = [k]
         b = pipe._pad(enc, visual)
-        # Compared row by row without padding: InstructBlipProcessor pads the text after its image tokens, the
-        # runtime pads on the left; the positions and the visible keys are the same.
-        hf_ids, hf_mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
-        if b.ids.shape[1] != hf_ids.shape[1] or any(
-                not np.array_equal(b.ids[r][b.attention_mask[r] == 1], hf_ids[r][hf_mask[r] == 1])
-                for r in range(len(group))):
+        if not _same_prompt_ids(b.ids, b.attention_mask, inputs["input_ids"].numpy(),
+                                inputs["attention_mask"].numpy()):
             raise VerifyError(
                 f"the artifact's prompt ids ({b.ids.shape[1]} tokens) differ from the checkpoint processor's "
                 f"({inputs['input_ids'].shape[1]} tokens); is '{model_dir}' the checkpoint this artifact came from?"
@@ -159,6 +155,21 @@ def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence
         tok_o += np.stack([ol.argmax(-1) for ol in o_logits], 1).tolist()
     agree = float(np.mean(np.array(tok_t) == np.array(tok_o)))
     return VerifyReport(max(per_step), per_step, agree, tok_t, tok_o, atol, len(prompts))
+
+
+def _same_prompt_ids(ids, mask, hf_ids, hf_mask) -> bool:
+    """The runtime's padded prompt ids against the processor's, row by row: the same width, the same visible
+    tokens in order, and the same pad tokens (a wrong pad id is caught). Where the padding sits may differ:
+    InstructBlipProcessor pads between its image tokens and the text, the runtime on the left; the positions
+    (cumsum of the mask) and the visible keys are the same either way."""
+    if ids.shape != hf_ids.shape:
+        return False
+    for r in range(ids.shape[0]):
+        seen, hf_seen = mask[r] == 1, hf_mask[r] == 1
+        if not np.array_equal(ids[r][seen], hf_ids[r][hf_seen]) or \
+                not np.array_equal(np.sort(ids[r][~seen]), np.sort(hf_ids[r][~hf_seen])):
+            return False
+    return True
 
 
 def _torch_side(architecture, model_dir):
