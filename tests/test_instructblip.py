@@ -185,6 +185,42 @@ def test_flan_t5_refused_before_weights_load(tiny_instructblip, tmp_path):
     assert not out.exists()
 
 
+def _qformer_with_clva(artifact):
+    import onnx_ir as ir
+
+    from graph_passes.clva_qformer import QFormerClvaPass
+    from graph_passes.naming import AssignNodeNames
+    from graph_passes.pipeline import run_on_model
+
+    info = json.loads((artifact / "manifest.json").read_text())["instructblip"]
+    model = ir.load(artifact / "qformer.onnx")
+    p = QFormerClvaPass(info["qformer_layers"], info["cross_attention_layers"], info["image_tokens"])
+    run_on_model(model, [AssignNodeNames(), p])
+    assert p.count > 0
+    return model
+
+
+def test_qformer_clva_pass_types_every_value(instructblip_artifact):
+    """Issue 13 item 10's rule for the Q-Former CLVA pass (tests/test_shape_inference.py for the decoder passes):
+    every value it creates has a dtype and a shape (the pass ends with shapes.annotate_missing)."""
+    model = _qformer_with_clva(instructblip_artifact)
+    untyped = [f"{g.name}:{v.name}" for g in model.graphs() for v in [*g.inputs, *(o for n in g for o in n.outputs)]
+               if v.dtype is None or v.shape is None]
+    assert untyped == []
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "found at the h16/main merge, not investigated: onnxruntime's symbolic_shape_infer (auto_merge) asserts in "
+    "_add_suggested_merge on dims [17, '17'] in the Q-Former with CLVA baked (the unbaked qformer graph passes); "
+    "strict: this fails once it is fixed, to turn the check on"))
+def test_qformer_clva_symbolic_shape_inference(instructblip_artifact):
+    import onnx_ir as ir
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = _qformer_with_clva(instructblip_artifact)
+    SymbolicShapeInference.infer_shapes(ir.serde.serialize_model(model), auto_merge=True, guess_output_rank=False)
+
+
 def test_pre_load_check_config(tiny_instructblip, tmp_path, monkeypatch):
     """issue 13's pre-load hook (exporter/registry.check_config) runs InstructBLIP's check: Flan-T5 and a foreign
     image processor are refused from the config files alone; CLVA is routed to the Q-Former, so a CLVA layer
