@@ -210,7 +210,7 @@ def inspect(artifact_dir: Path, no_verify: bool, as_json: bool, trt_compat: bool
                f"(token {t['image_token']!r} = {t['image_token_id']}); eos {t['eos_token_ids']}, pad {t['pad_token_id']}")
     click.echo(f"  prompt: {m.prompt['template']!r} ({m.prompt.get('source', '?')})")
     click.echo(f"  mitigation: {', '.join(m.mitigation) or 'none baked'}")
-    for role in ("vision", "embed", "decoder"):
+    for role in dict.fromkeys(["vision", *m.data["graphs"], "embed", "decoder"]):  # + an arch's own (qformer)
         g = m.graph(role)
         size = sum((m.folder / f).stat().st_size for f in (g["file"], g.get("external_data")) if f)
         click.echo(f"  {role}: {g['file']} ({size / 1e6:.2f} MB)")

@@ -196,11 +196,14 @@ def _check_before_loading(ckpt, mitigation, bake_options) -> None:
     arch's own `check_config` hook (image processor, options; exporter/registry.py) and the mitigation layer choices
     against the decoder's layer count. A refusal here takes well under a second instead of a whole export."""
     from exporter.registry import check_config
-    from graph_passes.bake import check_layer_choices
+    from graph_passes.bake import check_layer_choices, parse_methods
 
     facts = check_config(ckpt.architecture, ckpt.config, ckpt.path)
     if mitigation and "num_layers" in facts:
-        check_layer_choices(mitigation, bake_options, facts["num_layers"])
+        # a method the arch bakes into another graph (InstructBLIP's CLVA: the Q-Former) is checked by that pass
+        elsewhere = facts.get("method_graphs") or {}
+        check_layer_choices([m for m in parse_methods(mitigation) if m not in elsewhere], bake_options,
+                            facts["num_layers"])
 
 
 def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
@@ -228,7 +231,7 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     specs = arch.graphs(image_size=crop)
     graphs = {}
     for i, spec in enumerate(specs, start=2):
-        say(f"[{i}/5] exporting {spec.role} graph (opset {opset})")
+        say(f"[{i}/{len(specs) + 2}] exporting {spec.role} graph (opset {opset})")
         path = tmp / f"{spec.role}.onnx"
         _export_graph(spec, path, opset)
         inputs, outputs = graph_io(path)
@@ -241,6 +244,8 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     if backend is None:
         raise CheckpointError(f"the tokenizer of '{ckpt.path}' has no fast (tokenizers) version; convert it first")
     backend.save(str(tmp / "tokenizer.json"))
+    if hasattr(arch, "write_extra_files"):  # e.g. InstructBLIP's Q-Former tokenizer
+        arch.write_extra_files(processor, tmp)
     for name in TOKENIZER_FILES:
         if (ckpt.path / name).is_file():
             shutil.copyfile(ckpt.path / name, tmp / name)

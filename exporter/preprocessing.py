@@ -11,8 +11,9 @@ Where the config lives: `preprocessor_config.json` (how llava-hf/llava-1.5-7b-hf
 "image_processor" entry of `processor_config.json` (how transformers 5 `save_pretrained` writes it).
 
 How fields map (a key that is absent or null takes the transformers class default, as transformers does):
-- `image_processor_type` must be CLIPImageProcessor, LlavaImageProcessor or SiglipImageProcessor (or their
-  Fast/Pil variants; the legacy `feature_extractor_type` CLIPFeatureExtractor is accepted too).
+- `image_processor_type` must be CLIPImageProcessor, LlavaImageProcessor, SiglipImageProcessor,
+  LlavaNextImageProcessor or BlipImageProcessor (or their Fast/Pil variants; the legacy `feature_extractor_type`
+  CLIPFeatureExtractor is accepted too). BlipImageProcessor (InstructBLIP) resizes to exactly h x w like SigLIP.
 - SiglipImageProcessor (llava-interleave, SigLIP towers): `size` {"height": h, "width": w} resizes to exactly
   h x w (`resize_to`), no centre crop; class defaults 224 x 224, bicubic, mean = std = 0.5 (transformers'
   IMAGENET_STANDARD_MEAN/STD), as `SiglipImageProcessorPil` declares them.
@@ -45,6 +46,9 @@ CLIP_TYPES = frozenset({
     "CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil", "CLIPFeatureExtractor",
 })
 LLAVA_TYPES = frozenset({"LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil"})
+BLIP_TYPES = frozenset({"BlipImageProcessor", "BlipImageProcessorFast", "BlipImageProcessorPil"})
+# BlipImageProcessor's class defaults (transformers): resize to 384 x 384 bicubic, no crop, OpenAI CLIP mean/std
+_BLIP_DEFAULTS: dict[str, Any] = {"size": {"height": 384, "width": 384}, "do_center_crop": False}
 SIGLIP_TYPES = frozenset({"SiglipImageProcessor", "SiglipImageProcessorFast", "SiglipImageProcessorPil"})
 LLAVA_NEXT_TYPES = frozenset({"LlavaNextImageProcessor", "LlavaNextImageProcessorFast", "LlavaNextImageProcessorPil"})
 SUPPORTED_TYPES = CLIP_TYPES | LLAVA_TYPES | SIGLIP_TYPES | LLAVA_NEXT_TYPES
@@ -114,7 +118,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def params_from_config(config: Mapping[str, Any], source: str = "image-processor config") -> dict[str, Any]:
     """Map one image-processor config object (the JSON dict) to the params dict; `source` names it in errors."""
     kind = config.get("image_processor_type") or config.get("feature_extractor_type")
-    supported = ", ".join(sorted(SUPPORTED_TYPES))
+    supported = ", ".join(sorted(SUPPORTED_TYPES) + sorted(BLIP_TYPES))
+    if kind in BLIP_TYPES:
+        return _blip_params(config, source)
     if kind not in SUPPORTED_TYPES:
         raise CheckpointError(f"{source}: image_processor_type {kind!r} is not supported; AnchorRT supports "
                               f"{supported}")
@@ -260,3 +266,35 @@ def _crop_size(crop: Any, source: str) -> list[int]:
         return [_int(crop[0], "crop_size[0]", source), _int(crop[1], "crop_size[1]", source)]
     raise CheckpointError(f"{source}: 'crop_size' {crop!r} is not supported; use {{\"height\": h, \"width\": w}} "
                           "or an integer")
+
+
+def _blip_params(config: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """BlipImageProcessor (InstructBLIP): resize straight to size {"height", "width"} (aspect ratio not kept),
+    rescale, normalise; no pad, no centre crop (the class has none). Stored as `resize_to` (runtime/preprocess.py),
+    as SigLIP's is;
+    `shortest_edge` and `crop_size` carry the same size so that older readers of the manifest see the input size."""
+    merged = {**_DEFAULTS, **_BLIP_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    if config.get("do_center_crop") or config.get("do_pad"):
+        raise CheckpointError(f"{source}: BlipImageProcessor with do_center_crop/do_pad is not supported; "
+                              "remove them (BlipImageProcessor has neither)")
+    size = merged["size"]
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = {"height": size, "width": size}  # BLIP's default_to_square
+    if not isinstance(size, dict) or set(size) != {"height", "width"}:
+        raise CheckpointError(f"{source}: 'size' {size!r} is not supported for BlipImageProcessor; use "
+                              "{\"height\": h, \"width\": w}")
+    h, w = _int(size["height"], "size.height", source), _int(size["width"], "size.width", source)
+    for key in ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize"):
+        if not isinstance(merged[key], bool):
+            raise CheckpointError(f"{source}: '{key}' must be true or false, got {merged[key]!r}; fix the config")
+    params: dict[str, Any] = {
+        "do_convert_rgb": merged["do_convert_rgb"], "do_pad": False, "do_resize": merged["do_resize"],
+        "shortest_edge": min(h, w), "resample": _int(merged["resample"], "resample", source),
+        "do_center_crop": False, "crop_size": [h, w], "do_rescale": merged["do_rescale"],
+        "rescale_factor": _number(merged["rescale_factor"], "rescale_factor", source),
+        "do_normalize": merged["do_normalize"],
+        "image_mean": _triple(merged["image_mean"], "image_mean", source),
+        "image_std": _triple(merged["image_std"], "image_std", source),
+        "resize_to": [h, w],
+    }
+    return validate_params(params, source=source, error=CheckpointError, fix="fix the config")

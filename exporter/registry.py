@@ -71,4 +71,4 @@ def check_config(architecture: str, config: dict, folder) -> dict:
 
 def _import_builtin_archs() -> None:
     # Imported lazily so that `import exporter` stays cheap; the modules register themselves.
-    from exporter.archs import llava, llava_next, qwen2_vl  # noqa: F401
+    from exporter.archs import instructblip, llava, llava_next, qwen2_vl  # noqa: F401

@@ -406,6 +406,38 @@ def tree_paths(obj, prefix: tuple = ()):
             yield from tree_paths(v, prefix + (i,))
 
 
+# -- InstructBLIP (Vicuna) ------------------------------------------------------------------------------------------
+
+_QFORMER_CORPUS = _CORPUS + ["[CLS] [SEP] describe the image briefly. answer yes or no. what colour is it?"]
+
+
+@dataclass(frozen=True)
+class TinyInstructBlipSpec:
+    """Sizes of a tiny InstructBLIP-Vicuna, mirroring the structure of Salesforce/instructblip-vicuna-7b's config
+    (vision_config EVA ViT with qkv_bias, qformer_config BERT with cross-attention every 2nd layer,
+    text_config llama, num_query_tokens, image_token_index). Defaults: 8 LM layers as TinyLlavaSpec; 4 Q-Former
+    layers so that there are two cross-attention layers (0 and 2) and CLVA's anchor layer differs from its
+    re-weighted layer."""
+
+    layers: int = 8
+    hidden: int = 64
+    heads: int = 8
+    intermediate: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+    qformer_hidden: int = 32
+    qformer_layers: int = 4
+    qformer_heads: int = 4
+    cross_attention_frequency: int = 2
+    num_query_tokens: int = 32
+    max_position_embeddings: int = 512
+    vocab_extra: int = 200
+    seed: int = 0
+
+
 # -- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------------------
 
 # The Qwen2-VL chat template (as Qwen/Qwen2-VL-2B-Instruct ships it in chat_template.json), without its image and
@@ -454,6 +486,105 @@ class TinyQwen2VLSpec:
     max_position_embeddings: int = 1024
     vocab_extra: int = 200
     seed: int = 0
+
+
+def train_wordpiece_tokenizer(vocab_size: int = 400):
+    """A BERT-style uncased WordPiece ([PAD]=0, [UNK], [CLS], [SEP], [MASK], then the bert-base-uncased extra
+    [DEC] bos token that InstructBLIP's Q-Former tokenizer carries), trained here on a fixed corpus."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                                               "[MASK]"], show_progress=False)
+    tok.train_from_iterator(_QFORMER_CORPUS * 4, trainer=trainer)
+    tok.add_special_tokens(["[DEC]"])
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def build_tiny_instructblip(path: str | Path, spec: TinyInstructBlipSpec = TinyInstructBlipSpec()) -> Path:
+    """Write a random-weight InstructBlipForConditionalGeneration (Vicuna/Llama LM) checkpoint folder to `path`:
+    config.json, model.safetensors, the LM tokenizer at the top level, the Q-Former's BERT tokenizer under
+    `qformer_tokenizer/`, and the BLIP image processor config, as InstructBlipProcessor.save_pretrained writes them.
+    FIELD-NOTES: random init leaves `query_tokens` at zero (all queries alike), so they are drawn at random here."""
+    import torch
+    from transformers import (
+        BertTokenizerFast,
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = train_tokenizer(vocab_size=300 + spec.vocab_extra)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+    )  # no image_token attribute: InstructBlipProcessor registers "<image>" itself, as with the real checkpoint
+    tokenizer.padding_side = "left"
+    qraw = train_wordpiece_tokenizer()
+    qtokenizer = BertTokenizerFast(tokenizer_object=qraw, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                   cls_token="[CLS]", mask_token="[MASK]", bos_token="[DEC]", do_lower_case=True)
+    image_token_id = raw.token_to_id("<image>")
+
+    text_config = LlamaConfig(
+        vocab_size=raw.get_vocab_size(), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-6,
+        bos_token_id=raw.token_to_id("<s>"), eos_token_id=raw.token_to_id("</s>"), pad_token_id=raw.token_to_id("<pad>"),
+        tie_word_embeddings=False,
+    )
+    vision_config = InstructBlipVisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 4, num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size,
+        layer_norm_eps=1e-6, qkv_bias=True,
+    )
+    qformer_config = InstructBlipQFormerConfig(
+        vocab_size=qraw.get_vocab_size(), hidden_size=spec.qformer_hidden, num_hidden_layers=spec.qformer_layers,
+        num_attention_heads=spec.qformer_heads, intermediate_size=spec.qformer_hidden * 4,
+        cross_attention_frequency=spec.cross_attention_frequency, encoder_hidden_size=spec.vision_hidden,
+        max_position_embeddings=spec.max_position_embeddings, pad_token_id=0,
+    )
+    config = InstructBlipConfig(
+        vision_config=vision_config.to_dict(), qformer_config=qformer_config.to_dict(),
+        text_config=text_config.to_dict(), num_query_tokens=spec.num_query_tokens, image_token_index=image_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random weights large enough that logits and attention are not all alike
+        for name, p in model.named_parameters():
+            if name == "query_tokens":
+                p.normal_(0.0, 1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+            elif "class_embedding" in name or "position_embedding" in name:
+                p.normal_(0.0, 0.5)
+    model.generation_config.pad_token_id = text_config.pad_token_id
+    model.generation_config.bos_token_id = text_config.bos_token_id
+    model.generation_config.eos_token_id = text_config.eos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+
+    image_processor = BlipImageProcessor(
+        size={"height": spec.image_size, "width": spec.image_size}, resample=3, do_rescale=True, do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+    processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                      qformer_tokenizer=qtokenizer, num_query_tokens=spec.num_query_tokens)
+    processor.save_pretrained(path)
+    return path
 
 
 def train_qwen_tokenizer(vocab_size: int):

@@ -81,8 +81,7 @@ def _quiet_transformers():
 def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence | None, prompts: Sequence[str] | None,
             steps: int, atol: float, batch: bool, providers: Sequence[str] | None, verify_files: bool) -> VerifyReport:
     import torch
-    import transformers
-    from transformers import AutoProcessor, DynamicCache
+    from transformers import DynamicCache
     from transformers.utils import logging as hf_logging
 
     from runtime.kv_cache import KVCache
@@ -94,18 +93,12 @@ def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence
     if len(images) != len(prompts):
         raise ValueError("verify needs one image per prompt")
     pipe = Pipeline.from_dir(artifact_dir, providers=providers, verify=verify_files)
-    # an architecture module may bring its own torch side (Qwen2-VL: no AutoProcessor without torchvision)
+    # the torch side: the exporter arch's `verify_torch_side` hook (Qwen2-VL: no AutoProcessor without torchvision;
+    # InstructBLIP: decode steps on its language model), else the manifest architecture's transformers class
     architecture = pipe.manifest.data.get("architecture", "LlavaForConditionalGeneration")
     torch_side = _torch_side(architecture, model_dir)
-    if torch_side is None:
-        model_class = getattr(transformers, architecture, None)  # the registered exporter arch's transformers class
-        if model_class is None:
-            raise VerifyError(f"transformers has no class {architecture!r}; upgrade transformers to verify this artifact")
-        model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
-        processor = AutoProcessor.from_pretrained(model_dir)
-        processor.tokenizer.padding_side = "left"
-    else:
-        model = torch_side.model
+    model = torch_side.model
+    step_model = getattr(torch_side, "step_model", model)  # what runs a decode step
     template = pipe.manifest.prompt["template"]
     groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
     per_step: list[float] = []
@@ -114,23 +107,20 @@ def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence
     for group in groups:
         texts = [template.replace("{prompt}", prompts[i]) for i in group]
         pil = [pipe._load(images[i], i) for i in group]
-        if torch_side is None:
-            inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
-        else:
-            inputs = torch_side.inputs(pil, texts)
+        inputs = torch_side.inputs(pil, texts)
         # --- torch: prefill then teacher-forced greedy steps with a DynamicCache
         with torch.no_grad():
-            out = model(**inputs, use_cache=True, past_key_values=DynamicCache())
+            past = DynamicCache()  # filled in place (InstructBLIP's output keeps it under language_model_outputs)
+            more = torch_side.prefill_kwargs(inputs) if hasattr(torch_side, "prefill_kwargs") else {}
+            out = model(**inputs, use_cache=True, past_key_values=past, **more)
             t_logits = [out.logits[:, -1, :].float().numpy()]
-            past = out.past_key_values
             mask = inputs["attention_mask"]
             chosen = [t_logits[-1].argmax(-1)]
             for _ in range(steps):
                 nxt = torch.from_numpy(chosen[-1])[:, None]
                 mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-                more = {} if torch_side is None else torch_side.decode_kwargs(mask)
-                out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True, **more)
-                past = out.past_key_values
+                more = torch_side.decode_kwargs(mask)
+                out = step_model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True, **more)
                 t_logits.append(out.logits[:, -1, :].float().numpy())
                 chosen.append(t_logits[-1].argmax(-1))
         # --- onnx: the same inputs through the runtime's own stages
@@ -139,7 +129,8 @@ def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence
         for k, e in enumerate(enc):
             e.images = [k]
         b = pipe._pad(enc, visual)
-        if not np.array_equal(b.ids, inputs["input_ids"].numpy()):
+        if not _same_prompt_ids(b.ids, b.attention_mask, inputs["input_ids"].numpy(),
+                                inputs["attention_mask"].numpy()):
             raise VerifyError(
                 f"the artifact's prompt ids ({b.ids.shape[1]} tokens) differ from the checkpoint processor's "
                 f"({inputs['input_ids'].shape[1]} tokens); is '{model_dir}' the checkpoint this artifact came from?"
@@ -166,15 +157,62 @@ def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence
     return VerifyReport(max(per_step), per_step, agree, tok_t, tok_o, atol, len(prompts))
 
 
+def _same_prompt_ids(ids, mask, hf_ids, hf_mask) -> bool:
+    """The runtime's padded prompt ids against the processor's, row by row: the same width, the same visible
+    tokens in order, and the same pad tokens (a wrong pad id is caught). Where the padding sits may differ:
+    InstructBlipProcessor pads between its image tokens and the text, the runtime on the left; the positions
+    (cumsum of the mask) and the visible keys are the same either way."""
+    if ids.shape != hf_ids.shape:
+        return False
+    for r in range(ids.shape[0]):
+        seen, hf_seen = mask[r] == 1, hf_mask[r] == 1
+        if not np.array_equal(ids[r][seen], hf_ids[r][hf_seen]) or \
+                not np.array_equal(np.sort(ids[r][~seen]), np.sort(hf_ids[r][~hf_seen])):
+            return False
+    return True
+
+
 def _torch_side(architecture, model_dir):
-    """The exporter arch's `verify_torch_side(model_dir)` (model, inputs(images, texts), decode_kwargs(mask)), or
-    None for the LLaVA path above."""
+    """The exporter arch's `verify_torch_side(model_dir)` hook, else `TransformersSide` (the manifest architecture's
+    transformers class and AutoProcessor). A torch side has `model`, `inputs(images, texts)`, `decode_kwargs(mask)`,
+    and optionally `prefill_kwargs(inputs)` and `step_model` (what runs a decode step; default `model`)."""
     from exporter.registry import get_arch, supported_architectures
 
-    if architecture not in supported_architectures():
-        return None
-    hook = getattr(get_arch(architecture), "verify_torch_side", None)
-    return None if hook is None else hook(model_dir)
+    hook = getattr(get_arch(architecture), "verify_torch_side", None) if architecture in supported_architectures() \
+        else None
+    return TransformersSide(architecture, model_dir) if hook is None else hook(model_dir)
+
+
+class TransformersSide:
+    """verify's default torch side: `getattr(transformers, architecture)` and the checkpoint's AutoProcessor (left
+    padding); positions as transformers' `generate` makes them (cumsum of the mask, prefill and decode), so that a
+    processor that pads between the image tokens and the text (InstructBLIP) is compared at the right positions.
+    Arch modules subclass it or bring their own object (exporter/archs/*.py `verify_torch_side`)."""
+
+    def __init__(self, architecture: str, model_dir):
+        import torch
+        import transformers
+        from transformers import AutoProcessor
+
+        model_class = getattr(transformers, architecture, None)  # the registered exporter arch's transformers class
+        if model_class is None:
+            raise VerifyError(f"transformers has no class {architecture!r}; upgrade transformers to verify this artifact")
+        self.model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.processor.tokenizer.padding_side = "left"
+
+    @property
+    def step_model(self):
+        return self.model
+
+    def inputs(self, images, texts) -> dict:
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+    def prefill_kwargs(self, inputs) -> dict:
+        return {"position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+
+    def decode_kwargs(self, mask) -> dict:
+        return {"position_ids": mask.sum(-1, keepdim=True) - 1}
 
 
 # ------------------------------------------------------------------------------ precision vs fp32 (issue 6)

@@ -29,6 +29,7 @@ import onnx_ir as ir
 from graph_passes.base import GraphPass, PassError
 from graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass, resolve_clva_layers
 from graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
+from graph_passes.clva_qformer import QFormerClvaPass
 from graph_passes.naming import AssignNodeNames
 from graph_passes.pipeline import has_external_data, run_on_model, save_model
 from graph_passes.probe import ProbePass, resolve_probe_layers
@@ -74,7 +75,10 @@ def check_layer_choices(methods: str | Sequence[str], options: BakeOptions | Non
     loaded: `export` calls this with the count from config.json, `bake` with the manifest's. PassError, one line.
 
     SEVI's start_layer is literal (METHODS.md "SEVI"): at start_layer >= num_layers no layer would change, so asking
-    for SEVI there is refused (the default 8 on a model of 8 layers or fewer) rather than baking a no-op."""
+    for SEVI there is refused (the default 8 on a model of 8 layers or fewer) rather than baking a no-op.
+    An empty list (every method goes into another graph, e.g. InstructBLIP's Q-Former CLVA) checks nothing."""
+    if not isinstance(methods, str) and not methods:
+        return
     methods = parse_methods(methods)
     options = options or BakeOptions()
     if "clva" in methods:
@@ -97,6 +101,43 @@ def _check_not_baked(methods: Sequence[str], data: dict, where: str) -> None:
         if m in baked:
             raise PassError(f"{m} is already baked into '{where}' (layers: "
                             f"{baked[m].get('layers', {})}); re-export to bake it with other choices")
+
+
+def _method_graphs(data: dict | None) -> dict[str, str]:
+    """{method: graph role} for methods an architecture bakes outside the decoder, from the architecture's own
+    manifest entry (InstructBLIP: {"clva": "qformer"}, METHODS.md: CLVA runs inside its Q-Former)."""
+    if not isinstance(data, dict):
+        return {}
+    arch = data.get(str(data.get("model_type")))
+    graphs = arch.get("method_graphs") if isinstance(arch, dict) else None
+    return {str(k): str(v) for k, v in graphs.items()} if isinstance(graphs, dict) else {}
+
+
+def _by_graph(methods: Sequence[str], data: dict | None) -> dict[str, list[str]]:
+    """Methods grouped by the graph they are baked into, decoder first."""
+    targets = _method_graphs(data)
+    out: dict[str, list[str]] = {}
+    for m in methods:
+        out.setdefault(targets.get(m, "decoder"), []).append(m)
+    return dict(sorted(out.items(), key=lambda kv: kv[0] != "decoder"))
+
+
+def _qformer_passes(methods: Sequence[str], options: BakeOptions, data: dict) -> list[GraphPass]:
+    info = data["instructblip"]
+    out: list[GraphPass] = [AssignNodeNames()]
+    for m in methods:
+        if m != "clva":
+            raise PassError(f"{m} cannot be baked into the qformer graph")
+        out.append(QFormerClvaPass(info["qformer_layers"], info["cross_attention_layers"], info["image_tokens"],
+                                   options.clva_l_neg, options.clva_l_pos, options.clva_drift_layers))
+    return out
+
+
+ROLE_PASSES = {"qformer": _qformer_passes}  # graph role -> pass list builder (the decoder's is `_passes`)
+
+
+def _role_passes(role: str, methods: Sequence[str], options: BakeOptions, data: dict) -> list[GraphPass]:
+    return _passes(methods, options) if role == "decoder" else ROLE_PASSES[role](methods, options, data)
 
 
 def _passes(methods: Sequence[str], options: BakeOptions) -> list[GraphPass]:
@@ -124,9 +165,11 @@ def _input_record(name: str, dtype: str, shape: list, default, meaning: str) -> 
     return {"dtype": dtype, "shape": shape, "default": default, "meaning": meaning}
 
 
-def _method_record(method: str, p: GraphPass, opset: int) -> dict:
+def _method_record(method: str, p: GraphPass, opset: int, role: str = "decoder") -> dict:
     if isinstance(p, ProbePass):
         return {**p.record(), "opset": opset}
+    if role != "decoder":
+        return _graph_method_record(method, p, opset, role)
     visual = _input_record(VISUAL_MASK_INPUT[0], VISUAL_MASK_INPUT[1], VISUAL_MASK_INPUT[2], False, VISUAL_MASK_INPUT[3])
     table = CLVA_INPUTS if method == "clva" else SEVI_INPUTS
     params = PARAMS[method]
@@ -162,6 +205,27 @@ def _method_record(method: str, p: GraphPass, opset: int) -> dict:
     return record
 
 
+def _graph_method_record(method: str, p: GraphPass, opset: int, role: str) -> dict:
+    """The record of a method baked into another graph than the decoder (InstructBLIP's Q-Former CLVA): its
+    inputs are per image ([num_images]) and the runtime feeds them to that graph."""
+    params = PARAMS[method]
+    by_input = {param.input: (key, param) for key, param in params.items()}
+    inputs = {}
+    for name, (dtype, meaning) in CLVA_INPUTS.items():
+        default = False if name.endswith(".enable") else by_input[name][1].default
+        valid = "" if name.endswith(".enable") else f"; valid {by_input[name][1].rule}"
+        inputs[name] = _input_record(name, dtype, ["num_images"], default, meaning + " (per image)" + valid)
+    return {
+        "version": 1, "paper": PAPERS[method] + ", appendix B.1 (eq. 14)",
+        "semantics": "METHODS.md section CLVA, last paragraph; reading in graph_passes/clva_qformer.py",
+        "graph": role, "form": p.form, "opset": opset, "pass_count": p.count, "inputs": inputs,
+        "parameters": {key: {"input": param.input, "default": param.default, "valid": param.rule}
+                       for key, param in params.items()},
+        "layers": p.layers.as_dict(), "statistics_dtype": "float64 (sums over keys in float32)",
+        "bias_dtype": "float32",
+    }
+
+
 def _no_op_error(p: GraphPass, data: dict, src: Path) -> PassError:
     layers = data["dims"]["num_layers"]
     if p.name == "sevi" and getattr(p, "form", None):
@@ -173,17 +237,17 @@ def _no_op_error(p: GraphPass, data: dict, src: Path) -> PassError:
 
 
 def transform_into(folder: Path, data: dict, passes: Sequence[GraphPass], source: Path | None = None,
-                   say: Progress | None = None, require_match: bool = False) -> dict[str, int]:
+                   say: Progress | None = None, require_match: bool = False, role: str = "decoder") -> dict[str, int]:
     """Run `passes` on `source/<decoder>` (default: `folder`), write the decoder into `folder` and update `data` (the
     manifest dict) in place: decoder inputs/outputs, the `passes` log, a `mitigation` record per CLVA/SEVI pass.
     `folder` must not be visible to users yet. `require_match`: a mitigation pass that matches nothing is an error.
     -> {pass_name: count}."""
     say = say or (lambda msg: None)
-    graph = data["graphs"]["decoder"]
+    graph = data["graphs"][role]
     src = (source or folder) / graph["file"]
     model = ir.load(src)
     counts = run_on_model(model, passes)
-    mitigation_passes = [p for p in passes if isinstance(p, (ClvaPass, SeviPass, ProbePass))]
+    mitigation_passes = [p for p in passes if isinstance(p, (ClvaPass, SeviPass, ProbePass, QFormerClvaPass))]
     if require_match:
         for p in mitigation_passes:
             if p.count == 0:
@@ -196,12 +260,12 @@ def transform_into(folder: Path, data: dict, passes: Sequence[GraphPass], source
     if ext:
         graph["external_data"] = ext
     data["passes"] = list(data.get("passes") or []) + [
-        {"graph": "decoder", "pass": p.name, "count": p.count} for p in passes
+        {"graph": role, "pass": p.name, "count": p.count} for p in passes
         if p.count or not isinstance(p, AssignNodeNames)]
     mitigation = dict(data.get("mitigation") or {})
     for p in mitigation_passes:
         if p.count:
-            mitigation[p.name] = _method_record(p.name, p, int(data.get("opset", 0)))
+            mitigation[p.name] = _method_record(p.name, p, int(data.get("opset", 0)), role)
     data["mitigation"] = mitigation
     return counts
 
@@ -211,9 +275,15 @@ def bake_into(folder: Path, data: dict, methods: Sequence[str], options: BakeOpt
     """Bake `methods` with `options` (see `transform_into`). -> {pass_name: count}."""
     methods = parse_methods(methods)
     _check_not_baked(methods, data, str(source or folder))
-    check_layer_choices(methods, options, int(data["dims"]["num_layers"]))
-    (say or (lambda msg: None))(f"baking {', '.join(methods)} into {data['graphs']['decoder']['file']}")
-    return transform_into(folder, data, _passes(methods, options), source, say, require_match=True)
+    counts: dict[str, int] = {}
+    groups = _by_graph(methods, data)
+    if "decoder" in groups:  # a method baked into another graph names that graph's layers (its pass checks them)
+        check_layer_choices(groups["decoder"], options, int(data["dims"]["num_layers"]))
+    for role, ms in groups.items():
+        (say or (lambda msg: None))(f"baking {', '.join(ms)} into {data['graphs'][role]['file']}")
+        counts.update(transform_into(folder, data, _role_passes(role, ms, options, data), source, say,
+                                     require_match=True, role=role))
+    return counts
 
 
 def name_graphs(folder: Path, data: dict, roles: Sequence[str] = ("vision", "embed", "decoder")) -> dict[str, int]:
@@ -236,7 +306,8 @@ def export_hook(methods: Sequence[str] | None = None, options: BakeOptions | Non
     methods = parse_methods(methods) if methods else []
 
     def hook(folder: Path, data: dict) -> None:
-        name_graphs(folder, data, ("vision", "embed") if methods else ("vision", "embed", "decoder"))
+        baked = set(_by_graph(methods, data)) if methods else set()
+        name_graphs(folder, data, [r for r in data["graphs"] if r not in baked])
         if methods:  # names the decoder's nodes first, then bakes
             bake_into(folder, data, methods, options or BakeOptions(), say=say)
 
@@ -250,25 +321,34 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def transform_artifact(artifact_dir: str | os.PathLike, passes: Sequence[GraphPass], progress: Progress | None = None,
+def transform_artifact(artifact_dir: str | os.PathLike, passes: Sequence[GraphPass] | Callable, progress: Progress | None = None,
                        verify: bool = True, require_match: bool = False,
-                       check: Callable[[dict], None] | None = None) -> tuple[Manifest, dict[str, int]]:
+                       check: Callable[[dict], None] | None = None,
+                       other_graphs: Callable[[dict], dict[str, list[GraphPass]]] | None = None,
+                       ) -> tuple[Manifest, dict[str, int]]:
     """Run `passes` on an artifact folder's decoder, atomically (a hidden sibling folder, then a rename); the
-    manifest is updated and re-hashed. `check(manifest_data)` runs before anything is copied."""
+    manifest is updated and re-hashed. `check(manifest_data)` runs before anything is copied. `other_graphs(data)`:
+    {role: passes} for other graphs rewritten in the same write (InstructBLIP's qformer)."""
     folder = Path(artifact_dir)
     manifest = Manifest.load(folder, verify=verify)  # ArtifactError: missing, not an artifact, modified files
     if check is not None:
         check(manifest.data)
     data = dict(manifest.data)
-    decoder = data["graphs"]["decoder"]
-    rewritten = {decoder["file"], decoder.get("external_data"), MANIFEST_NAME}
+    more = other_graphs(data) if other_graphs is not None else {}
+    if callable(passes):  # built from the manifest (which methods go to which graph)
+        passes = passes(data)
+    rewritten = _graph_files(data, (["decoder"] if passes else []) + list(more))
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.bake-", dir=folder.resolve().parent))
     os.chmod(tmp, folder.stat().st_mode & 0o777)
     try:
         for p in sorted(folder.iterdir()):
             if p.is_file() and not p.name.startswith(".") and p.name not in rewritten:
                 _link_or_copy(p, tmp / p.name)
-        counts = transform_into(tmp, data, passes, source=folder, say=progress, require_match=require_match)
+        counts = transform_into(tmp, data, passes, source=folder, say=progress, require_match=require_match) \
+            if passes else {}
+        for role, role_passes in more.items():
+            counts.update(transform_into(tmp, data, role_passes, source=folder, say=progress,
+                                         require_match=require_match, role=role))
         if not any(counts.values()):
             shutil.rmtree(tmp, ignore_errors=True)
             return manifest, counts
@@ -290,11 +370,22 @@ def bake(artifact_dir: str | os.PathLike, mitigation: str | Sequence[str], optio
     def check(data: dict) -> None:
         _check_not_baked(methods, data, str(folder))
         _check_mitigation_bakeable(data, str(folder))
-        check_layer_choices(methods, options, int(data["dims"]["num_layers"]))  # before the decoder is read
+        decoder_methods = _by_graph(methods, data).get("decoder", [])
+        check_layer_choices(decoder_methods, options, int(data["dims"]["num_layers"]))  # before a graph is read
         say(f"baking {', '.join(methods)} into {folder}")
 
-    manifest, counts = transform_artifact(folder, _passes(methods, options or BakeOptions()), progress, verify,
-                                          require_match=True, check=check)
+    options = options or BakeOptions()
+    split: dict[str, list[str]] = {}
+
+    def others(data: dict) -> dict[str, list[GraphPass]]:
+        split.update(_by_graph(methods, data))
+        return {role: _role_passes(role, ms, options, data) for role, ms in split.items() if role != "decoder"}
+
+    def decoder_passes(data: dict) -> list[GraphPass]:
+        return _passes(split["decoder"], options) if "decoder" in split else []
+
+    manifest, counts = transform_artifact(folder, decoder_passes, progress, verify,
+                                          require_match=True, check=check, other_graphs=others)
     say(f"baked {', '.join(methods)} into {folder}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return manifest
 

@@ -276,18 +276,7 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
         return b.op("Div", [total, n_t_col], f"{tag}/phi")  # [B,H]  eq. 1
 
     def head_set(phi: ir.Value, tag: str, sensitive: bool) -> ir.Value:
-        mu = b.op("ReduceMean", [phi, ax1], f"{tag}/mu", keepdims=1)  # [B,1]
-        dev = b.op("Sub", [phi, mu], f"{tag}/dev")
-        sigma = b.op("Sqrt", [b.op("ReduceMean", [b.op("Mul", [dev, dev], f"{tag}/var"), ax1], f"{tag}/var",
-                                                  keepdims=1)], f"{tag}/sigma")
-        spread = b.op("Greater", [reduce_extreme(b, phi, 1, f"{tag}/max"),
-                                  reduce_extreme(b, phi, 1, f"{tag}/min", largest=False)], f"{tag}/spread")
-        width = b.op("Mul", [lam, sigma], f"{tag}/width")
-        if sensitive:
-            chosen = b.op("Greater", [phi, b.op("Add", [mu, width], f"{tag}/threshold")], f"{tag}/heads")  # eq. 2
-        else:
-            chosen = b.op("Less", [phi, b.op("Sub", [mu, width], f"{tag}/threshold")], f"{tag}/heads")  # eq. 3
-        return b.op("And", [b.op("And", [chosen, spread], f"{tag}/heads"), active_col], f"{tag}/heads")  # [B,H]
+        return select_head_set(b, phi, lam, active_col, tag, sensitive)
 
     def anchor(probs: ir.Value, heads_set: ir.Value, tag: str) -> ir.Value:
         last = b.op("Gather", [probs, b.const(np.int64(-1), "last")], f"{tag}/last_row", axis=2)  # [B,H,K]
@@ -297,16 +286,7 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
         summed = b.op("MatMul", [b.op("Unsqueeze", [h_d, ax1], f"{tag}/heads_row"), last], f"{tag}/m")  # [B,1,K]
         m = b.op("Div", [b.op("Squeeze", [summed, ax1], f"{tag}/m"), b.op("Max", [n_h, one_d], f"{tag}/m")],
                  f"{tag}/m")  # [B,K]  eq. 4
-        mean = b.op("Div", [b.op("ReduceSum", [b.op("Mul", [m, vis_d], f"{tag}/mean"), ax1], f"{tag}/mean",
-                                 keepdims=1), n_v], f"{tag}/mean")
-        centred = b.op("Sub", [m, mean], f"{tag}/centred")
-        dev = b.op("Mul", [centred, vis_d], f"{tag}/dev")
-        std = b.op("Sqrt", [b.op("Div", [b.op("ReduceSum", [b.op("Mul", [dev, dev], f"{tag}/var"), ax1],
-                                                    f"{tag}/var", keepdims=1), n_v], f"{tag}/var")], f"{tag}/std")
-        z = b.op("Div", [centred, b.op("Add", [std, b.const(np.float64(Z_EPS), "z_eps")], f"{tag}/std_eps")],
-                 f"{tag}/z")  # eq. 8
-        marked = b.op("And", [b.op("Greater", [z, tau], f"{tag}/z_mask"), r.visual], f"{tag}/z_mask")  # eq. 9
-        return b.op("And", [marked, b.op("Greater", [n_h, zero_d], f"{tag}/non_empty")], f"{tag}/z_mask")  # [B,K]
+        return zscore_mask(b, m, n_h, vis_d, r.visual, n_v, tau, tag)
 
     probs_neg = probs_of(site_neg, "neg")
     probs_pos = probs_neg if site_pos is site_neg else probs_of(site_pos, "pos")
@@ -315,19 +295,65 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
     zneg = anchor(probs_neg, insensitive, "neg")
     zpos = anchor(probs_pos, sensitive, "pos")
 
-    # eq. 10 in fp32 (as the attention runs), and its log as an additive bias
-    zpos_f = b.op("Cast", [zpos], "zpos_f", to=FLOAT)
-    zneg_f = b.op("Cast", [zneg], "zneg_f", to=FLOAT)
-    alpha = b.op("Unsqueeze", [params["alpha"], ax1], "alpha_col")
-    beta = b.op("Unsqueeze", [params["beta"], ax1], "beta_col")
-    w = b.op("Add", [b.const(np.float32(1.0), "one_f"), b.op("Mul", [alpha, zpos_f], "boost")], "w")
-    w = b.op("Max", [b.op("Sub", [w, b.op("Mul", [beta, zneg_f], "suppress")], "w"), b.const(np.float32(0.0),
-                                                                                               "zero_f")], "w")
-    positive = b.op("Greater", [w, b.const(np.float32(0.0), "zero_f")], "w_positive")
-    log_w = b.op("Log", [b.op("Where", [positive, w, b.const(np.float32(1.0), "one_f")], "w_safe")], "log_w")
-    bias = b.op("Where", [positive, log_w, b.const(np.float32(LOG_ZERO), "log_zero")], "bias")  # [B,K]
+    bias = weight_bias(b, zpos, zneg, params["alpha"], params["beta"])  # [B,K]
     bias = b.op("Unsqueeze", [bias, b.const(np.array([1, 2], np.int64), "axes_1_2")], "bias")  # [B,1,1,K]
     rows = b.op("And", [r.t_rows, active_col], "rows")  # [B,S]
     rows = b.op("Unsqueeze", [rows, b.const(np.array([1, 3], np.int64), "axes_1_3")], "rows")  # [B,1,S,1]
     mask = b.op("Where", [rows, b.op("Add", [base_f, bias], "biased"), base_f], "mask", dtype=FLOAT)  # [B,1,S,K]
     return {"mask": mask, "zpos": zpos, "zneg": zneg, "sensitive": sensitive, "insensitive": insensitive}
+
+
+# -- pieces shared with graph_passes/clva_qformer.py (CLVA inside InstructBLIP's Q-Former) ----------------------------
+
+def select_head_set(b: Builder, phi: ir.Value, lam: ir.Value, active_col: ir.Value, tag: str,
+                    sensitive: bool) -> ir.Value:
+    """Eqs. 2-3: phi [B,H] float64, lam [B,1] float64 -> sensitive (Phi > mu + lam sigma) or insensitive
+    (Phi < mu - lam sigma) heads [B,H] bool, population sigma, none when all Phi are equal, none on inactive rows."""
+    ax1 = b.const(np.array([1], np.int64), "axes_1")
+    mu = b.op("ReduceMean", [phi, ax1], f"{tag}/mu", keepdims=1)  # [B,1]
+    dev = b.op("Sub", [phi, mu], f"{tag}/dev")
+    sigma = b.op("Sqrt", [b.op("ReduceMean", [b.op("Mul", [dev, dev], f"{tag}/var"), ax1], f"{tag}/var",
+                                              keepdims=1)], f"{tag}/sigma")
+    spread = b.op("Greater", [reduce_extreme(b, phi, 1, f"{tag}/max"),
+                              reduce_extreme(b, phi, 1, f"{tag}/min", largest=False)], f"{tag}/spread")
+    width = b.op("Mul", [lam, sigma], f"{tag}/width")
+    if sensitive:
+        chosen = b.op("Greater", [phi, b.op("Add", [mu, width], f"{tag}/threshold")], f"{tag}/heads")  # eq. 2
+    else:
+        chosen = b.op("Less", [phi, b.op("Sub", [mu, width], f"{tag}/threshold")], f"{tag}/heads")  # eq. 3
+    return b.op("And", [b.op("And", [chosen, spread], f"{tag}/heads"), active_col], f"{tag}/heads")  # [B,H]
+
+
+def zscore_mask(b: Builder, m: ir.Value, n_h: ir.Value, vis_d: ir.Value, visual: ir.Value, n_v: ir.Value,
+                tau: ir.Value, tag: str) -> ir.Value:
+    """Eqs. 8-9: the anchor map m [B,K] float64 over the V keys (vis_d [B|1,K] float64 0/1, visual the same as
+    bool, n_v [B|1,1] their count >= 1) -> Z [B,K] bool = z > tau on V; all False when the head set is empty
+    (n_h [B,1] == 0)."""
+    ax1 = b.const(np.array([1], np.int64), "axes_1")
+    zero_d = b.const(np.float64(0.0), "zero_d")
+    mean = b.op("Div", [b.op("ReduceSum", [b.op("Mul", [m, vis_d], f"{tag}/mean"), ax1], f"{tag}/mean",
+                             keepdims=1), n_v], f"{tag}/mean")
+    centred = b.op("Sub", [m, mean], f"{tag}/centred")
+    dev = b.op("Mul", [centred, vis_d], f"{tag}/dev")
+    std = b.op("Sqrt", [b.op("Div", [b.op("ReduceSum", [b.op("Mul", [dev, dev], f"{tag}/var"), ax1],
+                                                f"{tag}/var", keepdims=1), n_v], f"{tag}/var")], f"{tag}/std")
+    z = b.op("Div", [centred, b.op("Add", [std, b.const(np.float64(Z_EPS), "z_eps")], f"{tag}/std_eps")],
+             f"{tag}/z")  # eq. 8
+    marked = b.op("And", [b.op("Greater", [z, tau], f"{tag}/z_mask"), visual], f"{tag}/z_mask")  # eq. 9
+    return b.op("And", [marked, b.op("Greater", [n_h, zero_d], f"{tag}/non_empty")], f"{tag}/z_mask")  # [B,K]
+
+
+def weight_bias(b: Builder, zpos: ir.Value, zneg: ir.Value, alpha: ir.Value, beta: ir.Value) -> ir.Value:
+    """Eq. 10 in fp32 (as the attention runs) and its log as an additive bias: zpos, zneg [B,K] bool, alpha, beta
+    [B] float32 -> log w [B,K] float32, LOG_ZERO where w = 0, exactly 0.0 where w = 1."""
+    ax1 = b.const(np.array([1], np.int64), "axes_1")
+    zpos_f = b.op("Cast", [zpos], "zpos_f", to=FLOAT)
+    zneg_f = b.op("Cast", [zneg], "zneg_f", to=FLOAT)
+    alpha = b.op("Unsqueeze", [alpha, ax1], "alpha_col")
+    beta = b.op("Unsqueeze", [beta, ax1], "beta_col")
+    w = b.op("Add", [b.const(np.float32(1.0), "one_f"), b.op("Mul", [alpha, zpos_f], "boost")], "w")
+    w = b.op("Max", [b.op("Sub", [w, b.op("Mul", [beta, zneg_f], "suppress")], "w"), b.const(np.float32(0.0),
+                                                                                               "zero_f")], "w")
+    positive = b.op("Greater", [w, b.const(np.float32(0.0), "zero_f")], "w_positive")
+    log_w = b.op("Log", [b.op("Where", [positive, w, b.const(np.float32(1.0), "one_f")], "w_safe")], "log_w")
+    return b.op("Where", [positive, log_w, b.const(np.float32(LOG_ZERO), "log_zero")], "bias")  # [B,K]

@@ -272,7 +272,8 @@ def validate(data: Any) -> None:
         _pos_int(serving, "max_batch_size", "serving", 4096)
     graphs = data.get("graphs")
     _expect(isinstance(graphs, dict), "graphs")
-    for role in GRAPH_ROLES:
+    extra_roles = tuple(r for r in graphs if r not in GRAPH_ROLES)  # an architecture's own graphs (InstructBLIP's qformer)
+    for role in GRAPH_ROLES + extra_roles:
         g = graphs.get(role)
         _expect(isinstance(g, dict), f"graphs.{role}")
         _safe_name(g.get("file"), f"graphs.{role}.file")
@@ -289,11 +290,13 @@ def validate(data: Any) -> None:
     for name, digest in files.items():
         _safe_name(name, "files")
         _expect(isinstance(digest, str) and len(digest) == 64, f"files[{name!r}]")
-    for role in GRAPH_ROLES:
+    for role in GRAPH_ROLES + extra_roles:
         _expect(graphs[role]["file"] in files, f"files (no hash for graphs.{role}.file)")
         if graphs[role].get("external_data") is not None:
             _expect(graphs[role]["external_data"] in files, f"files (no hash for graphs.{role}.external_data)")
     _expect(tok["file"] in files, "files (no hash for tokenizer.file)")
+    for method, record in data.get("mitigation", {}).items():  # a method baked outside the decoder names its graph
+        _expect(record.get("graph", "decoder") in graphs, f"mitigation.{method}.graph")
     _check_finite(data, "<root>")
 
 

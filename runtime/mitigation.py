@@ -75,8 +75,12 @@ def check_value(method: str, key: str, value: Any) -> float:
     return v
 
 
-def baked_methods(manifest_mitigation: dict) -> list[str]:
-    return [m for m in manifest_mitigation if m in PARAMS]
+def baked_methods(manifest_mitigation: dict, graph: str | None = None) -> list[str]:
+    """The baked methods with run-time parameters; `graph`: only those baked into that graph (a record without
+    "graph" is the decoder's; InstructBLIP's CLVA records "qformer")."""
+    return [m for m in manifest_mitigation if m in PARAMS and (
+        graph is None or (manifest_mitigation[m].get("graph", "decoder") if isinstance(manifest_mitigation[m], dict)
+                          else "decoder") == graph)]
 
 
 def _defaults(method: str, record: dict) -> dict[str, float]:
@@ -158,7 +162,7 @@ def merge_cli_flags(method: str, enabled: bool | None, values: dict[str, float |
 def known_inputs(manifest_mitigation: dict) -> set[str]:
     """Every decoder input the baked methods declare in the manifest."""
     names: set[str] = set()
-    for method in baked_methods(manifest_mitigation):
+    for method in baked_methods(manifest_mitigation, "decoder"):
         names |= set(manifest_mitigation[method].get("inputs", {}))
     return names
 
@@ -187,7 +191,7 @@ def decoder_feeds(manifest_mitigation: dict, decoder_inputs: set[str], image_mas
             return vm
 
         feeds["visual_mask"] = visual_mask
-    for method in baked_methods(manifest_mitigation):
+    for method in baked_methods(manifest_mitigation, "decoder"):
         defaults = _defaults(method, manifest_mitigation[method])
         feeds[f"{method}.enable"] = np.array([r.get(method) is not None for r in rows], dtype=bool)  # [B]
         for key, param in PARAMS[method].items():
@@ -195,6 +199,28 @@ def decoder_feeds(manifest_mitigation: dict, decoder_inputs: set[str], image_mas
             feeds[param.input] = np.asarray(values, dtype=np.float32)  # [B]
     missing = [n for n in feeds if n not in decoder_inputs]
     if missing:
-        raise ArtifactError(f"the manifest says {', '.join(baked_methods(manifest_mitigation))} is baked but the "
+        raise ArtifactError(f"the manifest says {', '.join(baked_methods(manifest_mitigation, 'decoder'))} is baked but the "
                             f"decoder lacks input(s) {', '.join(missing)}; re-bake the artifact")
+    return feeds
+
+
+def graph_feeds(manifest_mitigation: dict, graph: str, graph_inputs: set[str],
+                rows: list[dict[str, dict[str, float] | None]] | None, n: int) -> dict[str, np.ndarray]:
+    """The run-time inputs of the methods baked into another graph than the decoder (InstructBLIP's qformer:
+    CLVA per image), one row per batch entry of that graph. `rows`: parse_request's result per entry (None: off)."""
+    methods = baked_methods(manifest_mitigation, graph)
+    rows = rows if rows is not None else [{} for _ in range(n)]
+    if len(rows) != n:
+        raise FlagError(f"{len(rows)} mitigation settings for {n} images")
+    feeds: dict[str, np.ndarray] = {}
+    for method in methods:
+        defaults = _defaults(method, manifest_mitigation[method])
+        feeds[f"{method}.enable"] = np.array([r.get(method) is not None for r in rows], dtype=bool)  # [N]
+        for key, param in PARAMS[method].items():
+            feeds[param.input] = np.asarray([(r.get(method) or defaults)[key] for r in rows], dtype=np.float32)
+    unknown = graph_inputs - set(feeds)
+    missing = set(feeds) - graph_inputs
+    if unknown or missing:
+        raise ArtifactError(f"the {graph} graph's inputs ({', '.join(sorted(graph_inputs)) or 'none'}) do not match "
+                            f"the baked methods ({', '.join(methods) or 'none'}); re-bake the artifact")
     return feeds

@@ -111,7 +111,8 @@ class Pipeline:
         self.vision = getattr(self.arch, "vision", None)  # the (first) vision stage, for profiling
         self.embed = make_backend(manifest.graph_path("embed"), **kw)
         self.decoder = make_backend(manifest.graph_path("decoder"), **kw)
-        self.prompts = PromptBuilder(manifest.folder / manifest.data["tokenizer"]["file"], manifest)
+        builder = getattr(self.arch, "prompt_builder", PromptBuilder)  # InstructBLIP: image tokens before BOS
+        self.prompts = builder(manifest.folder / manifest.data["tokenizer"]["file"], manifest)
         dims = manifest.dims
         self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
         self.hidden = dims["hidden_size"]
@@ -194,11 +195,15 @@ class Pipeline:
                    for i, p in enumerate(iava)] if iava else None
         timings["preprocess_s"] = time.perf_counter() - t0
         t = time.perf_counter()
-        features = self.encode_images(visual, [reqs[o].prompt for o in owner])  # [total_visual_tokens, d]
+        image_specs = [specs[o] for o in owner]  # per image: its request's flags (CLVA in InstructBLIP's Q-Former)
+        features = self.encode_images(visual, [reqs[o].prompt for o in owner], image_specs)  # [total_tokens, d]
+        # Prompt-conditioned features (InstructBLIP's Q-Former reads the instruction): IAVA's G rows get their own.
+        features_g = self.encode_images(visual, [iava[o].instruction for o in owner], image_specs) \
+            if iava and getattr(self.arch, "text_conditioned", False) else None
         timings["vision_s"] = time.perf_counter() - t
         if iava:
             tokens, reasons, timings_gen, details = self._generate_iava(encoded, general, features, cfg, on_token,
-                                                                        specs, iava, visual)
+                                                                        specs, iava, visual, features_g)
         else:
             tokens, reasons, timings_gen = self._generate_tokens(self._pad(encoded, visual), features, cfg, on_token,
                                                                  specs)
@@ -220,7 +225,8 @@ class Pipeline:
         """`pixel_values` of the images (for architectures whose vision stage takes them, e.g. LLaVA)."""
         return self.preprocess_images(images).feeds["pixel_values"]
 
-    def encode_images(self, visual: VisualInput | np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+    def encode_images(self, visual: VisualInput | np.ndarray, texts: Sequence[str] | None = None,
+                      mitigation: Sequence | None = None) -> np.ndarray:
         """The vision stage(s) -> features [total_visual_tokens, d] in image order. `visual`: a VisualInput, or
         `pixel_values` for an architecture with a fixed token count per image."""
         if isinstance(visual, np.ndarray):
@@ -228,6 +234,9 @@ class Pipeline:
                 raise FlagError("this architecture's images take a size-dependent number of positions: pass "
                                 "pipe.preprocess_images(images), not pixel values, to encode_images")
             visual = VisualInput({"pixel_values": visual}, [self.arch.fixed_tokens_per_image] * len(visual))
+        if getattr(self.arch, "takes_mitigation", False):  # methods baked into the vision stage (per image)
+            rows = [parse_request(m, self.manifest.mitigation) for m in (mitigation or [None] * visual.num_images)]
+            return self.arch.encode(visual, texts, mitigation=rows)
         return self.arch.encode(visual, texts)
 
     def prefill(self, batch: _Batch, features: np.ndarray, cache: KVCache, extra: dict,
@@ -302,7 +311,8 @@ class Pipeline:
         return out, reasons, {"decode_steps_s": steps, "new_tokens": int(sum(len(o) for o in out))}
 
     def _generate_iava(self, encoded: list[EncodedPrompt], general: list[EncodedPrompt], features: np.ndarray,
-                       cfg: SamplingConfig, on_token, specs: list, params: list[IavaParams], visual: VisualInput):
+                       cfg: SamplingConfig, on_token, specs: list, params: list[IavaParams], visual: VisualInput,
+                       features_g: np.ndarray | None = None):
         """IAVA (runtime/iava.py): probe prefill of [G..., Q...], the irrelevant sets, the V* prefill written into
         the G rows' cache slots, then both streams decoded as one batch of 2B rows [V*..., V...]."""
         b = len(encoded)
@@ -310,7 +320,8 @@ class Pipeline:
         shifted = [replace(e, images=[i + n for i in e.images]) for e in encoded]  # the Q rows' copy of the images
         both = self._pad(general + shifted, visual.repeat(2))  # rows 0..b-1: G, rows b..2b-1: Q (one length S)
         s = both.ids.shape[1]
-        features2 = np.concatenate([features, features])  # [2 * total, d]: the G rows' images, then the Q rows'
+        # [2 * total, d]: the G rows' images (with G's own features where they depend on the prompt), then the Q rows'
+        features2 = np.concatenate([features if features_g is None else features_g, features])
         cache = self._new_cache(2 * b, s + cfg.max_new_tokens)
         specs2 = list(specs) * 2
         timings: dict[str, Any] = {}

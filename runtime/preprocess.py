@@ -75,9 +75,10 @@ PARAM_KEYS = (
     "do_convert_rgb", "do_pad", "do_resize", "shortest_edge", "resample", "do_center_crop", "crop_size",
     "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
 )
-
-OPTIONAL_PARAM_KEYS = ("resize_to", "image_grid_pinpoints")
-# resize_to [height, width]: resize to exactly this size (SigLIP), else shortest_edge. image_grid_pinpoints: LLaVA-NeXT's
+OPTIONAL_PARAM_KEYS = ("resize_to", "image_grid_pinpoints", "resize_exact")
+# resize_to [height, width]: resize straight to exactly this size, aspect ratio not kept (SigLIP's and BLIP's image
+# processors: llava-interleave, InstructBLIP), else shortest_edge. `resize_exact` is the same thing under the name
+# h16's pre-merge InstructBLIP manifests used; it is read as resize_to. image_grid_pinpoints: LLaVA-NeXT's
 # tiling resolutions, used by runtime/archs/llava_next.py (each tile then goes through the steps above).
 
 _FORMATS_HINT = "PNG, JPEG, GIF, BMP, WEBP or TIFF"
@@ -344,11 +345,15 @@ def validate_params(
             not all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE for c in crop):
         raise bad("crop_size", f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", crop)
     out["crop_size"] = [crop[0], crop[1]]
-    if params.get("resize_to") is not None:
-        size = params["resize_to"]
+    for key in ("resize_to", "resize_exact"):  # resize_exact: the older name of resize_to (read, never written)
+        if params.get(key) is None:
+            continue
+        if out.get("resize_to") is not None:
+            raise error(f"{source}: both 'resize_to' and 'resize_exact' are set (the same setting); keep one; {fix}")
+        size = params[key]
         if not isinstance(size, (list, tuple)) or len(size) != 2 or \
                 not all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE for c in size):
-            raise bad("resize_to", f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", size)
+            raise bad(key, f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", size)
         out["resize_to"] = [size[0], size[1]]
     if params.get("image_grid_pinpoints") is not None:
         pins = params["image_grid_pinpoints"]

@@ -136,3 +136,35 @@ def run_cli(*args: str, block_torch: bool = False, cwd: Path | None = None, env:
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "anchorrt", *args], capture_output=True, text=True, cwd=cwd, env=e,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_instructblip(tmp_path_factory) -> Path:
+    """InstructBLIP-Vicuna-shaped: EVA ViT (17 image tokens), 4-layer Q-Former (cross-attention in 0 and 2),
+    32 random query tokens, 8-layer Llama."""
+    from exporter.testing import build_tiny_instructblip
+
+    return build_tiny_instructblip(tmp_path_factory.mktemp("models") / "tiny-instructblip")
+
+
+@pytest.fixture(scope="session")
+def instructblip_artifact(tiny_instructblip, tmp_path_factory) -> Path:
+    """The one InstructBLIP export the tests share (read-only)."""
+    from exporter.export import export_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "instructblip"
+    export_model(tiny_instructblip, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def instructblip_baked(instructblip_artifact, tmp_path_factory) -> Path:
+    """instructblip_artifact with CLVA (in the Q-Former), SEVI (start_layer 2) and the IAVA probe baked in."""
+    import shutil
+
+    from graph_passes.bake import BakeOptions, bake
+
+    out = tmp_path_factory.mktemp("artifacts") / "instructblip-baked"
+    shutil.copytree(instructblip_artifact, out)
+    bake(out, "clva,sevi,probe", BakeOptions(sevi_start_layer=2))
+    return out

@@ -244,7 +244,7 @@ def test_forged_runtime_fields_are_refused(next_artifact, tiny_artifact, tmp_pat
         (next_artifact, lambda d: d["llava_next"].update(patches_per_side=5), "manifest fields llava_next"),
         (next_artifact, lambda d: d["llava_next"].update(image_grid_pinpoints=[[33, 64]]), "manifest fields llava_next"),
         (tiny_artifact, lambda d: d.update(model_type="qwen9"),
-         "model_type 'qwen9' has no runtime module (supported: llava, llava_next, "),
+         "model_type 'qwen9' has no runtime module (supported: instructblip, llava, llava_next, "),
     ):
         folder = tmp_path / f"a{len(list(tmp_path.iterdir()))}"
         shutil.copytree(source, folder)

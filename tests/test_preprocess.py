@@ -376,6 +376,22 @@ def test_missing_and_unknown_params() -> None:
         ImagePreprocessor({**make_params(), "extra": 1})
 
 
+def test_resize_exact_is_read_as_resize_to() -> None:
+    """h16's pre-merge InstructBLIP manifests wrote `resize_exact`; it is the same setting as `resize_to` (resize
+    straight to [height, width]) and is read as it, with the same output; both at once is refused."""
+    base = make_params(do_center_crop=False)
+    old = ImagePreprocessor({**base, "resize_exact": [24, 40]})
+    new = ImagePreprocessor({**base, "resize_to": [24, 40]})
+    assert "resize_exact" not in old.params and old.params["resize_to"] == [24, 40] and old.output_size == (24, 40)
+    image = Image.fromarray((np.random.RandomState(0).rand(50, 30, 3) * 255).astype("uint8"))
+    assert old([image]).shape == (1, 3, 24, 40)
+    np.testing.assert_array_equal(old([image]), new([image]))
+    with pytest.raises(ArtifactError, match="both 'resize_to' and 'resize_exact'"):
+        ImagePreprocessor({**base, "resize_to": [24, 40], "resize_exact": [24, 40]})
+    with pytest.raises(ArtifactError, match="resize_exact"):
+        ImagePreprocessor({**base, "resize_exact": [0, 40]})
+
+
 def test_preprocessor_call_errors() -> None:
     pre = ImagePreprocessor(make_params(32, 32))
     with pytest.raises(ImageError, match="no images"):

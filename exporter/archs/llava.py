@@ -12,28 +12,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from exporter.archs import _common
+from exporter.archs._common import GraphSpec, language_specs
 from exporter.registry import register_arch
 from runtime.errors import CheckpointError
 
 DEFAULT_PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 _SENTINEL = "\x00ANCHORRT_PROMPT\x00"
-
-
-@dataclass
-class GraphSpec:
-    role: str
-    module: nn.Module
-    args: tuple
-    input_names: list[str]
-    output_names: list[str]
-    dynamic_shapes: tuple
 
 
 class VisionGraph(nn.Module):
@@ -54,45 +45,14 @@ class VisionGraph(nn.Module):
         return self.projector(feats)  # [N, T, d]
 
 
-class EmbedGraph(nn.Module):
+class EmbedGraph(_common.EmbedGraph):
     def __init__(self, llava: nn.Module):
-        super().__init__()
-        self.embed_tokens = llava.model.language_model.embed_tokens
-
-    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        # image_mask positions take the image features in order (row-major over the batch), as transformers'
-        # masked_scatter does. A zero row is prepended so that non-image positions gather something harmless and a
-        # decode step can pass zero images.
-        ids = torch.where(image_mask, torch.zeros_like(input_ids), input_ids)  # the image id may be out of vocab
-        embeds = self.embed_tokens(ids)  # [B, S, d]
-        d = embeds.shape[-1]
-        flat = torch.cat([torch.zeros(1, d, dtype=embeds.dtype), image_features.reshape(-1, d)], dim=0)  # [1+N*T, d]
-        # 1-based feature index at image positions, else 0. The running count is summed in float32 (exact below
-        # 2**24 image tokens per batch) because TensorRT's ONNX parser takes CumSum on floats only.
-        mask_f = image_mask.reshape(-1).to(torch.float32)
-        index = (torch.cumsum(mask_f, dim=0) * mask_f).to(torch.int64)
-        gathered = flat[index].reshape(embeds.shape)
-        return torch.where(image_mask.unsqueeze(-1), gathered, embeds)
+        super().__init__(llava.model.language_model.embed_tokens)
 
 
-class DecoderGraph(nn.Module):
+class DecoderGraph(_common.DecoderGraph):
     def __init__(self, llava: nn.Module):
-        super().__init__()
-        self.lm = llava.model.language_model
-        self.head = llava.lm_head
-        self.num_layers = llava.config.text_config.num_hidden_layers
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, past: list[torch.Tensor]):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True)
-        logits = self.head(out.last_hidden_state[:, -1:, :])  # [B, 1, V]: generation needs the last position only
-        present = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]  # [B, KVH, P+S, D]
-        return (logits, *present)
+        super().__init__(llava.model.language_model, llava.lm_head, llava.config.text_config.num_hidden_layers)
 
 
 @register_arch("LlavaForConditionalGeneration")
@@ -147,67 +107,29 @@ class LlavaArch:
         with torch.no_grad():
             feats = vision(pixel)
         self.tokens_per_image = int(feats.shape[1])
-        d = text.hidden_size
-        n_layers = text.num_hidden_layers
-        kvh = text.num_key_value_heads
-        head_dim = getattr(text, "head_dim", None) or d // text.num_attention_heads
-        self.head_dim = head_dim
-
-        seq = 3 + self.tokens_per_image
-        ids = torch.ones(2, seq, dtype=torch.int64)
-        img_mask = torch.zeros(2, seq, dtype=torch.bool)
-        img_mask[:, 2:2 + self.tokens_per_image] = True
-        embed_args = (ids, torch.zeros(2, self.tokens_per_image, d, dtype=dtype), img_mask)
-
-        b, s, p = 2, 5, 3
-        past = [torch.zeros(b, kvh, p, head_dim, dtype=dtype) for _ in range(2 * n_layers)]
-        dec_args = (torch.zeros(b, s, d, dtype=dtype), torch.ones(b, p + s, dtype=torch.int64),
-                    torch.arange(p, p + s).repeat(b, 1), past)
-        past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-        present_names = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-        bs = {0: "batch", 1: "sequence"}
+        self.head_dim = _common.head_dim_of(text)
         return [
             GraphSpec("vision", vision, (pixel,), ["pixel_values"], ["image_features"], ({0: "num_images"},)),
-            GraphSpec("embed", EmbedGraph(self.model), embed_args, ["input_ids", "image_features", "image_mask"],
-                      ["inputs_embeds"], (bs, {0: "num_images"}, bs)),
-            GraphSpec("decoder", DecoderGraph(self.model), dec_args,
-                      ["inputs_embeds", "attention_mask", "position_ids", *past_names], ["logits", *present_names],
-                      (bs, {0: "batch", 1: "total_length"}, bs, [{0: "batch", 2: "past_length"}] * len(past_names))),
+            *language_specs(self.model.model.language_model.embed_tokens, self.model.model.language_model,
+                            self.model.lm_head, text, self.tokens_per_image, dtype),
         ]
 
     # -- manifest fields ---------------------------------------------------------------------------------
     def manifest_fields(self) -> dict[str, Any]:
         text = self.text
-        gen = getattr(self.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        if eos is None:
-            eos = text.eos_token_id
-        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-        pad = self.config.pad_token_id if getattr(self.config, "pad_token_id", None) is not None else text.pad_token_id
-        if pad is None:
-            pad = getattr(gen, "pad_token_id", None) if gen is not None else None
-        if pad is None:
-            pad = eos_ids[0] if eos_ids else 0
+        tokens = _common.special_tokens(self.config, text, getattr(self.model, "generation_config", None))
         return {
             "model_type": self.model_type,
             "architecture": self.checkpoint.architecture,
             "dims": {
-                "hidden_size": text.hidden_size,
-                "vocab_size": text.vocab_size,
-                "num_layers": text.num_hidden_layers,
-                "num_heads": text.num_attention_heads,
-                "num_kv_heads": text.num_key_value_heads,
-                "head_dim": self.head_dim,
-                "max_position_embeddings": text.max_position_embeddings,
+                **_common.text_dims(text),
                 "image_size": self.vision.image_size,
                 "patch_size": self.vision.patch_size,
                 "vision_feature_layer": self.config.vision_feature_layer,
                 "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
             },
             "tokens": {
-                "bos_token_id": text.bos_token_id,
-                "eos_token_ids": eos_ids,
-                "pad_token_id": int(pad),
+                **tokens,
                 "image_token_id": int(self.config.image_token_id),
                 "tokens_per_image": self.tokens_per_image,
             },

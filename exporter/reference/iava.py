@@ -70,6 +70,16 @@ class ReferenceIava:
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.image_token_id = self.model.config.image_token_id
 
+    # where the model keeps what the steps read (InstructBLIP's subclass: its language model's outputs)
+    def _attentions(self, out):
+        return out.attentions
+
+    def _past(self, out):
+        return out.past_key_values
+
+    def _text_model(self):
+        return self.model
+
     def _prompt_positions(self, inputs) -> torch.Tensor:
         """Position ids of the prompt from the full (padding-free) mask, so hidden keys do not shift them."""
         return torch.arange(inputs["input_ids"].shape[1])[None]
@@ -84,7 +94,7 @@ class ReferenceIava:
     def visual_attention(self, inputs, layers: list[int] | None = None) -> torch.Tensor:
         """Mean over heads, then over `layers`, of the last row's attention at the image positions → [T]."""
         out = self.model(**inputs, output_attentions=True)
-        attn = out.attentions  # per layer [1, H, S, S]
+        attn = self._attentions(out)  # per layer [1, H, S, S]
         chosen = range(len(attn)) if layers is None else layers
         per_layer = torch.stack([attn[li][0, :, -1, :].double().mean(0) for li in chosen])  # [L, S]
         image_pos = (inputs["input_ids"][0] == self.image_token_id).nonzero().flatten()
@@ -114,7 +124,7 @@ class ReferenceIava:
         logits = [None, None]
         for s in range(2):  # main stream (V), contrastive stream (V*)
             out = self.model(**q_inputs | {"attention_mask": masks[s]}, position_ids=positions, use_cache=True)
-            pasts[s], logits[s] = out.past_key_values, out.logits[0, -1].float()
+            pasts[s], logits[s] = self._past(out), out.logits[0, -1].float()
         eos = self.model.generation_config.eos_token_id if eos_token_id is None else eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         for step in range(max_new_tokens):
@@ -132,7 +142,7 @@ class ReferenceIava:
             pos = self._step_position(n, step)
             for s in range(2):
                 masks[s] = torch.cat([masks[s], torch.ones(1, 1, dtype=torch.long)], dim=1)
-                out = self.model(input_ids=nxt, attention_mask=masks[s], position_ids=pos, past_key_values=pasts[s],
-                                 use_cache=True)
-                pasts[s], logits[s] = out.past_key_values, out.logits[0, -1].float()
+                out = self._text_model()(input_ids=nxt, attention_mask=masks[s], position_ids=pos,
+                                         past_key_values=pasts[s], use_cache=True)
+                pasts[s], logits[s] = self._past(out), out.logits[0, -1].float()
         return trace

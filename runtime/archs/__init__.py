@@ -87,7 +87,7 @@ def runtime_for(manifest, open_graph: Callable[[str], Any]) -> RuntimeArch:
 
 def _import_builtin() -> None:
     # Imported lazily: the modules register themselves.
-    from runtime.archs import llava, llava_next, qwen2_vl  # noqa: F401
+    from runtime.archs import instructblip, llava, llava_next, qwen2_vl  # noqa: F401
 
 
 @dataclass
