@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from runtime.errors import FlagError, VerifyError
+from anchorrt.runtime.errors import FlagError, VerifyError
 
 DEFAULT_PROMPTS = ("What is in the image?", "Describe the content of the image.")
 
@@ -81,11 +80,10 @@ def _quiet_transformers():
 def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence | None, prompts: Sequence[str] | None,
             steps: int, atol: float, batch: bool, providers: Sequence[str] | None, verify_files: bool) -> VerifyReport:
     import torch
+    from anchorrt.runtime.kv_cache import KVCache
+    from anchorrt.runtime.pipeline import Pipeline
     from transformers import DynamicCache
     from transformers.utils import logging as hf_logging
-
-    from runtime.kv_cache import KVCache
-    from runtime.pipeline import Pipeline
 
     hf_logging.disable_progress_bar()  # our own progress lines replace transformers' weight-loading bar
     prompts = list(prompts or DEFAULT_PROMPTS)
@@ -176,7 +174,7 @@ def _torch_side(architecture, model_dir):
     """The exporter arch's `verify_torch_side(model_dir)` hook, else `TransformersSide` (the manifest architecture's
     transformers class and AutoProcessor). A torch side has `model`, `inputs(images, texts)`, `decode_kwargs(mask)`,
     and optionally `prefill_kwargs(inputs)` and `step_model` (what runs a decode step; default `model`)."""
-    from exporter.registry import get_arch, supported_architectures
+    from anchorrt.exporter.registry import get_arch, supported_architectures
 
     hook = getattr(get_arch(architecture), "verify_torch_side", None) if architecture in supported_architectures() \
         else None
@@ -255,7 +253,7 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
     argmax. -> (logits [steps+1] of [B, V], chosen tokens [B, steps+1], seconds per decode step)."""
     import time
 
-    from runtime.kv_cache import KVCache
+    from anchorrt.runtime.kv_cache import KVCache
 
     visual = pipe.preprocess_images([pipe._load(img, i) for i, img in enumerate(images)])
     enc = [pipe.prompts.encode(p, tokens_per_image=[n]) for p, n in zip(prompts, visual.tokens_per_image)]
@@ -280,7 +278,7 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
 
 
 def _fp32_artifact(target: Path, work: Path, opset: int, say) -> Path:
-    from runtime.manifest import MANIFEST_NAME, Manifest
+    from anchorrt.runtime.manifest import MANIFEST_NAME, Manifest
 
     if (target / MANIFEST_NAME).is_file():
         p = Manifest.load(target).data.get("precision") or {}
@@ -288,7 +286,7 @@ def _fp32_artifact(target: Path, work: Path, opset: int, say) -> Path:
             raise VerifyError(f"'{target}' is a {p.get('weights')}/{p.get('activations')} artifact; verify "
                               "--precision compares against fp32: pass the fp32 export (or the model folder)")
         return target
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     say(f"exporting {target} (fp32, opset {opset})")
     out = work / "fp32"
@@ -307,8 +305,8 @@ def verify_precisions(target: str | Path, precisions: str | Sequence[str] = ("fp
     import shutil
     import tempfile
 
-    from graph_passes.bake import PrecisionOptions, convert_precision
-    from runtime.pipeline import Pipeline
+    from anchorrt.graph_passes.bake import PrecisionOptions, convert_precision
+    from anchorrt.runtime.pipeline import Pipeline
 
     say = say or (lambda msg: None)
     names = parse_precisions(precisions)

@@ -47,11 +47,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-
-from graph_passes.base import Builder, GraphPass, PassError, add_graph_input, graph_input
-from graph_passes.clva import select_head_set, weight_bias, zscore_mask
-from graph_passes.regions import BOOL, DOUBLE, FLOAT
-from graph_passes.shapes import annotate_missing
+from anchorrt.graph_passes.base import Builder, GraphPass, PassError, add_graph_input, graph_input
+from anchorrt.graph_passes.clva import select_head_set, weight_bias, zscore_mask
+from anchorrt.graph_passes.regions import BOOL, DOUBLE, FLOAT
+from anchorrt.graph_passes.shapes import annotate_missing
 
 INT32 = ir.DataType.INT32
 _CROSS = re.compile(r"/layer\.(\d+)/crossattention/")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ArtifactError
+from anchorrt.runtime.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "anchorrt-artifact"
@@ -237,7 +237,14 @@ def validate(data: Any) -> None:
     """Structural checks: types, ranges and file names. Raises ArtifactError naming the first bad field."""
     _expect(isinstance(data, dict), "<root>")
     _expect(data.get("format") == FORMAT, "format")
-    _expect(data.get("format_version") == FORMAT_VERSION, "format_version")
+    version = data.get("format_version")
+    if _is_int(version) and version > FORMAT_VERSION:
+        made_by = data.get("versions", {}).get("anchorrt") if isinstance(data.get("versions"), dict) else None
+        by = f" (written by AnchorRT {_printable(str(made_by))})" if made_by else ""
+        raise ArtifactError(f"this artifact's manifest format {version}{by} is newer than this AnchorRT reads "
+                            f"(format {FORMAT_VERSION}); upgrade AnchorRT (pip install -U anchorrt) or re-export the "
+                            "model with this version")
+    _expect(version == FORMAT_VERSION, "format_version")
     dims = data.get("dims")
     _expect(isinstance(dims, dict), "dims")
     for key, limit in DIM_LIMITS.items():

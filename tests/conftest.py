@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from exporter.testing import TinyLlavaSpec, build_tiny_llava
+from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_TORCH = Path(__file__).resolve().parent / "block_torch"
@@ -64,7 +63,7 @@ EXPORT_PROGRESS: list[str] = []  # the progress lines of the tiny_artifact expor
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     export_model(tiny_model, out, progress=EXPORT_PROGRESS.append)
@@ -77,7 +76,7 @@ def baked_artifact(tiny_artifact, tmp_path_factory) -> Path:
     Read-only for the tests that share it."""
     import shutil
 
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     out = tmp_path_factory.mktemp("artifacts") / "baked"
     shutil.copytree(tiny_artifact, out)
@@ -87,7 +86,7 @@ def baked_artifact(tiny_artifact, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gqa_artifact(gqa_model, tmp_path_factory) -> Path:
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "gqa-opset23"
     export_model(gqa_model, out, opset=23)
@@ -98,14 +97,14 @@ def gqa_artifact(gqa_model, tmp_path_factory) -> Path:
 def interleave_model(tmp_path_factory) -> Path:
     """LLaVA-Interleave-shaped (llava-hf/llava-interleave-qwen-0.5b-hf): Qwen2 with q/k/v bias and tied embeddings,
     SigLIP tower, no pad_token_id; 6 layers (CLVA's l_pos = 1 differs from l_neg = 0), 4 heads over 2 KV heads."""
-    from exporter.testing import TinyInterleaveSpec, build_tiny_llava_interleave
+    from anchorrt.exporter.testing import TinyInterleaveSpec, build_tiny_llava_interleave
 
     return build_tiny_llava_interleave(tmp_path_factory.mktemp("models") / "tiny-interleave", TinyInterleaveSpec())
 
 
 @pytest.fixture(scope="session")
 def interleave_artifact(interleave_model, tmp_path_factory) -> Path:
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "interleave"
     export_model(interleave_model, out)
@@ -142,7 +141,7 @@ def run_cli(*args: str, block_torch: bool = False, cwd: Path | None = None, env:
 def tiny_instructblip(tmp_path_factory) -> Path:
     """InstructBLIP-Vicuna-shaped: EVA ViT (17 image tokens), 4-layer Q-Former (cross-attention in 0 and 2),
     32 random query tokens, 8-layer Llama."""
-    from exporter.testing import build_tiny_instructblip
+    from anchorrt.exporter.testing import build_tiny_instructblip
 
     return build_tiny_instructblip(tmp_path_factory.mktemp("models") / "tiny-instructblip")
 
@@ -150,7 +149,7 @@ def tiny_instructblip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def instructblip_artifact(tiny_instructblip, tmp_path_factory) -> Path:
     """The one InstructBLIP export the tests share (read-only)."""
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "instructblip"
     export_model(tiny_instructblip, out)
@@ -162,7 +161,7 @@ def instructblip_baked(instructblip_artifact, tmp_path_factory) -> Path:
     """instructblip_artifact with CLVA (in the Q-Former), SEVI (start_layer 2) and the IAVA probe baked in."""
     import shutil
 
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     out = tmp_path_factory.mktemp("artifacts") / "instructblip-baked"
     shutil.copytree(instructblip_artifact, out)

@@ -9,8 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from runtime.errors import CheckpointError
+from anchorrt.runtime.errors import CheckpointError
 
 PROMPTS = ["Is there a dog in the image?", "What is in the image? Describe the content of the image."]
 
@@ -65,8 +64,8 @@ def test_manifest_and_files(instructblip_artifact):
 
 
 def test_preprocessing_bit_identical(instructblip_artifact, hf, pictures):
-    from runtime.manifest import Manifest
-    from runtime.preprocess import ImagePreprocessor
+    from anchorrt.runtime.manifest import Manifest
+    from anchorrt.runtime.preprocess import ImagePreprocessor
 
     _, processor = hf
     pre = ImagePreprocessor(Manifest.load(instructblip_artifact).preprocessing)
@@ -92,7 +91,7 @@ def test_vision_and_qformer_graphs_match_transformers(instructblip_artifact, hf,
 
 
 def test_reference_qformer_matches_transformers(hf, pictures):
-    from exporter.reference.instructblip_reference import ImageInputs, ReferenceInstructBlip
+    from anchorrt.exporter.reference.instructblip_reference import ImageInputs, ReferenceInstructBlip
 
     model, processor = hf
     inputs = processor(images=pictures[:2], text=PROMPTS, return_tensors="pt", padding=True)
@@ -110,7 +109,7 @@ def test_reference_qformer_matches_transformers(hf, pictures):
                                     {"alpha": 3.0, "tau": 1.0, "lambda": 0.5}])
 def test_clva_in_qformer_vs_reference(instructblip_artifact, instructblip_baked, hf, pictures, values):
     """Baked qformer graph vs the reference's own Q-Former forward with CLVA; image 1 off stays unbaked exactly."""
-    from exporter.reference.instructblip_reference import ImageInputs, QFormerClva, ReferenceInstructBlip
+    from anchorrt.exporter.reference.instructblip_reference import ImageInputs, QFormerClva, ReferenceInstructBlip
 
     model, processor = hf
     inputs = processor(images=pictures[:2], text=PROMPTS, return_tensors="pt", padding=True)
@@ -141,9 +140,9 @@ def test_clva_flags_off_bit_identical(instructblip_artifact, instructblip_baked,
 
 
 def test_clva_layer_choices(instructblip_artifact, tmp_path):
-    from graph_passes.bake import BakeOptions, bake
-    from graph_passes.base import PassError
-    from graph_passes.clva_qformer import resolve_qformer_layers
+    from anchorrt.graph_passes.bake import BakeOptions, bake
+    from anchorrt.graph_passes.base import PassError
+    from anchorrt.graph_passes.clva_qformer import resolve_qformer_layers
 
     real = resolve_qformer_layers(12, [0, 2, 4, 6, 8, 10])  # instructblip-vicuna-7b's Q-Former
     assert (real.l_neg, real.l_pos, real.drift_layers) == (0, 4, (6, 8, 10))
@@ -171,7 +170,7 @@ def test_baked_manifest_records_qformer_clva(instructblip_baked):
 
 
 def test_flan_t5_refused_before_weights_load(tiny_instructblip, tmp_path):
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     bad = tmp_path / "instructblip-flan-t5"
     shutil.copytree(tiny_instructblip, bad)
@@ -187,10 +186,9 @@ def test_flan_t5_refused_before_weights_load(tiny_instructblip, tmp_path):
 
 def _qformer_with_clva(artifact):
     import onnx_ir as ir
-
-    from graph_passes.clva_qformer import QFormerClvaPass
-    from graph_passes.naming import AssignNodeNames
-    from graph_passes.pipeline import run_on_model
+    from anchorrt.graph_passes.clva_qformer import QFormerClvaPass
+    from anchorrt.graph_passes.naming import AssignNodeNames
+    from anchorrt.graph_passes.pipeline import run_on_model
 
     info = json.loads((artifact / "manifest.json").read_text())["instructblip"]
     model = ir.load(artifact / "qformer.onnx")
@@ -225,10 +223,10 @@ def test_pre_load_check_config(tiny_instructblip, tmp_path, monkeypatch):
     """issue 13's pre-load hook (exporter/registry.check_config) runs InstructBLIP's check: Flan-T5 and a foreign
     image processor are refused from the config files alone; CLVA is routed to the Q-Former, so a CLVA layer
     choice that names a Q-Former layer is not checked against the decoder before loading."""
-    from exporter.archs.instructblip import InstructBlipArch
-    from exporter.export import export_model
-    from exporter.registry import check_config
-    from graph_passes.bake import BakeOptions
+    from anchorrt.exporter.archs.instructblip import InstructBlipArch
+    from anchorrt.exporter.export import export_model
+    from anchorrt.exporter.registry import check_config
+    from anchorrt.graph_passes.bake import BakeOptions
 
     config = json.loads((tiny_instructblip / "config.json").read_text())
     facts = check_config("InstructBlipForConditionalGeneration", config, tiny_instructblip)
@@ -264,9 +262,9 @@ def test_pre_load_check_config(tiny_instructblip, tmp_path, monkeypatch):
      "mitigation.clva.graph"),
 ])
 def test_forged_manifest_refused(instructblip_artifact, tmp_path, forge, fragment):
-    from runtime.errors import ArtifactError
-    from runtime.manifest import write_manifest
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.errors import ArtifactError
+    from anchorrt.runtime.manifest import write_manifest
+    from anchorrt.runtime.pipeline import Pipeline
 
     art = tmp_path / "art"
     shutil.copytree(instructblip_artifact, art)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from anchorrt.exporter.verify import random_images, verify
+from anchorrt.runtime.kv_cache import KVCache
+from anchorrt.runtime.pipeline import Pipeline, Request
 
-from exporter.verify import random_images, verify
-from runtime.kv_cache import KVCache
-from runtime.pipeline import Pipeline, Request
 from tests.conftest import run_cli
 
 PROMPTS = ["What is in the image?", "Is there a dog in the picture? Describe the content of the image.", "Count."]
@@ -86,7 +86,7 @@ def _runtime_passes(pipe, image, prompt, spec, tokens):
 
 
 def _reference_passes(ref, hf, image, prompt, clva, sevi):
-    from exporter.reference.instructblip_reference import ImageInputs
+    from anchorrt.exporter.reference.instructblip_reference import ImageInputs
 
     _, processor = hf
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
@@ -120,7 +120,7 @@ CASES = {  # request flags, reference CLVA, reference SEVI, whether the output m
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_methods_match_the_reference(pipes, hf, pictures, case):
-    from exporter.reference.instructblip_reference import QFormerClva, ReferenceInstructBlip
+    from anchorrt.exporter.reference.instructblip_reference import QFormerClva, ReferenceInstructBlip
 
     plain, baked = pipes
     spec, clva, sevi, must_change = CASES[case]
@@ -179,7 +179,7 @@ def test_cli_generate_eval_pope_and_profile(instructblip_artifact, instructblip_
     assert any((tmp_path / "pope").iterdir())
     import shutil
 
-    from graph_passes.bake import bake
+    from anchorrt.graph_passes.bake import bake
 
     clva_only = tmp_path / "clva"  # profile's A/B names every baked method; "probe" is no request method
     shutil.copytree(instructblip_artifact, clva_only)
@@ -197,9 +197,9 @@ def test_visalign_on_the_query_tokens(instructblip_artifact, hf, pictures, tmp_p
     a random fusion baked by the torch-free pass vs the reference with the fusion written out here; off = base."""
     import shutil
 
-    from exporter.reference.instructblip_reference import ImageInputs, ReferenceInstructBlip
-    from exporter.visalign.fusion import VisAlignFusion
-    from graph_passes.bake import bake_visalign_weights
+    from anchorrt.exporter.reference.instructblip_reference import ImageInputs, ReferenceInstructBlip
+    from anchorrt.exporter.visalign.fusion import VisAlignFusion
+    from anchorrt.graph_passes.bake import bake_visalign_weights
 
     d = 64
     fusion = VisAlignFusion(d)
@@ -245,9 +245,9 @@ def test_visalign_on_the_query_tokens(instructblip_artifact, hf, pictures, tmp_p
 def test_iava_matches_the_reference(pipes, tiny_instructblip, pictures, spec, monkeypatch):
     """The runtime's IAVA (probe prefill, G's own Q-Former features, one-batch contrastive decoding) vs the
     reference on InstructBLIP: irrelevant set, att_G / att_Q, the combined scores of the first steps, tokens."""
-    import runtime.pipeline as pipeline_mod
-    from exporter.reference.instructblip_reference import ReferenceIavaInstructBlip
-    from runtime.iava import contrastive_scores
+    import anchorrt.runtime.pipeline as pipeline_mod
+    from anchorrt.exporter.reference.instructblip_reference import ReferenceIavaInstructBlip
+    from anchorrt.runtime.iava import contrastive_scores
 
     calls = []
 

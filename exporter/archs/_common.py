@@ -131,7 +131,7 @@ def special_tokens(config, text, generation_config) -> dict[str, Any]:
 
 
 def load_error(exc: Exception, path, what: str):
-    from runtime.errors import CheckpointError
+    from anchorrt.runtime.errors import CheckpointError
 
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
     return CheckpointError(f"cannot load '{path}' as {what}: {first[:300]}")

@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from anchorrt.exporter.archs import _common
+from anchorrt.exporter.archs._common import GraphSpec, language_specs
+from anchorrt.exporter.registry import register_arch
+from anchorrt.runtime.errors import CheckpointError
 from torch import nn
-
-from exporter.archs import _common
-from exporter.archs._common import GraphSpec, language_specs
-from exporter.registry import register_arch
-from runtime.errors import CheckpointError
 
 QFORMER_TOKENIZER_FILE = "qformer_tokenizer.json"
 SUPPORTED_TEXT_MODELS = ("llama",)
@@ -75,7 +74,7 @@ class InstructBlipArch:
         (Flan-T5 refused), the image-token index, and an image processor the runtime reproduces (BLIP's). -> the
         decoder's layer count and which methods go into another graph (CLVA: the Q-Former, whose layers its
         `--clva-*` choices name; the Q-Former pass checks those)."""
-        from exporter.preprocessing import params_from_config
+        from anchorrt.exporter.preprocessing import params_from_config
 
         cls._check_language_model(config)
         if preprocessor is None:
@@ -106,7 +105,7 @@ class InstructBlipArch:
     def verify_torch_side(model_dir):
         """verify's torch side (exporter/verify.py): the default one, with the decode steps on the language model
         (InstructBLIP's own forward needs pixel_values at every call)."""
-        from exporter.verify import TransformersSide
+        from anchorrt.exporter.verify import TransformersSide
 
         class _Side(TransformersSide):
             @property

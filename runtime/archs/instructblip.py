@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from runtime.archs import RuntimeArch, VisualInput, _input_dtype, register_runtime
-from runtime.errors import ArtifactError, ImageError, PromptError
-from runtime.mitigation import graph_feeds
-from runtime.preprocess import ImagePreprocessor
-from runtime.prompt import EncodedPrompt, PromptBuilder
+from anchorrt.runtime.archs import RuntimeArch, VisualInput, _input_dtype, register_runtime
+from anchorrt.runtime.errors import ArtifactError, ImageError, PromptError
+from anchorrt.runtime.mitigation import graph_feeds
+from anchorrt.runtime.preprocess import ImagePreprocessor
+from anchorrt.runtime.prompt import EncodedPrompt, PromptBuilder
 
 
 def _load_tokenizer(path: Path):

@@ -5,7 +5,7 @@
         config.pbtxt               Python backend, dynamic batching, instance group (KIND_CPU | KIND_GPU)
         1/model.py                 runtime/serving/model.py
         1/artifact/                a copy of the artifact folder (graphs, manifest, tokenizer)
-        1/runtime/                 a copy of the runtime package (numpy, onnxruntime, tokenizers, Pillow; no torch)
+        1/anchorrt/runtime/        a copy of the runtime package (numpy, onnxruntime, tokenizers, Pillow; no torch)
       anchorrt_stream/             the same Pipeline in decoupled mode: one response per generated token
         config.pbtxt               model_transaction_policy { decoupled: true }; parameters point at ../anchorrt/1
         1/model.py
@@ -29,8 +29,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from runtime.errors import FlagError
-from runtime.manifest import Manifest, replace_folder
+from anchorrt.runtime.errors import FlagError
+from anchorrt.runtime.manifest import Manifest, replace_folder
 
 MODEL_NAME = "anchorrt"
 STREAM_SUFFIX = "_stream"
@@ -38,6 +38,18 @@ DEFAULT_MAX_BATCH = 8
 INPUTS = (("IMAGE", "TYPE_STRING", (1,)), ("PROMPT", "TYPE_STRING", (1,)))
 OUTPUTS = (("TEXT", "TYPE_STRING", (1,)), ("TOKEN_IDS", "TYPE_INT64", (-1,)), ("FINISH_REASON", "TYPE_STRING", (1,)))
 _RUNTIME = Path(__file__).resolve().parents[1]  # the runtime package
+
+
+def _copy_runtime(version: Path) -> None:
+    """The runtime package under its import name, `anchorrt.runtime`, beside model.py: the repository needs no
+    AnchorRT install, and the copy holds nothing but the runtime (no exporter, no graph passes)."""
+    from anchorrt import __version__
+
+    package = version / "anchorrt"
+    shutil.copytree(_RUNTIME, package / "runtime",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "profile", "eval"))
+    (package / "__init__.py").write_text(f'"""AnchorRT\'s runtime, copied into a Triton model repository."""\n\n'
+                                         f'__version__ = "{__version__}"\n')
 
 
 def max_batch_from_manifest(manifest: Manifest) -> int:
@@ -113,8 +125,7 @@ def write_repository(artifact: str | Path, out: str | Path, *, name: str = MODEL
         version.mkdir(parents=True)
         shutil.copy2(Path(__file__).with_name("model.py"), version / "model.py")
         shutil.copytree(manifest.folder, version / "artifact")
-        shutil.copytree(_RUNTIME, version / "runtime",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "profile", "eval"))
+        _copy_runtime(version)
         (tmp / name / "config.pbtxt").write_text(config_text(name, parameters=params, comment=comment, **common))
         if streaming:
             stream = tmp / (name + STREAM_SUFFIX)
