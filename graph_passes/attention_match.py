@@ -11,6 +11,16 @@ Pattern B, opset 23 (the ONNX `Attention` op with 4-D inputs and an explicit mas
 
     Attention(q [B,H,S,D], k [B,Hk,K,D], v [B,Hk,K,D], attn_mask [B,1,S,K] bool|float) ──► out [B,H,S,D]
 
+Pattern C, the fused form (graph_passes/fuse_attention.py; past and present share one max-length buffer):
+
+    GroupQueryAttention(q [B,S,H·D], k, v [B,S,Hk·D], past_key/value [B,Hk,M,D], seqlens_k, total_length,
+                        attention_bias=mask [B,1,S,K]) ──► out [B,S,H·D] ─Reshape─Transpose─► out4 [B,H,S,D]
+                                                        └─► present_key/value [B,Hk,M,D]
+
+It is read like pattern B: the rotated 4-D query is the value the fusion recorded on the node (`META_Q4`), keys
+and values are the present buffers sliced to the mask's K (`site_keys`/`site_values`, built where a pass needs
+them, so a flag-off pass reads nothing), the mask is `attention_bias`.
+
 `match_attention` returns one `AttentionSite` per decoder layer, ordered by layer, or fails loudly (PassError)
 when some layers match and others do not, or a layer matches twice; a graph where nothing matches gives `[]`
 (the caller reports count 0 and leaves the graph unchanged). Each candidate goes through `check()`, which
@@ -27,6 +37,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from graph_passes.base import META_BASE_MASK, PassError
@@ -34,13 +45,17 @@ from graph_passes.naming import layer_of
 
 DECOMPOSED = "matmul_softmax"
 ATTENTION_OP = "attention_op"
+GQA = "group_query_attention"
+RECOMPUTED = (ATTENTION_OP, GQA)  # forms whose probabilities are not in the graph: passes recompute the rows they need
+GQA_BIAS_INDEX = 10
+META_Q4 = "anchorrt.query_bhsd"  # on a fused GroupQueryAttention: the name of its rotated query as [B, H, S, D]
 _PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
 
 
 @dataclass
 class AttentionSite:
     layer: int
-    form: str  # DECOMPOSED or ATTENTION_OP
+    form: str  # DECOMPOSED, ATTENTION_OP or GQA
     anchor: ir.Node  # the Softmax (A) or the Attention node (B)
     mask_node: ir.Node  # the node the mask enters: the Add (A) or the Attention node (B)
     mask_index: int  # input index of the mask on mask_node
@@ -49,14 +64,14 @@ class AttentionSite:
     v: ir.Value  # [B, Hv, K, D]
     logits: ir.Value | None = None  # A: scaled q kᵀ before the mask [B, H, S, K]
     probs: ir.Value | None = None  # A: post-softmax probabilities after the NaN guard [B, H, S, K]
-    q: ir.Value | None = None  # B: [B, H, S, D] (after rotary)
-    k: ir.Value | None = None  # B: [B, Hk, K, D]
+    q: ir.Value | None = None  # B, C: [B, H, S, D] (after rotary)
+    k: ir.Value | None = None  # B: [B, Hk, K, D]; C: the present buffer [B, Hk, M, D] (use site_keys)
     scale: float | None = None  # B: the softmax scale
 
     def query_heads(self) -> int:
         """Number of query heads, from the first 4-D value with a static head dimension: q (B), the logits or the
         q kᵀ MatMul's left operand (A), then v (A: already repeated to the query heads)."""
-        candidates = [self.q] if self.form == ATTENTION_OP else [self.logits]
+        candidates = [self.q] if self.form in RECOMPUTED else [self.logits]
         if self.form == DECOMPOSED and self.logits is not None and self.logits.producer() is not None:
             candidates.append(self.logits.producer().inputs[0])
             candidates.append(self.v)
@@ -170,6 +185,51 @@ def check_attention_op(node: ir.Node) -> tuple[dict | None, str]:
     return {"scale": scale_value}, ""
 
 
+# ------------------------------------------------------------------------------- pattern C: fused GQA
+
+
+def check_gqa(node: ir.Node, values: dict[str, ir.Value]) -> tuple[dict | None, str]:
+    inputs = list(node.inputs) + [None] * (11 - len(node.inputs))
+    if inputs[GQA_BIAS_INDEX] is None:
+        return None, "GroupQueryAttention has no attention_bias (the mask CLVA/SEVI edit)"
+    if _int_attr(node, "do_rotary", 0) != 0:
+        return None, "GroupQueryAttention applies rotary inside; the passes need the rotated query"
+    if inputs[3] is None or inputs[4] is None:
+        return None, "GroupQueryAttention has no past_key/past_value (no KV buffer)"
+    q4 = values.get(node.metadata_props.get(META_Q4, ""))
+    if q4 is None:
+        return None, "GroupQueryAttention does not record its [B, H, S, D] query (not made by fuse_attention)"
+    reshape = next((c for c in node.outputs[0].consumers() if c.op_type == "Reshape" and c.graph is node.graph), None)
+    transpose = None if reshape is None else next(
+        (c for c in reshape.outputs[0].consumers() if c.op_type == "Transpose" and c.graph is node.graph), None)
+    if transpose is None:
+        return None, "GroupQueryAttention's output is not reshaped/transposed back to [B, H, S, D]"
+    scale = node.attributes.get("scale")
+    d = q4.shape[3] if q4.shape is not None and q4.shape.rank() == 4 else None
+    if scale is None and not isinstance(d, int):
+        return None, "GroupQueryAttention has no scale attribute and the head size is not static"
+    return {"q4": q4, "out4": transpose.outputs[0],
+            "scale": float(scale.value) if scale is not None else 1.0 / math.sqrt(d)}, ""
+
+
+def _total_length_slice(b, buffer: ir.Value, mask: ir.Value, what: str) -> ir.Value:
+    """buffer[:, :, :K] with K the mask's last dimension (the keys this pass sees)."""
+    total = b.op("Shape", [mask], f"{what}_total_length", start=3, end=4)  # [1]
+    zero = b.const(np.array([0], np.int64), f"{what}_start")
+    axis = b.const(np.array([2], np.int64), f"{what}_axis")
+    return b.op("Slice", [buffer, zero, total, axis], what)
+
+
+def site_keys(b, site: AttentionSite) -> ir.Value:
+    """Keys [B, Hk, K, D] of a RECOMPUTED-form site, as nodes of builder `b` where the fused form needs a slice."""
+    return site.k if site.form == ATTENTION_OP else _total_length_slice(b, site.k, site.mask, "keys")
+
+
+def site_values(b, site: AttentionSite) -> ir.Value:
+    """Values [B, Hk, K, D] of a RECOMPUTED-form site (see site_keys)."""
+    return site.v if site.form == ATTENTION_OP else _total_length_slice(b, site.v, site.mask, "values")
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -195,9 +255,18 @@ def match_attention(graph: ir.Graph, num_layers: int | None = None) -> list[Atte
     sites: list[AttentionSite] = []
     rejected: list[str] = []
     for node in graph:  # the main graph only: subgraphs hold what passes added
-        if node.domain != "":
+        if node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention":
+            bind, reason = check_gqa(node, values)
+            if bind is None:
+                rejected.append(f"{node.name}: {reason}")
+                continue
+            site = AttentionSite(
+                layer=-1, form=GQA, anchor=node, mask_node=node, mask_index=GQA_BIAS_INDEX,
+                base_mask=_base_mask(node, node.inputs[GQA_BIAS_INDEX], values), out=bind["out4"],
+                v=node.outputs[2], q=bind["q4"], k=node.outputs[1], scale=bind["scale"])
+        elif node.domain != "":
             continue
-        if node.op_type == "Softmax":
+        elif node.op_type == "Softmax":
             bind, reason = check_decomposed(node)
             if bind is None:
                 rejected.append(f"{node.name}: {reason}")

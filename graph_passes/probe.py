@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.attention_match import ATTENTION_OP, match_attention
+from graph_passes.attention_match import RECOMPUTED, match_attention, site_keys
 from graph_passes.base import Builder, GraphPass, PassError, add_graph_input, graph_input
 from graph_passes.regions import BOOL, FLOAT, float_mask, recompute_logits, slice_axis, static_heads
 
@@ -72,11 +72,11 @@ class ProbePass(GraphPass):
         for layer in self.layers:
             site = sites[layer]
             lb = then.child(f"layers.{layer}", same_graph=True)
-            if site.form == ATTENTION_OP:
+            if site.form in RECOMPUTED:
                 heads = static_heads(site.q, "the attention's query")
                 kv_heads = static_heads(site.k, "the attention's key")
                 q_last = slice_axis(lb, site.q, -1, 2, "q_last")  # [B, H, 1, D]
-                logits = recompute_logits(lb, q_last, site.k, heads, kv_heads, site.scale)  # [B, H, 1, K]
+                logits = recompute_logits(lb, q_last, site_keys(lb, site), heads, kv_heads, site.scale)  # [B, H, 1, K]
                 mask_last = slice_axis(lb, float_mask(lb, site.mask), -1, 2, "mask_last")  # [B, 1, 1, K]
                 probs = lb.op("Softmax", [lb.op("Add", [logits, mask_last], "masked")], "probs", axis=-1)
             else:
