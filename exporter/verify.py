@@ -59,7 +59,6 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    from runtime.kv_cache import KVCache
     from runtime.pipeline import Pipeline
 
     hf_logging.disable_progress_bar()  # our own progress lines replace transformers' weight-loading bar
@@ -103,8 +102,7 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
                 f"({inputs['input_ids'].shape[1]} tokens); is '{model_dir}' the checkpoint this artifact came from?"
             )
         feats = pipe.encode_images(pipe.preprocess(pil))
-        cache = KVCache(pipe.num_layers, len(group), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
-                        pipe.kv_dtype, device=pipe.decoder.device)
+        cache = pipe._new_cache(len(group), b.ids.shape[1] + steps + 1)
         extra = pipe._extra_inputs(b)
         o_logits = [pipe.prefill(b, feats, cache, extra)]
         amask, pos = b.attention_mask, b.attention_mask.sum(-1) - 1
@@ -164,13 +162,11 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
     argmax. -> (logits [steps+1] of [B, V], chosen tokens [B, steps+1], seconds per decode step)."""
     import time
 
-    from runtime.kv_cache import KVCache
 
     enc = [pipe.prompts.encode(p) for p in prompts]
     b = pipe._pad(enc)
     feats = pipe.encode_images(pipe.preprocess([pipe._load(img, i) for i, img in enumerate(images)]))
-    cache = KVCache(pipe.num_layers, len(prompts), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
-                    pipe.kv_dtype, device=pipe.decoder.device)
+    cache = pipe._new_cache(len(prompts), b.ids.shape[1] + steps + 1)
     extra = pipe._extra_inputs(b)
     logits = [pipe.prefill(b, feats, cache, extra)]
     chosen = [logits[-1].argmax(-1) if tokens is None else tokens[:, 0]]

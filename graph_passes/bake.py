@@ -29,6 +29,7 @@ import onnx_ir as ir
 from graph_passes.base import GraphPass, PassError
 from graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass
 from graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
+from graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED, FuseAttentionPass
 from graph_passes.naming import AssignNodeNames
 from graph_passes.pipeline import has_external_data, run_on_model, save_model
 from graph_passes.probe import ProbePass
@@ -207,13 +208,35 @@ def name_graphs(folder: Path, data: dict, roles: Sequence[str] = ("vision", "emb
     return counts
 
 
+def fuse_into(folder: Path, data: dict, say: Progress | None = None) -> dict[str, int]:
+    """The fused decoder form (graph_passes/fuse_attention.py) in a fresh export folder; records
+    `manifest["attention"]`, which the runtime follows (runtime/kv_cache.py: one buffer written in place)."""
+    (say or (lambda msg: None))("fusing attention: GroupQueryAttention with an in-place KV cache")
+    p = FuseAttentionPass()
+    counts = transform_into(folder, data, [AssignNodeNames(), p], say=say)
+    if p.count != data["dims"]["num_layers"]:
+        raise PassError(f"fused attention in {p.count} of {data['dims']['num_layers']} decoder layers; export with "
+                        "--attention unfused")
+    data["attention"] = {"form": FORM_FUSED, "op": "com.microsoft.GroupQueryAttention", "kv_cache": "in_place",
+                         "pass_count": p.count}
+    return counts
+
+
 def export_hook(methods: Sequence[str] | None = None, options: BakeOptions | None = None,
-                say: Progress | None = None) -> Callable[[Path, dict], None]:
-    """`after_export` for `export_model`: name every graph's nodes, then bake `methods` (if any)."""
+                say: Progress | None = None, attention: str = FORM_UNFUSED) -> Callable[[Path, dict], None]:
+    """`after_export` for `export_model`: name every graph's nodes, fuse the attention (`attention="gqa"`), then
+    bake `methods` (if any) on that form."""
     methods = parse_methods(methods) if methods else []
+    if attention not in (FORM_FUSED, FORM_UNFUSED):
+        raise PassError(f"attention form '{attention}' is unknown; use {FORM_FUSED} or {FORM_UNFUSED}")
 
     def hook(folder: Path, data: dict) -> None:
-        name_graphs(folder, data, ("vision", "embed") if methods else ("vision", "embed", "decoder"))
+        fuse = attention == FORM_FUSED
+        name_graphs(folder, data, ("vision", "embed") if methods or fuse else ("vision", "embed", "decoder"))
+        if fuse:
+            fuse_into(folder, data, say)
+        else:
+            data["attention"] = {"form": FORM_UNFUSED}
         if methods:  # names the decoder's nodes first, then bakes
             bake_into(folder, data, methods, options or BakeOptions(), say=say)
 

@@ -178,7 +178,15 @@ class FuseAttentionPass(GraphPass):
                                     shared.const(np.array([1], np.int64), "one")], "batch")  # [1]
         last = shared.op("Sub", [total32, shared.const(np.int32(1), "one_i32")], "seqlens_k", dtype=INT32)
         seqlens = shared.op("Expand", [last, batch], "seqlens_k", dtype=INT32)  # [B]
+        # past_length = total_length - sequence: the past inputs' own dim 2 is the buffer's length once shared
+        seq = shared.op("Shape", [graph_input(graph, "inputs_embeds") or plans[0][1]["q4"]], "sequence", start=1,
+                        end=2) if graph_input(graph, "inputs_embeds") is not None else None
+        if seq is None:
+            raise PassError("the decoder has no inputs_embeds input; not an AnchorRT decoder graph")
+        past_len = shared.op("Sub", [shared.op("Shape", [attention_mask], "total_length", start=1, end=2), seq],
+                             "past_length")  # [1] int64
         graph.extend(shared.nodes)
+        _past_length_from_mask(graph, past_len)
 
         for site, bind, past_k, past_v, pres_k, pres_v in plans:
             self._rewrite(graph, site, bind, past_k, past_v, pres_k, pres_v, seqlens, total32, taken)
@@ -219,6 +227,27 @@ class FuseAttentionPass(GraphPass):
             graph.outputs[idx] = new
         graph.extend(b.nodes)
         ir.convenience.replace_all_uses_with(site.out, out4)
+
+
+def _past_length_from_mask(graph: ir.Graph, past_len: ir.Value) -> None:
+    """The exporter reads the past length as Shape(past_key_values.i.*)[2] (positions, the causal mask); with one
+    shared buffer that is the buffer's length, so every such read becomes total_length - sequence."""
+    for v in graph.inputs:
+        if not (v.name or "").startswith("past_key_values."):
+            continue
+        for node in [u.node for u in v.uses()]:
+            if node.op_type != "Shape":
+                continue
+            start = node.attributes.get("start")
+            end = node.attributes.get("end")
+            start = 0 if start is None else int(start.value) % 4
+            end = 4 if end is None else (int(end.value) if int(end.value) >= 0 else int(end.value) + 4)
+            if end <= 2:
+                continue  # batch / heads: the same in both contracts
+            if (start, end) != (2, 3):
+                raise PassError(f"node '{node.name}' reads dims {start}..{end - 1} of {v.name}; only its length (dim 2) "
+                                "can be rewritten for the shared KV buffer")
+            ir.convenience.replace_all_uses_with(node.outputs[0], past_len)
 
 
 def _max_length_dims(graph: ir.Graph) -> None:

@@ -44,9 +44,7 @@ def anchors_png(pipe, image, prompt: str, path: Path) -> None:
     enc = pipe.prompts.encode(prompt)
     batch = pipe._pad([enc])
     features = pipe.encode_images(pipe.preprocess([image]))
-    from runtime.kv_cache import KVCache
-
-    cache = KVCache(pipe.num_layers, 1, pipe.kv_heads, pipe.head_dim, batch.ids.shape[1] + 1, pipe.kv_dtype)
+    cache = pipe._new_cache(1, batch.ids.shape[1] + 1)
     extra = pipe._extra_inputs(batch, [{"clva": True}])
     fetched = {"clva.zpos": None, "clva.zneg": None}
     pipe.prefill(batch, features, cache, extra, fetch=fetched)
