@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo test test-all bench bench-peers lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: $(STAMP)
 	$(PY) scripts/bench_mitigation.py
 	$(PY) scripts/bench_iava.py --threads 1
 	$(PY) scripts/soak.py --generations 1000
+
+# AnchorRT vs ONNX Runtime GenAI, llama.cpp and transformers on the issue-18 bench model (not part of `make test`);
+# peers come from `pip install -e ".[bench-peers]"`, a missing one is reported and left out.
+bench-peers: $(STAMP)
+	$(PY) scripts/bench_peers.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check anchorrt exporter runtime graph_passes tests scripts samples

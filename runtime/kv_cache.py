@@ -102,6 +102,13 @@ class KVCache:
         if not self.in_place:
             self._flip = 1 - self._flip
 
+    def rewind(self, tokens: int) -> None:
+        """Forget the last `tokens` tokens (benchmarks that repeat one step): in place the slots are simply written
+        again; ping-pong, the other side still holds the shorter past."""
+        self.length -= tokens
+        if not self.in_place:
+            self._flip = 1 - self._flip
+
     def load(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
         """Write host arrays [B, KVH, n, D] into the current buffers of one layer, in this cache's layout (for
         benchmarks that start from a synthetic past; set `length` after loading every layer)."""

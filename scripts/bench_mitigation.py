@@ -137,8 +137,7 @@ class Runner:
         t, c = time.perf_counter(), time.process_time()
         self.pipe._decode(self.case.step_embeds, mask, np.array([[n]], np.int64), self.cache, self.extra)
         elapsed = time.perf_counter() - t, time.process_time() - c
-        self.cache.length -= 1
-        self.cache._flip = 1 - self.cache._flip
+        self.cache.rewind(1)
         return elapsed
 
 

@@ -69,6 +69,16 @@ def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def unfused_artifact(tiny_model, tmp_path_factory) -> Path:
+    """tiny_model exported with --attention unfused (the opset-18 MatMul/Softmax form; the default is fused)."""
+    from exporter.export import export_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-unfused"
+    export_model(tiny_model, out, attention="unfused")
+    return out
+
+
+@pytest.fixture(scope="session")
 def baked_artifact(tiny_artifact, tmp_path_factory) -> Path:
     """tiny_artifact with CLVA, SEVI (start_layer 2, so the 8-layer model changes) and the IAVA probe baked in.
     Read-only for the tests that share it."""

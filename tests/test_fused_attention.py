@@ -21,15 +21,6 @@ from runtime.pipeline import Pipeline, Request
 PROMPTS = ["What is in the image? Describe the content of the image.", "Count.", "Is there a dog?"]
 
 
-@pytest.fixture(scope="session")
-def unfused_artifact(tiny_model, tmp_path_factory):
-    from exporter.export import export_model
-
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-unfused"
-    export_model(tiny_model, out, attention="unfused")
-    return out
-
-
 def test_default_export_is_fused(tiny_artifact):
     pipe = Pipeline.from_dir(tiny_artifact)
     assert pipe.manifest.attention_form == "gqa"
