@@ -49,6 +49,7 @@ from graph_passes.attention_match import (
     match_attention,
 )
 from graph_passes.base import META_LAYER, Builder, GraphPass, PassError, graph_input
+from graph_passes.naming import AssignNodeNames
 
 MS_DOMAIN = "com.microsoft"
 INT32, INT64 = ir.DataType.INT32, ir.DataType.INT64
@@ -193,6 +194,7 @@ class FuseAttentionPass(GraphPass):
             self.count += 1
         _max_length_dims(graph)
         ir_common.RemoveUnusedNodesPass()(model)
+        AssignNodeNames()(model)  # the exporter's per-scope counters, renumbered over what is left (idempotent again)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         graph.sort()
         return ir.passes.PassResult(model, modified=True)

@@ -315,6 +315,9 @@ def build_engines(artifact_dir: str | Path, flags: Sequence[str] = (), limits: E
     flags = _check_flags(flags)
     trt = import_tensorrt()  # before anything is read or written
     manifest = Manifest.load(artifact_dir, verify=verify)
+    if "decoder" in roles and manifest.attention_form != "unfused":
+        raise ArtifactError(f"'{manifest.folder}' has the fused decoder (com.microsoft.GroupQueryAttention, ONNX "
+                            "Runtime only); TensorRT needs `anchorrt export ... --attention unfused`")
     limits = limits or EngineLimits()
     gpu = Cuda(device_id).device_name()
     folder = manifest.folder

@@ -93,6 +93,19 @@ def baked_artifact(tiny_artifact, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def baked_unfused_artifact(unfused_artifact, tmp_path_factory) -> Path:
+    """baked_artifact's methods on the unfused form (TensorRT's checks: the fused op is ONNX Runtime's own)."""
+    import shutil
+
+    from graph_passes.bake import BakeOptions, bake
+
+    out = tmp_path_factory.mktemp("artifacts") / "baked-unfused"
+    shutil.copytree(unfused_artifact, out)
+    bake(out, "clva,sevi,probe", BakeOptions(sevi_start_layer=2))
+    return out
+
+
+@pytest.fixture(scope="session")
 def gqa_artifact(gqa_model, tmp_path_factory) -> Path:
     from exporter.export import export_model
 
