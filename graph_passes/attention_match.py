@@ -17,9 +17,13 @@ Pattern C, the fused form (graph_passes/fuse_attention.py; past and present shar
                         attention_bias=mask [B,1,S,K]) ──► out [B,S,H·D] ─Reshape─Transpose─► out4 [B,H,S,D]
                                                         └─► present_key/value [B,Hk,M,D]
 
-It is read like pattern B: the rotated 4-D query is the value the fusion recorded on the node (`META_Q4`), keys
-and values are the present buffers sliced to the mask's K (`site_keys`/`site_values`, built where a pass needs
-them, so a flag-off pass reads nothing), the mask is `attention_bias`.
+It is read like pattern B: the rotated 4-D query is the value the fusion recorded on the node (`META_Q4`), the
+mask is `attention_bias`, and the keys/values a pass recomputes with are `Concat(past[:, :, :P], new)` (P = K - S),
+built by `site_keys`/`site_values` inside the pass's own branch: nothing outside the fused node reads its present
+outputs, because a second reader makes ONNX Runtime give the node its own present buffer (past and present then no
+longer share memory, and every step copies the whole cache: measured +23% per step at context 1024 with SEVI
+baked and off). Past holds the first P slots in both contracts (distinct buffers, or one shared buffer the node
+writes after P), so the same subgraph serves both.
 
 `match_attention` returns one `AttentionSite` per decoder layer, ordered by layer, or fails loudly (PassError)
 when some layers match and others do not, or a layer matches twice; a graph where nothing matches gives `[]`
@@ -65,7 +69,9 @@ class AttentionSite:
     logits: ir.Value | None = None  # A: scaled q kᵀ before the mask [B, H, S, K]
     probs: ir.Value | None = None  # A: post-softmax probabilities after the NaN guard [B, H, S, K]
     q: ir.Value | None = None  # B, C: [B, H, S, D] (after rotary)
-    k: ir.Value | None = None  # B: [B, Hk, K, D]; C: the present buffer [B, Hk, M, D] (use site_keys)
+    k: ir.Value | None = None  # B: [B, Hk, K, D]; C: the past input [B, Hk, P or M, D] (use site_keys)
+    new_k: ir.Value | None = None  # C: the node's new keys [B, S, Hk·D] (rotated)
+    new_v: ir.Value | None = None  # C: the node's new values [B, S, Hk·D]
     scale: float | None = None  # B: the softmax scale
 
     def query_heads(self) -> int:
@@ -212,22 +218,43 @@ def check_gqa(node: ir.Node, values: dict[str, ir.Value]) -> tuple[dict | None, 
             "scale": float(scale.value) if scale is not None else 1.0 / math.sqrt(d)}, ""
 
 
-def _total_length_slice(b, buffer: ir.Value, mask: ir.Value, what: str) -> ir.Value:
-    """buffer[:, :, :K] with K the mask's last dimension (the keys this pass sees)."""
-    total = b.op("Shape", [mask], f"{what}_total_length", start=3, end=4)  # [1]
+def _past_and_new(b, site: AttentionSite, past: ir.Value, new3: ir.Value, what: str) -> ir.Value:
+    """Concat(past[:, :, :P], new as [B, Hk, S, D]) with P = K - S (K: the mask's last dim, S: the query's rows).
+
+        mask [B,1,S,K] ─Shape(3:4)─┐
+        q [B,H,S,D] ─Shape(2:3)────┴─Sub─► P ─► Slice(past, 0:P, axis 2) ─┐
+        new [B,S,Hk·D] ─Reshape [B,S,Hk,D]─Transpose(0,2,1,3) ───────────┴─Concat(axis 2)─► [B,Hk,K,D]
+    """
+    heads = static_heads_of(site.k)
+    d = site.q.shape[3] if site.q.shape is not None else None
+    if not isinstance(d, int):
+        raise PassError(f"the head size of layer {site.layer}'s query is not static")
+    total = b.op("Shape", [site.mask], f"{what}_total_length", start=3, end=4)  # [1]
+    seq = b.op("Shape", [site.q], f"{what}_sequence", start=2, end=3)  # [1]
+    past_len = b.op("Sub", [total, seq], f"{what}_past_length")
     zero = b.const(np.array([0], np.int64), f"{what}_start")
     axis = b.const(np.array([2], np.int64), f"{what}_axis")
-    return b.op("Slice", [buffer, zero, total, axis], what)
+    old = b.op("Slice", [past, zero, past_len, axis], f"{what}_past")
+    new4 = b.op("Reshape", [new3, b.const(np.array([0, 0, heads, d], np.int64), f"{what}_new_shape")], f"{what}_new")
+    new4 = b.op("Transpose", [new4], f"{what}_new", perm=[0, 2, 1, 3])
+    return b.op("Concat", [old, new4], what, axis=2)
+
+
+def static_heads_of(value: ir.Value) -> int:
+    dim = value.shape[1] if value.shape is not None and value.shape.rank() == 4 else None
+    if not isinstance(dim, int):
+        raise PassError(f"the head count of '{value.name}' is not static")
+    return dim
 
 
 def site_keys(b, site: AttentionSite) -> ir.Value:
-    """Keys [B, Hk, K, D] of a RECOMPUTED-form site, as nodes of builder `b` where the fused form needs a slice."""
-    return site.k if site.form == ATTENTION_OP else _total_length_slice(b, site.k, site.mask, "keys")
+    """Keys [B, Hk, K, D] of a RECOMPUTED-form site, as nodes of builder `b` for the fused form (see pattern C)."""
+    return site.k if site.form == ATTENTION_OP else _past_and_new(b, site, site.k, site.new_k, "keys")
 
 
 def site_values(b, site: AttentionSite) -> ir.Value:
     """Values [B, Hk, K, D] of a RECOMPUTED-form site (see site_keys)."""
-    return site.v if site.form == ATTENTION_OP else _total_length_slice(b, site.v, site.mask, "values")
+    return site.v if site.form == ATTENTION_OP else _past_and_new(b, site, site.v, site.new_v, "values")
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -263,7 +290,8 @@ def match_attention(graph: ir.Graph, num_layers: int | None = None) -> list[Atte
             site = AttentionSite(
                 layer=-1, form=GQA, anchor=node, mask_node=node, mask_index=GQA_BIAS_INDEX,
                 base_mask=_base_mask(node, node.inputs[GQA_BIAS_INDEX], values), out=bind["out4"],
-                v=node.outputs[2], q=bind["q4"], k=node.outputs[1], scale=bind["scale"])
+                v=node.inputs[4], q=bind["q4"], k=node.inputs[3], scale=bind["scale"], new_k=node.inputs[1],
+                new_v=node.inputs[2])
         elif node.domain != "":
             continue
         elif node.op_type == "Softmax":

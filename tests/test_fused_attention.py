@@ -162,3 +162,16 @@ def test_manifest_refuses_an_unknown_form(tiny_artifact, tmp_path):
     (dst / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="attention.form"):
         Manifest.load(dst, verify=False)
+
+
+def test_baked_methods_never_read_the_fused_present(baked_artifact):
+    """CLVA, SEVI and the probe recompute from past[:P] + the new keys/values inside their branches: a reader of the
+    present outputs would make ONNX Runtime give the node a separate present buffer (a full cache copy per step)."""
+    model = ir.load(baked_artifact / "decoder.onnx")
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 8
+    for node in gqa:
+        for present in node.outputs[1:3]:
+            assert present.is_graph_output() and not list(present.uses()), node.name
+    names = {n.name for n in model.graph.all_nodes()}
+    assert any("/keys_past/Slice" in n for n in names) and any("/values_past/Slice" in n for n in names)
