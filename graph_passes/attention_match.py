@@ -19,10 +19,10 @@ Pattern C, the fused form (graph_passes/fuse_attention.py; past and present shar
 
 It is read like pattern B: the rotated 4-D query is the value the fusion recorded on the node (`META_Q4`), the
 mask is `attention_bias`, and the keys/values a pass recomputes with are `Concat(past[:, :, :P], new)` (P = K - S),
-built by `site_keys`/`site_values` inside the pass's own branch: nothing outside the fused node reads its present
-outputs, because a second reader makes ONNX Runtime give the node its own present buffer (past and present then no
-longer share memory, and every step copies the whole cache: measured +23% per step at context 1024 with SEVI
-baked and off). Past holds the first P slots in both contracts (distinct buffers, or one shared buffer the node
+built by `site_keys`/`site_values` inside the pass's own branch, so nothing but the graph output reads the fused
+node's present buffers (the in-place contract then does not depend on how ONNX Runtime plans a buffer with several
+readers; with a reader it was still shared in ORT 1.32: SEVI baked, flags off, 0.999x plain per step at context
+3000, CPU time). Past holds the first P slots in both contracts (distinct buffers, or one shared buffer the node
 writes after P), so the same subgraph serves both.
 
 `match_attention` returns one `AttentionSite` per decoder layer, ordered by layer, or fails loudly (PassError)

@@ -165,8 +165,8 @@ def test_manifest_refuses_an_unknown_form(tiny_artifact, tmp_path):
 
 
 def test_baked_methods_never_read_the_fused_present(baked_artifact):
-    """CLVA, SEVI and the probe recompute from past[:P] + the new keys/values inside their branches: a reader of the
-    present outputs would make ONNX Runtime give the node a separate present buffer (a full cache copy per step)."""
+    """CLVA, SEVI and the probe recompute from past[:P] + the new keys/values inside their branches: the present
+    outputs have no reader but the graph output (graph_passes/attention_match.py, pattern C)."""
     model = ir.load(baked_artifact / "decoder.onnx")
     gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 8
