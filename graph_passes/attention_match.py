@@ -249,12 +249,12 @@ def static_heads_of(value: ir.Value) -> int:
 
 def site_keys(b, site: AttentionSite) -> ir.Value:
     """Keys [B, Hk, K, D] of a RECOMPUTED-form site, as nodes of builder `b` for the fused form (see pattern C)."""
-    return site.k if site.form == ATTENTION_OP else _past_and_new(b, site, site.k, site.new_k, "keys")
+    return _past_and_new(b, site, site.k, site.new_k, "keys") if site.form == GQA else site.k
 
 
 def site_values(b, site: AttentionSite) -> ir.Value:
-    """Values [B, Hk, K, D] of a RECOMPUTED-form site (see site_keys)."""
-    return site.v if site.form == ATTENTION_OP else _past_and_new(b, site, site.v, site.new_v, "values")
+    """Values [B, Hk, K, D] (pattern A: already repeated to the query heads; see site_keys)."""
+    return _past_and_new(b, site, site.v, site.new_v, "values") if site.form == GQA else site.v
 
 
 # ------------------------------------------------------------------------------------------------ driver
