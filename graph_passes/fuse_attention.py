@@ -37,8 +37,8 @@ own `If`, so flags off run the fused node alone.
 
 Measured before choosing (scripts-free micro benchmark, one layer, H 16, D 64, fp32, one decode step, 1 thread,
 ORT 1.32 CPU, loaded machine): GroupQueryAttention with a shared buffer 0.17 ms at context 300 and 0.78 ms at 2100;
-opset-24 `Attention` + two `TensorScatter` writing the same max-length buffers 33 ms and 12 ms (same outputs): the
-CPU kernels of the opset-24 pair do not update the cache in place, so GroupQueryAttention it is.
+opset-24 `Attention` + two `TensorScatter` writing the same max-length buffers 33 ms and 12 ms (same outputs; why
+it is that slow was not profiled), so GroupQueryAttention it is.
 """
 
 from __future__ import annotations
