@@ -1,24 +1,30 @@
 # AnchorRT. Every target sets up what it needs: a virtual environment in .venv with the CPU build of torch.
-PYTHON ?= python3
+# The system interpreter where there is one: Triton's Python-backend stub (`anchorrt serve`, tests marked serve) links
+# the system libpython, and a venv from another build of the same Python version fails under it.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+# Every recipe runs with the project's environment first on PATH: tools and tests that call `python` or
+# `anchorrt` get .venv's, never whatever interpreter the machine has.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install demo test test-all bench bench-peers lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build first: a plain `torch` requirement would pull several GB of CUDA packages.
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[export,cpu,dev]"
+	# The CPU build first (PyTorch's CPU index when it answers): a plain `torch` from PyPI is the CUDA build.
+	scripts/install_torch.sh $(PY) $(TORCH)
+	$(PY) -m pip install -q -e ".[export,cpu,dev,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+	@echo "The CLI is .venv/bin/anchorrt: run 'source .venv/bin/activate' to have 'anchorrt' on PATH."
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu"

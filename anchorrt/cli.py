@@ -48,7 +48,9 @@ def main() -> None:
               help="Alias of --precision (kept for old scripts).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt (pickle) weights. Pickle can run code: trust the source.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
-@click.option("--mitigation", default=None, metavar="METHODS", help="Bake these into the decoder: clva, sevi, clva,sevi.")
+@click.option("--mitigation", default=None, metavar="METHODS",
+              help="Bake these into the decoder, comma-separated: clva, sevi, probe (IAVA's attention probe), "
+                   "e.g. clva,sevi,probe.")
 @bake_options
 @precision_options
 @_friendly
@@ -71,8 +73,11 @@ def export(model_dir: Path, out_dir: Path, opset: str, attention: str | None, dt
 
 @main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
-@click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for a batch).")
+@click.option("--image", "images", multiple=True, required=True,
+              help="Image file (repeat for a batch; with --one-prompt, for several images in one prompt).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (one per image, or one for all).")
+@click.option("--one-prompt", is_flag=True,
+              help="Every --image goes into one prompt (in order; the model's chat template places them).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--sample/--greedy", default=False, show_default=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", default=1.0, show_default=True, type=float)
@@ -89,15 +94,19 @@ def export(model_dir: Path, out_dir: Path, opset: str, attention: str | None, dt
               help="torch: run the PyTorch reference on a checkpoint folder (greedy), to compare with the artifact.")
 @_friendly
 @mitigation_flags
-def generate(artifact_dir: Path, images, prompts, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty,
+def generate(artifact_dir: Path, images, prompts, one_prompt, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty,
              seed, device, allow_fallback, no_verify, stream, as_json, backend, mitigation) -> None:
     """Answer prompts about images with an exported artifact folder (no torch needed), or with --backend torch
     the checkpoint folder through the PyTorch reference."""
     from runtime.pipeline import Pipeline, Request
 
+    if one_prompt and len(prompts) != 1:
+        raise click.UsageError("--one-prompt puts every --image into one prompt: give a single --prompt")
     if len(prompts) not in (1, len(images)):
         raise click.UsageError("give one --prompt per --image, or a single --prompt for all images")
-    prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
+    if one_prompt and backend == "torch":
+        raise click.UsageError("--backend torch takes one image per prompt; drop --one-prompt or use the ONNX backend")
+    prompts = list(prompts) * len(images) if len(prompts) == 1 and not one_prompt else list(prompts)
     if backend == "torch":
         if sample:
             raise click.UsageError("--backend torch decodes greedily; drop --sample")
@@ -106,10 +115,13 @@ def generate(artifact_dir: Path, images, prompts, max_new_tokens, sample, temper
         return
     pipe = Pipeline.from_dir(artifact_dir, providers=PROVIDERS[device], verify=not no_verify,
                              allow_fallback=allow_fallback)
-    streaming = stream and not as_json and len(images) == 1
+    requests = [Request(list(images), prompts[0])] if one_prompt else [Request(img, p) for img, p in zip(images, prompts)]
+    if one_prompt:
+        images = [", ".join(str(i) for i in images)]  # one result line names every image
+    streaming = stream and not as_json and len(requests) == 1
     on_token = (lambda i, tok, piece: click.echo(piece, nl=False)) if streaming else None
     results = pipe.generate_batch(
-        [Request(img, p) for img, p in zip(images, prompts)], on_token=on_token, max_new_tokens=max_new_tokens,
+        requests, on_token=on_token, max_new_tokens=max_new_tokens,
         mitigation=mitigation,
         do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         seed=seed,
@@ -260,9 +272,9 @@ def verify(artifact_dir: Path, model_dir: Path | None, images, prompts, steps: i
     inspect_checkpoint(model_dir)
     report = run_verify(model_dir, artifact_dir, images=imgs, prompts=prompts, steps=5 if steps is None else steps,
                         atol=atol)
-    click.echo(report.summary())
-    if not report.ok:
+    if not report.ok:  # the summary once, on the error line (it used to go to stdout as well)
         raise VerifyError(f"exported graphs differ from the PyTorch model: {report.summary()}")
+    click.echo(report.summary())
 
 
 from anchorrt.cli_profile import profile  # noqa: E402 - subcommands from their own modules, registered last
@@ -280,6 +292,14 @@ main.add_command(eval_group)
 from anchorrt.cli_trt import trt_group  # noqa: E402 - subcommands from their own modules, registered last
 
 main.add_command(trt_group)
+
+from anchorrt.cli_serve import serve_group  # noqa: E402 - subcommands from their own modules, registered last
+
+main.add_command(serve_group)
+
+from anchorrt.cli_explain import explain  # noqa: E402 - subcommands from their own modules, registered last
+
+main.add_command(explain)
 
 if __name__ == "__main__":
     main()

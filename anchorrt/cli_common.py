@@ -43,14 +43,32 @@ def friendly(fn):
             click.echo("interrupted; nothing was written", err=True)
             sys.exit(143 if isinstance(exc, Terminated) else 130)
         except ModuleNotFoundError as exc:  # a missing package; a bad name inside one of ours stays a traceback (a bug)
-            click.echo(f"error: {exc.name or exc} is not installed; this command needs `pip install anchorrt[export]`",
-                       err=True)
+            click.echo(f"error: {exc.name or exc} is not installed; {install_hint(exc.name)}", err=True)
             sys.exit(2)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+# A missing top-level module -> the pyproject extra that installs it. `bake` is torch-free: its modules map to
+# [bake], never to [export] (issue 13: a [bake,cpu] install was told to install [export]).
+EXTRA_OF = {
+    "torch": "export", "transformers": "export", "onnxscript": "export", "torchvision": "export",
+    "onnx": "bake", "onnx_ir": "bake", "safetensors": "bake", "ml_dtypes": "bake",
+    "onnxruntime": "cpu", "matplotlib": "profile", "tensorrt": "trt",
+}
+
+
+def install_hint(module: str | None) -> str:
+    top = (module or "").split(".")[0]
+    extra = EXTRA_OF.get(top)
+    if extra == "cpu":
+        return "install onnxruntime: `pip install anchorrt[cpu]` (or anchorrt[gpu] for CUDA)"
+    if extra:
+        return f"this command needs `pip install anchorrt[{extra}]`"
+    return f"install it: `pip install {top or module}`"
 
 
 def say(msg: str) -> None:

@@ -6,9 +6,16 @@
     anchorrt eval chair out/demo --instances instances.json --captions captions.json --synonyms synonyms.txt \
         --image-root images
     anchorrt eval mme out/demo --root mme
+    anchorrt eval score pope answers.jsonl -q coco_pope_adversarial.json     # any model's answers, official rules
+    anchorrt eval score chair captions.json --instances ... --captions ...  [--chair-impl opera|rohrbach]
+    anchorrt eval score mme results_dir/                                      # the eval tool's {subset}.txt files
 
-Each question set keeps a resumable answers file (`<set>.answers.jsonl`) in `--out`; the metrics go to
-`results.json` (written atomically) and a markdown table to `results.md` and stdout. Nothing is downloaded.
+Each question set keeps a resumable answers file (`<set>.answers.jsonl`) in `--out`; its header records every
+input (artifact hashes, backend, device, mitigation, decoding, prompts, the questions' content and image paths):
+an existing `--out` made with other inputs is refused with one line naming them (`--overwrite` starts over).
+The metrics go to `results.json` (written atomically) and a markdown table to `results.md` and stdout; the
+answers also go out in the official scripts' formats (POPE `<set>.pope_answers.jsonl`, MME `mme_results/`,
+CHAIR `captions.chair.json`). Nothing is downloaded.
 Greedy decoding throughout. The ONNX backend needs no torch; `--backend torch` runs
 `exporter.reference.ReferenceLlava` on the checkpoint, with the artifact's tokenizer, prompt template and
 preprocessing, so that the two backends differ only in the model computation.
@@ -30,6 +37,12 @@ from anchorrt.cli_common import friendly as _friendly
 from runtime.errors import FlagError
 
 CHAIR_PROMPT = "Please describe this image in detail."
+CHAIR_IMPL_OPTION = click.option(
+    "--chair-impl", type=click.Choice(["opera", "rohrbach"]), default="opera", show_default=True,
+    help="Which official CHAIR code to reproduce. opera (default): the Python-3 copy in OPERA's chair.py that VCD, "
+         "OPERA and most hallucination-mitigation papers report with (nltk POS tags + WordNet lemmas, 'train track' "
+         "double word, recall). rohrbach: the paper's own code (LisaAnne/Hallucination utils/chair.py, pattern's "
+         "singularize). Scoring only: the answers are the same.")
 DEVICES = ("cpu", "cuda")
 
 
@@ -91,6 +104,8 @@ def _common(fn: Callable) -> Callable:
         click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True),
         click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact files."),
         click.option("--progress/--no-progress", default=True, show_default=True),
+        click.option("--overwrite", is_flag=True,
+                     help="Discard answers already in --out (made with other inputs) and start over."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -102,10 +117,10 @@ class _Run:
 
     def __init__(self, benchmark: str, artifact_dir: Path, out_dir: Path | None, batch_size: int, mitigation: str,
                  overrides, backend: str, model_dir: Path | None, device: str, no_verify: bool, progress: bool,
-                 max_new_tokens: int):
+                 max_new_tokens: int, overwrite: bool = False):
         from runtime.manifest import Manifest
 
-        self.benchmark, self.backend, self.progress = benchmark, backend, progress
+        self.benchmark, self.backend, self.progress, self.overwrite = benchmark, backend, progress, overwrite
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.mitigation = parse_mitigation(mitigation, overrides)
         if backend == "torch" and model_dir is None:
@@ -115,7 +130,8 @@ class _Run:
         decoder = self.manifest.graph("decoder")["file"]
         self.settings = {
             "benchmark": benchmark, "artifact": str(artifact_dir.resolve()),
-            "decoder_sha256": self.manifest.data.get("files", {}).get(decoder), "backend": backend,
+            "decoder_sha256": self.manifest.data.get("files", {}).get(decoder),
+            "artifact_files": self.manifest.data.get("files", {}), "backend": backend, "device": device,
             "model": str(model_dir.resolve()) if model_dir else None, "mitigation": self.mitigation,
             "max_new_tokens": max_new_tokens, "decoding": "greedy",
         }
@@ -136,9 +152,15 @@ class _Run:
     def answers(self, name: str, items, limit: int | None, extra: Mapping | None = None) -> list[dict]:
         from runtime.eval.harness import run_items
 
-        settings = dict(self.settings, set=name, **(extra or {}))
+        settings = dict(self.settings, set=name, items_sha256=items_fingerprint(items), **(extra or {}))
         return run_items(items, self.answer, self.out / f"{name}.answers.jsonl", settings,
-                         batch_size=self.batch_size, limit=limit, progress=self.progress, desc=name)
+                         batch_size=self.batch_size, limit=limit, progress=self.progress, desc=name,
+                         overwrite=self.overwrite)
+
+    def write(self, relative: str, text: str) -> None:
+        from runtime.eval.harness import write_atomic
+
+        write_atomic(self.out / relative, text)
 
     def finish(self, results: dict, table: str) -> None:
         from runtime.eval.harness import write_atomic
@@ -151,6 +173,13 @@ class _Run:
         write_atomic(self.out / "results.md", f"### {title}\n\n{table}")
         click.echo(f"{title}\n\n{table}")
         _say(f"wrote {self.out / 'results.json'} and results.md")
+
+
+def items_fingerprint(items) -> str:
+    """sha256 of every item's id, image path, prompt and label (all items, before --limit): another questions
+    file, --image-root, prompt or sample gives another fingerprint."""
+    doc = [[it.id, str(Path(it.image).resolve()), it.prompt, it.label] for it in items]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
 
 
 def reference_flags(mitigation: Mapping, baked: Mapping) -> tuple[dict | None, dict | None]:
@@ -236,13 +265,14 @@ class TorchAnswerer:
 @click.option("--max-new-tokens", default=8, show_default=True, type=int)
 @_friendly
 def pope(artifact_dir, out_dir, limit, batch_size, mitigation, overrides, backend, model_dir, device, no_verify,
-         progress, questions, image_root, prompt_suffix, max_new_tokens) -> None:
+         progress, overwrite, questions, image_root, prompt_suffix, max_new_tokens) -> None:
     """POPE: yes/no object existence (accuracy, precision, recall, F1, yes-ratio, FP rate per split)."""
-    from runtime.eval.harness import pope_report
+    from runtime.eval.formats import pope_answer_lines
+    from runtime.eval.harness import file_fingerprint, pope_report
     from runtime.eval.loaders import load_pope
 
     run = _Run("pope", artifact_dir, out_dir, batch_size, mitigation, overrides, backend, model_dir, device,
-               no_verify, progress, max_new_tokens)
+               no_verify, progress, max_new_tokens, overwrite)
     names = [q.stem for q in questions]
     if len(set(names)) != len(names):
         raise click.UsageError("two --questions files have the same name; their answers files would collide")
@@ -251,63 +281,167 @@ def pope(artifact_dir, out_dir, limit, batch_size, mitigation, overrides, backen
         items = load_pope(path, image_root)
         for it in items:
             it.prompt += prompt_suffix
-        records[name] = run.answers(name, items, limit, {"file": str(path.resolve()), "prompt_suffix": prompt_suffix})
+        records[name] = run.answers(name, items, limit, {"file": file_fingerprint(path), "prompt_suffix": prompt_suffix,
+                                                         "image_root": str(Path(image_root).resolve())})
     results, table = pope_report(records)
     run.finish(results, table)
+    for name, recs in records.items():  # after results.json: the official format, for evaluate.py
+        run.write(f"{name}.pope_answers.jsonl", pope_answer_lines(recs))
 
 
 @eval_group.command("chair")
 @_common
 @click.option("--instances", required=True, type=click.Path(path_type=Path), help="COCO instances_*.json.")
 @click.option("--captions", required=True, type=click.Path(path_type=Path), help="COCO captions_*.json.")
-@click.option("--synonyms", required=True, type=click.Path(path_type=Path),
-              help="Synonym table: one line per category, 'category, synonym, ...'.")
+@click.option("--synonyms", default=None, type=click.Path(path_type=Path),
+              help="Synonym table, one line per category 'category, synonym, ...' (default: the official COCO "
+                   "table of the CHAIR code).")
 @click.option("--image-root", required=True, type=click.Path(path_type=Path), help="Folder of the images.")
 @click.option("--sample", type=int, default=None, help="Caption this many images drawn at random (protocol: 500).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of --sample.")
 @click.option("--prompt", default=CHAIR_PROMPT, show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@CHAIR_IMPL_OPTION
 @_friendly
 def chair(artifact_dir, out_dir, limit, batch_size, mitigation, overrides, backend, model_dir, device, no_verify,
-          progress, instances, captions, synonyms, image_root, sample, seed, prompt, max_new_tokens) -> None:
+          progress, overwrite, instances, captions, synonyms, image_root, sample, seed, prompt, max_new_tokens,
+          chair_impl) -> None:
     """CHAIR: object hallucination in free captions (CHAIR_s, CHAIR_i, recall)."""
+    from runtime.eval.formats import chair_caption_doc
     from runtime.eval.harness import chair_report
     from runtime.eval.loaders import load_chair
 
+    data = load_chair(instances, captions, synonyms, image_root, prompt, sample=sample, seed=seed, impl=chair_impl)
     run = _Run("chair", artifact_dir, out_dir, batch_size, mitigation, overrides, backend, model_dir, device,
-               no_verify, progress, max_new_tokens)
-    data = load_chair(instances, captions, synonyms, image_root, prompt, sample=sample, seed=seed)
-    records = run.answers("captions", data.items, limit, {"instances": str(Path(instances).resolve()),
+               no_verify, progress, max_new_tokens, overwrite)
+    records = run.answers("captions", data.items, limit, {"image_root": str(Path(image_root).resolve()),
                                                           "prompt": prompt, "sample": sample, "seed": seed})
-    results, table = chair_report(records, data.ground_truth(), data.table)
+    results, table = chair_report(records, data.ground_truth(), data.chair)
     run.finish(results, table)
+    run.write("captions.chair.json", chair_caption_doc(records))  # OPERA chair.py's --cap_file
 
 
 @eval_group.command("mme")
 @_common
 @click.option("--root", required=True, type=click.Path(path_type=Path),
               help="MME folder: <subset>/ folders, or the eval tool's <subset>.txt files.")
-@click.option("--subset", "subsets", multiple=True, help="Subsets to run (default: existence count position color "
-              "where present).")
+@click.option("--subset", "subsets", multiple=True, help="Subsets to run (default: every official subset present, "
+              "of the 14: existence count position color posters celebrity scene landmark artwork OCR "
+              "commonsense_reasoning numerical_calculation text_translation code_reasoning).")
 @click.option("--image-root", type=click.Path(path_type=Path), default=None,
               help="Images for <subset>.txt files (default: --root).")
 @click.option("--max-new-tokens", default=8, show_default=True, type=int)
 @_friendly
 def mme(artifact_dir, out_dir, limit, batch_size, mitigation, overrides, backend, model_dir, device, no_verify,
-        progress, root, subsets, image_root, max_new_tokens) -> None:
-    """MME hallucination subsets: acc, acc+ and score = 100*acc + 100*acc+ per subset."""
+        progress, overwrite, root, subsets, image_root, max_new_tokens) -> None:
+    """MME: acc, acc+ and score = 100*acc + 100*acc+ per subset, as the official calculation.py scores them; the
+    hallucination sum (existence, count, position, color) and the perception / cognition totals."""
     from runtime.eval.harness import mme_report
-    from runtime.eval.loaders import MME_HALLUCINATION_SUBSETS, load_mme
+    from runtime.eval.loaders import load_mme
+    from runtime.eval.mme import SUBSETS, result_lines
 
     if not subsets:
-        subsets = [s for s in MME_HALLUCINATION_SUBSETS if (root / s).is_dir() or (root / f"{s}.txt").is_file()]
+        subsets = [s for s in SUBSETS if (root / s).is_dir() or (root / f"{s}.txt").is_file()]
         if not subsets:
-            raise click.UsageError(f"no MME subset ({', '.join(MME_HALLUCINATION_SUBSETS)}) found under '{root}'")
+            raise click.UsageError(f"no MME subset ({', '.join(SUBSETS[:4])}, ...) found under '{root}'")
+    unknown = [s for s in subsets if s not in SUBSETS]
+    if unknown:
+        raise click.UsageError(f"--subset {unknown[0]!r} is not an MME subset; choose from {', '.join(SUBSETS)}")
     run = _Run("mme", artifact_dir, out_dir, batch_size, mitigation, overrides, backend, model_dir, device,
-               no_verify, progress, max_new_tokens)
+               no_verify, progress, max_new_tokens, overwrite)
     records = []
     for subset in subsets:
         items = load_mme(root, [subset], image_root)
-        records += run.answers(subset, items, limit, {"root": str(Path(root).resolve())})
+        records += run.answers(subset, items, limit, {"root": str(Path(root).resolve()),
+                                                      "image_root": str(Path(image_root or root).resolve())})
     results, table = mme_report(records)
     run.finish(results, table)
+    for subset, text in result_lines(records).items():  # the eval tool's calculation.py input
+        run.write(f"mme_results/{subset}.txt", text)
+
+
+# ------------------------------------------------------------------------------------------------ eval score
+
+@eval_group.group("score")
+def score_group() -> None:
+    """Score an existing answers file (from any model or toolkit) with the official rules; no model is run."""
+
+
+def _score_out(results: dict, table: str, title: str, json_out: Path | None) -> None:
+    from runtime.eval.harness import write_atomic
+
+    if json_out is not None:
+        write_atomic(json_out, json.dumps({"results": results, "anchorrt": __version__}, indent=2) + "\n")
+        _say(f"wrote {json_out}")
+    click.echo(f"{title}\n\n{table}")
+
+
+JSON_OUT_OPTION = click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+                               help="Also write the metrics to this JSON file.")
+
+
+@score_group.command("pope")
+@click.argument("answers", type=click.Path(path_type=Path))
+@click.option("-q", "--questions", required=True, type=click.Path(path_type=Path),
+              help="The POPE question file the answers are for (JSON lines or a JSON array; its labels are used).")
+@JSON_OUT_OPTION
+@_friendly
+def score_pope(answers, questions, json_out) -> None:
+    """POPE as evaluate.py scores it: the i-th answer ('answer', else 'text') against the i-th question's label."""
+    from runtime.eval.formats import pair_pope, read_pope_answers
+    from runtime.eval.harness import pope_report
+    from runtime.eval.loaders import load_pope
+
+    items = load_pope(questions, ".")
+    records = pair_pope(read_pope_answers(answers), items, str(answers))
+    results, table = pope_report({Path(questions).stem: records})
+    _score_out(results, table, f"POPE - {answers}", json_out)
+
+
+@score_group.command("chair")
+@click.argument("answers", type=click.Path(path_type=Path))
+@click.option("--instances", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="COCO instances_*.json (repeatable: OPERA's script combines train2014 and val2014).")
+@click.option("--captions", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="COCO captions_*.json (repeatable).")
+@click.option("--synonyms", default=None, type=click.Path(path_type=Path),
+              help="Synonym table (default: the official COCO table of the CHAIR code).")
+@click.option("--image-id-key", default="image_id", show_default=True)
+@click.option("--caption-key", default="caption", show_default=True)
+@CHAIR_IMPL_OPTION
+@JSON_OUT_OPTION
+@_friendly
+def score_chair(answers, instances, captions, synonyms, image_id_key, caption_key, chair_impl, json_out) -> None:
+    """CHAIR_s, CHAIR_i and recall of a captions file (a JSON list or JSON lines of {image_id, caption}, the
+    coco-caption imgToEval layout, or an anchorrt answers file) against the COCO annotations."""
+    from runtime.eval.formats import read_chair_captions
+    from runtime.eval.harness import markdown_table
+    from runtime.eval.loaders import coco_ground_truth, make_chair
+
+    caps = read_chair_captions(answers, image_id_key, caption_key)
+    chair = make_chair(chair_impl, synonyms)
+    objects, _ = coco_ground_truth(instances, captions, chair)
+    gt = {str(k): v for k, v in objects.items()}
+    unknown = sorted({k for k, _ in caps if k not in gt})
+    if unknown:  # the official code scores them with no ground-truth object (its defaultdict); so do we, loudly
+        _say(f"warning: {len(unknown)} image id(s) of '{answers}' are in no --instances file (e.g. {unknown[0]}); "
+             "scored with no ground-truth object, as the official code does")
+    m = chair.score(caps, gt)
+    table = markdown_table(["captions", "CHAIR_s", "CHAIR_i", "recall", "object mentions", "implementation"],
+                           [(m["n_captions"], m["chair_s"], m["chair_i"], m["recall"], m["mentions"], m["impl"])])
+    _score_out(m, table, f"CHAIR - {answers}", json_out)
+
+
+@score_group.command("mme")
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@JSON_OUT_OPTION
+@_friendly
+def score_mme(results_dir, json_out) -> None:
+    """MME as calculation.py scores a folder of {subset}.txt files (image, question, ground truth, answer)."""
+    from runtime.eval.harness import mme_report
+    from runtime.eval.mme import read_results_dir
+
+    records = [{"subset": task, "label": gt, "answer": answer}
+               for task, rows in read_results_dir(results_dir).items() for gt, answer in rows]
+    results, table = mme_report(records)
+    _score_out(results, table, f"MME - {results_dir}", json_out)

@@ -40,7 +40,8 @@ def bake_options(fn):
         click.option("--clva-drift-layers", default=None, metavar="LAYERS",
                      help="CLVA drift layers, e.g. '3-7' [default: l_pos+1 .. L-1]."),
         click.option("--sevi-start-layer", type=int, default=8, show_default=True,
-                     help="First layer SEVI edits (literal: a model with that many layers or fewer is unchanged)."),
+                     help="First layer SEVI edits (literal, METHODS.md); must be below the model's layer count: SEVI "
+                          "on a model with that many layers or fewer would change nothing and is refused."),
         click.option("--debug-outputs", is_flag=True, help="Also output CLVA anchor masks/head sets, SEVI head classes."),
         click.option("--probe-layers", default=None, metavar="LAYERS",
                      help="Layers IAVA's attention probe averages, e.g. '0-7' [default: every layer]."),
@@ -127,7 +128,10 @@ def generate_torch(model_dir: Path, images, prompts, max_new_tokens: int, mitiga
     iava = parse_iava(mitigation.pop("iava", None))
     if iava is not None and any(v not in (None, False) for v in mitigation.values()):
         raise FlagError("--backend torch runs IAVA on its own; drop --clva/--sevi, or use the ONNX backend to combine")
+    hook = _arch_torch_generate(model_dir)  # an architecture with its own reference (Qwen2-VL)
     if iava is not None:
+        if hook is not None:
+            return hook(model_dir, images, prompts, max_new_tokens, iava=iava)
         return _generate_torch_iava(model_dir, images, prompts, max_new_tokens, iava)
     clva = sevi = None
     for method, setting in mitigation.items():
@@ -141,6 +145,8 @@ def generate_torch(model_dir: Path, images, prompts, max_new_tokens: int, mitiga
         else:
             sevi = {"omega": merged["omega"], "kappa": merged["kappa"]}
 
+    if hook is not None:
+        return hook(model_dir, images, prompts, max_new_tokens, clva=clva, sevi=sevi)
     import torch
     from transformers import AutoProcessor
 
@@ -171,6 +177,14 @@ def generate_torch(model_dir: Path, images, prompts, max_new_tokens: int, mitiga
         cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
         out.append((processor.tokenizer.decode(row[:cut], skip_special_tokens=True), row[:cut]))
     return out
+
+
+def _arch_torch_generate(model_dir: Path):
+    """The exporter arch's `torch_generate` (checked checkpoint first), or None for the LLaVA path below."""
+    from exporter.checkpoint import inspect_checkpoint
+    from exporter.registry import get_arch
+
+    return getattr(get_arch(inspect_checkpoint(model_dir).architecture), "torch_generate", None)
 
 
 def _generate_torch_iava(model_dir: Path, images, prompts, max_new_tokens: int, params):

@@ -45,6 +45,11 @@ def inspect_checkpoint(model_dir: str | Path, allow_pickle: bool = False) -> Che
     supported = supported_architectures()
     arch = archs[0] if archs else config.get("model_type", "<none>")
     if arch not in supported:
+        from exporter.registry import refusal_for
+
+        reason = refusal_for(arch) if isinstance(arch, str) else None
+        if reason is not None:
+            raise CheckpointError(reason)
         raise CheckpointError(
             f"architecture '{arch}' is not supported; supported: {', '.join(supported)}"
         )

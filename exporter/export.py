@@ -165,6 +165,7 @@ def export_model(
 
     run_graph_passes = passes_hook(mitigation, bake_options, say,
                                    attention=FORM_FUSED if attention == "fused" else FORM_UNFUSED)  # checks the method names before the slow export
+    _check_before_loading(ckpt, mitigation, bake_options)
     visalign = visalign_export_hook(ckpt)  # a VisAlign checkpoint: fusion into the embed graph (checked now, baked below)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -173,6 +174,11 @@ def export_model(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
     try:
         manifest = _export_into(ckpt, tmp, opset, say)
+        steps = ["node names"] + ([f"baking {mitigation if isinstance(mitigation, str) else ','.join(mitigation)}"]
+                                  if mitigation else [])
+        steps += (["VisAlign fusion"] if visalign is not None else []) + \
+            (["precision"] if precision_options.changes_anything else []) + ["manifest"]
+        say(f"[5/5] finishing: {', '.join(steps)}")
         if visalign is not None:
             visalign(tmp, manifest)
         run_graph_passes(tmp, manifest)  # node names in every graph; CLVA/SEVI if asked
@@ -191,6 +197,25 @@ def export_model(
     return Manifest(out, data)
 
 
+def prompt_pad_id(tokenizer, fallback: int) -> int:
+    """The id that left-pads prompts: the checkpoint tokenizer's pad token, which is what its processor pads with
+    (a Qwen2 LLaVA has no pad_token_id in its config and pads with <|endoftext|>, not EOS: issue 13 item 9);
+    `fallback` (the config's, else EOS) when the tokenizer has none."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else int(fallback)
+
+def _check_before_loading(ckpt, mitigation, bake_options) -> None:
+    """Everything config.json and the image-processor config can decide, before a weight is read (issue 13): the
+    arch's own `check_config` hook (image processor, options; exporter/registry.py) and the mitigation layer choices
+    against the decoder's layer count. A refusal here takes well under a second instead of a whole export."""
+    from exporter.registry import check_config
+    from graph_passes.bake import check_layer_choices
+
+    facts = check_config(ckpt.architecture, ckpt.config, ckpt.path)
+    if mitigation and "num_layers" in facts:
+        check_layer_choices(mitigation, bake_options, facts["num_layers"])
+
+
 def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
@@ -204,9 +229,15 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     say(f"[1/5] loading {ckpt.architecture} from {ckpt.path}")
     arch_cls = get_arch(ckpt.architecture)
     arch = arch_cls(ckpt, dtype=torch.float32)  # fp16/int4/int8 come from graph passes (graph_passes/bake.py)
-    processor = load_processor(ckpt.path)
-    pre = preprocessing_params(ckpt.path)
-    crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
+    # an arch module may read its own processor and preprocessing config (Qwen2-VL: tokenizer only, dynamic size)
+    processor = (getattr(arch, "load_processor", None) or load_processor)(ckpt.path)
+    if hasattr(arch, "preprocessing_params"):
+        pre = arch.preprocessing_params(ckpt.path)
+        crop = None
+    else:
+        pre = preprocessing_params(ckpt.path)
+        crop = tuple(pre["crop_size"]) if pre.get("do_center_crop") else (pre["shortest_edge"], pre["shortest_edge"])
+        crop = tuple(pre["resize_to"]) if pre.get("resize_to") else crop  # SigLIP: resized to exactly h x w
     specs = arch.graphs(image_size=crop)
     graphs = {}
     for i, spec in enumerate(specs, start=2):
@@ -227,6 +258,7 @@ def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
         if (ckpt.path / name).is_file():
             shutil.copyfile(ckpt.path / name, tmp / name)
     fields = arch.manifest_fields()
+    fields["tokens"]["pad_token_id"] = prompt_pad_id(tokenizer, fields["tokens"]["pad_token_id"])
     image_token = tokenizer.convert_ids_to_tokens(fields["tokens"]["image_token_id"])
     fields["tokens"]["image_token"] = image_token
     prompt = arch.prompt_template(processor)

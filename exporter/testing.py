@@ -1,4 +1,4 @@
-"""Tiny random-weight LLaVA checkpoints built in code, for tests, benchmarks and the demo.
+"""Tiny random-weight LLaVA checkpoints (LLaVA-1.5; LLaVA-Interleave: Qwen2 + SigLIP) built in code, for tests, benchmarks and the demo.
 
 Nothing is downloaded: the tokenizer is a small BPE trained here on a fixed corpus, the weights are
 seeded random numbers, and the folder is written exactly as Hugging Face writes a LLaVA-1.5 checkpoint
@@ -152,6 +152,229 @@ def build_tiny_llava(path: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) ->
     return path
 
 
+# llava-hf/llava-interleave-qwen-0.5b-hf's chat format (ChatML): every image of a message first, then its text.
+INTERLEAVE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{{ '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyInterleaveSpec:
+    """A tiny llava-hf/llava-interleave-qwen-0.5b-hf: Qwen2 language model (q/k/v bias, tied embeddings, no
+    pad_token_id in the config, tokenizer pad token <|endoftext|> != EOS <|im_end|>), SigLIP vision tower (no CLS,
+    "full" strategy, last layer), SiglipImageProcessor (resize to height x width, mean = std = 0.5)."""
+
+    layers: int = 6
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+    max_position_embeddings: int = 512
+    vocab_extra: int = 200
+    seed: int = 3
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def train_chatml_tokenizer(vocab_size: int):
+    """A byte-level BPE with Qwen2's special tokens (no BOS) and an `<image>` token, trained on a fixed corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4 + ["user assistant system"] * 4, trainer=trainer)
+    return tok
+
+
+def _randomize(model, seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():  # random weights large enough that logits are not all alike
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02 if "proj" not in name else 0.2)
+
+
+def build_tiny_llava_interleave(path: str | Path, spec: TinyInterleaveSpec = TinyInterleaveSpec()) -> Path:
+    """Write a random-weight LLaVA-Interleave (Qwen2 + SigLIP) checkpoint folder to `path` and return it. The
+    config mirrors llava-hf/llava-interleave-qwen-0.5b-hf's structure: text model_type qwen2 with
+    tie_word_embeddings, vision model_type siglip_vision_model with vision_use_head false, no pad_token_id."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = train_chatml_tokenizer(vocab_size=300 + spec.vocab_extra)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.padding_side = "left"
+    image_token_id = raw.token_to_id("<image>")
+    text_config = Qwen2Config(
+        vocab_size=raw.get_vocab_size(), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        bos_token_id=raw.token_to_id("<|endoftext|>"), eos_token_id=raw.token_to_id("<|im_end|>"),
+        tie_word_embeddings=True, use_sliding_window=False, sliding_window=spec.max_position_embeddings,
+        max_window_layers=spec.layers,
+    )
+    text_config.pad_token_id = None  # as the real checkpoint: none in the config
+    vision_config = SiglipVisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size,
+        vision_use_head=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_token_id,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu",
+        image_seq_length=spec.image_tokens, tie_word_embeddings=True,
+    )
+    config.pad_token_id = None
+    model = LlavaForConditionalGeneration(config).eval()
+    _randomize(model, spec.seed)
+    model.tie_weights()
+    model.generation_config.pad_token_id = None
+    model.generation_config.eos_token_id = text_config.eos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    image_processor = SiglipImageProcessor(
+        size={"height": spec.image_size, "width": spec.image_size}, resample=3, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+        vision_feature_select_strategy="full", chat_template=INTERLEAVE_CHAT_TEMPLATE, num_additional_image_tokens=0,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+MISTRAL_CHAT_TEMPLATE = (  # llava-hf/llava-v1.6-mistral-7b-hf's format, reduced to one user turn
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ ' [/INST]' }}{% endif %}{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyNextSpec:
+    """A tiny llava-hf/llava-v1.6-mistral-7b-hf: Mistral language model, CLIP tower ("default" strategy, layer -2),
+    image_grid_pinpoints scaled from [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] to 32-pixel
+    tiles, an image_newline parameter, LlavaNextImageProcessor."""
+
+    layers: int = 6
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+    max_position_embeddings: int = 1024
+    vocab_extra: int = 200
+    seed: int = 5
+    text_model: str = "mistral"  # "llama": llava-hf/llava-v1.6-vicuna-7b-hf's form (Llama, the LLaVA-1.5 chat format)
+
+    @property
+    def pinpoints(self) -> list[list[int]]:
+        t = self.image_size
+        return [[t, 2 * t], [2 * t, t], [2 * t, 2 * t], [3 * t, t], [t, 3 * t]]
+
+
+def build_tiny_llava_next(path: str | Path, spec: TinyNextSpec = TinyNextSpec()) -> Path:
+    """Write a random-weight LlavaNextForConditionalGeneration checkpoint folder to `path` and return it."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        MistralConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = train_tokenizer(vocab_size=300 + spec.vocab_extra)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.padding_side = "left"
+    image_token_id = raw.token_to_id("<image>")
+    text_class = {"mistral": MistralConfig, "llama": LlamaConfig}[spec.text_model]
+    text_config = text_class(
+        vocab_size=raw.get_vocab_size(), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-5, rope_theta=1_000_000.0,
+        bos_token_id=raw.token_to_id("<s>"), eos_token_id=raw.token_to_id("</s>"),
+        pad_token_id=raw.token_to_id("<pad>"), tie_word_embeddings=False,
+        **({"sliding_window": None} if spec.text_model == "mistral" else {}),
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        image_grid_pinpoints=spec.pinpoints, image_seq_length=(spec.image_size // spec.patch_size) ** 2,
+        use_image_newline_parameter=True, tie_word_embeddings=False,
+    )
+    config.pad_token_id = text_config.pad_token_id
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _randomize(model, spec.seed)
+    import torch
+
+    with torch.no_grad():
+        model.model.image_newline.normal_(0.0, 0.5)
+    model.generation_config.pad_token_id = text_config.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
+        image_grid_pinpoints=spec.pinpoints, image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=MISTRAL_CHAT_TEMPLATE if spec.text_model == "mistral" else LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
 def externalise_first_initializer(graph: Path, location: str, data_file: Path | None) -> str:
     """Rewrite `graph` so that its first sizeable initializer lives in external data at `location` (its bytes written
     to `data_file` when given): how the security tests and scripts/security_report.py forge artifacts whose external
@@ -182,3 +405,136 @@ def tree_paths(obj, prefix: tuple = ()):
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             yield from tree_paths(v, prefix + (i,))
+
+
+# -- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------------------
+
+# The Qwen2-VL chat template (as Qwen/Qwen2-VL-2B-Instruct ships it in chat_template.json), without its image and
+# video counters (add_vision_id), which a single-image prompt never shows.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_VL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                           "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                           "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+@dataclass(frozen=True)
+class TinyQwen2VLSpec:
+    """Sizes of a tiny Qwen2-VL ("2") or Qwen2.5-VL ("2.5"), shaped like Qwen/Qwen2-VL-2B-Instruct and
+    Qwen/Qwen2.5-VL-3B-Instruct: GQA (12/2 and 16/2 heads there), q/k/v biases, tied embeddings, M-RoPE with
+    mrope_section [16, 24, 24] of a 64-frequency head (here [2, 3, 3] of 8), patch 14, temporal patch 2, merge 2;
+    Qwen2.5: windowed vision attention (window 112 = 4 merged tokens there, 56 = 2 here) with full-attention blocks
+    [7, 15, 23, 31] of 32 (here [1, 3] of 4), RMSNorm and a gated SiLU MLP in the tower."""
+
+    version: str = "2"
+    layers: int = 8
+    hidden: int = 128
+    heads: int = 8
+    kv_heads: int = 2
+    intermediate: int = 256
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    vision_depth: int = 0  # 0: 2 for Qwen2-VL, 4 for Qwen2.5-VL
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 56
+    fullatt_block_indexes: tuple[int, ...] = (1, 3)
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 16
+    max_position_embeddings: int = 1024
+    vocab_extra: int = 200
+    seed: int = 0
+
+
+def train_qwen_tokenizer(vocab_size: int):
+    """A byte-level BPE with Qwen2's special tokens (no BOS is added, as Qwen2's tokenizer does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN2_VL_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4 + ["system user assistant You are a helpful assistant."] * 4, trainer=trainer)
+    return tok
+
+
+def build_tiny_qwen2_vl(path: str | Path, spec: TinyQwen2VLSpec = TinyQwen2VLSpec()) -> Path:
+    """Write a random-weight Qwen2VLForConditionalGeneration (spec.version "2") or Qwen2_5_VLForConditionalGeneration
+    ("2.5") checkpoint folder: config.json, model.safetensors, tokenizer files, preprocessor_config.json and
+    chat_template.json as the Qwen checkpoints ship them (no processor_config.json: Qwen2VLProcessor needs
+    torchvision to save, FIELD-NOTES)."""
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    if spec.version not in ("2", "2.5"):
+        raise ValueError(f"TinyQwen2VLSpec.version must be '2' or '2.5', got {spec.version!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = train_qwen_tokenizer(vocab_size=300 + spec.vocab_extra)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.padding_side = "left"
+    ids = {t: raw.token_to_id(t) for t in QWEN2_VL_SPECIAL_TOKENS}
+    head_dim = spec.hidden // spec.heads
+    if 2 * sum(spec.mrope_section) != head_dim:
+        raise ValueError(f"mrope_section {spec.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    text = {
+        "vocab_size": raw.get_vocab_size(), "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
+        "hidden_act": "silu", "max_position_embeddings": spec.max_position_embeddings, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "use_sliding_window": False, "sliding_window": spec.max_position_embeddings,
+        "max_window_layers": spec.layers, "attention_dropout": 0.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(spec.mrope_section)},
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+    }
+    common = {"patch_size": spec.patch_size, "spatial_merge_size": spec.merge_size, "in_channels": 3,
+              "temporal_patch_size": spec.temporal_patch_size, "num_heads": spec.vision_heads}
+    if spec.version == "2":
+        cls_name, cfg_cls = "Qwen2VLForConditionalGeneration", transformers.Qwen2VLConfig
+        vision = {**common, "depth": spec.vision_depth or 2, "embed_dim": spec.vision_hidden, "mlp_ratio": 4,
+                  "hidden_size": spec.hidden, "hidden_act": "quick_gelu"}
+    else:
+        cls_name, cfg_cls = "Qwen2_5_VLForConditionalGeneration", transformers.Qwen2_5_VLConfig
+        vision = {**common, "depth": spec.vision_depth or 4, "hidden_size": spec.vision_hidden,
+                  "intermediate_size": spec.vision_hidden * 3, "out_hidden_size": spec.hidden, "hidden_act": "silu",
+                  "window_size": spec.window_size, "fullatt_block_indexes": list(spec.fullatt_block_indexes),
+                  "tokens_per_second": 2}
+    config = cfg_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                     video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                     vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+    config.architectures = [cls_name]
+    torch.manual_seed(spec.seed)
+    model = getattr(transformers, cls_name)(config).eval()
+    with torch.no_grad():  # random weights large enough that logits are not all alike; with tied embeddings a
+        for name, p in model.named_parameters():  # larger embedding std makes greedy decoding repeat one token
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    pre = {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+        "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels, "patch_size": spec.patch_size,
+        "temporal_patch_size": spec.temporal_patch_size, "merge_size": spec.merge_size, "do_convert_rgb": True,
+        "do_rescale": True, "rescale_factor": 0.00392156862745098, "do_normalize": True, "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2))
+    return path

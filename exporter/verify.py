@@ -7,7 +7,9 @@ difference per step and whether the greedy tokens agree. Used by `anchorrt verif
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +56,33 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     """Compare logits (prefill + `steps` decode steps) of the torch model and the artifact on the same inputs.
 
     `batch=True` runs all cases as one left-padded batch (different prompt lengths), as a serving runtime would.
+    transformers' deprecation chatter (a FutureWarning and a log line about `past_key_values` per call, the
+    torchvision note) is muted for the call: the result is the report, printed once by the caller.
     """
+    with _quiet_transformers():
+        return _verify(model_dir, artifact_dir, images=images, prompts=prompts, steps=steps, atol=atol, batch=batch,
+                       providers=providers, verify_files=verify_files)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence | None, prompts: Sequence[str] | None,
+            steps: int, atol: float, batch: bool, providers: Sequence[str] | None, verify_files: bool) -> VerifyReport:
     import torch
-    from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor, DynamicCache
     from transformers.utils import logging as hf_logging
 
     from runtime.pipeline import Pipeline
@@ -67,9 +93,18 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     if len(images) != len(prompts):
         raise ValueError("verify needs one image per prompt")
     pipe = Pipeline.from_dir(artifact_dir, providers=providers, verify=verify_files)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    processor.tokenizer.padding_side = "left"
+    # an architecture module may bring its own torch side (Qwen2-VL: no AutoProcessor without torchvision)
+    architecture = pipe.manifest.data.get("architecture", "LlavaForConditionalGeneration")
+    torch_side = _torch_side(architecture, model_dir)
+    if torch_side is None:
+        model_class = getattr(transformers, architecture, None)  # the registered exporter arch's transformers class
+        if model_class is None:
+            raise VerifyError(f"transformers has no class {architecture!r}; upgrade transformers to verify this artifact")
+        model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
+        processor = AutoProcessor.from_pretrained(model_dir)
+        processor.tokenizer.padding_side = "left"
+    else:
+        model = torch_side.model
     template = pipe.manifest.prompt["template"]
     groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
     per_step: list[float] = []
@@ -78,7 +113,10 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
     for group in groups:
         texts = [template.replace("{prompt}", prompts[i]) for i in group]
         pil = [pipe._load(images[i], i) for i in group]
-        inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
+        if torch_side is None:
+            inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
+        else:
+            inputs = torch_side.inputs(pil, texts)
         # --- torch: prefill then teacher-forced greedy steps with a DynamicCache
         with torch.no_grad():
             out = model(**inputs, use_cache=True, past_key_values=DynamicCache())
@@ -89,23 +127,27 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
             for _ in range(steps):
                 nxt = torch.from_numpy(chosen[-1])[:, None]
                 mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-                out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
+                more = {} if torch_side is None else torch_side.decode_kwargs(mask)
+                out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True, **more)
                 past = out.past_key_values
                 t_logits.append(out.logits[:, -1, :].float().numpy())
                 chosen.append(t_logits[-1].argmax(-1))
         # --- onnx: the same inputs through the runtime's own stages
-        enc = [pipe.prompts.encode(prompts[i]) for i in group]
-        b = pipe._pad(enc)
+        visual = pipe.preprocess_images(pil)  # the runtime arch's tiles/feeds and per-image token counts
+        enc = [pipe.prompts.encode(prompts[i], tokens_per_image=[n]) for i, n in zip(group, visual.tokens_per_image)]
+        for k, e in enumerate(enc):
+            e.images = [k]
+        b = pipe._pad(enc, visual)
         if not np.array_equal(b.ids, inputs["input_ids"].numpy()):
             raise VerifyError(
                 f"the artifact's prompt ids ({b.ids.shape[1]} tokens) differ from the checkpoint processor's "
                 f"({inputs['input_ids'].shape[1]} tokens); is '{model_dir}' the checkpoint this artifact came from?"
             )
-        feats = pipe.encode_images(pipe.preprocess(pil))
+        feats = pipe.encode_images(visual, [prompts[i] for i in group])
         cache = pipe._new_cache(len(group), b.ids.shape[1] + steps + 1)
         extra = pipe._extra_inputs(b)
         o_logits = [pipe.prefill(b, feats, cache, extra)]
-        amask, pos = b.attention_mask, b.attention_mask.sum(-1) - 1
+        amask, pos = b.attention_mask, pipe.arch.prefill_positions(b.layout())[1]
         for s in range(steps):
             amask = np.concatenate([amask, np.ones((len(group), 1), np.int64)], axis=1)
             pos = pos + 1
@@ -120,6 +162,17 @@ def verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence 
         tok_o += np.stack([ol.argmax(-1) for ol in o_logits], 1).tolist()
     agree = float(np.mean(np.array(tok_t) == np.array(tok_o)))
     return VerifyReport(max(per_step), per_step, agree, tok_t, tok_o, atol, len(prompts))
+
+
+def _torch_side(architecture, model_dir):
+    """The exporter arch's `verify_torch_side(model_dir)` (model, inputs(images, texts), decode_kwargs(mask)), or
+    None for the LLaVA path above."""
+    from exporter.registry import get_arch, supported_architectures
+
+    if architecture not in supported_architectures():
+        return None
+    hook = getattr(get_arch(architecture), "verify_torch_side", None)
+    return None if hook is None else hook(model_dir)
 
 
 # ------------------------------------------------------------------------------ precision vs fp32 (issue 6)
@@ -163,14 +216,17 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
     import time
 
 
-    enc = [pipe.prompts.encode(p) for p in prompts]
-    b = pipe._pad(enc)
-    feats = pipe.encode_images(pipe.preprocess([pipe._load(img, i) for i, img in enumerate(images)]))
+    visual = pipe.preprocess_images([pipe._load(img, i) for i, img in enumerate(images)])
+    enc = [pipe.prompts.encode(p, tokens_per_image=[n]) for p, n in zip(prompts, visual.tokens_per_image)]
+    for k, e in enumerate(enc):
+        e.images = [k]
+    b = pipe._pad(enc, visual)
+    feats = pipe.encode_images(visual, list(prompts))
     cache = pipe._new_cache(len(prompts), b.ids.shape[1] + steps + 1)
     extra = pipe._extra_inputs(b)
     logits = [pipe.prefill(b, feats, cache, extra)]
     chosen = [logits[-1].argmax(-1) if tokens is None else tokens[:, 0]]
-    amask, pos = b.attention_mask, b.attention_mask.sum(-1) - 1
+    amask, pos = b.attention_mask, pipe.arch.prefill_positions(b.layout())[1]
     t = time.perf_counter()
     for s in range(steps):
         amask = np.concatenate([amask, np.ones((len(prompts), 1), np.int64)], axis=1)

@@ -27,12 +27,12 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graph_passes.base import GraphPass, PassError
-from graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass
+from graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass, resolve_clva_layers
 from graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
 from graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED, FuseAttentionPass
 from graph_passes.naming import AssignNodeNames
 from graph_passes.pipeline import has_external_data, run_on_model, save_model
-from graph_passes.probe import ProbePass
+from graph_passes.probe import ProbePass, resolve_probe_layers
 from graph_passes.sevi import DEFAULT_START_LAYER, SEVI_INPUTS, SeviPass
 from runtime.manifest import MANIFEST_NAME, Manifest, replace_folder, write_manifest
 from runtime.mitigation import PARAMS
@@ -68,6 +68,28 @@ def parse_methods(mitigation: str | Sequence[str]) -> list[str]:
     if len(set(items)) != len(items):
         raise PassError(f"mitigation method listed twice: {','.join(items)}")
     return [m for m in METHOD_ORDER if m in items]
+
+
+def check_layer_choices(methods: str | Sequence[str], options: BakeOptions | None, num_layers: int) -> None:
+    """Every layer choice of `methods` against a decoder of `num_layers` layers, before any graph (or weight) is
+    loaded: `export` calls this with the count from config.json, `bake` with the manifest's. PassError, one line.
+
+    SEVI's start_layer is literal (METHODS.md "SEVI"): at start_layer >= num_layers no layer would change, so asking
+    for SEVI there is refused (the default 8 on a model of 8 layers or fewer) rather than baking a no-op."""
+    methods = parse_methods(methods)
+    options = options or BakeOptions()
+    if "clva" in methods:
+        resolve_clva_layers(num_layers, options.clva_l_neg, options.clva_l_pos, options.clva_drift_layers)
+    if "sevi" in methods:
+        start = int(options.sevi_start_layer)
+        if start < 0:
+            raise PassError(f"SEVI start_layer must be >= 0, got {start}")
+        if start >= num_layers:
+            raise PassError(f"sevi: start_layer {start} leaves this {num_layers}-layer model unchanged (METHODS.md: "
+                            f"start_layer is literal, SEVI edits layers start_layer..L-1); choose --sevi-start-layer "
+                            f"below {num_layers}")
+    if "probe" in methods:
+        resolve_probe_layers(num_layers, options.probe_layers)
 
 
 def _check_not_baked(methods: Sequence[str], data: dict, where: str) -> None:
@@ -190,6 +212,7 @@ def bake_into(folder: Path, data: dict, methods: Sequence[str], options: BakeOpt
     """Bake `methods` with `options` (see `transform_into`). -> {pass_name: count}."""
     methods = parse_methods(methods)
     _check_not_baked(methods, data, str(source or folder))
+    check_layer_choices(methods, options, int(data["dims"]["num_layers"]))
     (say or (lambda msg: None))(f"baking {', '.join(methods)} into {data['graphs']['decoder']['file']}")
     return transform_into(folder, data, _passes(methods, options), source, say, require_match=True)
 
@@ -317,6 +340,7 @@ def bake(artifact_dir: str | os.PathLike, mitigation: str | Sequence[str], optio
     def check(data: dict) -> None:
         _check_not_baked(methods, data, str(folder))
         _check_mitigation_bakeable(data, str(folder))
+        check_layer_choices(methods, options, int(data["dims"]["num_layers"]))  # before the decoder is read
         say(f"baking {', '.join(methods)} into {folder}")
 
     manifest, counts = transform_artifact(folder, _passes(methods, options or BakeOptions()), progress, verify,

@@ -65,6 +65,7 @@ from graph_passes.regions import (
     slice_axis,
     static_heads,
 )
+from graph_passes.shapes import annotate_missing, reduce_extreme
 
 Z_EPS = 1e-6  # eq. 8
 LOG_ZERO = -1e9  # the bias where w = 0: exp(-1e9 + any fp32 logit) is exactly 0
@@ -183,6 +184,7 @@ class ClvaPass(GraphPass):
                                  [d if d != "heads" else heads for d in shape])
         graph.sort()
         self.count = len(drift_sites)
+        annotate_missing(model)  # every value this pass created gets a type and shape
         return ir.passes.PassResult(model, modified=True)
 
 
@@ -278,8 +280,8 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
         dev = b.op("Sub", [phi, mu], f"{tag}/dev")
         sigma = b.op("Sqrt", [b.op("ReduceMean", [b.op("Mul", [dev, dev], f"{tag}/var"), ax1], f"{tag}/var",
                                                   keepdims=1)], f"{tag}/sigma")
-        spread = b.op("Greater", [b.op("ReduceMax", [phi, ax1], f"{tag}/max", keepdims=1),
-                                  b.op("ReduceMin", [phi, ax1], f"{tag}/min", keepdims=1)], f"{tag}/spread")
+        spread = b.op("Greater", [reduce_extreme(b, phi, 1, f"{tag}/max"),
+                                  reduce_extreme(b, phi, 1, f"{tag}/min", largest=False)], f"{tag}/spread")
         width = b.op("Mul", [lam, sigma], f"{tag}/width")
         if sensitive:
             chosen = b.op("Greater", [phi, b.op("Add", [mu, width], f"{tag}/threshold")], f"{tag}/heads")  # eq. 2

@@ -39,6 +39,7 @@ import onnx_ir as ir
 from graph_passes.attention_match import RECOMPUTED, match_attention
 from graph_passes.base import GraphPass, PassError
 from graph_passes.naming import SCOPES_KEY
+from graph_passes.shapes import annotate_missing
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -173,6 +174,7 @@ class Fp16Pass(GraphPass):
         self._fix_outputs(graph, original)
         graph.sort()
         self.count = len(half)
+        annotate_missing(model)  # every value this pass created gets a type and shape
         return ir.passes.PassResult(model, modified=True)
 
     # -- which nodes ------------------------------------------------------------------------------------------

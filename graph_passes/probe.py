@@ -21,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.attention_match import RECOMPUTED, match_attention, site_keys
+from graph_passes.attention_match import match_attention
 from graph_passes.base import Builder, GraphPass, PassError, add_graph_input, graph_input
-from graph_passes.regions import BOOL, FLOAT, float_mask, recompute_logits, slice_axis, static_heads
+from graph_passes.regions import BOOL, FLOAT, attention_rows
+from graph_passes.shapes import annotate_missing
 
 INT32 = ir.DataType.INT32
 PROBE_ENABLE = "probe.enable"
@@ -72,15 +73,7 @@ class ProbePass(GraphPass):
         for layer in self.layers:
             site = sites[layer]
             lb = then.child(f"layers.{layer}", same_graph=True)
-            if site.form in RECOMPUTED:
-                heads = static_heads(site.q, "the attention's query")
-                kv_heads = static_heads(site.k, "the attention's key")
-                q_last = slice_axis(lb, site.q, -1, 2, "q_last")  # [B, H, 1, D]
-                logits = recompute_logits(lb, q_last, site_keys(lb, site), heads, kv_heads, site.scale)  # [B, H, 1, K]
-                mask_last = slice_axis(lb, float_mask(lb, site.mask), -1, 2, "mask_last")  # [B, 1, 1, K]
-                probs = lb.op("Softmax", [lb.op("Add", [logits, mask_last], "masked")], "probs", axis=-1)
-            else:
-                probs = slice_axis(lb, site.probs, -1, 2, "probs_last")  # [B, H, 1, K]
+            probs = attention_rows(lb, site, -1, "last")  # [B, H, 1, K]
             rows.append(lb.op("ReduceMean", [lb.op("Squeeze", [probs, lb.const(np.array([2], np.int64), "row_axis")],
                                                     "last_row"), heads_axis], "head_mean", keepdims=1))  # [B, 1, K]
         stacked = then.op("Concat", rows, "layers", axis=1) if len(rows) > 1 else rows[0]  # [B, L, K]
@@ -105,6 +98,7 @@ class ProbePass(GraphPass):
         graph.append(ident)
         graph.outputs.append(ident.outputs[0])
         self.count = len(self.layers)
+        annotate_missing(model)  # every value this pass created gets a type and shape
         return ir.passes.PassResult(model, modified=True)
 
     def record(self) -> dict:

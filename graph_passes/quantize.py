@@ -38,6 +38,7 @@ import onnx_ir as ir
 from graph_passes.base import GraphPass, PassError
 from graph_passes.naming import SCOPES_KEY
 from graph_passes.precision import is_mitigation_node
+from graph_passes.shapes import annotate_missing
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 MS_DOMAIN = "com.microsoft"
@@ -178,6 +179,7 @@ class Int4WeightPass(GraphPass):
         if chosen:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         self.count = len(chosen)
+        annotate_missing(model)  # every value this pass created gets a type and shape
         return ir.passes.PassResult(model, modified=bool(chosen))
 
     def record(self) -> dict:
@@ -245,6 +247,7 @@ class Int8DynamicPass(GraphPass):
             _replace(graph, node, [dq, mm, cast, both, out], out.outputs[0])
             self.quantized.append(mm.name)
         self.count = len(chosen)
+        annotate_missing(model)  # every value this pass created gets a type and shape
         return ir.passes.PassResult(model, modified=bool(chosen))
 
     def record(self) -> dict:

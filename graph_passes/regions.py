@@ -6,7 +6,7 @@ geometry: `attention_mask` [B, K] covers past + this pass (K = total_length), `i
 
     attention_mask ─Cast(bool)─► seen [B,K] ─┬──────────────── And ─► visual [B,K]
     visual_mask ─────────────────────────────┘                   │
-    Range(0,K) ─► key_index [K] ─► Where(visual, key_index, -1) ─► ReduceMax ─► last_image [B,1]  (-1: no image)
+    Range(0,K) ─► key_index [K] ─► Where(visual, key_index, -1) ─► max (ArgMax+GatherElements) ─► last_image [B,1] (-1: none)
     Range(K-S,K) ─► query_index [S] ─► Greater(·, last_image) ─┐
     last_image >= 0 ─► has_image [B,1] ───────────────────────┼─► And ─► t_rows [B,S]
     Gather(seen, query_index, axis=1) ─► seen rows [B,S] ──────┘
@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.base import NEG_INF, Builder, PassError
+from graph_passes.shapes import reduce_extreme
 
 INT64_MAX = np.iinfo(np.int64).max
 FLOAT, DOUBLE, BOOL, INT64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.BOOL, ir.DataType.INT64
@@ -46,9 +47,7 @@ def build_regions(b: Builder, attention_mask: ir.Value, visual_mask: ir.Value, i
     zero = b.const(np.int64(0), "zero")
     key_index = b.op("Range", [zero, total, one], "key_index")
     minus_one = b.const(np.int64(-1), "minus_one")
-    axis1 = b.const(np.array([1], np.int64), "axis1")
-    last_image = b.op("ReduceMax", [b.op("Where", [visual, key_index, minus_one], "last_image"), axis1], "last_image",
-                      keepdims=1)
+    last_image = reduce_extreme(b, b.op("Where", [visual, key_index, minus_one], "last_image"), 1, "last_image")
     has_image = b.op("GreaterOrEqual", [last_image, zero], "has_image")
     query_index = b.op("Range", [b.op("Sub", [total, seq], "past_len"), total, one], "query_index")
     after = b.op("Greater", [query_index, last_image], "after_image")  # [B, S]
@@ -109,6 +108,26 @@ def slice_axis(b: Builder, x: ir.Value, start: ir.Value | int, axis: int, what: 
     starts = b.const(np.array([start], np.int64), f"{what}_start") if isinstance(start, int) else start
     ends = b.const(np.array([INT64_MAX if end is None else end], np.int64), f"{what}_end")
     return b.op("Slice", [x, starts, ends, b.const(np.array([axis], np.int64), f"{what}_axis")], what)
+
+
+def attention_rows(b: Builder, site, start: ir.Value | int, what: str = "rows") -> ir.Value:
+    """The post-softmax attention of query rows `start:` of one layer, as the layer applies it: [B, H, R, K].
+
+        opset 18: probs [B,H,S,K] ─Slice(rows)─► [B,H,R,K]             (the layer's own Softmax, NaN guard included)
+        opset 23 / fused GQA: q[:, :, rows] kᵀ·scale + mask[rows] ─Softmax─► [B,H,R,K]   (recomputed: the op hides its probs)
+
+    The mask is the layer's current one (a CLVA bias baked before is included); SEVI's last-row edit is not seen.
+    Shared by the IAVA probe (last row) and the explain pass (the T rows)."""
+    from graph_passes.attention_match import RECOMPUTED, site_keys
+
+    if site.form not in RECOMPUTED:
+        return slice_axis(b, site.probs, start, 2, f"probs_{what}")
+    heads = static_heads(site.q, "the attention's query")
+    kv_heads = static_heads(site.k, "the attention's key")
+    q_rows = slice_axis(b, site.q, start, 2, f"q_{what}")  # [B, H, R, D]
+    logits = recompute_logits(b, q_rows, site_keys(b, site), heads, kv_heads, site.scale)  # [B, H, R, K]
+    mask_rows = slice_axis(b, float_mask(b, site.mask), start, 2, f"mask_{what}")  # [B, 1, R, K]
+    return b.op("Softmax", [b.op("Add", [logits, mask_rows], "masked")], "probs", axis=-1)
 
 
 SHARED_FLOAT_MASK = "/model/attn_mask/float/Where"

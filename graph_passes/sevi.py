@@ -23,7 +23,7 @@ and only its last output row is recomputed when some row has SEVI on:
                            └─► If (layer l): then ─ raw [B,H,1,K] = last row of q kᵀ·scale
                                                      (opset 18: a Slice of the layer's MatMul; opset 23: k·q_lastᵀ)
                                                    ─ A = Softmax(raw + base_last); (text, image) mass = A @ keys;
-                                                     text max = ReduceMax(A * text_f) ─► vision/global/local [B,H]
+                                                     text max = max(A * text_f) ─► vision/global/local [B,H]
                                                    ─ If (some head edited): then ─
                                                        edited = (raw + omega * Where(step1 & vision, mean_global,
                                                                  max_local)) / (1 + omega)   (edited heads only)
@@ -77,6 +77,7 @@ from graph_passes.regions import (
     slice_axis,
     static_heads,
 )
+from graph_passes.shapes import annotate_missing, reduce_extreme
 
 INT32, INT8 = ir.DataType.INT32, ir.DataType.INT8
 VISION_HEAD, GLOBAL_TEXT_HEAD, LOCAL_TEXT_HEAD, NOT_CLASSIFIED = 0, 1, 2, -1
@@ -146,6 +147,7 @@ class SeviPass(GraphPass):
                 add_graph_output(graph, classes, f"sevi.head_class.{site.layer}", INT8, ["batch", _heads(site)])
         graph.sort()
         self.count = len(chosen)
+        annotate_missing(model)  # every value this pass created gets a type and shape
         return ir.passes.PassResult(model, modified=True)
 
 
@@ -171,9 +173,8 @@ def _shared(b: Builder, any_on, attention_mask, visual_mask, base, enable, omega
     total = t.op("Gather", [t.op("Shape", [attention_mask], "total_len"), t.const(np.int64(1), "one")], "total_len",
                  axis=0)
     key_index = t.op("Range", [t.const(np.int64(0), "zero"), total, t.const(np.int64(1), "one")], "key_index")
-    last_image = t.op("ReduceMax", [t.op("Where", [visual, key_index, t.const(np.int64(-1), "minus_one")],
-                                         "last_image"), t.const(np.array([1], np.int64), "axes_1")], "last_image",
-                      keepdims=1)  # [B,1], -1 without image
+    last_image = reduce_extreme(t, t.op("Where", [visual, key_index, t.const(np.int64(-1), "minus_one")],
+                                         "last_image"), 1, "last_image")  # [B,1], -1 without image
     col = t.const(np.array([-1, 1, 1, 1], np.int64), "col_shape")
     text_f = t.op("Cast", [t.op("Greater", [key_index, last_image], "text_keys")], "text_f", to=FLOAT)  # [B,K]
     image_f = t.op("Sub", [t.const(np.float32(1.0), "one_f"), text_f], "image_f")
@@ -204,7 +205,6 @@ def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: d
     effective = site.mask if site.mask.dtype == FLOAT else shared_float_mask(graph, site.base_mask)
     t = lb.child("edit")
     ax1 = t.const(np.array([1], np.int64), "axes_1")
-    ax3 = t.const(np.array([3], np.int64), "axes_3")
     if site.form in RECOMPUTED:
         q_last = slice_axis(t, site.q, -1, 2, "q_last")
         raw = recompute_logits(t, q_last, site_keys(t, site), heads, static_heads(site.k, "the attention's key"), site.scale)
@@ -213,7 +213,7 @@ def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: d
     probs = t.op("Softmax", [t.op("Add", [raw, sh["base_last"]], "unedited")], "unedited", axis=-1)  # [B,H,1,K]
     text_mass, image_mass = t.op("Split", [t.op("MatMul", [probs, sh["keys"]], "masses")], "masses", num_outputs=2,
                                  axis=3)  # [B,H,1,1] each
-    text_max = t.op("ReduceMax", [t.op("Mul", [probs, sh["text_f"]], "text_max"), ax3], "text_max", keepdims=1)
+    text_max = reduce_extreme(t, t.op("Mul", [probs, sh["text_f"]], "text_max"), 3, "text_max")
     is_text = t.op("GreaterOrEqual", [text_mass, image_mass], "is_text")  # equal masses: a text head
     text_on = t.op("And", [is_text, sh["row_on"]], "text_on")
     concentrated = t.op("LessOrEqual", [text_max, t.op("Mul", [sh["kappa"], text_mass], "kappa_mass")], "spread_out")
@@ -245,8 +245,7 @@ def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: d
     global_sum = a.op("MatMul", [global_row, raw_rows], "global_sum")  # [B,1,1,K]
     global_mean = a.op("Div", [global_sum, slice_axis(a, counts, 1, 3, "n_global", end=2)], "global_mean")  # [B,1,1,K]
     lowest = a.const(np.float32(np.finfo(np.float32).min), "lowest")  # finite: no -inf meets omega = 0
-    local_max = a.op("ReduceMax", [a.op("Where", [local, raw, lowest], "local_max"),
-                                   a.const(np.array([1], np.int64), "axes_1")], "local_max", keepdims=1)
+    local_max = reduce_extreme(a, a.op("Where", [local, raw, lowest], "local_max"), 1, "local_max")
     target = a.op("Where", [do1, global_mean, local_max], "target")  # step 1 for vision heads, step 2 for global
     edited = a.op("Div", [a.op("Add", [raw, a.op("Mul", [sh["omega"], target], "edited")], "edited"),
                           sh["one_plus_omega"]], "edited")  # (logits + omega * target) / (1 + omega)

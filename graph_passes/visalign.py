@@ -41,6 +41,7 @@ import onnx_ir as ir
 
 from graph_passes.base import GraphPass, PassError
 from graph_passes.pipeline import has_external_data, save_model
+from graph_passes.shapes import annotate_missing
 from runtime.errors import ArtifactError, CheckpointError
 
 PASS_NAME = "visalign"
@@ -137,6 +138,7 @@ class VisAlignPass(GraphPass):
             return ir.passes.PassResult(model, modified=False)
         self._rewrite(graph)
         self.count = 1
+        annotate_missing(model)  # every value this pass created gets a type and shape
         return ir.passes.PassResult(model, modified=True)
 
     def _rewrite(self, graph: ir.Graph) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from runtime.errors import FlagError
 GENERAL_INSTRUCTION = "Describe the content of the image."
 PROBE_ENABLE = "probe.enable"
 PROBE_OUTPUT = "probe.attention"
+DEFAULT_FRACTION = Fraction(1, 10)  # default i: 10% of the visual tokens, rounded up (METHODS.md "IAVA")
 MAX_ALPHA = 1e4  # contrast strength bound: keeps (1 + a) * log-probabilities far inside float32
 
 
@@ -45,10 +47,13 @@ class IavaParams:
     beta_cut: float | None = None  # plausibility cut-off; None: off
 
     def count(self, num_visual: int) -> int:
+        """|top-i| for `num_visual` image tokens. A fraction is rounded up (METHODS.md "IAVA") from the exact
+        product of the decimal the user wrote (the float's shortest repr) and the count: 0.28 of 25 is 7 and 0.07 of
+        100 is 7, where the float products (7.000000000000001, 7.000000000000001) would round up to 8."""
         if self.i is None:
-            return math.ceil(0.1 * num_visual)
+            return math.ceil(DEFAULT_FRACTION * num_visual)
         if isinstance(self.i, float):
-            return math.ceil(self.i * num_visual)
+            return min(math.ceil(Fraction(repr(self.i)) * num_visual), num_visual)
         return min(int(self.i), num_visual)
 
 
@@ -87,6 +92,8 @@ def parse_iava(spec: Any) -> IavaParams | None:
                 raise FlagError(f"iava i must be a count >= 0 or a fraction in (0, 1], got {i}")
             kw["i"] = int(i)
         else:
+            if isinstance(i, np.floating):  # its own shortest repr: np.float32(0.28) means 0.28, not 0.2800000011920929
+                i = float(np.format_float_positional(i, unique=True, trim="0"))
             kw["i"] = _number("i", i, "a fraction in (0, 1] (or an integer count)", lambda v: 0 < v <= 1)
     lam_key = "lambda" if "lambda" in spec else "lam" if "lam" in spec else None
     if lam_key:

@@ -269,6 +269,7 @@ def validate(data: Any) -> None:
     _expect("{prompt}" in prompt["template"], "prompt.template")
     placeholder = prompt.get("image_placeholder", tokens["image_token"])
     _expect(isinstance(placeholder, str) and placeholder != "", "prompt.image_placeholder")
+    _expect(isinstance(prompt.get("image_separator", ""), str), "prompt.image_separator")
     _expect(isinstance(data.get("preprocessing"), dict), "preprocessing")
     for key in ("precision", "mitigation"):
         _expect(isinstance(data.get(key, {}), dict), key)
@@ -277,6 +278,10 @@ def validate(data: Any) -> None:
     attention = data.get("attention", {})
     _expect(isinstance(attention, dict), "attention")
     _expect(attention.get("form", "unfused") in ATTENTION_FORMS, "attention.form")
+    serving = data.get("serving", {})  # optional (issue 19): what a Triton repository of this artifact uses
+    _expect(isinstance(serving, dict), "serving")
+    if "max_batch_size" in serving:
+        _pos_int(serving, "max_batch_size", "serving", 4096)
     graphs = data.get("graphs")
     _expect(isinstance(graphs, dict), "graphs")
     for role in GRAPH_ROLES:

@@ -11,18 +11,25 @@ KV cache, IOBinding objects, random generators, flag arrays, VisAlign state, tim
 are set in __init__ and only read afterwards; onnxruntime's `InferenceSession.run` is safe to call concurrently, and
 each session is built once under a lock. tests/test_concurrency.py runs one Pipeline from 8 threads with mixed
 prompts, flags and seeds and requires the outputs of serial runs, token for token.
+
+What differs between architectures (image preprocessing, the vision stage(s), image-token counts per image,
+position ids) is the `RuntimeArch` module that the manifest's `model_type` names (runtime/archs/__init__.py);
+this module is the generic loop around it. A request may carry several images (a list): its prompt gets one
+image span per image, and the methods see all of them as `V` (METHODS.md, "Visual positions across
+architectures").
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from runtime.archs import PromptLayout, VisualInput, runtime_for
 from runtime.backend import make_backend
 from runtime.errors import ArtifactError, FlagError, ImageError
 from runtime.iava import (
@@ -36,7 +43,7 @@ from runtime.iava import (
 from runtime.kv_cache import KVCache
 from runtime.manifest import Manifest
 from runtime.mitigation import decoder_feeds, mitigation_specs, parse_request
-from runtime.preprocess import ImagePreprocessor, load_image
+from runtime.preprocess import load_image
 from runtime.prompt import EncodedPrompt, PromptBuilder
 from runtime.sampling import SamplingConfig, select_tokens
 from runtime.visalign import VisAlignFeed, VisAlignState, requested, visalign_state
@@ -48,7 +55,7 @@ _BASE_DECODER_INPUTS = {"inputs_embeds", "attention_mask", "position_ids"}
 
 @dataclass
 class Request:
-    image: Any  # path, bytes or PIL image
+    image: Any  # path, bytes or PIL image; or a list of them (several images, one span each in the prompt)
     prompt: str
     mitigation: dict | None = None  # this request's flags, e.g. {"clva": {"alpha": 14}, "sevi": True}; None: the call's
 
@@ -69,6 +76,28 @@ class _Batch:
     attention_mask: np.ndarray  # [B, S] int64
     image_mask: np.ndarray  # [B, S] bool
     prompt_lengths: list[int]
+    spans: list[list[tuple[int, int]]] | None = None  # per row: (start, end) of each image's positions
+    images: list[list[int]] | None = None  # per row: global indices of its images (into the VisualInput)
+    visual: VisualInput | None = None
+
+    def layout(self) -> PromptLayout:
+        spans = self.spans if self.spans is not None else [_spans(m) for m in self.image_mask]
+        images = self.images if self.images is not None else [[] for _ in spans]
+        return PromptLayout(self.ids, self.attention_mask, self.image_mask, spans, images, self.visual)
+
+    def rows(self, start: int, stop: int) -> _Batch:
+        """Rows start..stop-1 (IAVA splits its [G..., Q...] batch)."""
+        sl = slice(start, stop)
+        return _Batch(self.ids[sl], self.attention_mask[sl], self.image_mask[sl], self.prompt_lengths[sl],
+                      None if self.spans is None else self.spans[sl], None if self.images is None else self.images[sl],
+                      self.visual)
+
+
+def _spans(image_mask_row: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of true positions (adjacent images' spans merge: only used without records)."""
+    m = np.concatenate([[False], np.asarray(image_mask_row, bool), [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(m))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 class Pipeline:
@@ -77,15 +106,16 @@ class Pipeline:
         self.manifest = manifest
         self.max_image_pixels = max_image_pixels  # None: runtime.preprocess.default_max_pixels()
         kw = {"providers": providers, "allow_fallback": allow_fallback, "intra_op_threads": intra_op_threads}
-        self.vision = make_backend(manifest.graph_path("vision"), **kw)
+        self.arch = runtime_for(manifest, lambda role: make_backend(manifest.graph_path(role), **kw))
+        self.arch.limit_pixels(max_image_pixels)  # every intermediate image bounded (issue 13 item 4)
+        self.vision = getattr(self.arch, "vision", None)  # the (first) vision stage, for profiling
         self.embed = make_backend(manifest.graph_path("embed"), **kw)
         self.decoder = make_backend(manifest.graph_path("decoder"), **kw)
         self.prompts = PromptBuilder(manifest.folder / manifest.data["tokenizer"]["file"], manifest)
-        self.preprocess = ImagePreprocessor(manifest.preprocessing)
         dims = manifest.dims
         self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
         self.hidden = dims["hidden_size"]
-        self.tokens_per_image = manifest.tokens["tokens_per_image"]
+        self.tokens_per_image = manifest.tokens["tokens_per_image"]  # LLaVA-1.5's count; see arch for variable ones
         self.stop_ids = tuple(manifest.tokens["eos_token_ids"])
         self.pad_id = manifest.tokens["pad_token_id"]
         precision = manifest.data.get("precision", {})  # "kv" since issue 6; older artifacts: the activations
@@ -138,18 +168,40 @@ class Pipeline:
                         on_token) -> list[Generation]:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        encoded = [self.prompts.encode(r.prompt, reserve=cfg.max_new_tokens) for r in reqs]
-        general = [self.prompts.encode(p.instruction) for p in iava] if iava else None
-        pixel_values = self.preprocess([self._load(r.image, i) for i, r in enumerate(reqs)])  # [N, 3, H, W]
+        per_request = [_images_of(r.image) for r in reqs]
+        fixed = self.arch.fixed_tokens_per_image
+        if fixed is not None:  # prompt errors come before any image is decoded
+            encoded = [self.prompts.encode(r.prompt, len(im), reserve=cfg.max_new_tokens, tokens_per_image=fixed)
+                       for r, im in zip(reqs, per_request)]
+        else:
+            for r, im in zip(reqs, per_request):
+                self.prompts.check(r.prompt, len(im))
+        loaded, owner = [], []  # every image of the group in request order; owner: its request
+        for i, im in enumerate(per_request):
+            loaded += [self._load(x, len(loaded) + k) for k, x in enumerate(im)]
+            owner += [i] * len(im)
+        visual = self.arch.preprocess(loaded)
+        counts = visual.tokens_per_image
+        starts = np.cumsum([0] + [len(im) for im in per_request])
+        if fixed is None:
+            encoded = [self.prompts.encode(r.prompt, len(im), reserve=cfg.max_new_tokens,
+                                           tokens_per_image=counts[starts[i]:starts[i + 1]])
+                       for i, (r, im) in enumerate(zip(reqs, per_request))]
+        for i, e in enumerate(encoded):
+            e.images = list(range(starts[i], starts[i + 1]))
+        general = [self._encode_general(p.instruction, per_request[i], counts[starts[i]:starts[i + 1]],
+                                        range(starts[i], starts[i + 1]))
+                   for i, p in enumerate(iava)] if iava else None
         timings["preprocess_s"] = time.perf_counter() - t0
         t = time.perf_counter()
-        features = self.encode_images(pixel_values)  # [N, T, d]
+        features = self.encode_images(visual, [reqs[o].prompt for o in owner])  # [total_visual_tokens, d]
         timings["vision_s"] = time.perf_counter() - t
         if iava:
             tokens, reasons, timings_gen, details = self._generate_iava(encoded, general, features, cfg, on_token,
-                                                                        specs, iava)
+                                                                        specs, iava, visual)
         else:
-            tokens, reasons, timings_gen = self._generate_tokens(self._pad(encoded), features, cfg, on_token, specs)
+            tokens, reasons, timings_gen = self._generate_tokens(self._pad(encoded, visual), features, cfg, on_token,
+                                                                 specs)
             details = [{} for _ in reqs]
         timings.update(timings_gen)
         timings["total_s"] = time.perf_counter() - t0
@@ -160,22 +212,37 @@ class Pipeline:
         ]
 
     # -- stages -----------------------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.vision.run({"pixel_values": pixel_values.astype(self._input_dtype(self.vision, "pixel_values"))},
-                               ["image_features"])["image_features"]
+    def preprocess_images(self, images: Sequence) -> VisualInput:
+        """Loaded RGB images -> the architecture's vision feeds and per-image token counts."""
+        return self.arch.preprocess(list(images))
+
+    def preprocess(self, images: Sequence) -> np.ndarray:
+        """`pixel_values` of the images (for architectures whose vision stage takes them, e.g. LLaVA)."""
+        return self.preprocess_images(images).feeds["pixel_values"]
+
+    def encode_images(self, visual: VisualInput | np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+        """The vision stage(s) -> features [total_visual_tokens, d] in image order. `visual`: a VisualInput, or
+        `pixel_values` for an architecture with a fixed token count per image."""
+        if isinstance(visual, np.ndarray):
+            if self.arch.fixed_tokens_per_image is None:
+                raise FlagError("this architecture's images take a size-dependent number of positions: pass "
+                                "pipe.preprocess_images(images), not pixel values, to encode_images")
+            visual = VisualInput({"pixel_values": visual}, [self.arch.fixed_tokens_per_image] * len(visual))
+        return self.arch.encode(visual, texts)
 
     def prefill(self, batch: _Batch, features: np.ndarray, cache: KVCache, extra: dict,
                 visalign: VisAlignState | None = None, fetch: dict | None = None) -> np.ndarray:
         embeds = self._embed(batch.ids, features, batch.image_mask, visalign)
-        position_ids = np.maximum(np.cumsum(batch.attention_mask, axis=-1) - 1, 0)  # [B, S], left padding
+        position_ids, _ = self.arch.prefill_positions(batch.layout())  # left padding
         return self._decode(embeds, batch.attention_mask, position_ids, cache, extra, fetch=fetch)
 
     def decode_one_token(self, next_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
                          cache: KVCache, extra: dict, visalign: VisAlignState | None = None) -> np.ndarray:
+        """`positions` [B]: each row's position of the new token, in the architecture's coordinates."""
         b = next_ids.shape[0]
-        no_images = np.zeros((0, self.tokens_per_image, self.hidden), dtype=self._input_dtype(self.embed, "image_features"))
+        no_images = self.arch.no_image_features(self.embed)
         embeds = self._embed(next_ids[:, None], no_images, np.zeros((b, 1), dtype=bool), visalign)  # [B, 1, d]
-        return self._decode(embeds, attention_mask, positions[:, None], cache, extra)
+        return self._decode(embeds, attention_mask, self.arch.decode_positions(positions), cache, extra)
 
     # -- internals --------------------------------------------------------------------------------------------
     def _generate_tokens(self, batch: _Batch, features, cfg: SamplingConfig, on_token, mitigation=None):
@@ -187,7 +254,7 @@ class Pipeline:
         logits = self.prefill(batch, features, cache, extra, visalign)  # [B, V]
         prefill_s = time.perf_counter() - t
         attention_mask = batch.attention_mask
-        positions = attention_mask.sum(-1) - 1  # [B] last real position
+        _, positions = self.arch.prefill_positions(batch.layout())  # [B] last prompt position
 
         def advance(next_ids: np.ndarray) -> np.ndarray:
             nonlocal attention_mask, positions
@@ -235,13 +302,15 @@ class Pipeline:
         return out, reasons, {"decode_steps_s": steps, "new_tokens": int(sum(len(o) for o in out))}
 
     def _generate_iava(self, encoded: list[EncodedPrompt], general: list[EncodedPrompt], features: np.ndarray,
-                       cfg: SamplingConfig, on_token, specs: list, params: list[IavaParams]):
+                       cfg: SamplingConfig, on_token, specs: list, params: list[IavaParams], visual: VisualInput):
         """IAVA (runtime/iava.py): probe prefill of [G..., Q...], the irrelevant sets, the V* prefill written into
         the G rows' cache slots, then both streams decoded as one batch of 2B rows [V*..., V...]."""
         b = len(encoded)
-        both = self._pad(general + encoded)  # rows 0..b-1: G, rows b..2b-1: Q (one padded length S)
+        n = visual.num_images
+        shifted = [replace(e, images=[i + n for i in e.images]) for e in encoded]  # the Q rows' copy of the images
+        both = self._pad(general + shifted, visual.repeat(2))  # rows 0..b-1: G, rows b..2b-1: Q (one length S)
         s = both.ids.shape[1]
-        features2 = np.concatenate([features, features])  # [2N, T, d]: the G rows' images, then the Q rows'
+        features2 = np.concatenate([features, features])  # [2 * total, d]: the G rows' images, then the Q rows'
         cache = self._new_cache(2 * b, s + cfg.max_new_tokens)
         specs2 = list(specs) * 2
         timings: dict[str, Any] = {}
@@ -254,7 +323,7 @@ class Pipeline:
         att = fetched[PROBE_OUTPUT].mean(axis=1)  # [2B, S]: mean over heads (in the graph), then over layers
         timings["probe_prefill_s"] = time.perf_counter() - t
         # 2. irrelevant tokens; V* = the Q rows with V \ I hidden, positions unchanged
-        query = _Batch(both.ids[b:], both.attention_mask[b:], both.image_mask[b:], [len(e.ids) for e in encoded])
+        query = both.rows(b, 2 * b)
         hidden = query.attention_mask.copy()  # [B, S]
         details = []
         for r in range(b):
@@ -264,8 +333,9 @@ class Pipeline:
             hidden[r, q_pos[~irrelevant]] = 0
             details.append({"iava": {"irrelevant": np.flatnonzero(irrelevant).tolist(), "att_general": att_g,
                                      "att_query": att_q}})
-        positions = np.maximum(np.cumsum(query.attention_mask, axis=-1) - 1, 0)  # from the padding mask, not V*
-        star = _Batch(query.ids, hidden, query.image_mask, query.prompt_lengths)
+        positions, last_q = self.arch.prefill_positions(query.layout())  # from the padding mask, not V*
+        star = _Batch(query.ids, hidden, query.image_mask, query.prompt_lengths, query.spans, query.images,
+                      query.visual)
         t = time.perf_counter()
         embeds = self._embed(star.ids, features, star.image_mask,
                              visalign_state(self.visalign, specs, features, star.image_mask))
@@ -275,13 +345,14 @@ class Pipeline:
         timings["prefill_s"] = timings["probe_prefill_s"] + timings["contrastive_prefill_s"]
         # 3. both streams as one batch: rows 0..b-1 see V*, rows b..2b-1 see V
         streams = _Batch(np.concatenate([star.ids, query.ids]), np.concatenate([hidden, query.attention_mask]),
-                         np.concatenate([star.image_mask, query.image_mask]), query.prompt_lengths * 2)
+                         np.concatenate([star.image_mask, query.image_mask]), query.prompt_lengths * 2,
+                         query.spans * 2, query.images * 2, query.visual)
         extra = {**self._extra_inputs(streams, specs2), PROBE_ENABLE: np.zeros(2 * b, dtype=bool)}
         visalign = visalign_state(self.visalign, specs2, features2, streams.image_mask)
         alpha = np.array([p.alpha for p in params])
         beta_cut = np.array([np.nan if p.beta_cut is None else p.beta_cut for p in params])
         attention_mask = streams.attention_mask
-        last = np.concatenate([positions[:, -1], positions[:, -1]])  # [2B] last real position of each stream
+        last = np.concatenate([last_q, last_q])  # [2B] last prompt position of each stream
 
         def advance(next_ids: np.ndarray) -> np.ndarray:
             nonlocal attention_mask, last
@@ -298,7 +369,8 @@ class Pipeline:
 
     def _embed(self, ids: np.ndarray, features: np.ndarray, image_mask: np.ndarray,
                visalign: VisAlignState | None = None) -> np.ndarray:
-        feed = {"input_ids": ids, "image_features": features, "image_mask": image_mask}
+        feed = {"input_ids": ids, "image_features": self.arch.embed_features(features, self.embed),
+                "image_mask": image_mask}
         if self.visalign is not None:
             feed.update(self.visalign.inputs(visalign, ids.shape[0], self.hidden))
         return self.embed.run(feed, ["inputs_embeds"])["inputs_embeds"]
@@ -357,18 +429,27 @@ class Pipeline:
                             "`anchorrt bake ARTIFACT --mitigation probe` (or export with --mitigation probe)")
         return params
 
-    def _pad(self, encoded: list[EncodedPrompt]) -> _Batch:
+    def _pad(self, encoded: list[EncodedPrompt], visual: VisualInput | None = None) -> _Batch:
         s = max(len(e.ids) for e in encoded)
         b = len(encoded)
         ids = np.full((b, s), self.pad_id, dtype=np.int64)
         mask = np.zeros((b, s), dtype=np.int64)
         img = np.zeros((b, s), dtype=bool)
+        spans = []
         for i, e in enumerate(encoded):
             n = len(e.ids)
             ids[i, s - n:], mask[i, s - n:], img[i, s - n:] = e.ids, 1, e.image_mask
-        return _Batch(ids, mask, img, [len(e.ids) for e in encoded])
+            spans.append([(a + s - n, z + s - n) for a, z in e.spans])
+        return _Batch(ids, mask, img, [len(e.ids) for e in encoded], spans, [list(e.images) for e in encoded], visual)
+
+    def _encode_general(self, instruction: str, images: list, counts: Sequence[int], indices) -> EncodedPrompt:
+        """IAVA's general prompt G over the request's images (same spans as its query)."""
+        enc = self.prompts.encode(instruction, len(images), tokens_per_image=list(counts))
+        enc.images = list(indices)
+        return enc
 
     def _load(self, image: Any, index: int):
+        """One image source -> RGB PIL image; `index`: its place among the group's images (for messages)."""
         if image is None:
             raise ImageError(f"request {index} has no image; this model answers about an image: pass one")
         return load_image(image, max_pixels=self.max_image_pixels)
@@ -388,3 +469,12 @@ class Pipeline:
             if i.name == name:
                 return np.float16 if "float16" in i.type else np.float32
         raise ArtifactError(f"graph '{backend.path.name}' has no input '{name}'; re-export")
+
+
+def _images_of(image: Any) -> list:
+    """A request's image field -> its list of image sources (one image, or several in prompt order)."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ImageError("a request has an empty list of images; pass at least one image")
+        return list(image)
+    return [image]

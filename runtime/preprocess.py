@@ -13,9 +13,12 @@ documented behaviour, in this order:
    saturate at 255, exactly as transformers does). Note that `transformers.image_utils.load_image` instead drops
    the alpha band; we follow the image processor, which is what `processor(images=Image.open(path))` runs.
 2. Optional pad to a square (LLaVA's `do_pad`): on the uint8 pixels, before resizing, the image is centred
-   (offset `(side - edge) // 2`) on a square filled with `int(m * 255)` for each channel mean `m`.
+   (offset `(side - edge) // 2`) on a square filled with `int(m * 255)` for each channel mean `m`. The square's
+   side x side is checked against the pixel limit before it is allocated (as is the resize target).
 3. Resize with Pillow on uint8 RGB so that the short side equals `shortest_edge`; the long side is
-   `int(shortest_edge * long / short)`, i.e. truncated, not rounded.
+   `int(shortest_edge * long / short)`, i.e. truncated, not rounded. With the optional `resize_to` [h, w]
+   (SigLIP's `SiglipImageProcessorPil`, `size` {"height", "width"}) the image is resized to exactly h x w
+   instead, aspect ratio not kept, and there is no centre crop.
 4. Centre crop to `crop_size`: the crop starts at `(size - crop) // 2`; if the image is smaller than the crop it is
    first placed at offset `ceil((crop - size) / 2)` on zeros (uint8 zeros, so they are normalised like black).
 5. Rescale in float64 (`pixels * rescale_factor`) then cast to float32.
@@ -58,9 +61,13 @@ MAX_PREPROCESS_SIDE = 8_192
 """Upper bound on `shortest_edge` and `crop_size` from a manifest: a forged value would make every request allocate
 a huge `pixel_values` array (8192 x 8192 x 3 float32 is already 805 MB)."""
 
-MAX_RESIZED_PIXELS = 64_000_000
-"""Limit on the size after the shortest-edge resize: an extreme aspect ratio (1 x 100000) would otherwise ask
-for a resize to hundreds of megapixels before the centre crop throws most of it away."""
+MAX_RESIZED_PIXELS = MAX_PIXELS
+"""Default bound on every intermediate image inside `ImagePreprocessor` (the padded square, the resize target);
+`ImagePreprocessor(..., max_pixels=N)` (the pipeline passes its `max_image_pixels`) or ANCHORRT_MAX_IMAGE_PIXELS
+replace it. An extreme aspect ratio would otherwise ask for gigabytes: a 1 x 70000 image pads to a 70000 x 70000
+square (14.7 GB of RGB) and a resize of its short side to 336 gives 336 x 23.5 M pixels. Each size is computed and
+checked before anything is allocated, so for a model that pads to a square (LLaVA's `do_pad`) the limit applies to
+the padded square, side * side, not to the image as decoded."""
 
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image
 
@@ -68,6 +75,10 @@ PARAM_KEYS = (
     "do_convert_rgb", "do_pad", "do_resize", "shortest_edge", "resample", "do_center_crop", "crop_size",
     "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
 )
+
+OPTIONAL_PARAM_KEYS = ("resize_to", "image_grid_pinpoints")
+# resize_to [height, width]: resize to exactly this size (SigLIP), else shortest_edge. image_grid_pinpoints: LLaVA-NeXT's
+# tiling resolutions, used by runtime/archs/llava_next.py (each tile then goes through the steps above).
 
 _FORMATS_HINT = "PNG, JPEG, GIF, BMP, WEBP or TIFF"
 _REWRITE_HINT = "re-export or re-save the image"
@@ -94,6 +105,11 @@ def _sniff(head: bytes) -> str | None:
         if head.startswith(magic):
             return fmt
     return None
+
+
+def _is_video(head: bytes) -> bool:
+    """MP4/MOV (ISO base media `ftyp` box), WebM/MKV (EBML), AVI: named so that a video gets a clear refusal."""
+    return head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
 
 
 def convert_to_rgb(image: Image.Image) -> Image.Image:
@@ -153,6 +169,9 @@ def _open_and_decode(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         if sniffed:  # a known signature Pillow could not parse further: a damaged header, not a foreign format
             raise _fail(name, f"file is truncated or corrupt ({sniffed})", _REWRITE_HINT) from None
+        if _is_video(head):
+            raise _fail(name, "it is a video, and video input is not supported (still images only)",
+                        "extract frames and pass them as images") from None
         raise _fail(name, "not a recognised image format", f"use {_FORMATS_HINT}") from None
     except MemoryError:
         raise _fail(name, "not enough memory to open it", "downscale it") from None
@@ -229,8 +248,20 @@ def _load_path(src: str | os.PathLike[str], max_pixels: int) -> Image.Image:
     name = f"'{_printable(str(path))}'"
     if not str(src):
         raise ImageError("cannot read image: the path is empty; pass the path of an image file")
+    # stat before open: opening a FIFO blocks until a writer appears (for ever), and a device or socket is no image.
+    # The O_NONBLOCK open plus fstat below closes the race of the path being swapped between the two.
     try:
-        fp = open(path, "rb")  # noqa: SIM115 - closed below; opening it ourselves separates I/O errors from decoding
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise _fail(name, "no such file", "check the path") from None
+    except PermissionError:
+        raise _fail(name, "permission denied", "check the file's permissions") from None
+    except (OSError, ValueError) as err:  # ValueError: an embedded NUL byte
+        raise _fail(name, f"cannot stat the file ({_printable(getattr(err, 'strerror', None) or type(err).__name__)})",
+                    "check the path") from None
+    _check_regular(info, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise _fail(name, "no such file", "check the path") from None
     except IsADirectoryError:
@@ -240,21 +271,27 @@ def _load_path(src: str | os.PathLike[str], max_pixels: int) -> Image.Image:
     except OSError as err:
         raise _fail(name, f"cannot open the file ({_printable(err.strerror or type(err).__name__)})",
                     "check the path") from None
-    with fp:
+    with open(fd, "rb") as fp:  # O_NONBLOCK has no effect on reads of a regular file
         try:
             info = os.fstat(fp.fileno())
         except OSError:
             raise _fail(name, "cannot stat the file", "check the path") from None
-        if stat.S_ISDIR(info.st_mode):
-            raise _fail(name, "it is a directory, not an image file", "pass the path of an image file")
-        if not stat.S_ISREG(info.st_mode):
-            raise _fail(name, "not a regular file", "pass the path of an image file")
+        _check_regular(info, name)
         if info.st_size == 0:
             raise _fail(name, "file is empty (0 bytes)", _REWRITE_HINT)
         try:
             return _open_and_decode(fp, name, max_pixels)
         except OSError:  # reading the file itself failed (I/O error, file vanished)
             raise _fail(name, "the file could not be read", "check the disk and the path") from None
+
+
+def _check_regular(info: os.stat_result, name: str) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise _fail(name, "it is a directory, not an image file", "pass the path of an image file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode)
+                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "a special file")
+        raise _fail(name, f"it is {kind}, not a regular file", "pass the path of an image file")
 
 
 def _is_int(v: Any) -> bool:
@@ -286,7 +323,7 @@ def validate_params(
     missing = [k for k in PARAM_KEYS if k not in params]
     if missing:
         raise error(f"{source}: missing {', '.join(missing)}; {fix}")
-    unknown = sorted(str(k) for k in params if k not in PARAM_KEYS)
+    unknown = sorted(str(k) for k in params if k not in PARAM_KEYS + OPTIONAL_PARAM_KEYS)
     if unknown:
         raise error(f"{source}: unknown keys {', '.join(unknown)} (written by a newer AnchorRT?); {fix}")
     out: dict[str, Any] = {}
@@ -307,6 +344,19 @@ def validate_params(
             not all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE for c in crop):
         raise bad("crop_size", f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", crop)
     out["crop_size"] = [crop[0], crop[1]]
+    if params.get("resize_to") is not None:
+        size = params["resize_to"]
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or \
+                not all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE for c in size):
+            raise bad("resize_to", f"[height, width] as positive integers up to {MAX_PREPROCESS_SIDE}", size)
+        out["resize_to"] = [size[0], size[1]]
+    if params.get("image_grid_pinpoints") is not None:
+        pins = params["image_grid_pinpoints"]
+        if not isinstance(pins, (list, tuple)) or not 0 < len(pins) <= 64 or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(c) and 0 < c <= MAX_PREPROCESS_SIDE
+                                                                     for c in p) for p in pins):
+            raise bad("image_grid_pinpoints", f"up to 64 [height, width] pairs up to {MAX_PREPROCESS_SIDE}", pins)
+        out["image_grid_pinpoints"] = [[p[0], p[1]] for p in pins]
     factor = params["rescale_factor"]
     if not _is_real(factor) or factor <= 0:
         raise bad("rescale_factor", "a positive number", factor)
@@ -327,8 +377,14 @@ def validate_params(
 class ImagePreprocessor:
     """Turn PIL images into `pixel_values`, float32 [N, 3, H, W], as transformers' CLIP/LLaVA PIL processors do."""
 
-    def __init__(self, params: Mapping[str, Any]) -> None:
+    def __init__(self, params: Mapping[str, Any], max_pixels: int | None = None) -> None:
+        """`max_pixels` bounds every intermediate image (input, padded square, resize target) by width * height;
+        None: `default_max_pixels()` at each call (MAX_PIXELS unless ANCHORRT_MAX_IMAGE_PIXELS is set)."""
         self.params = validate_params(params)
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                       or max_pixels <= 0):
+            raise ImageError(f"max_pixels must be a positive integer, got {max_pixels!r}; pass e.g. {MAX_PIXELS}")
+        self.max_pixels = max_pixels
         p = self.params
         self._mean = np.asarray(p["image_mean"], dtype=np.float32)[:, None, None]
         self._std = np.asarray(p["image_std"], dtype=np.float32)[:, None, None]
@@ -339,6 +395,8 @@ class ImagePreprocessor:
         """(height, width) of every output image, or None when it depends on the input (no centre crop)."""
         if self.params["do_center_crop"]:
             return self.params["crop_size"][0], self.params["crop_size"][1]
+        if self.params["do_resize"] and self.params.get("resize_to"):
+            return self.params["resize_to"][0], self.params["resize_to"][1]
         return None
 
     def __call__(self, images: Sequence[Image.Image] | Image.Image) -> np.ndarray:
@@ -354,69 +412,92 @@ class ImagePreprocessor:
         return np.stack(arrays).astype(np.float32, copy=False)
 
     def preprocess_one(self, image: Image.Image, index: int = 0) -> np.ndarray:
-        """One image -> float32 [3, H, W]."""
+        """One image -> float32 [3, H, W].
+
+        Every intermediate size (the input, the padded square, the resize target) is computed and checked against
+        the pixel limit before it is allocated: a 1 x 70000 image on a model that pads to a square is refused in
+        microseconds instead of asking for a 70000 x 70000 array.
+        """
         name = f"#{index}"
         if not isinstance(image, Image.Image):
             raise ImageError(f"image {name} is a {type(image).__name__}, not a PIL image; load it with load_image()")
         p = self.params
+        limit = self.max_pixels if self.max_pixels is not None else default_max_pixels()
         width, height = image.size
         if width <= 0 or height <= 0:
             raise ImageError(f"image {name} has zero width or height ({width}x{height}); pass a non-empty image")
+        self._check_size(name, width, height, limit, "it is")
+        if p["do_pad"] and width != height:
+            side = max(width, height)
+            self._check_size(name, side, side, limit, "padding it to a square would make it")
         try:
             if p["do_convert_rgb"]:
                 image = convert_to_rgb(image)
             elif image.mode != "RGB":
                 raise ImageError(f"image {name} has mode {image.mode} and this model's preprocessing does not convert "
                                  "to RGB (do_convert_rgb is false); convert it with load_image() first")
+            if p["do_pad"]:
+                image = self._pad_to_square(image)
+            if p["do_resize"]:
+                image = self._resize(image, name, limit)
             pixels = np.asarray(image, dtype=np.uint8)
         except ImageError:
             raise
+        except MemoryError:
+            raise ImageError(f"image {name} ({width}x{height}): not enough memory to preprocess it; "
+                             "downscale it") from None
         except Exception:  # noqa: BLE001 - a lazily opened image can fail to decode here; no Pillow error escapes
             raise ImageError(f"image {name} cannot be decoded or converted to RGB (mode {image.mode}); "
                              "load it with load_image() to see why") from None
-        if p["do_pad"]:
-            pixels = self._pad_to_square(pixels)
-        if p["do_resize"]:
-            pixels = self._resize(pixels, image if not p["do_pad"] else None, name)
         if p["do_center_crop"]:
             pixels = _center_crop(pixels, *p["crop_size"])
-        chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))
-        out: np.ndarray
-        if p["do_rescale"]:
-            # float64 multiply then float32, as transformers' rescale does, so the rounding matches
-            out = (chw.astype(np.float64) * p["rescale_factor"]).astype(np.float32)
-        else:
-            out = chw.astype(np.float32)
+        chw = pixels.transpose(2, 0, 1)
+        out = np.empty(chw.shape, dtype=np.float32)
+        for c in range(chw.shape[0]):  # one channel at a time bounds the float64 temporary to a third
+            if p["do_rescale"]:
+                # float64 multiply then float32, as transformers' rescale does, so the rounding matches
+                out[c] = chw[c].astype(np.float64) * p["rescale_factor"]
+            else:
+                out[c] = chw[c]
         if p["do_normalize"]:
-            out = (out - self._mean) / self._std
+            out -= self._mean
+            out /= self._std
         return out
 
-    def _pad_to_square(self, pixels: np.ndarray) -> np.ndarray:
-        height, width = pixels.shape[:2]
+    @staticmethod
+    def _check_size(name: str, width: int, height: int, limit: int, what: str) -> None:
+        if width * height > limit:
+            raise ImageError(f"image {name}: {what} {width}x{height} = {width * height} pixels, over the limit of "
+                             f"{limit}; crop it closer to square or downscale it (or raise max_pixels / "
+                             f"{MAX_PIXELS_ENV})")
+
+    def _pad_to_square(self, image: Image.Image) -> Image.Image:
+        """LLaVA's expand2square on the uint8 RGB pixels: centred at `(side - edge) // 2` on the mean colour.
+        Pillow's paste copies pixels unchanged, so this equals padding the numpy array (one allocation, not two)."""
+        width, height = image.size
         if height == width:
-            return pixels
+            return image
         side = max(height, width)
-        square = np.empty((side, side, 3), dtype=np.uint8)
-        square[...] = np.asarray(self._pad_colour, dtype=np.uint8)
-        top, left = (side - height) // 2, (side - width) // 2
-        square[top:top + height, left:left + width] = pixels
+        square = Image.new("RGB", (side, side), self._pad_colour)
+        square.paste(image, ((side - width) // 2, (side - height) // 2))
         return square
 
-    def _resize(self, pixels: np.ndarray, rgb: Image.Image | None, name: str) -> np.ndarray:
-        height, width = pixels.shape[:2]
+    def _resize(self, image: Image.Image, name: str, limit: int) -> Image.Image:
+        width, height = image.size
         edge = self.params["shortest_edge"]
         short, long = (width, height) if width <= height else (height, width)
         new_long = int(edge * long / short)
         new_h, new_w = (new_long, edge) if width <= height else (edge, new_long)
-        if new_h * new_w > MAX_RESIZED_PIXELS:
+        if self.params.get("resize_to"):
+            new_h, new_w = self.params["resize_to"]
+        if new_h * new_w > limit:
             raise ImageError(f"image {name} ({width}x{height}) has too extreme an aspect ratio: resizing its short "
-                             f"side to {edge} would make it {new_w}x{new_h}; crop it closer to square")
-        source = rgb if rgb is not None else Image.fromarray(pixels)
+                             f"side to {edge} would make it {new_w}x{new_h} = {new_w * new_h} pixels, over the limit "
+                             f"of {limit}; crop it closer to square")
         try:
-            resized = source.resize((new_w, new_h), resample=self.params["resample"])
+            return image.resize((new_w, new_h), resample=self.params["resample"])
         except MemoryError:
             raise ImageError(f"image {name}: not enough memory to resize it to {new_w}x{new_h}; downscale it") from None
-        return np.asarray(resized, dtype=np.uint8)
 
 
 def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:

@@ -180,7 +180,7 @@ def main() -> None:
     for name, res in table.items():
         m, c = res["mme"], res["chair"]
         lines.append(f"| {name} | " + " | ".join(f"{m[s]['score']:.1f}" for s in MME_SUBSETS) +
-                     f" | {m['total']:.1f} | {c['chair_s']:.3f} | {c['chair_i']:.3f} | {c['recall']:.3f} |")
+                     f" | {m['totals']['perception']:.1f} | {c['chair_s']:.3f} | {c['chair_i']:.3f} | {c['recall']:.3f} |")
     if sweep:
         bp = run.evaluate("pope", main_art, "sweep-baseline", sets=["adversarial"],
                           limit=args.sweep_limit)["world_pope_adversarial"]

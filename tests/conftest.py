@@ -59,12 +59,15 @@ def gqa_model(tmp_path_factory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava-gqa", spec)
 
 
+EXPORT_PROGRESS: list[str] = []  # the progress lines of the tiny_artifact export (tests of the export's output)
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
     from exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
-    export_model(tiny_model, out)
+    export_model(tiny_model, out, progress=EXPORT_PROGRESS.append)
     return out
 
 
@@ -111,6 +114,24 @@ def gqa_artifact(gqa_model, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("artifacts") / "gqa-opset23"
     export_model(gqa_model, out, opset=23)
+    return out
+
+
+@pytest.fixture(scope="session")
+def interleave_model(tmp_path_factory) -> Path:
+    """LLaVA-Interleave-shaped (llava-hf/llava-interleave-qwen-0.5b-hf): Qwen2 with q/k/v bias and tied embeddings,
+    SigLIP tower, no pad_token_id; 6 layers (CLVA's l_pos = 1 differs from l_neg = 0), 4 heads over 2 KV heads."""
+    from exporter.testing import TinyInterleaveSpec, build_tiny_llava_interleave
+
+    return build_tiny_llava_interleave(tmp_path_factory.mktemp("models") / "tiny-interleave", TinyInterleaveSpec())
+
+
+@pytest.fixture(scope="session")
+def interleave_artifact(interleave_model, tmp_path_factory) -> Path:
+    from exporter.export import export_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "interleave"
+    export_model(interleave_model, out)
     return out
 
 

@@ -8,15 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from runtime.eval.chair import Chair
 from runtime.eval.loaders import EvalDataError, load_chair, load_mme, load_pope
-from runtime.eval.metrics import (
-    SynonymTable,
-    caption_objects,
-    chair_metrics,
-    mme_scores,
-    parse_yes_no,
-    pope_metrics,
-)
+from runtime.eval.metrics import chair_metrics, mme_scores, parse_yes_no, pope_metrics
 from runtime.eval.world import PAIRS, SHAPES, World, caption, mme_sets, pope_sets
 from tests.conftest import run_cli
 
@@ -52,13 +46,11 @@ def test_pope_metrics_hand_computed():
 
 
 def test_chair_hand_computed():
-    table = SynonymTable.from_lines(["circle, disc", "square", "dog, puppy", "hot dog, frankfurter", "", "# note"])
-    assert table.categories == ("circle", "square", "dog", "hot dog")
-    assert caption_objects("Two squares, a disc and a hot dog; no puppies.", table) == ["square", "circle", "hot dog",
-                                                                                          "dog"]
-    captions = {"1": "a red circle and two squares.", "2": "a disc, a hot dog and a circle."}
-    gt = {"1": {"circle", "square"}, "2": {"circle"}}
-    m = chair_metrics(captions, gt, table)
+    chair = Chair("opera")
+    assert chair.caption_words("Two dogs, a puppy and a hot dog; no cats.").nodes == ["dog", "dog", "hot dog", "cat"]
+    captions = {"1": "a dog and two cats.", "2": "a puppy, a hot dog and a dog."}
+    gt = {"1": {"dog", "cat"}, "2": {"dog"}}
+    m = chair_metrics(captions, gt, chair)
     assert (m["mentions"], m["hallucinated_mentions"]) == (5, 1)
     assert m["chair_i"] == pytest.approx(1 / 5)
     assert m["chair_s"] == pytest.approx(1 / 2)
@@ -68,18 +60,18 @@ def test_chair_hand_computed():
 
 def test_mme_score_hand_computed():
     recs = [
-        {"subset": "color", "image": "a", "label": "yes", "prediction": "yes"},
-        {"subset": "color", "image": "a", "label": "no", "prediction": "no"},
-        {"subset": "color", "image": "b", "label": "yes", "prediction": "yes"},
-        {"subset": "color", "image": "b", "label": "no", "prediction": "yes"},
-        {"subset": "position", "image": "a", "label": "no", "prediction": "yes"},
-        {"subset": "position", "image": "a", "label": "yes", "prediction": "yes"},
+        {"subset": "color", "label": "yes", "answer": "Yes"},
+        {"subset": "color", "label": "no", "answer": "No"},
+        {"subset": "color", "label": "yes", "answer": "yes"},
+        {"subset": "color", "label": "no", "answer": "Yes"},
+        {"subset": "position", "label": "no", "answer": "yes"},
+        {"subset": "position", "label": "yes", "answer": "yes"},
     ]
     m = mme_scores(recs)
     assert m["color"]["acc"] == pytest.approx(0.75) and m["color"]["acc_plus"] == pytest.approx(0.5)
     assert m["color"]["score"] == pytest.approx(125.0)
     assert m["position"]["score"] == pytest.approx(50.0)
-    assert m["total"] == pytest.approx(175.0)
+    assert m["totals"]["perception"] == pytest.approx(175.0)
 
 
 # ------------------------------------------------------------------------------------------------ loaders
@@ -114,16 +106,19 @@ def test_load_chair(tmp_path):
     (tmp_path / "captions.json").write_text(json.dumps(captions))
     (tmp_path / "syn.txt").write_text("dog, puppy\nhot dog, frankfurter\n")
     data = load_chair(tmp_path / "instances.json", tmp_path / "captions.json", tmp_path / "syn.txt", tmp_path / "im",
-                      "Describe.")
+                      "Describe.", impl="rohrbach")
     assert [it.id for it in data.items] == ["3", "7"]  # id order
     assert data.ground_truth() == {"3": {"hot dog"}, "7": {"dog", "hot dog"}}  # caption objects count as present
     assert data.items[1].image == tmp_path / "im" / "x.jpg" and data.items[1].prompt == "Describe."
     sampled = load_chair(tmp_path / "instances.json", tmp_path / "captions.json", tmp_path / "syn.txt", tmp_path,
-                         "Describe.", sample=1, seed=0)
+                         "Describe.", sample=1, seed=0, impl="rohrbach")
+    with pytest.raises(EvalDataError, match="does not cover synonym word.*frankfurter"):  # opera needs its lemmas
+        load_chair(tmp_path / "instances.json", tmp_path / "captions.json", tmp_path / "syn.txt", tmp_path, "D")
     assert len(sampled.items) == 1
     (tmp_path / "syn.txt").write_text("dog\n")
     with pytest.raises(EvalDataError, match="not in the synonym table"):
-        load_chair(tmp_path / "instances.json", tmp_path / "captions.json", tmp_path / "syn.txt", tmp_path, "D")
+        load_chair(tmp_path / "instances.json", tmp_path / "captions.json", tmp_path / "syn.txt", tmp_path, "D",
+                   impl="rohrbach")
 
 
 def test_load_mme_both_layouts(tmp_path):
@@ -275,7 +270,43 @@ def test_eval_pope_end_to_end_and_resume(tiny_artifact, world_files, tmp_path):
     assert json.loads((out / "results.json").read_text())["results"]["world_pope_random"]["n"] == 24
     # other settings on the same answers file are refused, not mixed
     proc = run_cli(*args[:-3], "--max-new-tokens", "5", "--no-progress")
-    assert proc.returncode == 2 and "other settings (max_new_tokens)" in proc.stderr
+    assert proc.returncode == 2 and "other inputs (max_new_tokens: 3 -> 5)" in proc.stderr
+    # the official answers file that evaluate.py reads: one JSON line per question with "answer" (and "text")
+    official = [json.loads(line) for line in (out / "world_pope_random.pope_answers.jsonl").read_text().splitlines()]
+    assert [(o["question_id"], o["answer"], o["text"]) for o in official] == [(int(r["id"]), r["answer"], r["answer"])
+                                                                                for r in recs2]
+
+
+def test_eval_resume_only_when_every_input_matches(tiny_artifact, world_files, tmp_path):
+    """Issue 13 item 7: an existing --out with another --image-root or an edited questions file was silently
+    reused (exit 0, the old answers). Now one line names the mismatch and the fix; --overwrite starts over."""
+    import shutil
+
+    root, pope = world_files
+    split = [p for p in pope if p.stem.endswith("random")][0]
+    q = tmp_path / split.name
+    q.write_text(split.read_text())
+    other_images = tmp_path / "images-copy"
+    shutil.copytree(root / "pope" / "images", other_images)
+    out = tmp_path / "res"
+    base = ["eval", "pope", str(tiny_artifact), "-q", str(q), "--out", str(out), "--max-new-tokens", "2",
+            "--no-progress", "--limit", "3"]
+    proc = run_cli(*base, "--image-root", str(root / "pope" / "images"), block_torch=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli(*base, "--image-root", str(other_images), block_torch=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "image_root:" in line and "--overwrite" in line and "another --out" in line
+    rows = [json.loads(r) for r in q.read_text().splitlines()]
+    rows[0]["text"] = rows[0]["text"].replace("Is there", "Do you see")  # the same file, edited
+    q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli(*base, "--image-root", str(root / "pope" / "images"), block_torch=True)
+    assert proc.returncode == 2 and "file.sha256" in proc.stderr and "items_sha256" in proc.stderr
+    proc = run_cli(*base, "--image-root", str(other_images), "--overwrite", block_torch=True)
+    assert proc.returncode == 0, proc.stderr
+    header, recs = _answers(out / f"{q.stem}.answers.jsonl")
+    assert header["settings"]["image_root"] == str(other_images.resolve()) and len(recs) == 3
+    assert recs[0]["prompt"].startswith("Do you see")
 
 
 def test_eval_mme_and_chair_end_to_end(tiny_artifact, world_files, tmp_path):
@@ -284,7 +315,10 @@ def test_eval_mme_and_chair_end_to_end(tiny_artifact, world_files, tmp_path):
                    "--max-new-tokens", "2", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "mme" / "results.json").read_text())["results"]
-    assert set(res) == {"existence", "color", "position", "total"}
+    assert set(res) == {"existence", "color", "position", "totals"}
+    for subset in ("existence", "color", "position"):  # the eval tool's input: image, question, gt, answer
+        lines = (tmp_path / "mme" / "mme_results" / f"{subset}.txt").read_text().splitlines()
+        assert len(lines) == 4 and all(len(line.split("\t")) == 4 for line in lines)
     assert all(res[s]["n"] == 4 and res[s]["images"] == 2 for s in ("existence", "color", "position"))
     c = root / "chair"
     proc = run_cli("eval", "chair", str(tiny_artifact), "--instances", str(c / "instances_world.json"),
@@ -294,6 +328,8 @@ def test_eval_mme_and_chair_end_to_end(tiny_artifact, world_files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "chair" / "results.json").read_text())["results"]
     assert res["n_captions"] == 3 and 0.0 <= res["chair_i"] <= 1.0 and 0.0 <= res["recall"] <= 1.0
+    caps = json.loads((tmp_path / "chair" / "captions.chair.json").read_text())  # OPERA chair.py's --cap_file
+    assert len(caps) == 3 and all(set(c) == {"image_id", "caption"} for c in caps)
 
 
 def test_torch_reference_backend_matches_runtime(tiny_model, tiny_artifact, world_files):

@@ -127,6 +127,24 @@ def test_selection_rule_by_hand():
         assert np.flatnonzero(select_irrelevant(g, q, count, lam)).tolist() == want
 
 
+@pytest.mark.parametrize("i,n,want", [
+    (0.28, 25, 7), (0.07, 100, 7), (0.1, 30, 3), (None, 30, 3), (None, 576, 58), (0.3, 10, 3), (0.29, 100, 29),
+    (0.57, 100, 57), (0.01, 100, 1), (0.011, 100, 2), (0.5, 25, 13), (1.0, 25, 25), (np.float32(0.28), 25, 7),
+    (np.float64(0.07), 100, 7), ("0.28", 25, 7), ("0.07", 100, 7), ("7", 25, 7),
+])
+def test_fraction_count_is_exact(i, n, want):
+    """Issue 13 item 5: `i` as a fraction selects ceil of the exact product (0.28 * 25 is 7.000000000000001 in
+    floating point, which used to give 8); the runtime and the reference agree; strings are the CLI's --iava-i."""
+    from anchorrt.cli_mitigation import _count_or_fraction
+    from exporter.reference.iava import count_from
+
+    if isinstance(i, str):
+        i = _count_or_fraction(i)
+    params = parse_iava({"i": i}) if i is not None else parse_iava(True)
+    assert params.count(n) == want
+    assert count_from(params.i, n) == want
+
+
 def test_plausibility_cutoff():
     logits = np.array([[4.0, 3.0, 0.0, -2.0]])
     star = np.array([[4.0, 0.0, 0.0, 0.0]])

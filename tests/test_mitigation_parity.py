@@ -1,6 +1,6 @@
 """Baked CLVA/SEVI through the runtime against the independent PyTorch reference (exporter/reference).
 
-Both tiny fixtures (MHA at opset 18, GQA at opset 23), CLVA / SEVI / both on row 0 of a left-padded batch of two
+The tiny fixtures (MHA at opset 18, GQA at opset 23, LLaVA-Interleave's Qwen2 + SigLIP at opset 18), CLVA / SEVI / both on row 0 of a left-padded batch of two
 and off on row 1: logits within 1e-4 for the prefill and 3 decode steps, identical CLVA masks and head sets and
 SEVI head classes (debug outputs), the off row exactly the plain model, the on row measurably changed, and 16
 greedy tokens identical. The random tiny model's attention is nearly uniform, so CLVA runs with lam=0, tau=0.5
@@ -47,10 +47,14 @@ def reference_flags(spec: dict):
     return ([clva, None] if clva else None), ([sevi, None] if sevi else None)
 
 
-@pytest.fixture(scope="module", params=["mha18", "gqa23"])
+FIXTURES = {"mha18": ("tiny_artifact", "tiny_model"), "gqa23": ("gqa_artifact", "gqa_model"),
+            "interleave": ("interleave_artifact", "interleave_model")}  # Qwen2 (q/k/v bias) + SigLIP
+
+
+@pytest.fixture(scope="module", params=list(FIXTURES))
 def setup(request, tmp_path_factory, images):
-    plain_dir = request.getfixturevalue("tiny_artifact" if request.param == "mha18" else "gqa_artifact")
-    model_dir = request.getfixturevalue("tiny_model" if request.param == "mha18" else "gqa_model")
+    plain_dir = request.getfixturevalue(FIXTURES[request.param][0])
+    model_dir = request.getfixturevalue(FIXTURES[request.param][1])
     baked_dir = tmp_path_factory.mktemp("parity") / request.param
     shutil.copytree(plain_dir, baked_dir)
     bake(baked_dir, "clva,sevi", BakeOptions(sevi_start_layer=2, debug_outputs=True))
@@ -128,7 +132,7 @@ def test_flags_on_match_the_reference(setup, case):
             assert res["clva.zpos"][0].any() and res["clva.zneg"][0].any()
             assert not res["clva.zpos"][1].any()
         if sevi:
-            for layer in range(2, 8):
+            for layer in range(2, setup["pipe"].num_layers):
                 expected = r.debug["sevi"][layer]["head_class"].numpy()
                 assert np.array_equal(res[f"sevi.head_class.{layer}"], expected), f"SEVI layer {layer}, step {step}"
     assert effect > 1e-3, f"{case} on row 0 changed the logits by only {effect:.3g}"

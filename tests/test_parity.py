@@ -106,7 +106,7 @@ def test_generated_image_token_stays_text(tiny_artifact, images):
     ids = np.array([[img_id]], dtype=np.int64)
     no_images = np.zeros((0, pipe.tokens_per_image, pipe.hidden), np.float32)
     text_embed = pipe._embed(ids, no_images, np.zeros((1, 1), bool))
-    feats = pipe.encode_images(pipe.preprocess([images[0]]))
+    feats = pipe.encode_images(pipe.preprocess([images[0]]))  # [T, d]: flat, in image-position order
     as_image = pipe._embed(np.full((1, pipe.tokens_per_image), img_id), feats, np.ones((1, pipe.tokens_per_image), bool))
-    np.testing.assert_allclose(as_image[0], feats[0], atol=0)
-    assert not np.allclose(text_embed[0, 0], feats[0, 0])
+    np.testing.assert_allclose(as_image[0], feats, atol=0)
+    assert not np.allclose(text_embed[0, 0], feats[0])

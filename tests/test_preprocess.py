@@ -478,8 +478,8 @@ def test_height_width_size(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name,data,fragment", [
-    ("preprocessor_config.json", {**LLAVA15_PREPROCESSOR_CONFIG, "image_processor_type": "SiglipImageProcessor"},
-     "'SiglipImageProcessor' is not supported; AnchorRT supports CLIPFeatureExtractor, CLIPImageProcessor"),
+    ("preprocessor_config.json", {**LLAVA15_PREPROCESSOR_CONFIG, "image_processor_type": "Idefics3ImageProcessor"},
+     "'Idefics3ImageProcessor' is not supported; AnchorRT supports CLIPFeatureExtractor, CLIPImageProcessor"),
     ("preprocessor_config.json", {k: v for k, v in LLAVA15_PREPROCESSOR_CONFIG.items()
                                   if k != "image_processor_type"}, "None is not supported"),
     ("preprocessor_config.json", "{not json", "not valid JSON"),

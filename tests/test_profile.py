@@ -86,6 +86,21 @@ def test_cli_plots_are_pictures(cli_run):
         assert colours is None or len(colours) > 20, f"{name} is (nearly) a flat colour"
 
 
+def test_memory_panels_hold_their_line(cli_run):
+    """Issue 20 item 3: a near-constant peak-memory series sat on the panel's top edge (autoscaling around a constant,
+    then a bottom at 0); the panels now run from 0 to above the highest point."""
+    from runtime.profile import plots
+
+    _, out = cli_run
+    report = json.loads((out / "profile.json").read_text())
+    for draw, sweep in ((plots._batch, "batch"), (plots._context, "context")):
+        fig = draw(report)
+        memory = next(ax for ax in fig.axes if ax.get_title() == "memory")
+        peak = max(r["summary"]["host_peak_rss_bytes"]["p90"] for r in report["runs"] if sweep in r["sweeps"]) / 2**20
+        bottom, top = memory.get_ylim()
+        assert bottom == 0 and top >= 1.1 * peak, (sweep, top, peak)
+
+
 def test_cli_writes_onnxruntime_traces(cli_run):
     _, out = cli_run
     report = json.loads((out / "profile.json").read_text())
@@ -251,3 +266,26 @@ def test_cli_model_without_torch_is_one_line(tiny_artifact, tiny_model, tmp_path
 def test_cli_missing_artifact(tmp_path):
     res = _cli(str(tmp_path / "nope"), "--no-plots")
     assert res.exit_code == 2 and res.output.startswith("error: artifact folder") and len(res.output.splitlines()) == 1
+
+
+def test_probe_baked_artifact_profiles_iava(baked_artifact, base_context, tmp_path):
+    """Issue 13 item 6: an artifact with the probe baked (what `make demo` writes) failed with "unknown mitigation
+    method 'probe'". The probe is what IAVA runs on, so the A/B measures IAVA on and off, through the CLI too."""
+    from runtime.profile import ProfileSettings, run_profile, validate_report
+
+    ctx = (base_context,)
+    report = run_profile(baked_artifact, ProfileSettings(batch_sizes=(1,), contexts=ctx, images=(1,), warmup=0,
+                                                         repeats=1, new_tokens=NEW_TOKENS))
+    validate_report(report)
+    m = report["mitigation"]
+    assert m["methods"] == ["clva", "sevi", "iava"] and m["flags_applied"]
+    assert [r["variant"] for r in m["ratios"]] == ["clva", "sevi", "iava", "all"]
+    iava = next(r for r in report["runs"] if r["variant"] == "iava")
+    plain = next(r for r in report["runs"] if r["variant"] == "plain" and "mitigation" in r["sweeps"])
+    assert all(g == [NEW_TOKENS] for g in iava["samples"]["generated"])
+    assert np.median(iava["samples"]["ttft_s"]) > 0 and plain["context"] == iava["context"]
+    proc = run_cli("profile", str(baked_artifact), "--out", str(tmp_path / "out"), "--batch-sizes", "1",
+                   "--contexts", str(base_context), "--images", "1", "--warmup", "0", "--repeats", "1",
+                   "--new-tokens", str(NEW_TOKENS), "--no-plots", block_torch=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "iava" in proc.stdout

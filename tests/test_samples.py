@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,20 @@ BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
 
 def blocks(readme: Path) -> list[str]:
     return BLOCK.findall(readme.read_text())
+
+
+def project_env(**extra: str) -> dict:
+    """The environment a README block runs in: this interpreter's folder first on PATH, so the `python` and
+    `anchorrt` a block calls are the project's (a fresh machine's default `python` has none of its packages)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return dict(os.environ, PATH=path, **extra)
+
+
+def test_blocks_use_the_project_interpreter():
+    proc = subprocess.run(["bash", "-c", "python -c 'import sys; print(sys.prefix)'"], env=project_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == sys.prefix
 
 
 # READMEs with runnable blocks (```sh blocks are shown, not run: they need torch, a GPU or an hour)
@@ -31,8 +46,8 @@ def test_sample_readme_blocks_run(readme, tiny_artifact, images, tmp_path):
     found = blocks(readme)
     image = tmp_path / "image.png"
     images[0].save(image)
-    env = dict(os.environ, ARTIFACT=str(tiny_artifact), IMAGE=str(image),
-               PYTHONPATH=os.pathsep.join([str(BLOCK_TORCH), str(ROOT)]))
+    env = project_env(ARTIFACT=str(tiny_artifact), IMAGE=str(image),
+                      PYTHONPATH=os.pathsep.join([str(BLOCK_TORCH), str(ROOT)]))
     for i, block in enumerate(found):
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300)

@@ -100,19 +100,42 @@ class LlavaArch:
     model_type = "llava"
 
     def __init__(self, checkpoint, dtype: torch.dtype = torch.float32):
-        from transformers import LlavaForConditionalGeneration
-
         self.checkpoint = checkpoint
         try:
-            self.model = LlavaForConditionalGeneration.from_pretrained(
-                checkpoint.path, dtype=dtype, attn_implementation="sdpa", use_safetensors=not checkpoint.uses_pickle,
-            ).eval()
+            self.model = self._load(checkpoint, dtype)
         except Exception as exc:  # noqa: BLE001 - transformers/safetensors raise many types; the user needs one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise CheckpointError(f"cannot load '{checkpoint.path}' as LLaVA: {first[:300]}") from None
         self.config = self.model.config
         self.text = self.config.text_config
         self.vision = self.config.vision_config
+
+    def _load(self, checkpoint, dtype):
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(
+            checkpoint.path, dtype=dtype, attn_implementation="sdpa", use_safetensors=not checkpoint.uses_pickle,
+        ).eval()
+
+    @classmethod
+    def check_config(cls, config: dict, preprocessor: dict | None) -> dict:
+        """Pre-load check (exporter/registry.py): the image processor is one the runtime reproduces, and the
+        decoder's layer count, from config.json alone. transformers' LlavaConfig fills a missing text_config with
+        Llama defaults, so a missing count is left unknown here rather than guessed."""
+        from exporter.preprocessing import params_from_config
+
+        if preprocessor is None:
+            raise CheckpointError("the checkpoint has no image-processor config (preprocessor_config.json or "
+                                  "processor_config.json); save the processor with processor.save_pretrained(folder)")
+        params_from_config(preprocessor, "the checkpoint's image-processor config")
+        text = config.get("text_config")
+        layers = text.get("num_hidden_layers") if isinstance(text, dict) else None
+        if layers is None:
+            return {}
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0:
+            raise CheckpointError(f"config.json: text_config.num_hidden_layers must be a positive integer, got "
+                                  f"{layers!r}; restore the file")
+        return {"num_layers": layers}
 
     # -- graphs ------------------------------------------------------------------------------------------
     def graphs(self, image_size: tuple[int, int]) -> list[GraphSpec]:
@@ -201,8 +224,30 @@ class LlavaArch:
                 first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
                 return {"template": DEFAULT_PROMPT_TEMPLATE, "source": f"default (chat template failed: {first})"}
             if rendered.count(_SENTINEL) == 1:
-                return {"template": rendered.replace(_SENTINEL, "{prompt}"), "source": "chat_template"}
+                out = {"template": rendered.replace(_SENTINEL, "{prompt}"), "source": "chat_template"}
+                separator = _image_separator(processor, rendered)
+                if separator is not None:
+                    out["image_separator"] = separator
+                return out
         return {"template": DEFAULT_PROMPT_TEMPLATE, "source": "default (LLaVA-1.5 conversation format)"}
+
+
+def _image_separator(processor, one: str) -> str | None:
+    """What the chat template puts between two consecutive images of one message (LLaVA-1.5: "\n" after each
+    "<image>"; interleave: nothing): the template rendered with two images, less the one-image rendering. The
+    runtime expands the template's image placeholder to k placeholders joined by it. None: not derivable."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
+    image = getattr(processor, "image_token", None) or "<image>"
+    try:
+        two = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot take two images: one image per prompt
+        return None
+    if one.count(image) != 1 or two.count(image) != 2:
+        return None
+    first = two.index(image) + len(image)
+    separator = two[first:two.index(image, first)]
+    joined = one.replace(image, image + separator + image)
+    return separator if joined == two else None
 
 
 def load_processor(path: Path):

@@ -6,9 +6,10 @@ compare the exported graphs against them. See `llava_reference.py` for the model
 
 from .clva import ClvaParams, ReferenceFlagError
 from .llava_reference import FrozenAnchors, RefCache, ReferenceLlava, RefOutput
+from .qwen2_vl_reference import ReferenceIavaQwen2VL, ReferenceQwen2VL
 from .sevi import GLOBAL_TEXT_HEAD, LOCAL_TEXT_HEAD, NOT_CLASSIFIED, VISION_HEAD, SeviParams
 
 __all__ = [
     "ClvaParams", "FrozenAnchors", "GLOBAL_TEXT_HEAD", "LOCAL_TEXT_HEAD", "NOT_CLASSIFIED", "RefCache", "RefOutput",
-    "ReferenceFlagError", "ReferenceLlava", "SeviParams", "VISION_HEAD",
+    "ReferenceFlagError", "ReferenceIavaQwen2VL", "ReferenceLlava", "ReferenceQwen2VL", "SeviParams", "VISION_HEAD",
 ]

@@ -16,6 +16,7 @@ IAVA (runtime/iava.py) or the attention-probe pass; the tests compare the two.
 
 from __future__ import annotations
 
+import decimal
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +36,15 @@ class IavaTrace:
 
 
 def count_from(i: int | float | None, num_visual: int) -> int:
-    """`i` as a count (int) or a fraction of the visual tokens (float in (0, 1]); default 10%, rounded up."""
+    """`i` as a count (int) or a fraction of the visual tokens (float in (0, 1]); default 10%, rounded up.
+
+    The fraction is the decimal the user wrote (the float's shortest repr), multiplied exactly: 0.28 of 25 is 7, where
+    the float product 0.28 * 25 = 7.000000000000001 would round up to 8."""
     if i is None:
-        return math.ceil(0.1 * num_visual)
+        i = 0.1
     if isinstance(i, float):
-        return math.ceil(i * num_visual)
+        exact = decimal.Decimal(repr(i)) * num_visual
+        return int(exact.to_integral_value(rounding=decimal.ROUND_CEILING))
     return int(i)
 
 
@@ -54,12 +59,23 @@ def irrelevant_tokens(att_g: torch.Tensor, att_q: torch.Tensor, i: int, lam: flo
 
 class ReferenceIava:
     def __init__(self, model_dir: str | Path):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        import json
 
-        self.model = LlavaForConditionalGeneration.from_pretrained(
+        import transformers
+        from transformers import AutoProcessor
+
+        arch = json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]  # LLaVA-1.5 or NeXT
+        self.model = getattr(transformers, arch).from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="eager").eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.image_token_id = self.model.config.image_token_id
+
+    def _prompt_positions(self, inputs) -> torch.Tensor:
+        """Position ids of the prompt from the full (padding-free) mask, so hidden keys do not shift them."""
+        return torch.arange(inputs["input_ids"].shape[1])[None]
+
+    def _step_position(self, n: int, step: int) -> torch.Tensor:
+        return torch.tensor([[n + step]])
 
     def _inputs(self, image, text: str, template: str):
         return self.processor(images=[image], text=[template.replace("{prompt}", text)], return_tensors="pt")
@@ -93,7 +109,7 @@ class ReferenceIava:
             if k not in keep:
                 hidden[pos] = 0
         masks = [torch.ones(1, n, dtype=torch.long), hidden[None]]
-        positions = torch.arange(n)[None]
+        positions = self._prompt_positions(q_inputs)
         pasts = [None, None]
         logits = [None, None]
         for s in range(2):  # main stream (V), contrastive stream (V*)
@@ -113,7 +129,7 @@ class ReferenceIava:
             if tok in eos or step == max_new_tokens - 1:
                 break
             nxt = torch.tensor([[tok]])
-            pos = torch.tensor([[n + step]])
+            pos = self._step_position(n, step)
             for s in range(2):
                 masks[s] = torch.cat([masks[s], torch.ones(1, 1, dtype=torch.long)], dim=1)
                 out = self.model(input_ids=nxt, attention_mask=masks[s], position_ids=pos, past_key_values=pasts[s],

@@ -4,7 +4,10 @@ The Llama decoder is re-implemented here in explicit PyTorch from the Hugging Fa
 (embedding, RMSNorm, q/k/v/o projections, rotary embedding recomputed from `rope_theta`, grouped-query
 `repeat_kv`, eager attention with explicit `QK^T/sqrt(d)` logits, mask, softmax, SwiGLU MLP, final norm,
 lm_head). Only the vision tower + projector are called from the HF model (`get_image_features`): neither
-method touches them. Nothing here is shared with the export code or the graph passes, so parity between
+method touches them. The same code covers Qwen2 language models (LLaVA-Interleave): their q/k/v projections carry
+a bias, which `_linear` applies from the module's own `bias`, and tied embeddings are the same tensor as `lm_head`.
+For LLaVA-NeXT, `get_image_features(pixel_values, image_sizes)` is transformers' own tiling layout (unpad, one
+`image_newline` per grid row), independent of the runtime's numpy packing (runtime/archs/llava_next.py). Nothing here is shared with the export code or the graph passes, so parity between
 the two is not a tautology. Everything runs in fp32 on the CPU.
 
 Per layer, per pass (prefill or one decode step):
@@ -176,7 +179,7 @@ class ReferenceLlava:
             raise NotImplementedError(f"reference implements plain RoPE only; config has {rope}")
         lm = hf_model.model.language_model
         self.image_token_id = int(getattr(config, "image_token_id", None) or config.image_token_index)
-        pad = text.pad_token_id if text.pad_token_id is not None else config.pad_token_id
+        pad = text.pad_token_id if text.pad_token_id is not None else getattr(config, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
         self.num_layers = text.num_hidden_layers
         self.num_heads = text.num_attention_heads
@@ -197,9 +200,13 @@ class ReferenceLlava:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ReferenceLlava:
-        from transformers import LlavaForConditionalGeneration
+        import json
 
-        return cls(LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32))
+        import transformers
+
+        # LLaVA-1.5 or LLaVA-NeXT (or any class with the same language-model layout): the checkpoint's own class
+        arch = json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]
+        return cls(getattr(transformers, arch).from_pretrained(str(model_dir), dtype=torch.float32))
 
     # ----------------------------------------------------------------------------------------- pieces
 
@@ -208,11 +215,21 @@ class ReferenceLlava:
         angles = torch.cat((freqs, freqs), dim=-1)  # [B, S, Dh]
         return angles.cos(), angles.sin()
 
-    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def _positions(self, input_ids, attention_mask, past: int, visual, cache) -> torch.Tensor:
+        """Position ids as transformers' generate makes them: cumsum of the mask - 1, pads clamped to 0. [B, S]
+        (exporter/reference/qwen2_vl_reference.py overrides this with M-RoPE.)"""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+               image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed[input_ids]  # [B, S, D]
         if pixel_values is None:
             return h
-        features = self.hf.model.get_image_features(pixel_values=pixel_values.float(), return_dict=True).pooler_output
+        # LLaVA-NeXT: transformers' own tiling layout (pack_image_features: unpad, image_newline after each row),
+        # not the runtime's numpy packing (runtime/archs/llava_next.py), so parity checks that too.
+        kw = {} if image_sizes is None else {"image_sizes": image_sizes}
+        features = self.hf.model.get_image_features(pixel_values=pixel_values.float(), return_dict=True,
+                                                    **kw).pooler_output
         features = torch.cat(list(features), dim=0)  # [N * n_img_tokens, D]
         slots = input_ids == self.image_token_id  # [B, S]
         if int(slots.sum()) != features.shape[0]:
@@ -309,7 +326,7 @@ class ReferenceLlava:
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: RefCache | None = None,
                 clva: dict | list | None = None, sevi: dict | list | None = None,
-                visual_mask: torch.Tensor | None = None) -> RefOutput:
+                visual_mask: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> RefOutput:
         """One decoder pass. input_ids [B, S]; attention_mask [B, P+S] over the cache and this pass (left
         padding); clva / sevi: None, one dict for all rows, or one dict-or-None per row. -> logits [B, S, V]."""
         batch, seq = input_ids.shape
@@ -337,10 +354,9 @@ class ReferenceLlava:
         visible = (key_cols[None, None, :] <= query_cols[None, :, None]) & seen[:, None, :]  # [B, S, K]
         visible = visible[:, None]  # [B, 1, S, K]
 
-        # Position ids as transformers' generate makes them: cumsum of the mask - 1, pads clamped to 0.
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, S]
+        positions = self._positions(input_ids, attention_mask, past, visual, cache)  # [B, S] ([3, B, S]: M-RoPE)
         cos, sin = self._rope(positions)  # [B, S, Dh]
-        h = self._embed(input_ids, pixel_values)  # [B, S, D]
+        h = self._embed(input_ids, pixel_values, image_sizes)  # [B, S, D]
 
         # A pass with no T row leaves CLVA off for that row (METHODS.md step 1).
         clva_active = torch.tensor([p is not None for p in clva_rows]) & t_rows.any(-1)  # [B]
@@ -402,12 +418,13 @@ class ReferenceLlava:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, attention_mask: torch.Tensor,
-                 max_new_tokens: int, clva=None, sevi=None, eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+                 max_new_tokens: int, clva=None, sevi=None, eos_token_id: int | list[int] | None = None,
+                 image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy decoding -> new tokens [B, n <= max_new_tokens]. After a row emits EOS it receives the pad
         token (as transformers does); decoding stops when every row has finished."""
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            dtype=torch.long)  # [n_eos]
-        out = self.forward(input_ids, pixel_values, attention_mask, clva=clva, sevi=sevi)
+        out = self.forward(input_ids, pixel_values, attention_mask, clva=clva, sevi=sevi, image_sizes=image_sizes)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)  # [B]
         tokens = []
         for step in range(max_new_tokens):

@@ -8,8 +8,10 @@
 
 The answers file is JSON lines: a header `{"anchorrt_eval": 1, "settings": {...}}`, then one record per answered
 item, appended and flushed batch by batch. A run that stops (Ctrl-C, crash) resumes where it stopped: items whose
-id is already in the file are skipped; a half-written last line is dropped; a file made with other settings
-(another model, mitigation, prompt...) is refused rather than mixed. Result files are written atomically.
+id is already in the file are skipped; a half-written last line is dropped. The header records every input that
+shapes the answers (the artifact's file hashes, backend, device, mitigation, decoding, prompts, and each input
+file's path and sha256 and each image folder's path): a file made with other inputs is refused with one line
+naming them, rather than mixed or reused; `overwrite=True` starts it over. Result files are written atomically.
 """
 
 from __future__ import annotations
@@ -74,9 +76,9 @@ class AnswerLog:
             raise EvalDataError(f"'{self.path}' is not an anchorrt answers file; choose another --out")
         if header.get("settings") != self.settings:
             old = header.get("settings") or {}
-            diff = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
-            raise EvalDataError(f"'{self.path}' holds answers made with other settings ({', '.join(diff)}); "
-                                "use another --out folder or delete the file to start over")
+            diff = _differences(old, self.settings)
+            raise EvalDataError(f"'{self.path}' holds answers made with other inputs ({'; '.join(diff[:4])}); "
+                                "use another --out folder, or --overwrite to start over")
         done = {}
         for n, line in enumerate(lines[1:], start=2):
             try:
@@ -85,6 +87,9 @@ class AnswerLog:
                 raise EvalDataError(f"{self.path}:{n} is not valid JSON; delete the line or the file") from None
             done[rec["id"]] = rec
         return done
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
 
     def append(self, records: Iterable[Mapping]) -> None:
         self._write_lines(records, mode="a")
@@ -95,6 +100,35 @@ class AnswerLog:
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """Keys whose values differ, nested keys dotted: ["image_root: '/a' -> '/b'", ...]."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text[:60] + "..." if len(text) > 63 else text
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    """{"path", "sha256"} of an input file (its content, so that an edited file at the same path counts)."""
+    import hashlib
+
+    path = Path(path).resolve()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"path": str(path), "sha256": h.hexdigest()}
 
 
 class _Counter:
@@ -134,13 +168,17 @@ class _Silent:
 
 
 def run_items(items: Sequence[EvalItem], answer: Answerer, answers_path: Path, settings: Mapping,
-              batch_size: int = 8, limit: int | None = None, progress: bool = True, desc: str = "eval") -> list[dict]:
+              batch_size: int = 8, limit: int | None = None, progress: bool = True, desc: str = "eval",
+              overwrite: bool = False) -> list[dict]:
     """Answer `items` (the first `limit` of them), skipping those already in `answers_path`; -> one record per
-    item, in item order: {"id", "image", "prompt", "label", "answer", "seconds", **meta}."""
+    item, in item order: {"id", "image", "prompt", "label", "answer", "seconds", **meta}. `overwrite` discards
+    an existing answers file first."""
     if batch_size < 1:
         raise EvalDataError(f"batch size must be at least 1, got {batch_size}")
     items = list(items[:limit] if limit is not None else items)
     log = AnswerLog(answers_path, settings)
+    if overwrite:
+        log.discard()
     done = log.load()
     todo = [it for it in items if it.id not in done]
     bar = _progress(len(items), len(items) - len(todo), desc, progress)
@@ -204,19 +242,23 @@ def pope_report(records_by_split: Mapping[str, Sequence[Mapping]]) -> tuple[dict
     return out, table
 
 
-def chair_report(records: Sequence[Mapping], ground_truth: Mapping[str, set], table) -> tuple[dict, str]:
+def chair_report(records: Sequence[Mapping], ground_truth: Mapping[str, set], chair) -> tuple[dict, str]:
     captions = {r["id"]: r["answer"] for r in records}
-    m = chair_metrics(captions, ground_truth, table)
+    m = chair_metrics(captions, ground_truth, chair)
     m["seconds"] = round(_seconds(records), 2)
-    md = markdown_table(["captions", "CHAIR_s", "CHAIR_i", "recall", "object mentions"],
-                        [(m["n_captions"], m["chair_s"], m["chair_i"], m["recall"], m["mentions"])])
+    md = markdown_table(["captions", "CHAIR_s", "CHAIR_i", "recall", "object mentions", "implementation"],
+                        [(m["n_captions"], m["chair_s"], m["chair_i"], m["recall"], m["mentions"], m["impl"])])
     return m, md
 
 
 def mme_report(records: Sequence[Mapping]) -> tuple[dict, str]:
-    scored = [{"subset": r["subset"], "image": r["image"], "label": r["label"],
-               "prediction": parse_yes_no(r["answer"])} for r in records]
-    m = mme_scores(scored)
-    rows = [(k, v["n"], v["acc"], v["acc_plus"], v["score"]) for k, v in m.items() if k != "total"]
-    rows.append(("total", sum(r[1] for r in rows), "", "", m["total"]))
-    return m, markdown_table(["subset", "n", "acc", "acc+", "score"], rows)
+    m = mme_scores(records)
+    rows = [(k, v["n"], v["acc"], v["acc_plus"], v["other"], v["score"]) for k, v in m.items() if k != "totals"]
+    t = m["totals"]
+    if "hallucination" in t:
+        rows.append(("hallucination (existence+count+position+color)", "", "", "", "", t["hallucination"]))
+    if t["perception_subsets"]:
+        rows.append((f"perception ({t['perception_subsets']}/10 subsets)", "", "", "", "", t["perception"]))
+    if t["cognition_subsets"]:
+        rows.append((f"cognition ({t['cognition_subsets']}/4 subsets)", "", "", "", "", t["cognition"]))
+    return m, markdown_table(["subset", "n", "acc", "acc+", "other", "score"], rows)

@@ -5,7 +5,8 @@
   image?", "label": "yes"|"no"}`. A JSON array of the same objects is accepted too.
 - CHAIR (Rohrbach et al. 2018): COCO `instances_<split>.json` (images, annotations with `category_id`,
   categories with `name`), COCO `captions_<split>.json` (ground-truth captions; objects they mention count as
-  present, as the reference code does) and a synonym table (`category, synonym, ...` per line).
+  present, as the official code does) and the synonym table (default: the official COCO table shipped in
+  runtime/eval/coco_synonyms.txt; `category, synonym, ...` per line, parsed as the official code parses it).
 - MME (the hallucination subsets existence, count, position, color): per subset either the released layout,
   a folder `<root>/<subset>/` holding `<image>.<ext>` beside `<image>.txt` (or `images/` and
   `questions_answers_YN/` subfolders), each .txt line `question<TAB>answer`; or the eval tool's results layout,
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import AnchorError
-from runtime.eval.metrics import SynonymTable, caption_objects
+from runtime.eval.chair import DEFAULT_IMPL, Chair
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MME_HALLUCINATION_SUBSETS = ("existence", "count", "position", "color")
@@ -100,43 +101,67 @@ def load_pope(path: str | Path, image_root: str | Path) -> list[EvalItem]:
 
 @dataclass
 class ChairSet:
-    items: list[EvalItem]  # one per image; meta["objects"]: ground-truth categories
-    table: SynonymTable
+    items: list[EvalItem]  # one per image; meta["objects"]: ground-truth category nodes
+    chair: Chair
 
     def ground_truth(self) -> dict[str, set[str]]:
         return {it.id: set(it.meta["objects"]) for it in self.items}
 
 
-def load_synonyms(path: str | Path) -> SynonymTable:
-    table = SynonymTable.from_lines(_read_text(Path(path), "synonym table").splitlines())
-    if not table.words:
+def load_synonyms(path: str | Path | None) -> str | None:
+    """The synonym table's text (None: the official COCO table)."""
+    if path is None:
+        return None
+    text = _read_text(Path(path), "synonym table")
+    if not any(line.strip() for line in text.splitlines()):
         raise EvalDataError(f"synonym table '{path}' is empty; one line per category: 'category, synonym, ...'")
-    return table
+    return text
 
 
-def load_chair(instances: str | Path, captions: str | Path, synonyms: str | Path, image_root: str | Path,
-               prompt: str, sample: int | None = None, seed: int = 0) -> ChairSet:
+def make_chair(impl: str = DEFAULT_IMPL, synonyms: str | Path | None = None) -> Chair:
+    try:
+        return Chair(impl, load_synonyms(synonyms))
+    except ValueError as exc:
+        raise EvalDataError(str(exc)) from None
+
+
+def coco_ground_truth(instances, captions, chair: Chair) -> tuple[dict[int, set[str]], dict[int, str]]:
+    """COCO annotations (a file or a list of files each: OPERA combines train2014 and val2014) -> ({image id:
+    ground-truth nodes}, {image id: file name}), as the official code builds them: the node of every annotated
+    category's name, plus the nodes the human captions mention."""
+    inst_files = [instances] if isinstance(instances, (str, Path)) else list(instances)
+    cap_files = [captions] if isinstance(captions, (str, Path)) else list(captions)
+    objects: dict[int, set[str]] = {}
+    files: dict[int, str] = {}
+    for path in inst_files:
+        inst = _read_json(Path(path), "COCO instances file")
+        if not isinstance(inst, dict) or any(k not in inst for k in ("images", "annotations", "categories")):
+            raise EvalDataError(f"the COCO instances file '{path}' lacks images/annotations/categories; pass "
+                                "instances_*.json")
+        cat_name = {c["id"]: c["name"] for c in inst["categories"]}
+        for img in inst["images"]:
+            objects.setdefault(img["id"], set())
+            files[img["id"]] = img["file_name"]
+        for ann in inst["annotations"]:
+            name = cat_name.get(ann["category_id"])
+            if name not in chair.inverse:
+                raise EvalDataError(f"COCO category {name!r} is not in the synonym table; add a line for it")
+            objects.setdefault(ann["image_id"], set()).add(chair.inverse[name])
+    for path in cap_files:
+        caps = _read_json(Path(path), "COCO captions file")
+        if not isinstance(caps, dict) or "annotations" not in caps:
+            raise EvalDataError(f"the COCO captions file '{path}' lacks annotations; pass captions_*.json")
+        for ann in caps["annotations"]:  # objects the human captions name count as present (official code)
+            objects.setdefault(ann["image_id"], set()).update(chair.caption_words(ann.get("caption", "")).nodes)
+    return objects, files
+
+
+def load_chair(instances: str | Path, captions: str | Path, synonyms: str | Path | None, image_root: str | Path,
+               prompt: str, sample: int | None = None, seed: int = 0, impl: str = DEFAULT_IMPL) -> ChairSet:
     """COCO annotations -> one captioning item per image with its ground-truth categories. `sample` picks that
     many images at random with `seed` (the usual protocol: 500 val2014 images); else all, in id order."""
-    table = load_synonyms(synonyms)
-    inst = _read_json(Path(instances), "COCO instances file")
-    caps = _read_json(Path(captions), "COCO captions file")
-    for name, data, keys in (("instances", inst, ("images", "annotations", "categories")),
-                             ("captions", caps, ("annotations",))):
-        if not isinstance(data, dict) or any(k not in data for k in keys):
-            raise EvalDataError(f"the COCO {name} file lacks {'/'.join(keys)}; pass instances_*.json and "
-                                "captions_*.json")
-    cat_name = {c["id"]: c["name"] for c in inst["categories"]}
-    objects: dict[int, set[str]] = {img["id"]: set() for img in inst["images"]}
-    for ann in inst["annotations"]:
-        name = cat_name.get(ann["category_id"])
-        word = table.words.get(" ".join(name.lower().split())) if name else None
-        if word is None:
-            raise EvalDataError(f"COCO category {name!r} is not in the synonym table; add a line for it")
-        objects.setdefault(ann["image_id"], set()).add(word)
-    for ann in caps["annotations"]:  # objects the human captions name count as present (reference code)
-        objects.setdefault(ann["image_id"], set()).update(caption_objects(ann.get("caption", ""), table))
-    files = {img["id"]: img["file_name"] for img in inst["images"]}
+    chair = make_chair(impl, synonyms)
+    objects, files = coco_ground_truth(instances, captions, chair)
     ids = sorted(files)
     if sample is not None and sample < len(ids):
         ids = sorted(random.Random(seed).sample(ids, sample))
@@ -145,7 +170,7 @@ def load_chair(instances: str | Path, captions: str | Path, synonyms: str | Path
              for i in ids]
     if not items:
         raise EvalDataError(f"the COCO instances file '{instances}' lists no images")
-    return ChairSet(items, table)
+    return ChairSet(items, chair)
 
 
 # ------------------------------------------------------------------------------------------------ MME

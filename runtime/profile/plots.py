@@ -128,11 +128,19 @@ def _scaling(report: dict, sweep: str, key: str, xlabel: str):
     x = [r[key] for r in runs]
     fig, axes = _figure(2, 2, 10, 7)
 
+    tops: dict = {}  # axis -> highest point drawn (median + upper whisker)
+
     def line(ax, get, label, scale=1000.0):
         vals = [get(r) for r in runs]
+        if not isinstance(vals[0], dict):  # a single number per run (peak memory): no spread
+            vals = [{"median": v, "p10": v, "p90": v} for v in vals]
         med = [scale * v["median"] for v in vals]
         err = [[scale * (v["median"] - v["p10"]) for v in vals], [scale * (v["p90"] - v["median"]) for v in vals]]
         ax.errorbar(x, med, yerr=err, marker="o", capsize=3, label=label)
+        tops[ax] = max(tops.get(ax, 0.0), max(m + e for m, e in zip(med, err[1])))
+        if scale != 1000.0 and scale != 1.0:  # memory: print the values, a flat line says little by itself
+            for xi, m in zip(x, med):
+                ax.annotate(f"{m:.0f}", (xi, m), xytext=(0, 5), textcoords="offset points", ha="center", fontsize=7)
 
     ax = axes[0][0]
     line(ax, lambda r: r["summary"]["ttft_s"], "time to first token")
@@ -161,7 +169,9 @@ def _scaling(report: dict, sweep: str, key: str, xlabel: str):
         for ax in row:
             ax.set_xlabel(xlabel)
             ax.set_xticks(x)
-            ax.set_ylim(bottom=0)
+            # From 0 to 15% above the highest point: a flat series (peak memory) stays inside the panel instead of
+            # sitting on its top edge, where autoscaling a near-constant series puts it.
+            ax.set_ylim(0, 1.15 * tops[ax] if tops.get(ax, 0) > 0 else 1.0)
             ax.grid(alpha=0.3)
     fig.suptitle(f"{_title(report)}; {sweep} sweep")
     return fig

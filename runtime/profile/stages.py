@@ -170,9 +170,9 @@ class Instrumented:
         with self.ranges.range(f"vision {case.key}"):
             t0 = now()
             with self.ranges.range("preprocess"):
-                pixel_values = pipe.preprocess([pipe._load(image, i) for i in range(case.images)])  # [N, 3, H, W]
+                visual = pipe.preprocess_images([pipe._load(image, i) for i in range(case.images)])  # the arch's feeds
             t1 = now()
-            pipe.encode_images(pixel_values)
+            pipe.encode_images(visual)
             t2 = now()
         return {"wall_s": t2 - t0, "stages": {"preprocess": t1 - t0, "vision": sum(rec.durations("vision"))},
                 "host_peak_rss_bytes": self.host.peak_bytes(), **self.device_memory.peaks()}

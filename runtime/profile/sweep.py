@@ -15,7 +15,8 @@ Cases:
   runs. Without `contexts` the sweep takes three points from the base prompt to the longest that fits.
 - image sweep: load + preprocess + vision encoder for N images in one call (this prompt format takes one image per
   request, so more images means more requests: the decoder side of that is the batch sweep).
-- mitigation A/B: for each method baked into the artifact (`manifest.mitigation`), batch 1 at the base context and
+- mitigation A/B: for each method baked into the artifact (`manifest.mitigation`; a baked probe is measured as IAVA,
+  the request method that runs on it), batch 1 at the base context and
   at every context of the context sweep, with that method on and every other off, and with all on when there are
   several; the plain run has every method off explicitly (an artifact may default a method to on). Ratios are taken
   to the plain run of the same context, round by round (paired), then summarised.
@@ -150,9 +151,20 @@ def auto_contexts(base: int, limit: int, new_tokens: int) -> list[int]:
 
 
 # -- plan ----------------------------------------------------------------------------------------------------
+# A baked manifest entry -> the `generate_batch(mitigation=...)` key that switches it on per request. The attention
+# probe is not a method of its own: it is what IAVA runs on (runtime/iava.py), so a probe-baked artifact is profiled
+# with IAVA on and off.
+REQUEST_KEYS = {"probe": "iava"}
+
+
 def methods_of(manifest) -> list[str]:
-    """The mitigation methods baked into the artifact, in manifest order."""
-    return [str(m) for m in manifest.mitigation]
+    """The request-level mitigation methods the artifact's baked entries provide, in manifest order."""
+    out: list[str] = []
+    for entry in manifest.mitigation:
+        key = REQUEST_KEYS.get(str(entry), str(entry))
+        if key not in out:
+            out.append(key)
+    return out
 
 
 def mitigation_flags(methods: Sequence[str], on: Sequence[str]) -> dict:
