@@ -56,6 +56,7 @@ from graph_passes.attention_match import (
 )
 from graph_passes.base import META_LAYER, Builder, GraphPass, PassError, graph_input
 from graph_passes.naming import AssignNodeNames
+from graph_passes.shapes import annotate_missing
 
 MS_DOMAIN = "com.microsoft"
 INT32, INT64 = ir.DataType.INT32, ir.DataType.INT64
@@ -203,6 +204,7 @@ class FuseAttentionPass(GraphPass):
         AssignNodeNames()(model)  # the exporter's per-scope counters, renumbered over what is left (idempotent again)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         graph.sort()
+        annotate_missing(model)  # every value it created typed and shaped (graph_passes/shapes.py)
         return ir.passes.PassResult(model, modified=True)
 
     @staticmethod
@@ -223,6 +225,8 @@ class FuseAttentionPass(GraphPass):
                       metadata_props={META_LAYER: str(layer), META_Q4: bind["q4"].name or ""})
         out3 = gqa.outputs[0]
         out3.name, out3.dtype = f"{name}_output_0", ir.DataType.FLOAT
+        q4 = bind["q4"]  # [B, H, S, D]: the output is [B, S, H·D] (ONNX shape inference has no schema for the op)
+        out3.shape = ir.Shape([q4.shape[0], q4.shape[2], heads * head_dim])
         b.nodes.append(gqa)
         r = b.op("Reshape", [out3, b.const(np.array([0, 0, heads, head_dim], np.int64), "out_shape")], "out")
         out4 = b.op("Transpose", [r], "out", perm=[0, 2, 1, 3], dtype=ir.DataType.FLOAT)  # [B,H,S,D]
