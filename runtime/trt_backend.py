@@ -395,6 +395,17 @@ class _IO:  # what onnxruntime's NodeArg offers that the Pipeline reads
     shape: list
 
 
+def _profile_dims(state: dict, name: str) -> list:
+    """An input's shape as ONNX Runtime's NodeArg gives it: a dim fixed in every profile (min == max) as its int,
+    a dynamic one as None. The arch seam reads the rank and the static token count of `image_features` from it."""
+    ranges = [r[name] for r in state["ranges"] if name in r]
+    if not ranges:
+        return []
+    lo, hi = list(ranges[0][0]), list(ranges[0][2])
+    return [int(a) if a == b and all(list(r[0])[i] == a == list(r[2])[i] for r in ranges) else None
+            for i, (a, b) in enumerate(zip(lo, hi))]
+
+
 class _HostOutput:
     def __init__(self, array: np.ndarray):
         self._array = array
@@ -481,7 +492,8 @@ class TrtBackend:
 
     def get_inputs(self) -> list[_IO]:
         s = self.session._state
-        return [_IO(n, f"tensor({_ORT_TYPE.get(s['dtypes'][n], str(s['dtypes'][n]))})", []) for n in s["inputs"]]
+        return [_IO(n, f"tensor({_ORT_TYPE.get(s['dtypes'][n], str(s['dtypes'][n]))})", _profile_dims(s, n))
+                for n in s["inputs"]]
 
     def get_outputs(self) -> list[_IO]:
         s = self.session._state
