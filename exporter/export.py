@@ -174,8 +174,8 @@ def export_model(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
     try:
         manifest = _export_into(ckpt, tmp, opset, say)
-        steps = ["node names"] + ([f"baking {mitigation if isinstance(mitigation, str) else ','.join(mitigation)}"]
-                                  if mitigation else [])
+        steps = ["node names"] + (["fused attention (GroupQueryAttention)"] if attention == "fused" else []) + \
+            ([f"baking {mitigation if isinstance(mitigation, str) else ','.join(mitigation)}"] if mitigation else [])
         steps += (["VisAlign fusion"] if visalign is not None else []) + \
             (["precision"] if precision_options.changes_anything else []) + ["manifest"]
         say(f"[5/5] finishing: {', '.join(steps)}")

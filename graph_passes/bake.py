@@ -280,7 +280,7 @@ def export_hook(methods: Sequence[str] | None = None, options: BakeOptions | Non
         fuse = attention == FORM_FUSED
         name_graphs(folder, data, ("vision", "embed") if methods or fuse else ("vision", "embed", "decoder"))
         if fuse:
-            fuse_into(folder, data, say)
+            fuse_into(folder, data)  # export's [5/5] line names the fusion
         else:
             data["attention"] = {"form": FORM_UNFUSED}
         if methods:  # names the decoder's nodes first, then bakes
