@@ -57,7 +57,7 @@ def main() -> None:
 def export(model_dir: Path, out_dir: Path, opset: str, attention: str | None, dtype: str, allow_pickle: bool,
            force: bool, mitigation, **bake_choices) -> None:
     """Export a Hugging Face checkpoint folder (LLaVA-1.5) to an artifact folder."""
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     bake_choices, precision = split_precision(bake_choices)
     if dtype == "fp16" and precision["precision"] in (None, "fp16"):
@@ -98,7 +98,7 @@ def generate(artifact_dir: Path, images, prompts, one_prompt, max_new_tokens, sa
              seed, device, allow_fallback, no_verify, stream, as_json, backend, mitigation) -> None:
     """Answer prompts about images with an exported artifact folder (no torch needed), or with --backend torch
     the checkpoint folder through the PyTorch reference."""
-    from runtime.pipeline import Pipeline, Request
+    from anchorrt.runtime.pipeline import Pipeline, Request
 
     if one_prompt and len(prompts) != 1:
         raise click.UsageError("--one-prompt puts every --image into one prompt: give a single --prompt")
@@ -157,8 +157,8 @@ def bake(artifact_dir: Path, mitigation: str | None, visalign_weights: Path | No
          **bake_choices) -> None:
     """Bake mitigation into an exported artifact folder, and/or convert it to fp16 / int4 / int8 (atomically;
     torch not needed). Mitigation is always baked before the precision passes."""
-    from graph_passes.bake import bake as run_bake
-    from graph_passes.bake import bake_visalign_weights, convert_precision
+    from anchorrt.graph_passes.bake import bake as run_bake
+    from anchorrt.graph_passes.bake import bake_visalign_weights, convert_precision
 
     bake_choices, precision = split_precision(bake_choices)
     options = make_precision_options(**precision)
@@ -193,7 +193,7 @@ def bake(artifact_dir: Path, mitigation: str | None, visalign_weights: Path | No
 def inspect(artifact_dir: Path, no_verify: bool, as_json: bool, trt_compat: bool, trt_version: str | None) -> None:
     """Summarise an artifact folder: model, dims, tokens, graphs and their inputs/outputs, sizes.
     With --trt-compat: a table of op, count, graph, supported (yes/restricted/no) and reason."""
-    from runtime.manifest import Manifest
+    from anchorrt.runtime.manifest import Manifest
 
     if trt_compat or trt_version:
         from anchorrt.cli_trt import trt_compat_report
@@ -246,15 +246,15 @@ def verify(artifact_dir: Path, model_dir: Path | None, images, prompts, steps: i
            precisions: str | None, opset: str, device: str, as_json: bool) -> None:
     """Compare the exported graphs with the PyTorch model: max logit difference and greedy-token agreement.
     With --precision: each precision's logits (teacher-forced on the fp32 greedy tokens) against fp32's."""
-    from exporter.verify import random_images
-    from runtime.errors import VerifyError
+    from anchorrt.exporter.verify import random_images
+    from anchorrt.runtime.errors import VerifyError
 
     prompts = list(prompts) or None
     if images and prompts and len(images) != len(prompts):
         raise click.UsageError("give one --prompt per --image")
     imgs = list(images) if images else (random_images(len(prompts)) if prompts else None)
     if precisions is not None:
-        from exporter.verify import precision_table, verify_precisions
+        from anchorrt.exporter.verify import precision_table, verify_precisions
 
         rows = verify_precisions(artifact_dir, precisions, images=imgs, prompts=prompts,
                                  steps=8 if steps is None else steps, providers=PROVIDERS[device], opset=int(opset),
@@ -266,8 +266,8 @@ def verify(artifact_dir: Path, model_dir: Path | None, images, prompts, steps: i
         return
     if model_dir is None:
         raise click.UsageError("give --model CHECKPOINT_DIR (parity vs PyTorch) or --precision LIST")
-    from exporter.checkpoint import inspect_checkpoint
-    from exporter.verify import verify as run_verify
+    from anchorrt.exporter.checkpoint import inspect_checkpoint
+    from anchorrt.exporter.verify import verify as run_verify
 
     inspect_checkpoint(model_dir)
     report = run_verify(model_dir, artifact_dir, images=imgs, prompts=prompts, steps=5 if steps is None else steps,

@@ -13,7 +13,7 @@ import threading
 
 import click
 
-from runtime.errors import AnchorError
+from anchorrt.runtime.errors import AnchorError
 
 
 class Terminated(KeyboardInterrupt):

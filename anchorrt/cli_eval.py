@@ -17,7 +17,7 @@ The metrics go to `results.json` (written atomically) and a markdown table to `r
 answers also go out in the official scripts' formats (POPE `<set>.pope_answers.jsonl`, MME `mme_results/`,
 CHAIR `captions.chair.json`). Nothing is downloaded.
 Greedy decoding throughout. The ONNX backend needs no torch; `--backend torch` runs
-`exporter.reference.ReferenceLlava` on the checkpoint, with the artifact's tokenizer, prompt template and
+`anchorrt.exporter.reference.ReferenceLlava` on the checkpoint, with the artifact's tokenizer, prompt template and
 preprocessing, so that the two backends differ only in the model computation.
 """
 
@@ -34,7 +34,7 @@ import click
 
 from anchorrt import __version__
 from anchorrt.cli_common import friendly as _friendly
-from runtime.errors import FlagError
+from anchorrt.runtime.errors import FlagError
 
 CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_IMPL_OPTION = click.option(
@@ -118,7 +118,7 @@ class _Run:
     def __init__(self, benchmark: str, artifact_dir: Path, out_dir: Path | None, batch_size: int, mitigation: str,
                  overrides, backend: str, model_dir: Path | None, device: str, no_verify: bool, progress: bool,
                  max_new_tokens: int, overwrite: bool = False):
-        from runtime.manifest import Manifest
+        from anchorrt.runtime.manifest import Manifest
 
         self.benchmark, self.backend, self.progress, self.overwrite = benchmark, backend, progress, overwrite
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -140,8 +140,8 @@ class _Run:
 
     def _onnx(self, artifact_dir: Path, device: str, no_verify: bool):
         from anchorrt.cli import PROVIDERS
-        from runtime.eval.harness import pipeline_answerer
-        from runtime.pipeline import Pipeline
+        from anchorrt.runtime.eval.harness import pipeline_answerer
+        from anchorrt.runtime.pipeline import Pipeline
 
         pipe = Pipeline(self.manifest, providers=PROVIDERS[device])
         return pipeline_answerer(pipe, self.max_new_tokens, self.mitigation)
@@ -150,7 +150,7 @@ class _Run:
         return TorchAnswerer(model_dir, self.manifest, self.max_new_tokens, self.mitigation)
 
     def answers(self, name: str, items, limit: int | None, extra: Mapping | None = None) -> list[dict]:
-        from runtime.eval.harness import run_items
+        from anchorrt.runtime.eval.harness import run_items
 
         settings = dict(self.settings, set=name, items_sha256=items_fingerprint(items), **(extra or {}))
         return run_items(items, self.answer, self.out / f"{name}.answers.jsonl", settings,
@@ -158,12 +158,12 @@ class _Run:
                          overwrite=self.overwrite)
 
     def write(self, relative: str, text: str) -> None:
-        from runtime.eval.harness import write_atomic
+        from anchorrt.runtime.eval.harness import write_atomic
 
         write_atomic(self.out / relative, text)
 
     def finish(self, results: dict, table: str) -> None:
-        from runtime.eval.harness import write_atomic
+        from anchorrt.runtime.eval.harness import write_atomic
 
         doc = {"benchmark": self.benchmark, "settings": self.settings, "results": results,
                "wall_seconds": round(time.perf_counter() - self.t0, 1), "anchorrt": __version__}
@@ -186,7 +186,7 @@ def reference_flags(mitigation: Mapping, baked: Mapping) -> tuple[dict | None, d
     """Runtime-style flags ({"clva": {"alpha": 14}, "sevi": True}) -> the reference's `clva`, `sevi` settings, with
     the artifact's baked defaults and layer choices where the method is baked (else METHODS.md's defaults), so
     that both backends compute the same thing."""
-    from runtime.mitigation import ALIASES, PARAMS, check_value
+    from anchorrt.runtime.mitigation import ALIASES, PARAMS, check_value
 
     out: dict[str, dict | None] = {"clva": None, "sevi": None}
     for method, setting in mitigation.items():
@@ -215,13 +215,13 @@ def reference_flags(mitigation: Mapping, baked: Mapping) -> tuple[dict | None, d
 
 
 class TorchAnswerer:
-    """Greedy answers from `exporter.reference.ReferenceLlava`, fed exactly what the runtime feeds its graphs."""
+    """Greedy answers from `anchorrt.exporter.reference.ReferenceLlava`, fed exactly what the runtime feeds its graphs."""
 
     def __init__(self, model_dir: Path, manifest, max_new_tokens: int, mitigation: Mapping):
-        from exporter.checkpoint import inspect_checkpoint
-        from exporter.reference import ReferenceLlava
-        from runtime.preprocess import ImagePreprocessor
-        from runtime.prompt import PromptBuilder
+        from anchorrt.exporter.checkpoint import inspect_checkpoint
+        from anchorrt.exporter.reference import ReferenceLlava
+        from anchorrt.runtime.preprocess import ImagePreprocessor
+        from anchorrt.runtime.prompt import PromptBuilder
 
         inspect_checkpoint(model_dir)
         self.ref = ReferenceLlava.from_pretrained(model_dir)
@@ -236,7 +236,7 @@ class TorchAnswerer:
         import numpy as np
         import torch
 
-        from runtime.preprocess import load_image
+        from anchorrt.runtime.preprocess import load_image
 
         encoded = [self.prompts.encode(it.prompt, reserve=self.max_new_tokens) for it in items]
         width = max(len(e.ids) for e in encoded)
@@ -267,9 +267,9 @@ class TorchAnswerer:
 def pope(artifact_dir, out_dir, limit, batch_size, mitigation, overrides, backend, model_dir, device, no_verify,
          progress, overwrite, questions, image_root, prompt_suffix, max_new_tokens) -> None:
     """POPE: yes/no object existence (accuracy, precision, recall, F1, yes-ratio, FP rate per split)."""
-    from runtime.eval.formats import pope_answer_lines
-    from runtime.eval.harness import file_fingerprint, pope_report
-    from runtime.eval.loaders import load_pope
+    from anchorrt.runtime.eval.formats import pope_answer_lines
+    from anchorrt.runtime.eval.harness import file_fingerprint, pope_report
+    from anchorrt.runtime.eval.loaders import load_pope
 
     run = _Run("pope", artifact_dir, out_dir, batch_size, mitigation, overrides, backend, model_dir, device,
                no_verify, progress, max_new_tokens, overwrite)
@@ -307,9 +307,9 @@ def chair(artifact_dir, out_dir, limit, batch_size, mitigation, overrides, backe
           progress, overwrite, instances, captions, synonyms, image_root, sample, seed, prompt, max_new_tokens,
           chair_impl) -> None:
     """CHAIR: object hallucination in free captions (CHAIR_s, CHAIR_i, recall)."""
-    from runtime.eval.formats import chair_caption_doc
-    from runtime.eval.harness import chair_report
-    from runtime.eval.loaders import load_chair
+    from anchorrt.runtime.eval.formats import chair_caption_doc
+    from anchorrt.runtime.eval.harness import chair_report
+    from anchorrt.runtime.eval.loaders import load_chair
 
     data = load_chair(instances, captions, synonyms, image_root, prompt, sample=sample, seed=seed, impl=chair_impl)
     run = _Run("chair", artifact_dir, out_dir, batch_size, mitigation, overrides, backend, model_dir, device,
@@ -336,9 +336,9 @@ def mme(artifact_dir, out_dir, limit, batch_size, mitigation, overrides, backend
         progress, overwrite, root, subsets, image_root, max_new_tokens) -> None:
     """MME: acc, acc+ and score = 100*acc + 100*acc+ per subset, as the official calculation.py scores them; the
     hallucination sum (existence, count, position, color) and the perception / cognition totals."""
-    from runtime.eval.harness import mme_report
-    from runtime.eval.loaders import load_mme
-    from runtime.eval.mme import SUBSETS, result_lines
+    from anchorrt.runtime.eval.harness import mme_report
+    from anchorrt.runtime.eval.loaders import load_mme
+    from anchorrt.runtime.eval.mme import SUBSETS, result_lines
 
     if not subsets:
         subsets = [s for s in SUBSETS if (root / s).is_dir() or (root / f"{s}.txt").is_file()]
@@ -368,7 +368,7 @@ def score_group() -> None:
 
 
 def _score_out(results: dict, table: str, title: str, json_out: Path | None) -> None:
-    from runtime.eval.harness import write_atomic
+    from anchorrt.runtime.eval.harness import write_atomic
 
     if json_out is not None:
         write_atomic(json_out, json.dumps({"results": results, "anchorrt": __version__}, indent=2) + "\n")
@@ -388,9 +388,9 @@ JSON_OUT_OPTION = click.option("--json", "json_out", type=click.Path(path_type=P
 @_friendly
 def score_pope(answers, questions, json_out) -> None:
     """POPE as evaluate.py scores it: the i-th answer ('answer', else 'text') against the i-th question's label."""
-    from runtime.eval.formats import pair_pope, read_pope_answers
-    from runtime.eval.harness import pope_report
-    from runtime.eval.loaders import load_pope
+    from anchorrt.runtime.eval.formats import pair_pope, read_pope_answers
+    from anchorrt.runtime.eval.harness import pope_report
+    from anchorrt.runtime.eval.loaders import load_pope
 
     items = load_pope(questions, ".")
     records = pair_pope(read_pope_answers(answers), items, str(answers))
@@ -414,9 +414,9 @@ def score_pope(answers, questions, json_out) -> None:
 def score_chair(answers, instances, captions, synonyms, image_id_key, caption_key, chair_impl, json_out) -> None:
     """CHAIR_s, CHAIR_i and recall of a captions file (a JSON list or JSON lines of {image_id, caption}, the
     coco-caption imgToEval layout, or an anchorrt answers file) against the COCO annotations."""
-    from runtime.eval.formats import read_chair_captions
-    from runtime.eval.harness import markdown_table
-    from runtime.eval.loaders import coco_ground_truth, make_chair
+    from anchorrt.runtime.eval.formats import read_chair_captions
+    from anchorrt.runtime.eval.harness import markdown_table
+    from anchorrt.runtime.eval.loaders import coco_ground_truth, make_chair
 
     caps = read_chair_captions(answers, image_id_key, caption_key)
     chair = make_chair(chair_impl, synonyms)
@@ -438,8 +438,8 @@ def score_chair(answers, instances, captions, synonyms, image_id_key, caption_ke
 @_friendly
 def score_mme(results_dir, json_out) -> None:
     """MME as calculation.py scores a folder of {subset}.txt files (image, question, ground truth, answer)."""
-    from runtime.eval.harness import mme_report
-    from runtime.eval.mme import read_results_dir
+    from anchorrt.runtime.eval.harness import mme_report
+    from anchorrt.runtime.eval.mme import read_results_dir
 
     records = [{"subset": task, "label": gt, "answer": answer}
                for task, rows in read_results_dir(results_dir).items() for gt, answer in rows]

@@ -15,7 +15,7 @@ import click
 
 from anchorrt.cli_common import friendly as _friendly
 from anchorrt.cli_common import say as _say
-from runtime.errors import FlagError
+from anchorrt.runtime.errors import FlagError
 
 EXPLAINABLE = ("clva", "sevi")
 
@@ -66,9 +66,9 @@ def _number(name: str, text: str | None) -> float | None:
 def explain(artifact_dir: Path, image: str, prompt: str, out_dir: Path, mitigation: str | None, lam: str | None,
             tau: str | None, max_new_tokens: str, no_verify: bool) -> None:
     """Draw where the model looks: Phi per layer and head, per-layer maps, drift curves, CLVA's anchors."""
-    from runtime.explain.plots import require_matplotlib
-    from runtime.manifest import Manifest
-    from runtime.preprocess import load_image
+    from anchorrt.runtime.explain.plots import require_matplotlib
+    from anchorrt.runtime.manifest import Manifest
+    from anchorrt.runtime.preprocess import load_image
 
     require_matplotlib()  # before anything is read or copied
     if out_dir.exists() and not out_dir.is_dir():
@@ -87,8 +87,8 @@ def explain(artifact_dir: Path, image: str, prompt: str, out_dir: Path, mitigati
     spec = parse_on(mitigation, baked)
     load_image(image)  # a bad image fails here, before the copy
     try:
-        from graph_passes.bake import BakeOptions
-        from graph_passes.explain import explained_copy
+        from anchorrt.graph_passes.bake import BakeOptions
+        from anchorrt.graph_passes.explain import explained_copy
     except ModuleNotFoundError as exc:
         raise FlagError(f"{exc.name} is not installed; explain rewrites a copy of the decoder: "
                         '`pip install "anchorrt[bake]"`') from None
@@ -99,8 +99,8 @@ def explain(artifact_dir: Path, image: str, prompt: str, out_dir: Path, mitigati
                                                                       " (and CLVA at METHODS.md's default layers)"))
     copy = explained_copy(artifact_dir, BakeOptions(debug_outputs=True), verify=not no_verify)
     try:
-        from runtime.explain.report import explain as run_explain
-        from runtime.pipeline import Pipeline
+        from anchorrt.runtime.explain.report import explain as run_explain
+        from anchorrt.runtime.pipeline import Pipeline
 
         pipe = Pipeline.from_dir(copy, verify=False)
         layers = pipe.manifest.mitigation["clva"]["layers"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from runtime.errors import FlagError
+from anchorrt.runtime.errors import FlagError
 
 
 def _layer_list(value: str | None, option: str = "--clva-drift-layers") -> tuple[int, ...] | None:
@@ -52,7 +52,7 @@ def bake_options(fn):
 
 
 def make_bake_options(clva_l_neg, clva_l_pos, clva_drift_layers, sevi_start_layer, debug_outputs, probe_layers=None):
-    from graph_passes.bake import BakeOptions
+    from anchorrt.graph_passes.bake import BakeOptions
 
     return BakeOptions(clva_l_neg=clva_l_neg, clva_l_pos=clva_l_pos, clva_drift_layers=_layer_list(clva_drift_layers),
                        sevi_start_layer=sevi_start_layer, debug_outputs=debug_outputs,
@@ -89,7 +89,7 @@ def mitigation_flags(fn):
     @functools.wraps(fn)
     def wrapper(*args, clva, clva_alpha, clva_beta, clva_tau, clva_lambda, sevi, sevi_omega, sevi_kappa, iava,
                 iava_alpha, iava_i, iava_lambda, iava_instruction, iava_beta_cut, visalign, **kwargs):
-        from runtime.mitigation import merge_cli_flags
+        from anchorrt.runtime.mitigation import merge_cli_flags
 
         spec = {
             "clva": merge_cli_flags("clva", clva, {"alpha": clva_alpha, "beta": clva_beta, "tau": clva_tau,
@@ -118,8 +118,8 @@ def _count_or_fraction(value: str | None) -> int | float | None:
 def generate_torch(model_dir: Path, images, prompts, max_new_tokens: int, mitigation: dict | None):
     """Greedy generation with the independent PyTorch reference (exporter/reference) and the same flags.
     -> list of (text, new token ids). Layer choices are METHODS.md's defaults (SEVI start_layer 8)."""
-    from runtime.iava import parse_iava
-    from runtime.mitigation import PARAMS, check_value
+    from anchorrt.runtime.iava import parse_iava
+    from anchorrt.runtime.mitigation import PARAMS, check_value
 
     mitigation = dict(mitigation or {})
     if mitigation.pop("visalign", None):
@@ -150,10 +150,10 @@ def generate_torch(model_dir: Path, images, prompts, max_new_tokens: int, mitiga
     import torch
     from transformers import AutoProcessor
 
-    from exporter.archs.llava import DEFAULT_PROMPT_TEMPLATE
-    from exporter.checkpoint import inspect_checkpoint
-    from exporter.reference import ReferenceLlava
-    from runtime.preprocess import load_image
+    from anchorrt.exporter.archs.llava import DEFAULT_PROMPT_TEMPLATE
+    from anchorrt.exporter.checkpoint import inspect_checkpoint
+    from anchorrt.exporter.reference import ReferenceLlava
+    from anchorrt.runtime.preprocess import load_image
 
     inspect_checkpoint(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -181,18 +181,18 @@ def generate_torch(model_dir: Path, images, prompts, max_new_tokens: int, mitiga
 
 def _arch_torch_generate(model_dir: Path):
     """The exporter arch's `torch_generate` (checked checkpoint first), or None for the LLaVA path below."""
-    from exporter.checkpoint import inspect_checkpoint
-    from exporter.registry import get_arch
+    from anchorrt.exporter.checkpoint import inspect_checkpoint
+    from anchorrt.exporter.registry import get_arch
 
     return getattr(get_arch(inspect_checkpoint(model_dir).architecture), "torch_generate", None)
 
 
 def _generate_torch_iava(model_dir: Path, images, prompts, max_new_tokens: int, params):
     """IAVA through its independent PyTorch reference (exporter/reference/iava.py), one request at a time."""
-    from exporter.archs.llava import DEFAULT_PROMPT_TEMPLATE
-    from exporter.checkpoint import inspect_checkpoint
-    from exporter.reference.iava import ReferenceIava
-    from runtime.preprocess import load_image
+    from anchorrt.exporter.archs.llava import DEFAULT_PROMPT_TEMPLATE
+    from anchorrt.exporter.checkpoint import inspect_checkpoint
+    from anchorrt.exporter.reference.iava import ReferenceIava
+    from anchorrt.runtime.preprocess import load_image
 
     inspect_checkpoint(model_dir)
     ref = ReferenceIava(model_dir)
@@ -235,7 +235,7 @@ def precision_options(fn):
 
 def make_precision_options(precision=None, quantize=None, block_size=32, asymmetric=False, accuracy_level=0,
                            vision_precision=None, int8_full_range=False):
-    from graph_passes.bake import PrecisionOptions
+    from anchorrt.graph_passes.bake import PrecisionOptions
 
     return PrecisionOptions(precision=precision or "fp32", quantize=quantize, block_size=block_size,
                             symmetric=not asymmetric, accuracy_level=accuracy_level,

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from anchorrt.cli_common import friendly as _friendly
-from runtime.errors import CheckpointError, FlagError
+from anchorrt.runtime.errors import CheckpointError, FlagError
 
 DEVICES = ("cpu", "cuda")
 
@@ -113,9 +113,9 @@ def profile(artifact_dir: Path, out_dir: Path, batch_sizes: str, contexts: str, 
             ort_trace: bool, model_dir: Path | None, no_plots: bool, threads: str | None, allow_fallback: bool,
             no_verify: bool, quiet: bool) -> None:
     """Profile an artifact folder: where the time goes, how it scales, what each mitigation costs."""
-    from runtime.profile import ProfileSettings, format_table, run_profile, write_outputs
-    from runtime.profile.measure import Progress
-    from runtime.profile.sweep import DEFAULT_PROMPT, default_image
+    from anchorrt.runtime.profile import ProfileSettings, format_table, run_profile, write_outputs
+    from anchorrt.runtime.profile.measure import Progress
+    from anchorrt.runtime.profile.sweep import DEFAULT_PROMPT, default_image
 
     if device not in DEVICES:
         raise FlagError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -137,15 +137,15 @@ def profile(artifact_dir: Path, out_dir: Path, batch_sizes: str, contexts: str, 
     if out_dir.exists() and not out_dir.is_dir():
         raise FlagError(f"--out '{out_dir}' exists and is not a folder; pass another --out")
     if not no_plots:
-        from runtime.profile.plots import require_matplotlib
+        from anchorrt.runtime.profile.plots import require_matplotlib
 
         require_matplotlib()  # before minutes of measurement, not after
     reference = None
     if model_dir is not None:
         import importlib.util
 
-        from runtime.manifest import Manifest
-        from runtime.preprocess import load_image
+        from anchorrt.runtime.manifest import Manifest
+        from anchorrt.runtime.preprocess import load_image
 
         if not (model_dir / "config.json").is_file():
             raise CheckpointError(f"--model '{model_dir}' is not a checkpoint folder (no config.json)")

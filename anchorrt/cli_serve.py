@@ -49,8 +49,8 @@ def repository_options(fn):
 
 def _write(artifact_dir: Path, out: Path, force: bool, kind, instances, gpus, max_batch_size, max_queue_delay_us,
            no_stream, intra_op_threads, max_image_pixels, max_new_tokens_limit, no_verify) -> Path:
-    from runtime.errors import FlagError
-    from runtime.serving.repository import write_repository
+    from anchorrt.runtime.errors import FlagError
+    from anchorrt.runtime.serving.repository import write_repository
 
     try:
         gpu_ids = tuple(int(g) for g in gpus.split(",")) if gpus else ()
@@ -72,8 +72,8 @@ def first_request(server) -> None:
 
     from PIL import Image
 
-    from runtime.errors import BackendError
-    from runtime.serving.client import AnchorClient, ServerError
+    from anchorrt.runtime.errors import BackendError
+    from anchorrt.runtime.serving.client import AnchorClient, ServerError
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, "PNG")
@@ -119,8 +119,8 @@ def serve_triton(artifact_dir: Path, out: Path, force: bool, **options) -> None:
 def serve_run(artifact_dir: Path, port: int, grpc_port, metrics_port, repo_dir, log_file, ready_timeout,
               **options) -> None:
     """Serve ARTIFACT_DIR on a local Triton (127.0.0.1) until Ctrl-C; health at /v2/health/ready."""
-    from runtime.errors import BackendError
-    from runtime.serving.server import LocalTriton, find_tritonserver
+    from anchorrt.runtime.errors import BackendError
+    from anchorrt.runtime.serving.server import LocalTriton, find_tritonserver
 
     find_tritonserver()  # not installed: one line, before the repository is written
     with tempfile.TemporaryDirectory(prefix="anchorrt-repo-") as tmp:

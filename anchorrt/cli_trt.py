@@ -16,7 +16,7 @@ from anchorrt.cli_common import friendly, say
 
 def trt_compat_report(artifact_dir: Path, trt_version: str | None, verify: bool, as_json: bool) -> int:
     """Print the op table; -> exit code 0 (all supported) or 1 (some op or graph is not)."""
-    from graph_passes.trt_compat import TABLE_VERSION, check_artifact
+    from anchorrt.graph_passes.trt_compat import TABLE_VERSION, check_artifact
 
     report = check_artifact(artifact_dir, trt_version or TABLE_VERSION, verify=verify)
     if as_json:
@@ -57,7 +57,7 @@ def trt_build(artifact_dir: Path, flags, max_batch: int, max_context: int | None
               workspace_mb: int, force: bool, no_verify: bool) -> None:
     """Build one TensorRT engine per graph into ARTIFACT/trt/ (keyed by TensorRT version, GPU, flags, graph
     sha256, profiles) with a timing cache beside them; `generate --device trt` then runs them."""
-    from runtime.trt_backend import EngineLimits, build_engines
+    from anchorrt.runtime.trt_backend import EngineLimits, build_engines
 
     limits = EngineLimits(max_batch=max_batch, max_context=max_context, opt_context=opt_context)
     built = build_engines(artifact_dir, flags=tuple(flags), limits=limits, workspace_mb=workspace_mb, force=force,

@@ -54,7 +54,7 @@ def train(data, image_root, model_dir, out_dir, stage, steps, lr, batch_size, se
           resume, max_length, device, amp, force, no_progress) -> None:
     """Train VisAlign's fusion (and projector; stage 2: the LLM) on your LLaVA-format data."""
     from anchorrt.cli import _say
-    from exporter.visalign.train import train as run_train
+    from anchorrt.exporter.visalign.train import train as run_train
 
     run_train(model_dir, data, out_dir, image_root=image_root, resume=resume, force=force, progress=not no_progress,
               say=_say, stage=stage, steps=steps, lr=lr, batch_size=batch_size, seed=seed, init=init, lora=lora,

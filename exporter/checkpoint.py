@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import CheckpointError
+from anchorrt.runtime.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -25,7 +25,7 @@ class Checkpoint:
 
 
 def inspect_checkpoint(model_dir: str | Path, allow_pickle: bool = False) -> Checkpoint:
-    from exporter.registry import supported_architectures
+    from anchorrt.exporter.registry import supported_architectures
 
     path = Path(model_dir)
     if not path.exists():
@@ -45,7 +45,7 @@ def inspect_checkpoint(model_dir: str | Path, allow_pickle: bool = False) -> Che
     supported = supported_architectures()
     arch = archs[0] if archs else config.get("model_type", "<none>")
     if arch not in supported:
-        from exporter.registry import refusal_for
+        from anchorrt.exporter.registry import refusal_for
 
         reason = refusal_for(arch) if isinstance(arch, str) else None
         if reason is not None:

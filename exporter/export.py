@@ -19,8 +19,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.errors import AnchorError, ArtifactError, CheckpointError
-from runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, replace_folder, write_manifest
+from anchorrt.runtime.errors import AnchorError, ArtifactError, CheckpointError
+from anchorrt.runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, replace_folder, write_manifest
 
 # ONNX protobuf files cannot exceed 2 GiB; keep a margin and move weights to an external-data file above it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -133,8 +133,8 @@ def export_model(
     `attention`: "fused" (the default at opset 18: GroupQueryAttention with an in-place KV cache,
     graph_passes/fuse_attention.py) or "unfused" (the exporter's opset-18/23 form, for debugging); the manifest
     records the form and the runtime follows it."""
-    from exporter.checkpoint import inspect_checkpoint
-    from exporter.visalign.checkpoint import export_hook as visalign_export_hook
+    from anchorrt.exporter.checkpoint import inspect_checkpoint
+    from anchorrt.exporter.visalign.checkpoint import export_hook as visalign_export_hook
 
     say = progress or (lambda msg: None)
     out = Path(out_dir)
@@ -148,7 +148,7 @@ def export_model(
         raise AnchorError("--attention fused is made from the opset-18 form; use --opset 18 or --attention unfused")
     if dtype not in ("fp32", "fp16"):
         raise AnchorError(f"export dtype '{dtype}' is not supported; use fp32 or fp16")
-    from graph_passes.bake import PrecisionOptions, convert_into
+    from anchorrt.graph_passes.bake import PrecisionOptions, convert_into
 
     if precision_options is None:
         precision_options = PrecisionOptions(precision=dtype)
@@ -160,8 +160,8 @@ def export_model(
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output path '{out}' is a file; choose a folder name")
     ckpt = inspect_checkpoint(model_dir, allow_pickle=allow_pickle)
-    from graph_passes.bake import export_hook as passes_hook
-    from graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED
+    from anchorrt.graph_passes.bake import export_hook as passes_hook
+    from anchorrt.graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED
 
     run_graph_passes = passes_hook(mitigation, bake_options, say,
                                    attention=FORM_FUSED if attention == "fused" else FORM_UNFUSED)  # checks the method names before the slow export
@@ -208,8 +208,8 @@ def _check_before_loading(ckpt, mitigation, bake_options) -> None:
     """Everything config.json and the image-processor config can decide, before a weight is read (issue 13): the
     arch's own `check_config` hook (image processor, options; exporter/registry.py) and the mitigation layer choices
     against the decoder's layer count. A refusal here takes well under a second instead of a whole export."""
-    from exporter.registry import check_config
-    from graph_passes.bake import check_layer_choices
+    from anchorrt.exporter.registry import check_config
+    from anchorrt.graph_passes.bake import check_layer_choices
 
     facts = check_config(ckpt.architecture, ckpt.config, ckpt.path)
     if mitigation and "num_layers" in facts:
@@ -218,11 +218,10 @@ def _check_before_loading(ckpt, mitigation, bake_options) -> None:
 
 def _export_into(ckpt, tmp: Path, opset: int, say: Progress) -> dict:
     import torch
+    from anchorrt.exporter.archs.llava import load_processor
+    from anchorrt.exporter.preprocessing import preprocessing_params
+    from anchorrt.exporter.registry import get_arch
     from transformers.utils import logging as hf_logging
-
-    from exporter.archs.llava import load_processor
-    from exporter.preprocessing import preprocessing_params
-    from exporter.registry import get_arch
 
     hf_logging.disable_progress_bar()  # our own progress lines replace transformers' weight-loading bar
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Read a checkpoint's image-processor config into the runtime's preprocessing params (plain JSON, no transformers).
 
 The params dict is stored in the artifact manifest under "preprocessing" and drives
-`runtime.preprocess.ImagePreprocessor`. Schema:
+`anchorrt.runtime.preprocess.ImagePreprocessor`. Schema:
 
     {"do_convert_rgb": bool, "do_pad": bool, "do_resize": bool, "shortest_edge": int, "resample": int,
      "do_center_crop": bool, "crop_size": [height, width], "do_rescale": bool, "rescale_factor": float,
@@ -35,8 +35,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import CheckpointError
-from runtime.preprocess import validate_params
+from anchorrt.runtime.errors import CheckpointError
+from anchorrt.runtime.preprocess import validate_params
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"

@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from exporter.preprocessing import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, _read_json, _triple
-from runtime.errors import AnchorError, CheckpointError
-from runtime.preprocess_qwen2_vl import validate_qwen2_vl_params
+from anchorrt.exporter.preprocessing import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, _read_json, _triple
+from anchorrt.runtime.errors import AnchorError, CheckpointError
+from anchorrt.runtime.preprocess_qwen2_vl import validate_qwen2_vl_params
 
 QWEN2_VL_TYPES = frozenset({"Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil"})
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

@@ -63,7 +63,7 @@ def check_config(architecture: str, config: dict, folder) -> dict:
     hook = getattr(cls, "check_config", None)
     if hook is None:
         return {}
-    from exporter.preprocessing import image_processor_config
+    from anchorrt.exporter.preprocessing import image_processor_config
 
     preprocessor, _ = image_processor_config(folder)
     return dict(hook(config, preprocessor) or {})
@@ -71,4 +71,4 @@ def check_config(architecture: str, config: dict, folder) -> dict:
 
 def _import_builtin_archs() -> None:
     # Imported lazily so that `import exporter` stays cheap; the modules register themselves.
-    from exporter.archs import llava, llava_next, qwen2_vl  # noqa: F401
+    from anchorrt.exporter.archs import llava, llava_next, qwen2_vl  # noqa: F401

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from runtime.errors import FlagError, VerifyError
+from anchorrt.runtime.errors import FlagError, VerifyError
 
 DEFAULT_PROMPTS = ("What is in the image?", "Describe the content of the image.")
 
@@ -82,10 +81,9 @@ def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence
             steps: int, atol: float, batch: bool, providers: Sequence[str] | None, verify_files: bool) -> VerifyReport:
     import torch
     import transformers
+    from anchorrt.runtime.pipeline import Pipeline
     from transformers import AutoProcessor, DynamicCache
     from transformers.utils import logging as hf_logging
-
-    from runtime.pipeline import Pipeline
 
     hf_logging.disable_progress_bar()  # our own progress lines replace transformers' weight-loading bar
     prompts = list(prompts or DEFAULT_PROMPTS)
@@ -167,7 +165,7 @@ def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence
 def _torch_side(architecture, model_dir):
     """The exporter arch's `verify_torch_side(model_dir)` (model, inputs(images, texts), decode_kwargs(mask)), or
     None for the LLaVA path above."""
-    from exporter.registry import get_arch, supported_architectures
+    from anchorrt.exporter.registry import get_arch, supported_architectures
 
     if architecture not in supported_architectures():
         return None
@@ -238,7 +236,7 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
 
 
 def _fp32_artifact(target: Path, work: Path, opset: int, say) -> Path:
-    from runtime.manifest import MANIFEST_NAME, Manifest
+    from anchorrt.runtime.manifest import MANIFEST_NAME, Manifest
 
     if (target / MANIFEST_NAME).is_file():
         p = Manifest.load(target).data.get("precision") or {}
@@ -246,7 +244,7 @@ def _fp32_artifact(target: Path, work: Path, opset: int, say) -> Path:
             raise VerifyError(f"'{target}' is a {p.get('weights')}/{p.get('activations')} artifact; verify "
                               "--precision compares against fp32: pass the fp32 export (or the model folder)")
         return target
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     say(f"exporting {target} (fp32, opset {opset})")
     out = work / "fp32"
@@ -265,8 +263,8 @@ def verify_precisions(target: str | Path, precisions: str | Sequence[str] = ("fp
     import shutil
     import tempfile
 
-    from graph_passes.bake import PrecisionOptions, convert_precision
-    from runtime.pipeline import Pipeline
+    from anchorrt.graph_passes.bake import PrecisionOptions, convert_precision
+    from anchorrt.runtime.pipeline import Pipeline
 
     say = say or (lambda msg: None)
     names = parse_precisions(precisions)

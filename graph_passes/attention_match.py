@@ -43,9 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-
-from graph_passes.base import META_BASE_MASK, PassError
-from graph_passes.naming import layer_of
+from anchorrt.graph_passes.base import META_BASE_MASK, PassError
+from anchorrt.graph_passes.naming import layer_of
 
 DECOMPOSED = "matmul_softmax"
 ATTENTION_OP = "attention_op"

@@ -25,17 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
-
-from graph_passes.base import GraphPass, PassError
-from graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass, resolve_clva_layers
-from graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
-from graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED, FuseAttentionPass
-from graph_passes.naming import AssignNodeNames
-from graph_passes.pipeline import has_external_data, run_on_model, save_model
-from graph_passes.probe import ProbePass, resolve_probe_layers
-from graph_passes.sevi import DEFAULT_START_LAYER, SEVI_INPUTS, SeviPass
-from runtime.manifest import MANIFEST_NAME, Manifest, replace_folder, write_manifest
-from runtime.mitigation import PARAMS
+from anchorrt.graph_passes.base import GraphPass, PassError
+from anchorrt.graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass, resolve_clva_layers
+from anchorrt.graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
+from anchorrt.graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED, FuseAttentionPass
+from anchorrt.graph_passes.naming import AssignNodeNames
+from anchorrt.graph_passes.pipeline import has_external_data, run_on_model, save_model
+from anchorrt.graph_passes.probe import ProbePass, resolve_probe_layers
+from anchorrt.graph_passes.sevi import DEFAULT_START_LAYER, SEVI_INPUTS, SeviPass
+from anchorrt.runtime.manifest import MANIFEST_NAME, Manifest, replace_folder, write_manifest
+from anchorrt.runtime.mitigation import PARAMS
 
 METHOD_ORDER = ("clva", "sevi", "probe")  # the probe reads attention as CLVA leaves it
 PAPERS = {"clva": "papers/clva-cross-layer-visual-anchors.txt",
@@ -355,7 +354,7 @@ def bake_visalign_weights(artifact_dir: str | os.PathLike, weights: str | os.Pat
     an artifact folder, atomically (a hidden sibling folder, then a rename). The fusion's training also changes the
     projector: bake it onto an export of the checkpoint it was trained with (exporting the VisAlign checkpoint
     itself does this in one step)."""
-    from graph_passes.visalign import bake_visalign
+    from anchorrt.graph_passes.visalign import bake_visalign
 
     say = progress or (lambda msg: None)
     folder = Path(artifact_dir)
@@ -403,7 +402,7 @@ class PrecisionOptions:
     vision: str | None = None
 
     def check(self) -> PrecisionOptions:
-        from graph_passes.quantize import ACCURACY_LEVELS, BLOCK_SIZES
+        from anchorrt.graph_passes.quantize import ACCURACY_LEVELS, BLOCK_SIZES
 
         if self.precision not in PRECISIONS:
             raise PassError(f"precision '{self.precision}' is not supported; use fp32 or fp16")
@@ -452,8 +451,8 @@ def _check_mitigation_bakeable(data: dict, where: str) -> None:
 
 
 def _precision_passes(role: str, options: PrecisionOptions, fused: bool = False) -> list[GraphPass]:
-    from graph_passes.precision import Fp16Pass
-    from graph_passes.quantize import Int4WeightPass, Int8DynamicPass
+    from anchorrt.graph_passes.precision import Fp16Pass
+    from anchorrt.graph_passes.quantize import Int4WeightPass, Int8DynamicPass
 
     passes: list[GraphPass] = []
     vision16 = options.vision_precision == "fp16"

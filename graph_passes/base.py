@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
-from runtime.errors import AnchorError
+from anchorrt.runtime.errors import AnchorError
 
 # Metadata keys the passes write on nodes (read back by later passes and by debugging tools).
 META_LAYER = "anchorrt.layer"  # decoder layer index of a node a pass added or rewired

@@ -42,9 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-
-from graph_passes.attention_match import RECOMPUTED, AttentionSite, match_attention, require_float32, site_keys
-from graph_passes.base import (
+from anchorrt.graph_passes.attention_match import RECOMPUTED, AttentionSite, match_attention, require_float32, site_keys
+from anchorrt.graph_passes.base import (
     META_BASE_MASK,
     META_LAYER,
     META_MASK_ROLE,
@@ -55,7 +54,7 @@ from graph_passes.base import (
     add_graph_output,
     graph_input,
 )
-from graph_passes.regions import (
+from anchorrt.graph_passes.regions import (
     BOOL,
     DOUBLE,
     FLOAT,
@@ -65,7 +64,7 @@ from graph_passes.regions import (
     slice_axis,
     static_heads,
 )
-from graph_passes.shapes import annotate_missing, reduce_extreme
+from anchorrt.graph_passes.shapes import annotate_missing, reduce_extreme
 
 Z_EPS = 1e-6  # eq. 8
 LOG_ZERO = -1e9  # the bias where w = 0: exp(-1e9 + any fp32 logit) is exactly 0

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-
-from graph_passes.attention_match import match_attention
-from graph_passes.base import Builder, GraphPass, PassError, graph_input
-from graph_passes.regions import FLOAT, attention_rows, build_regions
-from graph_passes.shapes import annotate_missing
+from anchorrt.graph_passes.attention_match import match_attention
+from anchorrt.graph_passes.base import Builder, GraphPass, PassError, graph_input
+from anchorrt.graph_passes.regions import FLOAT, attention_rows, build_regions
+from anchorrt.graph_passes.shapes import annotate_missing
 
 ATTENTION = "explain.attention"
 
@@ -89,8 +88,8 @@ def explained_copy(artifact_dir: str | os.PathLike, clva_options=None, verify: b
     `clva_options` (a BakeOptions) when the artifact has none). -> the copy's folder; the caller removes it
     (shutil.rmtree). The original folder is only read. The decoder is written anew with its weights (as `bake`
     does): for a 7B fp32 export that is its full size on disk for the duration of the run."""
-    from graph_passes.bake import _passes, transform_into
-    from runtime.manifest import Manifest, write_manifest
+    from anchorrt.graph_passes.bake import _passes, transform_into
+    from anchorrt.runtime.manifest import Manifest, write_manifest
 
     folder = Path(artifact_dir)
     manifest = Manifest.load(folder, verify=verify)

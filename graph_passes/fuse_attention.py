@@ -46,17 +46,16 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
-
-from graph_passes.attention_match import (
+from anchorrt.graph_passes.attention_match import (
     DECOMPOSED,
     GQA_BIAS_INDEX,
     META_Q4,
     AttentionSite,
     match_attention,
 )
-from graph_passes.base import META_LAYER, Builder, GraphPass, PassError, graph_input
-from graph_passes.naming import AssignNodeNames
-from graph_passes.shapes import annotate_missing
+from anchorrt.graph_passes.base import META_LAYER, Builder, GraphPass, PassError, graph_input
+from anchorrt.graph_passes.naming import AssignNodeNames
+from anchorrt.graph_passes.shapes import annotate_missing
 
 MS_DOMAIN = "com.microsoft"
 INT32, INT64 = ir.DataType.INT32, ir.DataType.INT64

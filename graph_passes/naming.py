@@ -19,8 +19,7 @@ import re
 from collections import Counter
 
 import onnx_ir as ir
-
-from graph_passes.base import GraphPass
+from anchorrt.graph_passes.base import GraphPass
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 RENAME = {"lm": "model", "self_attn": "attn", "head": "lm_head"}

@@ -7,7 +7,7 @@
 An artifact folder is transformed atomically (graph_passes/bake.py: a hidden copy, then a rename) and its manifest
 updated: decoder inputs/outputs, the pass counts, a mitigation record per CLVA/SEVI pass, fresh sha256 hashes. A
 file is loaded with onnx-ir, transformed, and written back atomically (a temporary file beside it, then a rename;
-external weights are rewritten the same way by onnx-ir). `graph_passes.bake.bake` is the user-facing way to add
+external weights are rewritten the same way by onnx-ir). `anchorrt.graph_passes.bake.bake` is the user-facing way to add
 methods (it validates names, refuses a second bake, and fails when a method matches nothing). No torch here.
 """
 
@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import onnx_ir as ir
-
-from graph_passes.base import GraphPass, PassError
+from anchorrt.graph_passes.base import GraphPass, PassError
 
 
 def run_on_model(model: ir.Model, passes: Sequence[GraphPass]) -> dict[str, int]:
@@ -54,7 +53,7 @@ def run_passes(target: ir.Model | str | os.PathLike, passes: Sequence[GraphPass]
         return run_on_model(target, passes)
     path = Path(target)
     if path.is_dir():
-        from graph_passes.bake import transform_artifact
+        from anchorrt.graph_passes.bake import transform_artifact
 
         return transform_artifact(path, passes)[1]
     if not path.is_file():

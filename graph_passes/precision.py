@@ -35,11 +35,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
-
-from graph_passes.attention_match import RECOMPUTED, match_attention
-from graph_passes.base import GraphPass, PassError
-from graph_passes.naming import SCOPES_KEY
-from graph_passes.shapes import annotate_missing
+from anchorrt.graph_passes.attention_match import RECOMPUTED, match_attention
+from anchorrt.graph_passes.base import GraphPass, PassError
+from anchorrt.graph_passes.naming import SCOPES_KEY
+from anchorrt.graph_passes.shapes import annotate_missing
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)

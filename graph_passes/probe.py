@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
-from graph_passes.attention_match import match_attention
-from graph_passes.base import Builder, GraphPass, PassError, add_graph_input, graph_input
-from graph_passes.regions import BOOL, FLOAT, attention_rows
-from graph_passes.shapes import annotate_missing
+from anchorrt.graph_passes.attention_match import match_attention
+from anchorrt.graph_passes.base import Builder, GraphPass, PassError, add_graph_input, graph_input
+from anchorrt.graph_passes.regions import BOOL, FLOAT, attention_rows
+from anchorrt.graph_passes.shapes import annotate_missing
 
 INT32 = ir.DataType.INT32
 PROBE_ENABLE = "probe.enable"

@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
-from graph_passes.base import GraphPass, PassError
-from graph_passes.naming import SCOPES_KEY
-from graph_passes.precision import is_mitigation_node
-from graph_passes.shapes import annotate_missing
+from anchorrt.graph_passes.base import GraphPass, PassError
+from anchorrt.graph_passes.naming import SCOPES_KEY
+from anchorrt.graph_passes.precision import is_mitigation_node
+from anchorrt.graph_passes.shapes import annotate_missing
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 MS_DOMAIN = "com.microsoft"

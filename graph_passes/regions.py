@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-
-from graph_passes.base import NEG_INF, Builder, PassError
-from graph_passes.shapes import reduce_extreme
+from anchorrt.graph_passes.base import NEG_INF, Builder, PassError
+from anchorrt.graph_passes.shapes import reduce_extreme
 
 INT64_MAX = np.iinfo(np.int64).max
 FLOAT, DOUBLE, BOOL, INT64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.BOOL, ir.DataType.INT64
@@ -118,7 +117,7 @@ def attention_rows(b: Builder, site, start: ir.Value | int, what: str = "rows") 
 
     The mask is the layer's current one (a CLVA bias baked before is included); SEVI's last-row edit is not seen.
     Shared by the IAVA probe (last row) and the explain pass (the T rows)."""
-    from graph_passes.attention_match import RECOMPUTED, site_keys
+    from anchorrt.graph_passes.attention_match import RECOMPUTED, site_keys
 
     if site.form not in RECOMPUTED:
         return slice_axis(b, site.probs, start, 2, f"probs_{what}")

@@ -48,8 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
-from graph_passes.attention_match import (
+from anchorrt.graph_passes.attention_match import (
     RECOMPUTED,
     AttentionSite,
     match_attention,
@@ -57,7 +56,7 @@ from graph_passes.attention_match import (
     site_keys,
     site_values,
 )
-from graph_passes.base import (
+from anchorrt.graph_passes.base import (
     META_LAYER,
     META_MASK_ROLE,
     NEG_INF,
@@ -68,7 +67,7 @@ from graph_passes.base import (
     add_graph_output,
     graph_input,
 )
-from graph_passes.regions import (
+from anchorrt.graph_passes.regions import (
     BOOL,
     FLOAT,
     grouped_probs_matmul,
@@ -77,7 +76,7 @@ from graph_passes.regions import (
     slice_axis,
     static_heads,
 )
-from graph_passes.shapes import annotate_missing, reduce_extreme
+from anchorrt.graph_passes.shapes import annotate_missing, reduce_extreme
 
 INT32, INT8 = ir.DataType.INT32, ir.DataType.INT8
 VISION_HEAD, GLOBAL_TEXT_HEAD, LOCAL_TEXT_HEAD, NOT_CLASSIFIED = 0, 1, 2, -1

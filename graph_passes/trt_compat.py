@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from graph_passes.trt_ops_table import ADDED_IN, OPSET_RANGE, SOURCE, TABLE_VERSION, load_table
-from runtime.errors import ArtifactError, FlagError
+from anchorrt.graph_passes.trt_ops_table import ADDED_IN, OPSET_RANGE, SOURCE, TABLE_VERSION, load_table
+from anchorrt.runtime.errors import ArtifactError, FlagError
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 STATUSES = ("yes", "restricted", "no")
@@ -270,8 +270,7 @@ def check_graph(model, graph_name: str, trt_version: str = TABLE_VERSION) -> tup
 def check_artifact(folder: str | Path, trt_version: str = TABLE_VERSION, verify: bool = True) -> CompatReport:
     """Check every graph of an artifact folder (weights are not loaded)."""
     import onnx
-
-    from runtime.manifest import GRAPH_ROLES, Manifest
+    from anchorrt.runtime.manifest import GRAPH_ROLES, Manifest
 
     target = parse_version(trt_version)
     manifest = Manifest.load(folder, verify=verify)

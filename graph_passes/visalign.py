@@ -38,11 +38,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-
-from graph_passes.base import GraphPass, PassError
-from graph_passes.pipeline import has_external_data, save_model
-from graph_passes.shapes import annotate_missing
-from runtime.errors import ArtifactError, CheckpointError
+from anchorrt.graph_passes.base import GraphPass, PassError
+from anchorrt.graph_passes.pipeline import has_external_data, save_model
+from anchorrt.graph_passes.shapes import annotate_missing
+from anchorrt.runtime.errors import ArtifactError, CheckpointError
 
 PASS_NAME = "visalign"
 WEIGHTS_FILE = "visalign.safetensors"
@@ -218,7 +217,7 @@ def apply_visalign(model: ir.Model | str | Path, weights: FusionWeights | str | 
 
 # -- the manifest ---------------------------------------------------------------------------------------------------
 def describe_inputs(model: ir.Model) -> list[dict]:
-    """Graph inputs in the manifest's format (as `exporter.export.graph_io` writes them)."""
+    """Graph inputs in the manifest's format (as `anchorrt.exporter.export.graph_io` writes them)."""
     out = []
     for v in model.graph.inputs:
         dims = [d.value if isinstance(d, ir.SymbolicDim) else int(d) for d in (v.shape or [])]

@@ -1,11 +1,11 @@
 """AnchorRT's torch-free runtime: numpy, onnxruntime, tokenizers and Pillow only.
 
-    from runtime import Pipeline
+    from anchorrt.runtime import Pipeline
     pipe = Pipeline.from_dir("out/llava")
     print(pipe.generate("cat.jpg", "What is in the image?").text)
 """
 
-from runtime.errors import (  # noqa: F401 - the public error types
+from anchorrt.runtime.errors import (  # noqa: F401 - the public error types
     AnchorError,
     ArtifactError,
     BackendError,
@@ -19,9 +19,9 @@ __all__ = ["Pipeline", "Request", "Generation", "AnchorError", "ArtifactError", 
 
 
 def __getattr__(name: str):
-    # Lazy, so that `from runtime.errors import ...` (used by the exporter) does not load onnxruntime.
+    # Lazy, so that `from anchorrt.runtime.errors import ...` (used by the exporter) does not load onnxruntime.
     if name in ("Pipeline", "Request", "Generation"):
-        from runtime import pipeline
+        from anchorrt.runtime import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(name)

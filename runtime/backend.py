@@ -25,8 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from runtime.errors import BackendError
+from anchorrt.runtime.errors import BackendError
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 TRT_NATIVE = "tensorrt-native"
@@ -91,7 +90,7 @@ class OrtBackend:
             except Exception:  # noqa: BLE001 - missing libraries show up as a provider fallback below
                 pass
         if self.path.is_file():  # external data must stay beside the graph (SECURITY.md): checked before ort reads it
-            from runtime.manifest import check_onnx_file
+            from anchorrt.runtime.manifest import check_onnx_file
 
             check_onnx_file(self.path)
         opts = ort.SessionOptions()
@@ -155,7 +154,7 @@ def make_backend(path: str | Path, providers: Sequence | None = None, **kw):
     Without TensorRT that is a BackendError at construction, one line with the install command."""
     names = [p if isinstance(p, str) else p[0] for p in (providers or [])]
     if names and names[0] == TRT_NATIVE:
-        from runtime.trt_backend import TrtBackend, import_tensorrt
+        from anchorrt.runtime.trt_backend import TrtBackend, import_tensorrt
 
         import_tensorrt()  # fail at construction, before any image is read
         return TrtBackend(path, device_id=kw.get("device_id", 0))

@@ -28,8 +28,7 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
-
-from runtime.errors import FlagError
+from anchorrt.runtime.errors import FlagError
 
 GENERAL_INSTRUCTION = "Describe the content of the image."
 PROBE_ENABLE = "probe.enable"

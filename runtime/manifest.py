@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ArtifactError
+from anchorrt.runtime.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "anchorrt-artifact"

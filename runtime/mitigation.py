@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from runtime.errors import ArtifactError, FlagError
+from anchorrt.runtime.errors import ArtifactError, FlagError
 
 FP32_MAX = float(np.finfo(np.float32).max)
 

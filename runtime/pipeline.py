@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from runtime.archs import PromptLayout, VisualInput, runtime_for
-from runtime.backend import make_backend
-from runtime.errors import ArtifactError, FlagError, ImageError
-from runtime.iava import (
+from anchorrt.runtime.archs import PromptLayout, VisualInput, runtime_for
+from anchorrt.runtime.backend import make_backend
+from anchorrt.runtime.errors import ArtifactError, FlagError, ImageError
+from anchorrt.runtime.iava import (
     PROBE_ENABLE,
     PROBE_OUTPUT,
     IavaParams,
@@ -40,13 +39,13 @@ from runtime.iava import (
     parse_iava,
     select_irrelevant,
 )
-from runtime.kv_cache import KVCache
-from runtime.manifest import Manifest
-from runtime.mitigation import decoder_feeds, mitigation_specs, parse_request
-from runtime.preprocess import load_image
-from runtime.prompt import EncodedPrompt, PromptBuilder
-from runtime.sampling import SamplingConfig, select_tokens
-from runtime.visalign import VisAlignFeed, VisAlignState, requested, visalign_state
+from anchorrt.runtime.kv_cache import KVCache
+from anchorrt.runtime.manifest import Manifest
+from anchorrt.runtime.mitigation import decoder_feeds, mitigation_specs, parse_request
+from anchorrt.runtime.preprocess import load_image
+from anchorrt.runtime.prompt import EncodedPrompt, PromptBuilder
+from anchorrt.runtime.sampling import SamplingConfig, select_tokens
+from anchorrt.runtime.visalign import VisAlignFeed, VisAlignState, requested, visalign_state
 
 TokenCallback = Callable[[int, int, str], None]  # (request index, token id, new text piece)
 

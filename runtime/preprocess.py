@@ -41,9 +41,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from anchorrt.runtime.errors import AnchorError, ArtifactError, ImageError
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from runtime.errors import AnchorError, ArtifactError, ImageError
 
 MAX_PIXELS = 64_000_000
 """Default limit on width * height of an input image, checked from the header before any pixel is decoded.

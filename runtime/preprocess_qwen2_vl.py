@@ -23,10 +23,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from anchorrt.runtime.errors import ArtifactError, ImageError
+from anchorrt.runtime.preprocess import convert_to_rgb
 from PIL import Image
-
-from runtime.errors import ArtifactError, ImageError
-from runtime.preprocess import convert_to_rgb
 
 MAX_QWEN_PIXELS = 64 * 28 * 28 * 1280
 """Upper bound on a manifest's max_pixels (64x the released default, 1003520 px): a forged value would make every

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from runtime.errors import ArtifactError, PromptError
+from anchorrt.runtime.errors import ArtifactError, PromptError
 
 
 @dataclass

@@ -11,8 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from runtime.errors import FlagError
+from anchorrt.runtime.errors import FlagError
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from runtime.errors import ArtifactError, BackendError
+from anchorrt.runtime.errors import ArtifactError, BackendError
 
 ENGINE_DIR = "trt"
 INDEX_NAME = "engines.json"
@@ -309,7 +308,7 @@ def build_engines(artifact_dir: str | Path, flags: Sequence[str] = (), limits: E
                   progress: Callable[[str], None] | None = None, device_id: int = 0,
                   roles: Sequence[str] = ("vision", "embed", "decoder")) -> dict[str, Path]:
     """Build an engine per graph into ARTIFACT/trt/ (atomically, as one folder). -> {role: engine path}."""
-    from runtime.manifest import Manifest, replace_folder
+    from anchorrt.runtime.manifest import Manifest, replace_folder
 
     say = progress or (lambda msg: None)
     flags = _check_flags(flags)
@@ -371,7 +370,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def find_engine(graph_path: str | Path, trt_version: str, gpu: str) -> Path:
     """The engine built for this graph's current sha256 on this TensorRT version and GPU, or BackendError."""
-    from runtime.manifest import file_sha256
+    from anchorrt.runtime.manifest import file_sha256
 
     graph_path = Path(graph_path)
     folder = graph_path.parent

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from runtime.errors import ArtifactError, FlagError
+from anchorrt.runtime.errors import ArtifactError, FlagError
 
 ENABLE_INPUT = "visalign.enable"
 V_BAR_INPUT = "visalign.v_bar"

@@ -26,8 +26,8 @@ BENCH_SPEC = dict(layers=8, hidden=512, heads=8, kv_heads=8, intermediate=1376, 
 
 
 def build(folder: Path):
-    from exporter.export import export_model
-    from exporter.testing import TinyLlavaSpec, build_tiny_llava
+    from anchorrt.exporter.export import export_model
+    from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
 
     model_dir = folder / "bench-llava"
     art = folder / "bench-artifact"
@@ -46,10 +46,9 @@ def main() -> None:
 
     import numpy as np
     import torch
+    from anchorrt.runtime.pipeline import Pipeline
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from runtime.pipeline import Pipeline
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     folder = args.keep or Path(tempfile.mkdtemp(prefix="anchorrt-bench-"))

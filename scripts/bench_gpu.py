@@ -116,9 +116,9 @@ def decoder_weight_bytes(art: Path) -> int:
 
 
 def build(folder: Path, shape: str, precision: str, quantize: str | None) -> tuple[Path, Path]:
-    from exporter.export import export_model
-    from exporter.testing import TinyLlavaSpec, build_tiny_llava
-    from graph_passes.bake import BakeOptions, PrecisionOptions, convert_precision
+    from anchorrt.exporter.export import export_model
+    from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
+    from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, convert_precision
 
     spec = TinyLlavaSpec(**SHAPES[shape])
     model_dir, fp32 = folder / f"{shape}-llava", folder / f"{shape}-fp32"
@@ -158,9 +158,8 @@ def main() -> None:
     torch_eager = args.device == "cuda" if args.torch_eager is None else args.torch_eager
 
     import numpy as np
+    from anchorrt.runtime.pipeline import Pipeline, Request
     from PIL import Image
-
-    from runtime.pipeline import Pipeline, Request
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="anchorrt-gpu-bench-"))
     folder.mkdir(parents=True, exist_ok=True)

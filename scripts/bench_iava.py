@@ -32,11 +32,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import numpy as np
+    from anchorrt.graph_passes.bake import bake
+    from anchorrt.runtime.pipeline import Pipeline
     from bench_foundation import build
     from PIL import Image
-
-    from graph_passes.bake import bake
-    from runtime.pipeline import Pipeline
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="anchorrt-bench-"))
     folder.mkdir(parents=True, exist_ok=True)

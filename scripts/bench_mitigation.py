@@ -5,7 +5,7 @@ Bench model: a random-weight LLaVA with an 8-layer, hidden-512, 16-head Llama an
 layers: l_neg 0, l_pos 2, drift 3-7), SEVI baked (start_layer 2: 6 of 8 layers, the share the default 8 edits in
 LLaVA-1.5's 32 layers; the literal default 8 would leave this model unchanged). Each runs through the runtime's own
 decoder call (`Pipeline._decode`: IOBinding into a preallocated KV cache), batch 1, with the runtime's feeds
-(`runtime.mitigation.decoder_feeds`). Context N:
+(`anchorrt.runtime.mitigation.decoder_feeds`). Context N:
 
     prefill: N tokens = [5 text | image span of min(576, N-64) | text]; T rows are the text after the image
     decode:  one token (a T row) over a synthetic past of N positions with the same image span, repeated by
@@ -48,9 +48,9 @@ LONG = 4096
 def build(folder: Path, opset: int) -> dict[str, Path]:
     import shutil
 
-    from exporter.export import export_model
-    from exporter.testing import TinyLlavaSpec, build_tiny_llava
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.exporter.export import export_model
+    from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     model_dir = folder / "bench-llava"
     plain = folder / f"plain-opset{opset}"
@@ -86,7 +86,7 @@ class Case:
 
 
 def decoder_pipeline(folder: Path, threads: int):
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_dir(folder, intra_op_threads=threads)
     _ = pipe.decoder.session  # build it now, outside the timings
@@ -97,7 +97,7 @@ class Runner:
     """One variant (a pipeline and its flags) on one Case: its feeds and its own KV cache."""
 
     def __init__(self, pipe, case: Case, method: str | None, on: bool):
-        from runtime.mitigation import decoder_feeds, parse_request
+        from anchorrt.runtime.mitigation import decoder_feeds, parse_request
 
         self.pipe, self.case = pipe, case
         rows = [parse_request({method: True} if (method and on) else None, pipe.manifest.mitigation)]

@@ -58,7 +58,7 @@ def say(msg: str) -> None:
 
 
 def build_checkpoint(folder: Path, tiny: bool, given: Path | None = None) -> Path:
-    from exporter.testing import TinyLlavaSpec, build_tiny_llava
+    from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
 
     if given is not None:
         return given
@@ -73,8 +73,8 @@ def build_anchorrt(folder: Path, model_dir: Path, precision: str, unfused: Path 
     """anchorrt-unfused = one export with --attention unfused (or a copy of `unfused`, such an export of the same
     checkpoint); anchorrt-fused = the same graphs through the fusion pass (graph_passes/fuse_attention.py); int4 =
     both quantized (MatMulNBits, accuracy level 4)."""
-    from exporter.export import export_model
-    from graph_passes.bake import PrecisionOptions, convert_precision, fuse_artifact
+    from anchorrt.exporter.export import export_model
+    from anchorrt.graph_passes.bake import PrecisionOptions, convert_precision, fuse_artifact
 
     out = {}
     base = {"unfused": folder / "anchorrt-unfused-fp32", "fused": folder / "anchorrt-fused-fp32"}
@@ -169,7 +169,7 @@ def build_gguf(folder: Path, lm_dir: Path, precision: str) -> Path:
 
 class AnchorRT:
     def __init__(self, folder: Path, threads: int):
-        from runtime.pipeline import Pipeline
+        from anchorrt.runtime.pipeline import Pipeline
 
         self.pipe = Pipeline.from_dir(folder, intra_op_threads=threads, verify=False)
         _ = self.pipe.decoder.session

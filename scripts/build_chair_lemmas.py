@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.eval.chair import DETACH, relevant_words  # noqa: E402
+from anchorrt.runtime.eval.chair import DETACH, relevant_words  # noqa: E402
 
 FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
 

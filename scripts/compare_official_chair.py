@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.eval.chair import Chair  # noqa: E402
-from runtime.eval.formats import read_chair_captions  # noqa: E402
-from runtime.eval.loaders import coco_ground_truth  # noqa: E402
+from anchorrt.runtime.eval.chair import Chair  # noqa: E402
+from anchorrt.runtime.eval.formats import read_chair_captions  # noqa: E402
+from anchorrt.runtime.eval.loaders import coco_ground_truth  # noqa: E402
 
 
 def compare(official: Path, coco_path: Path, cap_file: Path, impl: str = "opera", image_id_key: str = "image_id",

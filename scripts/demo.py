@@ -37,8 +37,8 @@ WRONG = " ✗"
 
 
 def export(model: Path) -> Path:
-    from exporter.export import export_model
-    from graph_passes.bake import BakeOptions
+    from anchorrt.exporter.export import export_model
+    from anchorrt.graph_passes.bake import BakeOptions
 
     layers = json.loads((model / "config.json").read_text())["text_config"]["num_hidden_layers"]
     # METHODS.md's SEVI start_layer 8 is literal: a model of 8 layers or fewer would be unchanged, so the demo
@@ -91,10 +91,10 @@ def not_in_scene(text: str, scene, shapes, colours) -> list[str]:
 
 
 def explain_scene(art: Path, image_path: Path, prompt: str) -> None:
-    from graph_passes.bake import BakeOptions
-    from graph_passes.explain import explained_copy
-    from runtime.explain import explain
-    from runtime.pipeline import Pipeline
+    from anchorrt.graph_passes.bake import BakeOptions
+    from anchorrt.graph_passes.explain import explained_copy
+    from anchorrt.runtime.explain import explain
+    from anchorrt.runtime.pipeline import Pipeline
 
     try:
         import matplotlib  # noqa: F401
@@ -124,8 +124,7 @@ def explain_scene(art: Path, image_path: Path, prompt: str) -> None:
 
 def main() -> None:
     import numpy as np
-
-    from runtime.eval.world import (
+    from anchorrt.runtime.eval.world import (
         CAPTION_PROMPTS,
         COLOUR_NAMES,
         PAIRS,
@@ -134,12 +133,12 @@ def main() -> None:
         World,
         existence_question,
     )
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     OUT.mkdir(exist_ok=True)
     model = ROOT / "samples" / "demo-llava"
     if not (model / "config.json").exists():
-        from exporter.testing import build_tiny_llava
+        from anchorrt.exporter.testing import build_tiny_llava
 
         print("samples/demo-llava is not there: using a tiny random-weight LLaVA (answers will be noise)")
         model = build_tiny_llava(OUT / "tiny-llava")

@@ -1,5 +1,5 @@
 """Fuzz the image loader for a fixed time: mutated PNG, JPEG, GIF (animated), APNG, BMP, WEBP (animated) and TIFF
-files go through `runtime.preprocess.load_image` and the model's preprocessing.
+files go through `anchorrt.runtime.preprocess.load_image` and the model's preprocessing.
 
     python scripts/fuzz_images.py --seconds 60                # exit 1 if any input crashed
     python scripts/fuzz_images.py --seconds 20 --crashes fuzz-crashes/
@@ -118,8 +118,8 @@ def mutated_images(draw) -> tuple[str, bytes]:
 
 def check_one(data: bytes, preprocess) -> str | None:
     """None when the loader behaved (an RGB image or a one-line ImageError); else a description of the crash."""
-    from runtime.errors import ImageError
-    from runtime.preprocess import load_image
+    from anchorrt.runtime.errors import ImageError
+    from anchorrt.runtime.preprocess import load_image
 
     try:
         image = load_image(data, max_pixels=4_000_000)
@@ -138,7 +138,7 @@ def check_one(data: bytes, preprocess) -> str | None:
 
 def fuzz(seconds: float, crashes_dir: Path | None = None, seed: int | None = None) -> dict:
     """Run for `seconds`; -> {"tried", "crashes", "by_seed": {name: count}, "first_crash"}."""
-    from runtime.preprocess import ImagePreprocessor
+    from anchorrt.runtime.preprocess import ImagePreprocessor
 
     preprocess = ImagePreprocessor(PARAMS)
     stats = {"tried": 0, "crashes": 0, "by_seed": {}, "first_crash": None}

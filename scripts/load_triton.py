@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.errors import AnchorError  # noqa: E402
+from anchorrt.runtime.errors import AnchorError  # noqa: E402
 
 LEVELS = (1, 4, 16)
 PROMPTS = ["Please describe this image in detail.", "What is in the image?"]
@@ -58,8 +58,8 @@ def png(array: np.ndarray) -> bytes:
 
 def request_pool(pipe, n_images: int, max_new_tokens: int, seed: int = 0, plain_only: bool = False) -> list[dict]:
     """Mixed (image, prompt, flags) requests and the local Pipeline's greedy answer for each."""
-    from runtime.eval.world import SHAPES, YES_NO_SUFFIX, World, existence_question
-    from runtime.serving.params import methods_of
+    from anchorrt.runtime.eval.world import SHAPES, YES_NO_SUFFIX, World, existence_question
+    from anchorrt.runtime.serving.params import methods_of
 
     methods = methods_of(pipe.manifest.mitigation, pipe.visalign is not None)
     flags = [None]
@@ -84,7 +84,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_level(http_url: str, pool: list[dict], clients: int, requests: int, max_seconds: float, max_new_tokens: int,
               timeout: float) -> dict:
-    from runtime.serving.client import AnchorClient
+    from anchorrt.runtime.serving.client import AnchorClient
 
     counter = iter(range(requests))
     lock = threading.Lock()
@@ -150,8 +150,7 @@ def rss_mb(pid: int) -> float:
 
 def faults(server, pool: list[dict], max_new_tokens: int, timeout: float) -> dict:
     import tritonclient.http as httpclient
-
-    from runtime.serving.client import AnchorClient, ServerError
+    from anchorrt.runtime.serving.client import AnchorClient, ServerError
 
     out: dict = {}
     host = server.http_url.removeprefix("http://")
@@ -180,7 +179,7 @@ def faults(server, pool: list[dict], max_new_tokens: int, timeout: float) -> dic
     out["malformed_ok"] = all(not v.startswith("answered") for v in cases.values())
 
     # a client that drops a stream after its first tokens; the server keeps serving
-    from runtime.serving.client import AnchorClient as Client
+    from anchorrt.runtime.serving.client import AnchorClient as Client
 
     grpc = Client(server.grpc_url, protocol="grpc", timeout=timeout)
     got = 0
@@ -297,9 +296,9 @@ def main() -> int:
     if args.requests < 1 or args.max_seconds <= 0:
         ap.error("--requests must be >= 1 and --max-seconds > 0")
 
-    from runtime import Pipeline
-    from runtime.serving.repository import write_repository
-    from runtime.serving.server import LocalTriton
+    from anchorrt.runtime import Pipeline
+    from anchorrt.runtime.serving.repository import write_repository
+    from anchorrt.runtime.serving.server import LocalTriton
 
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_dir(args.artifact, providers=["CPUExecutionProvider"], intra_op_threads=args.threads)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.eval.world import SHAPES, World, caption, chair_set, mme_sets, pope_sets  # noqa: E402
+from anchorrt.runtime.eval.world import SHAPES, World, caption, chair_set, mme_sets, pope_sets  # noqa: E402
 
 SYNONYMS = {  # category -> other words for it (the model's own vocabulary uses the category names)
     "circle": ["disc", "disk"], "square": [], "triangle": [], "star": [], "cross": ["plus"],

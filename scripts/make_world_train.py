@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.eval.world import World  # noqa: E402
-from runtime.manifest import replace_folder  # noqa: E402
+from anchorrt.runtime.eval.world import World  # noqa: E402
+from anchorrt.runtime.manifest import replace_folder  # noqa: E402
 
 KINDS = ("existence", "color", "position", "caption")
 MIX = (0.3, 0.2, 0.3, 0.2)  # the demo recipe's kind_mix (exporter/demo/train.py DemoSpec)

@@ -34,12 +34,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from anchorrt.exporter.testing import externalise_first_initializer, tree_paths  # noqa: E402
+from anchorrt.runtime.errors import AnchorError  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from exporter.testing import externalise_first_initializer, tree_paths  # noqa: E402
-from runtime.errors import AnchorError  # noqa: E402
 
 
 class Row:
@@ -84,8 +83,8 @@ def hypothesis_inputs(strategy, n: int) -> list:
 def build(work: Path) -> tuple[Path, Path, Path]:
     """The tiny test model, its plain artifact, and a copy with CLVA, SEVI and the IAVA probe baked (in a child
     process: export needs torch, which this one does not import)."""
-    code = ("import sys, shutil; from pathlib import Path; from exporter.testing import TinyLlavaSpec, build_tiny_llava;"
-            "from exporter.export import export_model; from graph_passes.bake import BakeOptions, bake;"
+    code = ("import sys, shutil; from pathlib import Path; from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava;"
+            "from anchorrt.exporter.export import export_model; from anchorrt.graph_passes.bake import BakeOptions, bake;"
             "w = Path(sys.argv[1]); m = build_tiny_llava(w / 'tiny-llava', TinyLlavaSpec());"
             "export_model(m, w / 'plain'); shutil.copytree(w / 'plain', w / 'tiny');"
             "bake(w / 'tiny', 'clva,sevi,probe', BakeOptions(sevi_start_layer=2))")
@@ -124,9 +123,8 @@ FIELD_EDITS = [
 
 def artifact_rows(art: Path, model: Path, work: Path, random_examples: int) -> list[Row]:
     import onnxruntime
-
-    from runtime.manifest import write_manifest
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.manifest import write_manifest
+    from anchorrt.runtime.pipeline import Pipeline
 
     fields = Row("artifact: forged manifest fields (listed + random)", "ArtifactError before any session")
     files = Row("artifact: external data, links, FIFOs, garbage graphs", "ArtifactError before onnxruntime")
@@ -226,9 +224,9 @@ def artifact_rows(art: Path, model: Path, work: Path, random_examples: int) -> l
 
 
 def checkpoint_row(model: Path, work: Path) -> Row:
-    from exporter.archs.llava import load_processor
-    from exporter.checkpoint import inspect_checkpoint
-    from runtime.errors import CheckpointError
+    from anchorrt.exporter.archs.llava import load_processor
+    from anchorrt.exporter.checkpoint import inspect_checkpoint
+    from anchorrt.runtime.errors import CheckpointError
 
     row = Row("checkpoint: pickle weights, remote code, corrupt weights", "CheckpointError; no code runs")
     for suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
@@ -326,8 +324,8 @@ def image_corpus() -> Iterable[tuple[str, object, bool]]:
 
 
 def input_rows(art: Path, fuzz_seconds: float, random_examples: int) -> list[Row]:
-    from runtime.errors import FlagError, ImageError, PromptError
-    from runtime.pipeline import Pipeline, Request
+    from anchorrt.runtime.errors import FlagError, ImageError, PromptError
+    from anchorrt.runtime.pipeline import Pipeline, Request
 
     pipe = Pipeline.from_dir(art)
     img = Image.new("RGB", (40, 30), (200, 10, 10))
@@ -472,7 +470,7 @@ main()
 
 
 def interrupted_row(art: Path, plain_art: Path, model: Path, work: Path) -> Row:
-    from runtime.manifest import file_sha256
+    from anchorrt.runtime.manifest import file_sha256
 
     row = Row("interrupted writes: export, bake, eval results (SIGTERM, SIGINT)", "previous state kept, nothing partial")
 
@@ -518,11 +516,11 @@ def interrupted_row(art: Path, plain_art: Path, model: Path, work: Path) -> Row:
         parent.mkdir()
         target_art = parent / "art"
         shutil.copytree(art, target_art)
-        run("exporter.export:write_manifest", ["export", str(model), "-o", str(target_art), "--force"], sig, parent,
+        run("anchorrt.exporter.export:write_manifest", ["export", str(model), "-o", str(target_art), "--force"], sig, parent,
             target_art)
         plain = parent / "plain"
         shutil.copytree(plain_art, plain)
-        run("graph_passes.bake:write_manifest", ["bake", str(plain), "--mitigation", "clva", "--no-verify"], sig,
+        run("anchorrt.graph_passes.bake:write_manifest", ["bake", str(plain), "--mitigation", "clva", "--no-verify"], sig,
             parent, plain)
         root = parent / "pope"
         (root / "images").mkdir(parents=True)
@@ -548,7 +546,7 @@ def soak_figure(art: Path, generations: int) -> tuple[str, bool]:
 def thread_parity(art: Path, threads: int = 8, jobs: int = 32) -> tuple[int, int]:
     from concurrent.futures import ThreadPoolExecutor
 
-    from runtime.pipeline import Pipeline, Request
+    from anchorrt.runtime.pipeline import Pipeline, Request
 
     rng = np.random.default_rng(1)
     imgs = [Image.fromarray(rng.integers(0, 256, (30 + 5 * i, 40, 3), dtype=np.uint8)) for i in range(4)]

@@ -47,7 +47,7 @@ def default_images():
 
 def requests_for(pipe, images, k: int) -> tuple[list, dict]:
     """The k-th request of the soak (deterministic)."""
-    from runtime.pipeline import Request
+    from anchorrt.runtime.pipeline import Request
 
     prompts = ["What is in the image?", "Is there a dog?", "Describe the colours in detail.", "Count the objects."]
     baked = [m for m in ("clva", "sevi") if m in pipe.manifest.mitigation]
@@ -89,9 +89,9 @@ def soak(pipe, images, generations: int, warmup: int, progress=None) -> dict:
 
 def tiny_artifact(work: Path) -> Path:
     """The test suite's tiny model (tests/conftest.py), exported with CLVA, SEVI and the IAVA probe baked in."""
-    from exporter.export import export_model
-    from exporter.testing import TinyLlavaSpec, build_tiny_llava
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.exporter.export import export_model
+    from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     model = build_tiny_llava(work / "tiny-llava", TinyLlavaSpec())
     art = work / "tiny"
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         return 0
     warmup = args.warmup if args.warmup is not None else max(20, args.generations // 10)
 
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     with tempfile.TemporaryDirectory(prefix="anchorrt-soak-") as work:
         art = args.artifact

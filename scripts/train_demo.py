@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.demo.train import DemoSpec, train  # noqa: E402
+from anchorrt.exporter.demo.train import DemoSpec, train  # noqa: E402
 
 
 def main() -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from exporter.testing import TinyLlavaSpec, build_tiny_llava
+from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_TORCH = Path(__file__).resolve().parent / "block_torch"
@@ -64,7 +63,7 @@ EXPORT_PROGRESS: list[str] = []  # the progress lines of the tiny_artifact expor
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     export_model(tiny_model, out, progress=EXPORT_PROGRESS.append)
@@ -74,7 +73,7 @@ def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def unfused_artifact(tiny_model, tmp_path_factory) -> Path:
     """tiny_model exported with --attention unfused (the opset-18 MatMul/Softmax form; the default is fused)."""
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-unfused"
     export_model(tiny_model, out, attention="unfused")
@@ -87,7 +86,7 @@ def baked_artifact(tiny_artifact, tmp_path_factory) -> Path:
     Read-only for the tests that share it."""
     import shutil
 
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     out = tmp_path_factory.mktemp("artifacts") / "baked"
     shutil.copytree(tiny_artifact, out)
@@ -100,7 +99,7 @@ def baked_unfused_artifact(unfused_artifact, tmp_path_factory) -> Path:
     """baked_artifact's methods on the unfused form (TensorRT's checks: the fused op is ONNX Runtime's own)."""
     import shutil
 
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     out = tmp_path_factory.mktemp("artifacts") / "baked-unfused"
     shutil.copytree(unfused_artifact, out)
@@ -110,7 +109,7 @@ def baked_unfused_artifact(unfused_artifact, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gqa_artifact(gqa_model, tmp_path_factory) -> Path:
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "gqa-opset23"
     export_model(gqa_model, out, opset=23)
@@ -121,14 +120,14 @@ def gqa_artifact(gqa_model, tmp_path_factory) -> Path:
 def interleave_model(tmp_path_factory) -> Path:
     """LLaVA-Interleave-shaped (llava-hf/llava-interleave-qwen-0.5b-hf): Qwen2 with q/k/v bias and tied embeddings,
     SigLIP tower, no pad_token_id; 6 layers (CLVA's l_pos = 1 differs from l_neg = 0), 4 heads over 2 KV heads."""
-    from exporter.testing import TinyInterleaveSpec, build_tiny_llava_interleave
+    from anchorrt.exporter.testing import TinyInterleaveSpec, build_tiny_llava_interleave
 
     return build_tiny_llava_interleave(tmp_path_factory.mktemp("models") / "tiny-interleave", TinyInterleaveSpec())
 
 
 @pytest.fixture(scope="session")
 def interleave_artifact(interleave_model, tmp_path_factory) -> Path:
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "interleave"
     export_model(interleave_model, out)

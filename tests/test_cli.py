@@ -27,7 +27,7 @@ def test_generate_is_torch_free(tiny_artifact, tmp_path, images):
 
 
 def test_generate_cli_matches_api(tiny_artifact, tmp_path, images):
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     paths = []
     for i, im in enumerate(images[:2]):
@@ -43,7 +43,7 @@ def test_generate_cli_matches_api(tiny_artifact, tmp_path, images):
 
 
 def test_sampling_is_seeded(tiny_artifact, images):
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_dir(tiny_artifact)
     kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=3)
@@ -56,7 +56,7 @@ def test_sampling_is_seeded(tiny_artifact, images):
 
 
 def test_streaming_callback_reassembles_text(tiny_artifact, images):
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_dir(tiny_artifact)
     pieces = []
@@ -78,7 +78,7 @@ def test_inspect(tiny_artifact):
 
 
 def test_manifest_contents(tiny_artifact):
-    from runtime.manifest import Manifest, file_sha256
+    from anchorrt.runtime.manifest import Manifest, file_sha256
 
     m = Manifest.load(tiny_artifact)
     d = m.data

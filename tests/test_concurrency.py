@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from runtime.pipeline import Pipeline, Request
+from anchorrt.runtime.pipeline import Pipeline, Request
 
 THREADS = 8
 

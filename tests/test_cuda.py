@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from anchorrt.runtime.backend import CUDA_DEFAULTS, OrtBackend
+from anchorrt.runtime.errors import BackendError
 
-from runtime.backend import CUDA_DEFAULTS, OrtBackend
-from runtime.errors import BackendError
 from tests.conftest import run_cli
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -38,7 +38,7 @@ def test_provider_options():
 
 @pytest.mark.skipif(_cuda_available(), reason="onnxruntime here has CUDA; the refusal needs a build without it")
 def test_silent_cpu_fallback_is_refused(tiny_artifact, images):
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     b = OrtBackend(tiny_artifact / "vision.onnx", providers=CUDA)
     with pytest.raises(BackendError) as err:
@@ -76,8 +76,8 @@ def test_cli_cuda_fallback(tiny_artifact, tmp_path):
 @pytest.mark.gpu
 def test_cuda_pipeline_matches_cpu(tiny_artifact, images):
     """Tolerance: |logit difference| <= 1e-3 (onnxruntime's CUDA EP may use TF32 matmuls); greedy tokens equal."""
-    from runtime.kv_cache import KVCache
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.kv_cache import KVCache
+    from anchorrt.runtime.pipeline import Pipeline
 
     gpu = Pipeline.from_dir(tiny_artifact, providers=CUDA)
     cpu = Pipeline.from_dir(tiny_artifact)

@@ -7,11 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from anchorrt.runtime.eval.chair import Chair
+from anchorrt.runtime.eval.loaders import EvalDataError, load_chair, load_mme, load_pope
+from anchorrt.runtime.eval.metrics import chair_metrics, mme_scores, parse_yes_no, pope_metrics
+from anchorrt.runtime.eval.world import PAIRS, SHAPES, World, caption, mme_sets, pope_sets
 
-from runtime.eval.chair import Chair
-from runtime.eval.loaders import EvalDataError, load_chair, load_mme, load_pope
-from runtime.eval.metrics import chair_metrics, mme_scores, parse_yes_no, pope_metrics
-from runtime.eval.world import PAIRS, SHAPES, World, caption, mme_sets, pope_sets
 from tests.conftest import run_cli
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -334,10 +334,11 @@ def test_eval_mme_and_chair_end_to_end(tiny_artifact, world_files, tmp_path):
 
 def test_torch_reference_backend_matches_runtime(tiny_model, tiny_artifact, world_files):
     """`--backend torch` (the independent PyTorch reference) answers what the exported graphs answer."""
+    from anchorrt.runtime.eval.harness import pipeline_answerer
+    from anchorrt.runtime.manifest import Manifest
+    from anchorrt.runtime.pipeline import Pipeline
+
     from anchorrt.cli_eval import TorchAnswerer
-    from runtime.eval.harness import pipeline_answerer
-    from runtime.manifest import Manifest
-    from runtime.pipeline import Pipeline
 
     root, pope = world_files
     items = load_pope(pope[0], root / "pope" / "images")[:6]
@@ -350,9 +351,9 @@ def test_torch_reference_backend_matches_runtime(tiny_model, tiny_artifact, worl
 @pytest.mark.slow
 def test_demo_training_is_deterministic_and_exportable(tmp_path):
     """A few steps of the demo recipe, twice: the same weights; the folder exports and answers."""
-    from exporter.demo.train import DemoSpec, train
-    from exporter.export import export_model
-    from runtime.pipeline import Pipeline
+    from anchorrt.exporter.demo.train import DemoSpec, train
+    from anchorrt.exporter.export import export_model
+    from anchorrt.runtime.pipeline import Pipeline
 
     spec = DemoSpec(vision_steps=3, align_steps=2, llava_steps=3, llava_images=2, warmup=1, yes_no_steps=1,
                     check_questions=4, check_every=0)
@@ -370,9 +371,8 @@ def test_shipped_visalign_demo_is_a_trained_visalign_checkpoint():
     from), stage 2 changed the LLM, and the vision tower is the base model's."""
     from pathlib import Path
 
+    from anchorrt.exporter.visalign.checkpoint import load_fusion_weights
     from safetensors.numpy import load_file
-
-    from exporter.visalign.checkpoint import load_fusion_weights
 
     root = Path(__file__).resolve().parents[1] / "samples"
     entry, fusion = load_fusion_weights(root / "demo-llava-visalign")

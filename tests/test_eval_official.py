@@ -8,19 +8,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
-
-from runtime.eval import chair as C
-from runtime.eval import mme
-from runtime.eval.formats import (
+from anchorrt.runtime.eval import chair as C
+from anchorrt.runtime.eval import mme
+from anchorrt.runtime.eval.formats import (
     chair_caption_doc,
     pair_pope,
     pope_answer_lines,
     read_chair_captions,
     read_pope_answers,
 )
-from runtime.eval.loaders import EvalDataError, load_pope
-from runtime.eval.metrics import parse_yes_no, pope_metrics
+from anchorrt.runtime.eval.loaders import EvalDataError, load_pope
+from anchorrt.runtime.eval.metrics import parse_yes_no, pope_metrics
+from click.testing import CliRunner
 
 OPERA, ROHRBACH = C.Chair("opera"), C.Chair("rohrbach")
 
@@ -112,7 +111,7 @@ def test_lemma_table_covers_every_synonym_word():
     scripts/build_chair_lemmas.py); the demo world's words are there too."""
     targets = set(json.loads(C.LEMMAS.read_text())["targets"])
     assert C.relevant_words() <= targets
-    from runtime.eval.world import SHAPES
+    from anchorrt.runtime.eval.world import SHAPES
 
     assert set(SHAPES) <= targets
 
@@ -449,7 +448,7 @@ def test_eval_score_commands(tmp_path):
 
 _FAKE_OFFICIAL = '''
 import json
-from runtime.eval.chair import Chair
+from anchorrt.runtime.eval.chair import Chair
 class CHAIR:
     """Stands in for an official chair.py (its interface only): scores with our code, minus DROP mentions."""
     DROP = {drop}

@@ -24,10 +24,10 @@ BAND = 1e-6  # METHODS.md step 7: a decision whose statistic lies this close to 
 @pytest.fixture(scope="module", params=["mha18", "gqa23"])
 def explained(request, tmp_path_factory, images):
     pytest.importorskip("matplotlib")
-    from graph_passes.bake import BakeOptions
-    from graph_passes.explain import explained_copy
-    from runtime.explain import explain
-    from runtime.pipeline import Pipeline
+    from anchorrt.graph_passes.bake import BakeOptions
+    from anchorrt.graph_passes.explain import explained_copy
+    from anchorrt.runtime.explain import explain
+    from anchorrt.runtime.pipeline import Pipeline
 
     art = request.getfixturevalue("tiny_artifact" if request.param == "mha18" else "gqa_artifact")
     model = request.getfixturevalue("tiny_model" if request.param == "mha18" else "gqa_model")
@@ -54,9 +54,8 @@ def _close_to_threshold(phi: np.ndarray, lam: float) -> np.ndarray:
 
 
 def test_explain_writes_every_file_with_its_content(explained):
+    from anchorrt.runtime.explain import FILES
     from PIL import Image
-
-    from runtime.explain import FILES
 
     out, report = explained["out"], explained["report"]
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
@@ -106,7 +105,7 @@ def test_mitigation_on_changes_only_the_drift_layers(explained):
 
 def test_phi_and_head_sets_equal_the_pytorch_reference(explained):
     torch = pytest.importorskip("torch")
-    from exporter.reference import ReferenceLlava
+    from anchorrt.exporter.reference import ReferenceLlava
 
     ref = ReferenceLlava.from_pretrained(explained["model"])
     d = explained["report"]
@@ -141,8 +140,7 @@ def test_phi_and_head_sets_equal_the_pytorch_reference(explained):
 
 def test_pass_counts_layers_and_leaves_graphs_without_attention_alone(baked_artifact):
     import onnx_ir as ir
-
-    from graph_passes.explain import ATTENTION, ExplainPass
+    from anchorrt.graph_passes.explain import ATTENTION, ExplainPass
 
     decoder = ir.load(baked_artifact / "decoder.onnx")
     p = ExplainPass()
@@ -157,9 +155,8 @@ def test_pass_counts_layers_and_leaves_graphs_without_attention_alone(baked_arti
 
 def test_pass_on_a_graph_without_visual_mask_is_refused(tiny_artifact):
     import onnx_ir as ir
-
-    from graph_passes.base import PassError
-    from graph_passes.explain import ExplainPass
+    from anchorrt.graph_passes.base import PassError
+    from anchorrt.graph_passes.explain import ExplainPass
 
     model = ir.load(tiny_artifact / "decoder.onnx")
     with pytest.raises(PassError, match="bake CLVA or SEVI before"):
@@ -227,9 +224,9 @@ def test_demo_marks_unknown_words_and_wrong_answers():
     import importlib.util
     from types import SimpleNamespace
 
+    from anchorrt.runtime.eval.world import COLOUR_NAMES, SHAPES, Obj, Scene
     from tokenizers import Tokenizer
 
-    from runtime.eval.world import COLOUR_NAMES, SHAPES, Obj, Scene
     from tests.conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import anchorrt.exporter.export as export_mod
 import pytest
-
-import exporter.export as export_mod
-from runtime.manifest import Manifest
-from runtime.pipeline import Pipeline
+from anchorrt.runtime.manifest import Manifest
+from anchorrt.runtime.pipeline import Pipeline
 
 
 def test_external_data_artifact_runs(tiny_model, tiny_artifact, images, tmp_path, monkeypatch):
@@ -36,7 +35,7 @@ def test_force_replaces_atomically(tiny_model, tmp_path):
 
 
 def test_bad_options(tiny_model, tmp_path):
-    from runtime.errors import AnchorError
+    from anchorrt.runtime.errors import AnchorError
 
     with pytest.raises(AnchorError, match="opset 17 is not supported"):
         export_mod.export_model(tiny_model, tmp_path / "o", opset=17)

@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from anchorrt.exporter.archs.llava import LlavaArch
+from anchorrt.graph_passes.bake import BakeOptions
+from anchorrt.runtime.errors import AnchorError, CheckpointError
 from click.testing import CliRunner
-
-from exporter.archs.llava import LlavaArch
-from graph_passes.bake import BakeOptions
-from runtime.errors import AnchorError, CheckpointError
 
 
 class WeightsLoaded(Exception):
@@ -58,7 +57,7 @@ CASES = [  # (mitigation, bake options, message fragment); the tiny model has 8 
 @pytest.mark.parametrize("mitigation,options,fragment", CASES)
 def test_bad_mitigation_choices_refused_before_weights(tiny_model, tmp_path, no_weights, mitigation, options,
                                                        fragment):
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     t = time.perf_counter()
     with pytest.raises(AnchorError) as err:
@@ -69,7 +68,7 @@ def test_bad_mitigation_choices_refused_before_weights(tiny_model, tmp_path, no_
 
 
 def test_unsupported_image_processor_refused_before_weights(other_processor, tmp_path, no_weights):
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     with pytest.raises(CheckpointError) as err:
         export_model(other_processor, tmp_path / "out")
@@ -82,7 +81,7 @@ def test_unsupported_image_processor_refused_before_weights(other_processor, tmp
 ])
 def test_valid_choices_reach_the_loader(tiny_model, tmp_path, no_weights, mitigation, options):
     """The control: nothing above is refused for a reason the pre-check does not own."""
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     with pytest.raises(WeightsLoaded):
         export_model(tiny_model, tmp_path / "out", mitigation=mitigation, bake_options=options)
@@ -105,7 +104,7 @@ def test_cli_export_refuses_before_weights(tiny_model, other_processor, tmp_path
 
 
 def test_bad_config_layer_count(tiny_model, tmp_path, no_weights):
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     path = tmp_path / "m"
     shutil.copytree(tiny_model, path)
@@ -117,8 +116,8 @@ def test_bad_config_layer_count(tiny_model, tmp_path, no_weights):
 
 
 def test_bake_refuses_before_reading_the_decoder(tiny_artifact, tmp_path, monkeypatch):
-    import graph_passes.bake as bake_mod
-    from graph_passes.base import PassError
+    import anchorrt.graph_passes.bake as bake_mod
+    from anchorrt.graph_passes.base import PassError
 
     def refuse(*args, **kwargs):
         raise WeightsLoaded("bake reached the decoder")

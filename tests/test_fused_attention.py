@@ -11,12 +11,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-from graph_passes.attention_match import GQA, check_gqa, match_attention
-from graph_passes.base import PassError
-from graph_passes.fuse_attention import FuseAttentionPass, check_fusable
-from runtime.kv_cache import KVCache
-from runtime.pipeline import Pipeline, Request
+from anchorrt.graph_passes.attention_match import GQA, check_gqa, match_attention
+from anchorrt.graph_passes.base import PassError
+from anchorrt.graph_passes.fuse_attention import FuseAttentionPass, check_fusable
+from anchorrt.runtime.kv_cache import KVCache
+from anchorrt.runtime.pipeline import Pipeline, Request
 
 PROMPTS = ["What is in the image? Describe the content of the image.", "Count.", "Is there a dog?"]
 
@@ -140,8 +139,8 @@ def test_pass_refuses_a_fused_or_baked_decoder_and_reports_near_misses(tiny_arti
 
 
 def test_opset23_export_refuses_fused(tiny_model, tmp_path):
-    from exporter.export import export_model
-    from runtime.errors import AnchorError
+    from anchorrt.exporter.export import export_model
+    from anchorrt.runtime.errors import AnchorError
 
     with pytest.raises(AnchorError, match="opset-18 form"):
         export_model(tiny_model, tmp_path / "x", opset=23, attention="fused")
@@ -152,8 +151,8 @@ def test_manifest_refuses_an_unknown_form(tiny_artifact, tmp_path):
     import json
     import shutil
 
-    from runtime.errors import ArtifactError
-    from runtime.manifest import Manifest
+    from anchorrt.runtime.errors import ArtifactError
+    from anchorrt.runtime.manifest import Manifest
 
     dst = tmp_path / "a"
     shutil.copytree(tiny_artifact, dst)

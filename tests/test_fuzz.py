@@ -15,11 +15,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from anchorrt.exporter.testing import tree_paths
+from anchorrt.runtime.errors import AnchorError, ArtifactError, FlagError, ImageError, PromptError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.testing import tree_paths
-from runtime.errors import AnchorError, ArtifactError, FlagError, ImageError, PromptError
 from tests.conftest import ROOT
 
 FEW = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -85,9 +85,8 @@ def preprocess_params(draw):
 @FEW
 @given(preprocess_params(), st.integers(1, 70), st.integers(1, 70), st.sampled_from(["RGB", "RGBA", "L", "P", "I;16"]))
 def test_preprocessing_params_and_images(params, width, height, mode):
+    from anchorrt.runtime.preprocess import ImagePreprocessor
     from PIL import Image
-
-    from runtime.preprocess import ImagePreprocessor
 
     try:
         pre = ImagePreprocessor(params)
@@ -108,7 +107,7 @@ def test_preprocessing_params_and_images(params, width, height, mode):
 # ---- prompt building --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def prompts(tiny_model):
-    from runtime.prompt import PromptBuilder
+    from anchorrt.runtime.prompt import PromptBuilder
 
     manifest = SimpleNamespace(
         prompt={"template": "USER: <image>\n{prompt} ASSISTANT:", "image_placeholder": "<image>"},
@@ -193,9 +192,9 @@ def forged_manifests(draw):
 def test_manifest_validation(data):
     """validate() accepts or names the field; whatever it accepts, the runtime's readers of the manifest (prompt
     settings, preprocessing, mitigation defaults and flags) give typed errors only."""
-    from runtime.manifest import validate
-    from runtime.mitigation import parse_request
-    from runtime.preprocess import ImagePreprocessor
+    from anchorrt.runtime.manifest import validate
+    from anchorrt.runtime.mitigation import parse_request
+    from anchorrt.runtime.preprocess import ImagePreprocessor
 
     try:
         validate(data)
@@ -219,7 +218,7 @@ def test_manifest_validation(data):
 @given(st.one_of(st.binary(max_size=200), JUNK.map(lambda v: json.dumps(v).encode()),
                  st.sampled_from([b"NaN", b'{"a": Infinity}', b"\xff\xfe", b"[" * 5000])))
 def test_manifest_file_bytes(tmp_path_factory, raw):
-    from runtime.manifest import Manifest
+    from anchorrt.runtime.manifest import Manifest
 
     folder = tmp_path_factory.mktemp("m")
     (folder / "manifest.json").write_bytes(raw)
@@ -249,7 +248,7 @@ def small_onnx() -> bytes:
 @FEW
 @given(st.data())
 def test_onnx_scanner_on_damaged_files(tmp_path_factory, small_onnx, data):
-    from runtime.manifest import check_onnx_file
+    from anchorrt.runtime.manifest import check_onnx_file
 
     raw = bytearray(small_onnx)
     for _ in range(data.draw(st.integers(0, 5))):
@@ -268,8 +267,7 @@ def test_onnx_scanner_on_damaged_files(tmp_path_factory, small_onnx, data):
 def test_onnx_scanner_finds_external_data_in_subgraphs(tmp_path, small_onnx):
     """A tensor inside an If branch (a graph attribute) pointing out of the folder is found too."""
     import onnx
-
-    from runtime.manifest import check_onnx_file
+    from anchorrt.runtime.manifest import check_onnx_file
 
     model = onnx.load_from_string(small_onnx)
     tensor = model.graph.node[1].attribute[0].g.initializer[0]
@@ -309,9 +307,9 @@ def mitigation_specs(draw):
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(mitigation_specs())
 def test_mitigation_flags(spec):
-    from runtime.iava import parse_iava
-    from runtime.mitigation import PARAMS, parse_request
-    from runtime.visalign import requested
+    from anchorrt.runtime.iava import parse_iava
+    from anchorrt.runtime.mitigation import PARAMS, parse_request
+    from anchorrt.runtime.visalign import requested
 
     try:
         rows = parse_request(spec, MANIFEST_MITIGATION)
@@ -342,7 +340,7 @@ def test_mitigation_flags(spec):
 @given(st.dictionaries(st.sampled_from(["max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                                         "repetition_penalty", "seed"]), NUMBERS, max_size=4))
 def test_sampling_flags(kw):
-    from runtime.sampling import SamplingConfig
+    from anchorrt.runtime.sampling import SamplingConfig
 
     try:
         cfg = SamplingConfig(**kw).validate()
@@ -357,9 +355,9 @@ def test_regression_inputs_found_by_fuzzing(tmp_path):
     """Every input a fuzz run crashed on stays here as a fixed check, with the edge cases the strategies are built
     around. Found so far: a manifest.json nested deeper than Python's recursion limit (RecursionError from json);
     an IAVA alpha of 1e39 (accepted, then float32 scores of inf: a sampled step would fail on NaN probabilities)."""
-    from runtime.iava import MAX_ALPHA, contrastive_scores, parse_iava
-    from runtime.manifest import Manifest
-    from runtime.preprocess import load_image
+    from anchorrt.runtime.iava import MAX_ALPHA, contrastive_scores, parse_iava
+    from anchorrt.runtime.manifest import Manifest
+    from anchorrt.runtime.preprocess import load_image
 
     for alpha in (1e39, 2**200, MAX_ALPHA * 1.0001):
         with pytest.raises(FlagError):
@@ -383,7 +381,7 @@ def test_regression_inputs_found_by_fuzzing(tmp_path):
 
     # A forged manifest key holding a newline (found by CI's run of test_manifest_validation): the field path in the
     # message is escaped, so the error stays one line.
-    from runtime.manifest import validate
+    from anchorrt.runtime.manifest import validate
 
     for key in ("\n", "a\rb", "\x1b[2J", "x" * 500):
         data = copy.deepcopy(BASE_MANIFEST)

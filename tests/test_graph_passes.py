@@ -12,17 +12,17 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from anchorrt.graph_passes.attention_match import ATTENTION_OP, DECOMPOSED, GQA, match_attention
+from anchorrt.graph_passes.bake import BakeOptions, bake
+from anchorrt.graph_passes.base import PassError
+from anchorrt.graph_passes.clva import ClvaPass, resolve_clva_layers
+from anchorrt.graph_passes.naming import AssignNodeNames, layer_of
+from anchorrt.graph_passes.pipeline import run_passes
+from anchorrt.graph_passes.sevi import SeviPass
+from anchorrt.runtime.errors import ArtifactError, FlagError
+from anchorrt.runtime.manifest import Manifest
+from anchorrt.runtime.mitigation import decoder_feeds, mitigation_specs, parse_request
 
-from graph_passes.attention_match import ATTENTION_OP, DECOMPOSED, GQA, match_attention
-from graph_passes.bake import BakeOptions, bake
-from graph_passes.base import PassError
-from graph_passes.clva import ClvaPass, resolve_clva_layers
-from graph_passes.naming import AssignNodeNames, layer_of
-from graph_passes.pipeline import run_passes
-from graph_passes.sevi import SeviPass
-from runtime.errors import ArtifactError, FlagError
-from runtime.manifest import Manifest
-from runtime.mitigation import decoder_feeds, mitigation_specs, parse_request
 from tests.conftest import run_cli
 
 CLVA_INPUTS = {"visual_mask", "clva.enable", "clva.alpha", "clva.beta", "clva.tau", "clva.lambda"}
@@ -360,8 +360,7 @@ def test_sevi_layer_matches_the_reference_functions(form, kv_heads, tmp_path):
     """Crafted last-row logits give vision, global-text and local-text heads, so both SEVI steps fire; the graph's
     head classes and output row equal exporter/reference/sevi.py's classify_heads + edit_logits."""
     import torch
-
-    from exporter.reference.sevi import classify_heads, edit_logits
+    from anchorrt.exporter.reference.sevi import classify_heads, edit_logits
 
     heads, keys, seq, omega, kappa = 6, 8, 3, 0.5, 0.4
     vision = [0, 3, 3, 3, 3, 0, 0, 0]

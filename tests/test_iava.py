@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import shutil
 
+import anchorrt.runtime.pipeline as pipeline_mod
 import numpy as np
 import pytest
-
-import runtime.pipeline as pipeline_mod
-from exporter.reference.iava import ReferenceIava, irrelevant_tokens
-from runtime.errors import FlagError
-from runtime.iava import contrastive_scores, parse_iava, select_irrelevant
-from runtime.pipeline import Pipeline, Request
+from anchorrt.exporter.reference.iava import ReferenceIava, irrelevant_tokens
+from anchorrt.runtime.errors import FlagError
+from anchorrt.runtime.iava import contrastive_scores, parse_iava, select_irrelevant
+from anchorrt.runtime.pipeline import Pipeline, Request
 
 PROMPTS = ["Is there a dog in the image?", "What is in the image? Describe it."]
 ATOL = 1e-4
@@ -19,7 +18,7 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def probe_artifact(tiny_artifact, tmp_path_factory):
-    from graph_passes.bake import bake
+    from anchorrt.graph_passes.bake import bake
 
     out = tmp_path_factory.mktemp("iava") / "probe"
     shutil.copytree(tiny_artifact, out)
@@ -135,8 +134,9 @@ def test_selection_rule_by_hand():
 def test_fraction_count_is_exact(i, n, want):
     """Issue 13 item 5: `i` as a fraction selects ceil of the exact product (0.28 * 25 is 7.000000000000001 in
     floating point, which used to give 8); the runtime and the reference agree; strings are the CLI's --iava-i."""
+    from anchorrt.exporter.reference.iava import count_from
+
     from anchorrt.cli_mitigation import _count_or_fraction
-    from exporter.reference.iava import count_from
 
     if isinstance(i, str):
         i = _count_or_fraction(i)

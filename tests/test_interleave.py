@@ -19,8 +19,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from runtime.pipeline import Pipeline, Request
+from anchorrt.runtime.pipeline import Pipeline, Request
 
 PROMPTS = ["What is in the image? Describe the content of the image.", "Count."]
 ATOL = 1e-4
@@ -38,7 +37,7 @@ def hf(interleave_model):
 
 @pytest.fixture(scope="module")
 def baked(interleave_artifact, tmp_path_factory):
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     out = tmp_path_factory.mktemp("interleave") / "baked"
     shutil.copytree(interleave_artifact, out)
@@ -67,11 +66,10 @@ def hf_generate(hf, images_per_prompt, texts, max_new_tokens=6) -> list[list[int
 # -- preprocessing -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [(32, 32), (40, 24)])
 def test_siglip_preprocessing_is_bit_identical(images, size):
+    from anchorrt.exporter.preprocessing import params_from_config
+    from anchorrt.runtime.preprocess import ImagePreprocessor
     from PIL import Image
     from transformers import SiglipImageProcessor
-
-    from exporter.preprocessing import params_from_config
-    from runtime.preprocess import ImagePreprocessor
 
     theirs = SiglipImageProcessor(size={"height": size[0], "width": size[1]}, resample=3, image_mean=[0.5] * 3,
                                   image_std=[0.5] * 3)
@@ -89,8 +87,8 @@ def test_siglip_preprocessing_is_bit_identical(images, size):
 
 
 def test_siglip_defaults_and_refusals():
-    from exporter.preprocessing import params_from_config
-    from runtime.errors import CheckpointError
+    from anchorrt.exporter.preprocessing import params_from_config
+    from anchorrt.runtime.errors import CheckpointError
 
     p = params_from_config({"image_processor_type": "SiglipImageProcessor"})
     assert p["resize_to"] == [224, 224] and not p["do_center_crop"] and p["image_mean"] == [0.5] * 3
@@ -112,7 +110,7 @@ def test_checkpoint_mirrors_the_real_config(interleave_model):
 def test_pad_token_comes_from_the_tokenizer_and_verify_passes(interleave_model, interleave_artifact, hf):
     """Issue 13 item 9: no pad_token_id in the config, tokenizer pad <|endoftext|> != EOS <|im_end|>. The manifest
     used to pad with EOS, so the left-padded ids differed from the processor's and verify failed (exit 3)."""
-    from exporter.verify import verify
+    from anchorrt.exporter.verify import verify
 
     manifest = json.loads((interleave_artifact / "manifest.json").read_text())
     tokenizer = hf[1].tokenizer
@@ -126,8 +124,8 @@ def test_pad_token_comes_from_the_tokenizer_and_verify_passes(interleave_model, 
 
 def test_padding_with_eos_is_what_failed(interleave_model, interleave_artifact, tmp_path):
     """The check above can fail: the same artifact with main's choice (pad = EOS) is refused by verify."""
-    from exporter.verify import verify
-    from runtime.errors import VerifyError
+    from anchorrt.exporter.verify import verify
+    from anchorrt.runtime.errors import VerifyError
 
     art = tmp_path / "eos-pad"
     shutil.copytree(interleave_artifact, art)
@@ -174,7 +172,7 @@ def test_methods_bake_on_qwen2_attention(baked):
 
 
 def test_clva_sevi_over_two_images_match_the_reference(baked, interleave_model, images):
-    from exporter.reference import ReferenceLlava
+    from anchorrt.exporter.reference import ReferenceLlava
 
     pipe = Pipeline.from_dir(baked[0])
     ref = ReferenceLlava.from_pretrained(interleave_model)
@@ -209,7 +207,7 @@ def test_clva_sevi_over_two_images_match_the_reference(baked, interleave_model, 
 
 
 def test_iava_sets_run_over_both_images(baked, interleave_model, images):
-    from exporter.reference.iava import ReferenceIava
+    from anchorrt.exporter.reference.iava import ReferenceIava
 
     pipe = Pipeline.from_dir(baked[0])
     t = pipe.manifest.tokens["tokens_per_image"]
@@ -225,7 +223,7 @@ def test_iava_sets_run_over_both_images(baked, interleave_model, images):
 
 def test_visalign_mean_covers_every_image():
     """v_bar of a row is the mean over all of its image positions, whichever image they belong to."""
-    from runtime.visalign import visual_mean
+    from anchorrt.runtime.visalign import visual_mean
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(3 * 4, 8)).astype(np.float32)  # row 0: images 0 and 1; row 1: image 2 (T = 4)
@@ -239,7 +237,7 @@ def test_visalign_mean_covers_every_image():
 
 def test_one_image_artifact_refuses_several(tiny_artifact, images):
     """A chat template that cannot take two images (none recorded) gets one line, before any image is decoded."""
-    from runtime.errors import PromptError
+    from anchorrt.runtime.errors import PromptError
 
     pipe = Pipeline.from_dir(tiny_artifact)
     if pipe.prompts.image_separator is not None:
@@ -272,11 +270,12 @@ def test_cli_one_prompt_with_two_images(interleave_artifact, images, tmp_path):
 def test_visalign_over_two_images_matches_the_reference(interleave_model, interleave_artifact, images, tmp_path):
     """A random VisAlign fusion baked (torch-free pass) onto the Qwen2 + SigLIP artifact; one prompt with two images:
     v_bar is the mean over both images' tokens, in the runtime and in the reference (exporter/visalign/reference.py)."""
-    from exporter.visalign.checkpoint import write_entry
-    from exporter.visalign.reference import VisAlignLlava
-    from graph_passes.visalign import WEIGHTS_FILE, bake_visalign
-    from runtime.manifest import MANIFEST_NAME, write_manifest
-    from runtime.visalign import visalign_state
+    from anchorrt.exporter.visalign.checkpoint import write_entry
+    from anchorrt.exporter.visalign.reference import VisAlignLlava
+    from anchorrt.graph_passes.visalign import WEIGHTS_FILE, bake_visalign
+    from anchorrt.runtime.manifest import MANIFEST_NAME, write_manifest
+    from anchorrt.runtime.visalign import visalign_state
+
     from tests.test_visalign import random_fusion
 
     model_dir, art = tmp_path / "model", tmp_path / "art"
@@ -322,9 +321,9 @@ def test_visalign_over_two_images_matches_the_reference(interleave_model, interl
 def test_pad_token_regression_on_a_clip_llama_llava(tmp_path):
     """Issue 13 item 9 without SigLIP: a LLaVA-1.5 checkpoint whose config has no pad_token_id and whose tokenizer
     pads with <pad> (not EOS). On main the manifest padded with EOS and verify failed with exit 3."""
-    from exporter.export import export_model
-    from exporter.testing import TinyLlavaSpec, build_tiny_llava
-    from exporter.verify import verify
+    from anchorrt.exporter.export import export_model
+    from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
+    from anchorrt.exporter.verify import verify
 
     model = build_tiny_llava(tmp_path / "m", TinyLlavaSpec(layers=2, seed=4))
     for name, keys in (("config.json", ("pad_token_id",)), ("generation_config.json", ("pad_token_id",))):

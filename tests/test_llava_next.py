@@ -16,8 +16,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from runtime.pipeline import Pipeline, Request
+from anchorrt.runtime.pipeline import Pipeline, Request
 
 PROMPTS = ["What is in the image? Describe the content of the image.", "Count."]
 ATOL = 1e-4
@@ -25,14 +24,14 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="session")
 def next_model(tmp_path_factory):
-    from exporter.testing import TinyNextSpec, build_tiny_llava_next
+    from anchorrt.exporter.testing import TinyNextSpec, build_tiny_llava_next
 
     return build_tiny_llava_next(tmp_path_factory.mktemp("models") / "tiny-next", TinyNextSpec())
 
 
 @pytest.fixture(scope="session")
 def next_artifact(next_model, tmp_path_factory):
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "next"
     export_model(next_model, out)
@@ -41,7 +40,7 @@ def next_artifact(next_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def next_baked(next_artifact, tmp_path_factory):
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     out = tmp_path_factory.mktemp("next") / "baked"
     shutil.copytree(next_artifact, out)
@@ -97,7 +96,7 @@ def test_tiling_is_bit_identical_and_counts_match(next_artifact, hf):
 
 
 def test_manifest_and_verify(next_model, next_artifact):
-    from exporter.verify import random_images, verify
+    from anchorrt.exporter.verify import random_images, verify
 
     m = json.loads((next_artifact / "manifest.json").read_text())
     assert m["model_type"] == "llava_next" and m["llava_next"]["patches_per_side"] == 4
@@ -123,7 +122,7 @@ def test_greedy_tokens_match_transformers(next_artifact, hf):
 
 
 def test_clva_sevi_match_the_reference_with_newlines_in_v(next_baked, next_artifact, next_model, hf):
-    from exporter.reference import ReferenceLlava
+    from anchorrt.exporter.reference import ReferenceLlava
 
     pipe, plain = Pipeline.from_dir(next_baked), Pipeline.from_dir(next_artifact)
     ref = ReferenceLlava.from_pretrained(next_model)
@@ -168,7 +167,7 @@ def test_clva_sevi_match_the_reference_with_newlines_in_v(next_baked, next_artif
 
 
 def test_iava_runs_over_every_image_position(next_baked, next_model):
-    from exporter.reference.iava import ReferenceIava
+    from anchorrt.exporter.reference.iava import ReferenceIava
 
     pipe = Pipeline.from_dir(next_baked)
     img = sized_images()[1]
@@ -183,7 +182,7 @@ def test_iava_runs_over_every_image_position(next_baked, next_model):
 
 # -- unsupported forms: one line naming what is supported, before any weights load ----------------------------------
 def _never_load(monkeypatch):
-    from exporter.archs.llava import LlavaArch
+    from anchorrt.exporter.archs.llava import LlavaArch
 
     def boom(self, checkpoint, dtype):
         raise AssertionError("weights were loaded before the refusal")
@@ -199,8 +198,8 @@ def _never_load(monkeypatch):
      "architecture 'LlavaQwenForCausalLM' is not supported; supported: "),
 ])
 def test_unsupported_architectures_are_refused_in_one_line(tmp_path, monkeypatch, config, fragment):
-    from exporter.export import export_model
-    from runtime.errors import CheckpointError
+    from anchorrt.exporter.export import export_model
+    from anchorrt.runtime.errors import CheckpointError
 
     _never_load(monkeypatch)
     (tmp_path / "m").mkdir()
@@ -214,8 +213,8 @@ def test_unsupported_architectures_are_refused_in_one_line(tmp_path, monkeypatch
 
 
 def test_unknown_image_processor_and_bad_next_options_refused_before_weights(next_model, tmp_path, monkeypatch):
-    from exporter.export import export_model
-    from runtime.errors import CheckpointError
+    from anchorrt.exporter.export import export_model
+    from anchorrt.runtime.errors import CheckpointError
 
     _never_load(monkeypatch)
     model = tmp_path / "m"
@@ -236,7 +235,7 @@ def test_unknown_image_processor_and_bad_next_options_refused_before_weights(nex
 
 
 def test_forged_runtime_fields_are_refused(next_artifact, tiny_artifact, tmp_path):
-    from runtime.errors import ArtifactError
+    from anchorrt.runtime.errors import ArtifactError
 
     for source, edit, fragment in (
         (next_artifact, lambda d: d["llava_next"].update(patches_per_side=5), "manifest fields llava_next"),
@@ -258,9 +257,9 @@ def test_forged_runtime_fields_are_refused(next_artifact, tiny_artifact, tmp_pat
 def test_vicuna_form_exports_and_verifies(tmp_path):
     """llava-hf/llava-v1.6-vicuna-7b-hf's form: the same tiling over a Llama language model and LLaVA-1.5's chat
     format (slow: one more export)."""
-    from exporter.export import export_model
-    from exporter.testing import TinyNextSpec, build_tiny_llava_next
-    from exporter.verify import verify
+    from anchorrt.exporter.export import export_model
+    from anchorrt.exporter.testing import TinyNextSpec, build_tiny_llava_next
+    from anchorrt.exporter.verify import verify
 
     model = build_tiny_llava_next(tmp_path / "vicuna", TinyNextSpec(text_model="llama", seed=7))
     export_model(model, tmp_path / "art")

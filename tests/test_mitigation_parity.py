@@ -15,10 +15,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from exporter.reference import ReferenceLlava
-from graph_passes.bake import BakeOptions, bake
-from runtime.pipeline import Pipeline, Request
+from anchorrt.exporter.reference import ReferenceLlava
+from anchorrt.graph_passes.bake import BakeOptions, bake
+from anchorrt.runtime.pipeline import Pipeline, Request
 
 PROMPTS = ["What is in the image? Describe the content of the image.", "Count."]
 CLVA = {"alpha": 14.0, "beta": 0.9, "tau": 0.5, "lambda": 0.0}

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from exporter.verify import verify
-from runtime.pipeline import Pipeline, Request
+from anchorrt.exporter.verify import verify
+from anchorrt.runtime.pipeline import Pipeline, Request
 
 PROMPTS = [
     "What is in the image?",
@@ -53,7 +52,7 @@ def test_logits_match_transformers_gqa_opset23(gqa_model, gqa_artifact, images):
 
 def test_verify_detects_a_wrong_model(tiny_model, gqa_artifact, images, tmp_path):
     """The parity check can fail: the GQA artifact against the MHA checkpoint's weights must not pass."""
-    from exporter.testing import TinyLlavaSpec, build_tiny_llava
+    from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
 
     other = build_tiny_llava(tmp_path / "other", TinyLlavaSpec(kv_heads=2, seed=7, vision_feature_select_strategy="full",
                                                                 vision_feature_layer=-1))

@@ -14,11 +14,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
-from graph_passes.bake import BakeOptions, PrecisionOptions, bake, convert_precision
-from graph_passes.base import PassError
-from graph_passes.precision import Fp16Pass
-from runtime.pipeline import Pipeline
+from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, bake, convert_precision
+from anchorrt.graph_passes.base import PassError
+from anchorrt.graph_passes.precision import Fp16Pass
+from anchorrt.runtime.pipeline import Pipeline
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 BAKE = BakeOptions(sevi_start_layer=4)
@@ -143,7 +142,7 @@ def test_fp16_opset23_clva_drift_attention_runs_fp32(gqa_artifact, tmp_path):
 
 @pytest.mark.parametrize("artifact", ["tiny_artifact", "gqa_artifact"])
 def test_baked_fp16_decoder_runs_and_flags_off_matches_plain_fp16(artifact, request, tmp_path, images):
-    from exporter.verify import _teacher_forced
+    from anchorrt.exporter.verify import _teacher_forced
 
     src = request.getfixturevalue(artifact)
     plain, baked = _copy(src, tmp_path, "plain16"), _copy(src, tmp_path, "baked16")
@@ -167,7 +166,7 @@ def test_baked_fp16_decoder_runs_and_flags_off_matches_plain_fp16(artifact, requ
 
 
 def test_fp16_logits_within_stated_tolerance(tiny_artifact):
-    from exporter.verify import verify_precisions
+    from anchorrt.exporter.verify import verify_precisions
 
     rows = {r.precision: r for r in verify_precisions(tiny_artifact, "fp16", steps=8)}
     r = rows["fp16"]

@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from anchorrt.exporter.preprocessing import preprocessing_params
+from anchorrt.runtime.errors import ArtifactError, CheckpointError, ImageError
+from anchorrt.runtime.preprocess import ImagePreprocessor, convert_to_rgb, load_image, validate_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-from exporter.preprocessing import preprocessing_params
-from runtime.errors import ArtifactError, CheckpointError, ImageError
-from runtime.preprocess import ImagePreprocessor, convert_to_rgb, load_image, validate_params
 
 transformers = pytest.importorskip("transformers")
 HFClip = transformers.CLIPImageProcessorPil

@@ -19,8 +19,8 @@ NEW_TOKENS = 3
 
 @pytest.fixture(scope="module")
 def base_context(tiny_artifact) -> int:
-    from runtime.pipeline import Pipeline
-    from runtime.profile.sweep import DEFAULT_PROMPT, PromptSizer
+    from anchorrt.runtime.pipeline import Pipeline
+    from anchorrt.runtime.profile.sweep import DEFAULT_PROMPT, PromptSizer
 
     return PromptSizer(Pipeline.from_dir(tiny_artifact, verify=False).prompts, DEFAULT_PROMPT).base_length
 
@@ -38,7 +38,7 @@ def cli_run(tiny_artifact, base_context, tmp_path_factory):
 
 
 def test_cli_report_follows_schema(cli_run, base_context):
-    from runtime.profile import validate_report
+    from anchorrt.runtime.profile import validate_report
 
     proc, out = cli_run
     report = json.loads((out / "profile.json").read_text())
@@ -89,7 +89,7 @@ def test_cli_plots_are_pictures(cli_run):
 def test_memory_panels_hold_their_line(cli_run):
     """Issue 20 item 3: a near-constant peak-memory series sat on the panel's top edge (autoscaling around a constant,
     then a bottom at 0); the panels now run from 0 to above the highest point."""
-    from runtime.profile import plots
+    from anchorrt.runtime.profile import plots
 
     _, out = cli_run
     report = json.loads((out / "profile.json").read_text())
@@ -110,7 +110,7 @@ def test_cli_writes_onnxruntime_traces(cli_run):
 
 
 def test_schema_check_names_the_broken_field(cli_run):
-    from runtime.profile import SchemaError, validate_report
+    from anchorrt.runtime.profile import SchemaError, validate_report
 
     _, out = cli_run
     good = json.loads((out / "profile.json").read_text())
@@ -132,7 +132,7 @@ def test_schema_check_names_the_broken_field(cli_run):
 def _baked_copy(tiny_artifact, tmp_path):
     """A copy of the fixture with CLVA and SEVI baked in by the colleague's bake (graph_passes.bake, what
     `anchorrt bake` runs); SEVI from layer 4, since its default start layer leaves an 8-layer model unchanged."""
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     art = tmp_path / "baked"
     shutil.copytree(tiny_artifact, art)
@@ -141,7 +141,7 @@ def _baked_copy(tiny_artifact, tmp_path):
 
 
 def test_mitigation_ab_lists_each_baked_method(tiny_artifact, base_context, tmp_path):
-    from runtime.profile import ProfileSettings, run_profile, validate_report, write_outputs
+    from anchorrt.runtime.profile import ProfileSettings, run_profile, validate_report, write_outputs
 
     art = _baked_copy(tiny_artifact, tmp_path)
     ctx = (base_context, base_context + 30)
@@ -164,7 +164,7 @@ def test_mitigation_ab_lists_each_baked_method(tiny_artifact, base_context, tmp_
 
 def test_reference_runs_interleaved(tiny_artifact):
     """The reference protocol with a stand-in for transformers (the real one needs torch: `--model`)."""
-    from runtime.profile import ProfileSettings, run_profile, validate_report
+    from anchorrt.runtime.profile import ProfileSettings, run_profile, validate_report
 
     class Fake:
         name = "fake"
@@ -189,8 +189,8 @@ def test_reference_runs_interleaved(tiny_artifact):
 
 # -- units ----------------------------------------------------------------------------------------------------
 def test_prompt_sizer_hits_exact_lengths(tiny_artifact, base_context):
-    from runtime.pipeline import Pipeline
-    from runtime.profile.sweep import DEFAULT_PROMPT, PromptSizer, auto_contexts
+    from anchorrt.runtime.pipeline import Pipeline
+    from anchorrt.runtime.profile.sweep import DEFAULT_PROMPT, PromptSizer, auto_contexts
 
     pipe = Pipeline.from_dir(tiny_artifact, verify=False)
     sizer = PromptSizer(pipe.prompts, DEFAULT_PROMPT)
@@ -202,7 +202,7 @@ def test_prompt_sizer_hits_exact_lengths(tiny_artifact, base_context):
 
 
 def test_summarize_and_host_memory():
-    from runtime.profile.measure import HostMemory, summarize
+    from anchorrt.runtime.profile.measure import HostMemory, summarize
 
     s = summarize([3.0, 1.0, 2.0, None])
     assert s["n"] == 3 and s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0 and s["p10"] <= s["p90"]
@@ -271,7 +271,7 @@ def test_cli_missing_artifact(tmp_path):
 def test_probe_baked_artifact_profiles_iava(baked_artifact, base_context, tmp_path):
     """Issue 13 item 6: an artifact with the probe baked (what `make demo` writes) failed with "unknown mitigation
     method 'probe'". The probe is what IAVA runs on, so the A/B measures IAVA on and off, through the CLI too."""
-    from runtime.profile import ProfileSettings, run_profile, validate_report
+    from anchorrt.runtime.profile import ProfileSettings, run_profile, validate_report
 
     ctx = (base_context,)
     report = run_profile(baked_artifact, ProfileSettings(batch_sizes=(1,), contexts=ctx, images=(1,), warmup=0,

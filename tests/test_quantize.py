@@ -16,11 +16,11 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, convert_precision
+from anchorrt.graph_passes.base import PassError
+from anchorrt.graph_passes.quantize import Int4WeightPass, quantize_int4_blocks
+from anchorrt.runtime.manifest import Manifest
 
-from graph_passes.bake import BakeOptions, PrecisionOptions, convert_precision
-from graph_passes.base import PassError
-from graph_passes.quantize import Int4WeightPass, quantize_int4_blocks
-from runtime.manifest import Manifest
 from tests.conftest import run_cli
 
 BAKE = BakeOptions(sevi_start_layer=4)  # the fixtures have 8 layers: SEVI's default (8) would edit none
@@ -87,7 +87,7 @@ def test_int4_packing_matches_reference_and_onnxruntime(block_size, symmetric):
 
 
 def test_int8_and_int4_artifacts_generate(tiny_artifact, tmp_path, images):
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     weight_matmuls = None
     for quant, op in (("int8", "MatMulInteger"), ("int4", "MatMulNBits")):
@@ -136,8 +136,8 @@ def test_int8_on_opset23_leaves_attention_and_mitigation_alone(gqa_artifact, tmp
 
 
 def _teacher_forced_logits(art, images, tokens=None, flags=None):
-    from exporter.verify import _teacher_forced
-    from runtime.pipeline import Pipeline
+    from anchorrt.exporter.verify import _teacher_forced
+    from anchorrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_dir(art)
     prompts = ["What is in the image?", "Describe it."]
@@ -159,7 +159,7 @@ def test_flags_off_quantized_baked_equals_quantized_plain(tiny_artifact, tmp_pat
 
 def test_mitigation_onto_quantized_artifact(tiny_artifact, tmp_path, images):
     """Baking mitigation after int4 works (activations stay fp32); its flags still change nothing when off."""
-    from graph_passes.bake import bake
+    from anchorrt.graph_passes.bake import bake
 
     art = _copy(tiny_artifact, tmp_path, "q-then-bake")
     convert_precision(art, PrecisionOptions(quantize="int4"))
@@ -171,7 +171,7 @@ def test_mitigation_onto_quantized_artifact(tiny_artifact, tmp_path, images):
 
 
 def test_quantized_logits_within_stated_tolerance(tiny_artifact):
-    from exporter.verify import verify_precisions
+    from anchorrt.exporter.verify import verify_precisions
 
     rows = {r.precision: r for r in verify_precisions(tiny_artifact, "int8,int4", steps=8)}
     assert rows["fp32"].max_abs_diff == 0.0

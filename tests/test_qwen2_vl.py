@@ -21,11 +21,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from anchorrt.exporter.testing import TinyQwen2VLSpec, build_tiny_qwen2_vl
+from anchorrt.runtime.errors import ArtifactError, ImageError, PromptError
+from anchorrt.runtime.pipeline import Pipeline, Request
 from PIL import Image
-
-from exporter.testing import TinyQwen2VLSpec, build_tiny_qwen2_vl
-from runtime.errors import ArtifactError, ImageError, PromptError
-from runtime.pipeline import Pipeline, Request
 
 PROMPTS = ["What is in the image? Describe the content of the image.", "Count."]
 CLVA = {"alpha": 14.0, "beta": 0.9, "tau": 0.5, "lambda": 0.0}
@@ -44,7 +43,7 @@ def qwen_images():
 
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory):
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     root = tmp_path_factory.mktemp("qwen2-vl")
     model = build_tiny_qwen2_vl(root / "model", TinyQwen2VLSpec(version="2"))
@@ -54,7 +53,7 @@ def qwen2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen25(tmp_path_factory):
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     root = tmp_path_factory.mktemp("qwen2.5-vl")
     model = build_tiny_qwen2_vl(root / "model", TinyQwen2VLSpec(version="2.5", layers=2, seed=1))
@@ -64,7 +63,7 @@ def qwen25(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baked(qwen2):
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     out = qwen2["root"] / "baked"
     shutil.copytree(qwen2["artifact"], out)
@@ -74,7 +73,7 @@ def baked(qwen2):
 
 @pytest.fixture(scope="module")
 def reference(qwen2):
-    from exporter.reference import ReferenceQwen2VL
+    from anchorrt.exporter.reference import ReferenceQwen2VL
 
     return ReferenceQwen2VL.from_pretrained(qwen2["model"])
 
@@ -109,7 +108,7 @@ def test_export_manifest_and_graph_inputs(qwen2, qwen_images):
 
 @pytest.mark.parametrize("variant", ["qwen2", "qwen25"])
 def test_verify_passes_at_two_image_sizes(variant, request, qwen_images):
-    from exporter.verify import verify
+    from anchorrt.exporter.verify import verify
 
     setup = request.getfixturevalue(variant)
     report = verify(setup["model"], setup["artifact"], images=qwen_images, prompts=PROMPTS, steps=5)
@@ -120,7 +119,7 @@ def test_verify_passes_at_two_image_sizes(variant, request, qwen_images):
 @pytest.mark.parametrize("variant", ["qwen2", "qwen25"])
 def test_greedy_tokens_identical_to_transformers(variant, request, qwen_images):
     """The public API (generate_batch, left padding, two token counts) against transformers' generate."""
-    from exporter.archs.qwen2_vl import Qwen2VLArch
+    from anchorrt.exporter.archs.qwen2_vl import Qwen2VLArch
 
     setup = request.getfixturevalue(variant)
     pipe = Pipeline.from_dir(setup["artifact"])
@@ -225,9 +224,9 @@ def test_methods_match_the_reference(qwen2, baked, reference, qwen_images, case)
 def test_qwen25_methods_match_the_reference(tmp_path_factory, qwen_images):
     """The same on an 8-layer Qwen2.5-VL (windowed vision tower) exported and baked on its own (slow: one more
     export)."""
-    from exporter.export import export_model
-    from exporter.reference import ReferenceQwen2VL
-    from graph_passes.bake import BakeOptions, bake
+    from anchorrt.exporter.export import export_model
+    from anchorrt.exporter.reference import ReferenceQwen2VL
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     root = tmp_path_factory.mktemp("qwen2.5-vl-8")
     model = build_tiny_qwen2_vl(root / "model", TinyQwen2VLSpec(version="2.5", seed=2))
@@ -292,8 +291,8 @@ def test_greedy_tokens_with_methods_match_the_reference(baked, reference, qwen_i
 
 
 def test_refusals(qwen2, qwen_images, tmp_path):
-    from exporter.checkpoint import inspect_checkpoint
-    from runtime.errors import CheckpointError
+    from anchorrt.exporter.checkpoint import inspect_checkpoint
+    from anchorrt.runtime.errors import CheckpointError
 
     pipe = Pipeline.from_dir(qwen2["artifact"])
     with pytest.raises(PromptError, match="video input is not supported"):
@@ -323,9 +322,9 @@ def test_refusals(qwen2, qwen_images, tmp_path):
 def test_iava_matches_the_reference(qwen2, baked, qwen_images, monkeypatch, image_index, i):
     """IAVA on V = the image-pad positions (12 and 4 of them): irrelevant set, attention read by the probe, combined
     scores (3 steps, <= 1e-4) and 12 greedy tokens against the reference on transformers' eager attention."""
-    import runtime.pipeline as pipeline_mod
-    from exporter.reference import ReferenceIavaQwen2VL
-    from runtime.iava import contrastive_scores
+    import anchorrt.runtime.pipeline as pipeline_mod
+    from anchorrt.exporter.reference import ReferenceIavaQwen2VL
+    from anchorrt.runtime.iava import contrastive_scores
 
     calls: list[np.ndarray] = []
 
@@ -354,10 +353,10 @@ def test_visalign_matches_the_reference(qwen2, qwen_images, tmp_path):
     """A random (non-identity) fusion baked into the Qwen2-VL embed graph: on for row 0, off for row 1. v_bar = the
     mean of the row's merged visual tokens; logits <= 1e-4 on every pass and greedy tokens against the reference on
     transformers' model; the off row equals the plain artifact's tokens."""
-    from exporter.reference.qwen2_vl_reference import VisAlignQwen2VL
-    from exporter.visalign.fusion import VisAlignFusion
-    from graph_passes.bake import bake_visalign_weights
-    from runtime.visalign import visalign_state
+    from anchorrt.exporter.reference.qwen2_vl_reference import VisAlignQwen2VL
+    from anchorrt.exporter.visalign.fusion import VisAlignFusion
+    from anchorrt.graph_passes.bake import bake_visalign_weights
+    from anchorrt.runtime.visalign import visalign_state
 
     g = torch.Generator().manual_seed(3)
     fusion = VisAlignFusion(128)

@@ -17,12 +17,11 @@ import json
 
 import numpy as np
 import pytest
+from anchorrt.exporter.preprocessing_qwen2_vl import params_from_config, qwen2_vl_preprocessing_params
+from anchorrt.runtime.archs.qwen2_vl import rope_index, vision_feeds, vision_position_ids, window_index
+from anchorrt.runtime.errors import ArtifactError, CheckpointError, ImageError
+from anchorrt.runtime.preprocess_qwen2_vl import Qwen2VLPreprocessor, smart_resize, validate_qwen2_vl_params
 from PIL import Image
-
-from exporter.preprocessing_qwen2_vl import params_from_config, qwen2_vl_preprocessing_params
-from runtime.archs.qwen2_vl import rope_index, vision_feeds, vision_position_ids, window_index
-from runtime.errors import ArtifactError, CheckpointError, ImageError
-from runtime.preprocess_qwen2_vl import Qwen2VLPreprocessor, smart_resize, validate_qwen2_vl_params
 
 CONFIG = {
     "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16,
@@ -120,9 +119,8 @@ def test_vision_module_matches_transformers_tower(version, tmp_path):
     """The exported vision module (segment / window ids, merge order) = transformers' tower, per image segment."""
     import torch
     import transformers
-
-    from exporter.archs.qwen2_vl import VisionGraph, _vision_settings
-    from exporter.testing import TinyQwen2VLSpec
+    from anchorrt.exporter.archs.qwen2_vl import VisionGraph, _vision_settings
+    from anchorrt.exporter.testing import TinyQwen2VLSpec
 
     spec = TinyQwen2VLSpec(version=version)
     vision = {"depth": 4, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_heads": 2}
@@ -167,7 +165,7 @@ def test_config_reader_defaults_and_refusals():
 def test_pre_load_check_config():
     """issue 13's pre-load hook: facts from config.json (flat, as the released checkpoints; or text_config), the
     image processor checked, refusals in one line."""
-    from exporter.archs.qwen2_vl import Qwen2VLArch, Qwen25VLArch
+    from anchorrt.exporter.archs.qwen2_vl import Qwen2VLArch, Qwen25VLArch
 
     assert Qwen2VLArch.check_config({"num_hidden_layers": 28}, dict(CONFIG)) == {"num_layers": 28}
     assert Qwen25VLArch.check_config({"text_config": {"num_hidden_layers": 36}}, dict(CONFIG)) == {"num_layers": 36}

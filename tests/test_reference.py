@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from exporter.reference import (
+from anchorrt.exporter.reference import (
     GLOBAL_TEXT_HEAD,
     LOCAL_TEXT_HEAD,
     NOT_CLASSIFIED,
@@ -14,7 +13,7 @@ from exporter.reference import (
     ClvaParams,
     ReferenceLlava,
 )
-from exporter.reference.clva import (
+from anchorrt.exporter.reference.clva import (
     anchor_mask,
     anchor_weights,
     log_weight_bias,
@@ -22,8 +21,8 @@ from exporter.reference.clva import (
     select_heads,
     visual_intensity,
 )
-from exporter.reference.sevi import classify_heads, edit_logits
-from exporter.testing import TinyLlavaSpec, build_tiny_llava
+from anchorrt.exporter.reference.sevi import classify_heads, edit_logits
+from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
 
 IMAGE_TOKENS = TinyLlavaSpec().image_tokens  # 16 per 32x32 image
 # Parameters that make both CLVA head sets non-empty on the tiny random model (its attention is nearly

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from anchorrt.exporter.testing import externalise_first_initializer
+from anchorrt.runtime.errors import ArtifactError, CheckpointError, ImageError
+from anchorrt.runtime.manifest import Manifest, file_sha256, write_manifest
 
-from exporter.testing import externalise_first_initializer
-from runtime.errors import ArtifactError, CheckpointError, ImageError
-from runtime.manifest import Manifest, file_sha256, write_manifest
 from tests.conftest import ROOT, run_cli
 
 
@@ -62,7 +62,7 @@ def no_ort(monkeypatch):
 def test_external_data_inside_the_folder_loads_and_runs(tiny_artifact, tmp_path):
     """The positive case: a recorded external-data file beside the graph passes every check and onnxruntime runs
     the graph (so the refusals below are not a check that refuses everything)."""
-    from runtime.backend import OrtBackend
+    from anchorrt.runtime.backend import OrtBackend
 
     art = copy_artifact(tiny_artifact, tmp_path / "art")
     externalise_first_initializer(art / "vision.onnx", "vision.onnx.data", art / "vision.onnx.data")
@@ -100,7 +100,7 @@ def test_external_data_escaping_the_folder_is_refused(tiny_artifact, tmp_path, n
 @pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "link.bin"])
 def test_backend_refuses_escaping_external_data_before_onnxruntime(tiny_artifact, tmp_path, no_ort, location):
     """A graph opened without a manifest (make_backend on a path) gets the same pre-open check."""
-    from runtime.backend import make_backend
+    from anchorrt.runtime.backend import make_backend
 
     art = copy_artifact(tiny_artifact, tmp_path / "art")
     secret = tmp_path / "secret.bin"
@@ -162,7 +162,7 @@ def test_garbage_graph_is_refused_before_onnxruntime(tiny_artifact, tmp_path, no
 
 
 def test_modified_file_refused_before_any_session(tiny_artifact, tmp_path, no_ort):
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     art = copy_artifact(tiny_artifact, tmp_path / "art")
     data = bytearray((art / "decoder.onnx").read_bytes())
@@ -204,7 +204,7 @@ MANIFEST_EDITS = {
 
 @pytest.mark.parametrize("case", sorted(MANIFEST_EDITS))
 def test_forged_manifest_fields(tiny_artifact, tmp_path, no_ort, case):
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     edit, fragment = MANIFEST_EDITS[case]
     art = copy_artifact(tiny_artifact, tmp_path / "art")
@@ -217,7 +217,7 @@ def test_forged_manifest_fields(tiny_artifact, tmp_path, no_ort, case):
 
 # ---- 1. checkpoints: pickle and remote code ---------------------------------------------------------------------
 def test_pickle_weights_need_explicit_permission(tiny_model, tmp_path):
-    from exporter.checkpoint import inspect_checkpoint
+    from anchorrt.exporter.checkpoint import inspect_checkpoint
 
     model = tmp_path / "m"
     shutil.copytree(tiny_model, model)
@@ -235,8 +235,8 @@ def test_pickle_weights_need_explicit_permission(tiny_model, tmp_path):
 def test_remote_code_in_a_checkpoint_is_never_run(tiny_model, tmp_path):
     """A checkpoint whose configs point at its own Python code (`auto_map`): loading it for export runs none of it
     (transformers' trust_remote_code stays off; AnchorRT never turns it on)."""
-    from exporter.archs.llava import load_processor
-    from exporter.checkpoint import inspect_checkpoint
+    from anchorrt.exporter.archs.llava import load_processor
+    from anchorrt.exporter.checkpoint import inspect_checkpoint
 
     model = tmp_path / "evil"
     shutil.copytree(tiny_model, model)
@@ -276,8 +276,8 @@ def _png(width: int, height: int) -> bytes:
 
 
 def test_pixel_limit_default_env_and_pipeline_override(tiny_artifact, monkeypatch):
-    from runtime.pipeline import Pipeline
-    from runtime.preprocess import MAX_PIXELS, MAX_PIXELS_ENV, default_max_pixels, load_image
+    from anchorrt.runtime.pipeline import Pipeline
+    from anchorrt.runtime.preprocess import MAX_PIXELS, MAX_PIXELS_ENV, default_max_pixels, load_image
 
     assert default_max_pixels() == MAX_PIXELS == 64_000_000
     img = _png(120, 100)
@@ -367,7 +367,7 @@ def test_export_sigterm_keeps_previous_artifact(tiny_model, tiny_artifact, tmp_p
     work.mkdir()
     out = copy_artifact(tiny_artifact, work / "art")  # the previous state, replaced only by a finished export
     before = snapshot(out)
-    proc = run_paused(tmp_path, "exporter.export:graph_io", "after",
+    proc = run_paused(tmp_path, "anchorrt.exporter.export:graph_io", "after",
                       ["export", str(tiny_model), "-o", str(out), "--force"], signal.SIGTERM)
     assert proc.returncode == 143, proc.stderr
     assert "Traceback" not in proc.stderr and "interrupted" in proc.stderr
@@ -382,7 +382,7 @@ def test_bake_interrupted_keeps_previous_artifact(tiny_artifact, tmp_path, sig, 
     art = copy_artifact(tiny_artifact, work / "art")
     before = snapshot(art)
     # paused after the passes wrote the new decoder into the temporary folder, before the manifest and the swap
-    proc = run_paused(tmp_path, "graph_passes.bake:write_manifest", "before",
+    proc = run_paused(tmp_path, "anchorrt.graph_passes.bake:write_manifest", "before",
                       ["bake", str(art), "--mitigation", "clva"], sig)
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -418,10 +418,10 @@ def test_exif_orientation_matches_transformers_load_image(tmp_path, orientation)
     `image_utils.load_image` does before its processor runs (the CLIP/LLaVA image processors themselves ignore
     EXIF). Reference: transformers' load_image + CLIPImageProcessor on the same file; pixel values within 1e-5
     (the preprocessing parity tolerance of tests/test_preprocess.py)."""
+    from anchorrt.runtime.preprocess import ImagePreprocessor, load_image
     from PIL import Image
     from transformers.image_utils import load_image as hf_load_image
 
-    from runtime.preprocess import ImagePreprocessor, load_image
     from tests.test_preprocess import TOL, hf_pixels, make_params
 
     rng = np.random.default_rng(orientation)

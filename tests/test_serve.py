@@ -13,9 +13,9 @@ import types
 
 import numpy as np
 import pytest
+from anchorrt.runtime.errors import BackendError, FlagError
+from anchorrt.runtime.serving.params import methods_of, parse_parameters, to_parameters
 
-from runtime.errors import BackendError, FlagError
-from runtime.serving.params import methods_of, parse_parameters, to_parameters
 from tests.conftest import run_cli
 
 MIXED = [None, {"clva": True}, {"sevi": {"omega": 0.7}}, {"clva": {"alpha": 20.0}, "sevi": True}, {"iava": True}]
@@ -29,7 +29,7 @@ def png(image) -> bytes:
 
 @pytest.fixture(scope="module")
 def repo(baked_artifact, tmp_path_factory):
-    from runtime.serving.repository import write_repository
+    from anchorrt.runtime.serving.repository import write_repository
 
     return write_repository(baked_artifact, tmp_path_factory.mktemp("serve") / "repo", max_queue_delay_us=5000,
                             intra_op_threads=1)
@@ -59,13 +59,13 @@ def test_config_is_a_valid_model_config(repo, baked_artifact):
     assert (repo / "anchorrt_stream" / "1" / stream.parameters["artifact"].string_value / "manifest.json").is_file()
     assert (repo / "anchorrt" / "1" / "runtime" / "pipeline.py").is_file()
     assert not (repo / "anchorrt" / "1" / "runtime" / "profile").exists()
-    from runtime.manifest import Manifest
+    from anchorrt.runtime.manifest import Manifest
 
     Manifest.load(repo / "anchorrt" / "1" / "artifact", verify=True)  # the copy is complete, hashes hold
 
 
 def test_gpu_instance_group_and_batch_size(baked_artifact, tmp_path):
-    from runtime.serving.repository import write_repository
+    from anchorrt.runtime.serving.repository import write_repository
 
     repo = write_repository(baked_artifact, tmp_path / "r", kind="gpu", gpus=(0, 1), instances=2, max_batch_size=3,
                             streaming=False)
@@ -78,8 +78,8 @@ def test_gpu_instance_group_and_batch_size(baked_artifact, tmp_path):
 def test_max_batch_size_from_the_manifest(tiny_artifact, tmp_path):
     import shutil
 
-    from runtime.errors import ArtifactError
-    from runtime.serving.repository import write_repository
+    from anchorrt.runtime.errors import ArtifactError
+    from anchorrt.runtime.serving.repository import write_repository
 
     art = tmp_path / "art"
     shutil.copytree(tiny_artifact, art)
@@ -93,7 +93,7 @@ def test_max_batch_size_from_the_manifest(tiny_artifact, tmp_path):
 
 
 def test_repository_errors(baked_artifact, tmp_path):
-    from runtime.serving.repository import write_repository
+    from anchorrt.runtime.serving.repository import write_repository
 
     (tmp_path / "taken").mkdir()
     with pytest.raises(FlagError, match="exists; pass --force"):
@@ -198,7 +198,7 @@ def load_model(repo, name, monkeypatch, kind="CPU"):
 
 @pytest.fixture(scope="module")
 def local(baked_artifact):
-    from runtime import Pipeline
+    from anchorrt.runtime import Pipeline
 
     return Pipeline.from_dir(baked_artifact, providers=["CPUExecutionProvider"])
 
@@ -319,7 +319,7 @@ def test_cli_serve_triton_and_errors(baked_artifact, tmp_path):
 
 
 def test_no_tritonserver_is_one_line(monkeypatch):
-    from runtime.serving import server
+    from anchorrt.runtime.serving import server
 
     monkeypatch.setattr(server.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BackendError, match=r"tritonserver is not installed; pip install 'anchorrt\[serve\]'"):

@@ -26,8 +26,8 @@ def free_port() -> int:
 def server(baked_artifact, tmp_path_factory):
     pytest.importorskip("pytriton", reason="nvidia-pytriton (anchorrt[serve]) is not installed")
     pytest.importorskip("tritonclient.grpc", reason="tritonclient (anchorrt[serve]) is not installed")
-    from runtime.serving.repository import write_repository
-    from runtime.serving.server import LocalTriton
+    from anchorrt.runtime.serving.repository import write_repository
+    from anchorrt.runtime.serving.server import LocalTriton
 
     tmp = tmp_path_factory.mktemp("served")
     # a long queue delay: requests sent together are executed as one batch
@@ -39,9 +39,8 @@ def server(baked_artifact, tmp_path_factory):
 
 def test_mixed_dynamic_batch_equals_pipeline(server, baked_artifact, images):
     import tritonclient.grpc as grpcclient
-
-    from runtime import Pipeline
-    from runtime.serving.client import AnchorClient
+    from anchorrt.runtime import Pipeline
+    from anchorrt.runtime.serving.client import AnchorClient
 
     local = Pipeline.from_dir(baked_artifact, providers=["CPUExecutionProvider"])
     prompts = ["What is in the image?", "Describe it.", "Is there a dog?"]
@@ -72,8 +71,8 @@ def test_mixed_dynamic_batch_equals_pipeline(server, baked_artifact, images):
 
 
 def test_stream_and_errors(server, baked_artifact, images):
-    from runtime import Pipeline
-    from runtime.serving.client import AnchorClient, ServerError
+    from anchorrt.runtime import Pipeline
+    from anchorrt.runtime.serving.client import AnchorClient, ServerError
 
     local = Pipeline.from_dir(baked_artifact, providers=["CPUExecutionProvider"])
     img = png(images[2])
@@ -96,7 +95,7 @@ def test_cli_serve_ready_then_sigterm(baked_artifact, tmp_path):
     import sys
     import time
 
-    from runtime.serving.server import http_ready
+    from anchorrt.runtime.serving.server import http_ready
 
     pytest.importorskip("pytriton", reason="nvidia-pytriton (anchorrt[serve]) is not installed")
     port = free_port()

@@ -19,12 +19,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-from graph_passes.clva import ClvaPass
-from graph_passes.naming import AssignNodeNames
-from graph_passes.pipeline import run_on_model
-from graph_passes.probe import ProbePass
-from graph_passes.sevi import SeviPass
+from anchorrt.graph_passes.clva import ClvaPass
+from anchorrt.graph_passes.naming import AssignNodeNames
+from anchorrt.graph_passes.pipeline import run_on_model
+from anchorrt.graph_passes.probe import ProbePass
+from anchorrt.graph_passes.sevi import SeviPass
 
 FORMS = {  # name -> passes after AssignNodeNames; SEVI from layer 2 so that the 8-layer fixtures change
     "clva": lambda: [ClvaPass()],
@@ -39,25 +38,25 @@ FORMS = {  # name -> passes after AssignNodeNames; SEVI from layer 2 so that the
 
 
 def _fp16():
-    from graph_passes.precision import Fp16Pass
+    from anchorrt.graph_passes.precision import Fp16Pass
 
     return Fp16Pass("decoder")
 
 
 def _int4():
-    from graph_passes.quantize import Int4WeightPass
+    from anchorrt.graph_passes.quantize import Int4WeightPass
 
     return Int4WeightPass()
 
 
 def _int8():
-    from graph_passes.quantize import Int8DynamicPass
+    from anchorrt.graph_passes.quantize import Int8DynamicPass
 
     return Int8DynamicPass()
 
 
 def _explain():
-    from graph_passes.explain import ExplainPass
+    from anchorrt.graph_passes.explain import ExplainPass
 
     return ExplainPass()
 
@@ -126,7 +125,7 @@ def test_symbolic_shape_inference_opset23_upstream_limitation(gqa_artifact):
 
 
 def test_symbolic_shape_inference_on_visalign_embed(tiny_artifact):
-    from graph_passes.visalign import FusionWeights, VisAlignPass
+    from anchorrt.graph_passes.visalign import FusionWeights, VisAlignPass
 
     model = ir.load(tiny_artifact / "embed.onnx")
     d = next(v for v in model.graph.outputs if v.name == "inputs_embeds").shape[-1]
@@ -141,9 +140,8 @@ def test_symbolic_shape_inference_on_visalign_embed(tiny_artifact):
 def test_reduce_extreme_equals_reduce_max_and_min():
     """The ArgMax/ArgMin + GatherElements form gives ReduceMax/ReduceMin's values (ties, -inf and int64 included)."""
     import onnxruntime as ort
-
-    from graph_passes.base import Builder
-    from graph_passes.shapes import reduce_extreme
+    from anchorrt.graph_passes.base import Builder
+    from anchorrt.graph_passes.shapes import reduce_extreme
 
     for dtype, np_dtype in ((ir.DataType.FLOAT, np.float32), (ir.DataType.INT64, np.int64)):
         x = ir.Value(name="x", type=ir.TensorType(dtype), shape=ir.Shape(["b", "k", 3]))

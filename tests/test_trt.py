@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from anchorrt.graph_passes.trt_compat import check_artifact, check_graph
+from anchorrt.runtime.errors import ArtifactError, BackendError, FlagError
+from anchorrt.runtime.manifest import Manifest
 from onnx import TensorProto, helper
 
-from graph_passes.trt_compat import check_artifact, check_graph
-from runtime.errors import ArtifactError, BackendError, FlagError
-from runtime.manifest import Manifest
 from tests.conftest import run_cli
 
 # -- the compatibility check -------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_cli_trt_compat_exit_codes(unfused_artifact, tmp_path):
 
 
 def test_profile_shapes_from_manifest(gqa_artifact):
-    from runtime.trt_backend import EngineLimits, profile_shapes
+    from anchorrt.runtime.trt_backend import EngineLimits, profile_shapes
 
     m = Manifest.load(gqa_artifact, verify=False)
     limits = EngineLimits(max_batch=4, max_context=128, opt_batch=2, opt_context=40)
@@ -218,7 +218,7 @@ def test_profile_shapes_from_manifest(gqa_artifact):
 
 
 def test_engine_key_and_paths(tmp_path):
-    from runtime.trt_backend import engine_dir, engine_file, engine_key, find_engine
+    from anchorrt.runtime.trt_backend import engine_dir, engine_file, engine_key, find_engine
 
     base = ("10.15.1", "NVIDIA H100 sm90", ("fp16",), "a" * 64, [{"x": ([1], [2], [3])}])
     k = engine_key(*base)
@@ -242,8 +242,8 @@ def no_tensorrt(monkeypatch):
 
 
 def test_fused_artifact_is_refused_before_anything_is_built(fake_trt, tiny_artifact, tmp_path):
-    from runtime.errors import ArtifactError
-    from runtime.trt_backend import build_engines
+    from anchorrt.runtime.errors import ArtifactError
+    from anchorrt.runtime.trt_backend import build_engines
 
     with pytest.raises(ArtifactError, match="--attention unfused"):
         build_engines(tiny_artifact)
@@ -253,9 +253,9 @@ def test_fused_artifact_is_refused_before_anything_is_built(fake_trt, tiny_artif
 
 
 def test_errors_without_tensorrt(no_tensorrt, unfused_artifact):
-    from runtime.backend import make_backend
-    from runtime.pipeline import Pipeline
-    from runtime.trt_backend import build_engines, import_tensorrt
+    from anchorrt.runtime.backend import make_backend
+    from anchorrt.runtime.pipeline import Pipeline
+    from anchorrt.runtime.trt_backend import build_engines, import_tensorrt
 
     for call in (import_tensorrt, lambda: make_backend(unfused_artifact / "decoder.onnx", providers=["tensorrt-native"]),
                  lambda: Pipeline.from_dir(unfused_artifact, providers=["tensorrt-native"]),
@@ -512,14 +512,14 @@ def fake_trt(monkeypatch):
     calls: list = []
     trt = make_fake_trt(calls)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    import runtime.trt_backend as tb
+    import anchorrt.runtime.trt_backend as tb
 
     monkeypatch.setattr(tb, "Cuda", FakeCuda)
     return trt, calls
 
 
 def test_fake_build_calls_documented_api_in_order(fake_trt, unfused_artifact, tmp_path):
-    from runtime.trt_backend import EngineLimits, build_engines, profile_shapes, read_index
+    from anchorrt.runtime.trt_backend import EngineLimits, build_engines, profile_shapes, read_index
 
     trt, calls = fake_trt
     art = tmp_path / "art"
@@ -569,8 +569,8 @@ def test_fake_build_calls_documented_api_in_order(fake_trt, unfused_artifact, tm
 def test_fake_engine_pipeline_matches_cpu(fake_trt, unfused_artifact, tmp_path, images):
     """The Pipeline on TrtBackend (fake engines = onnxruntime CPU behind the binding layer, host memory as device
     memory): the same greedy tokens as the CPU pipeline, for a batch of 2 with profile switches prefill/decode."""
-    from runtime.pipeline import Pipeline, Request
-    from runtime.trt_backend import EngineLimits, TrtBackend, build_engines
+    from anchorrt.runtime.pipeline import Pipeline, Request
+    from anchorrt.runtime.trt_backend import EngineLimits, TrtBackend, build_engines
 
     _, calls = fake_trt
     art = tmp_path / "art"

@@ -75,8 +75,8 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
 
 PREPROCESS = textwrap.dedent("""
     import sys
-    from runtime.errors import ImageError
-    from runtime.preprocess import ImagePreprocessor, load_image
+    from anchorrt.runtime.errors import ImageError
+    from anchorrt.runtime.preprocess import ImagePreprocessor, load_image
     params = {"do_convert_rgb": True, "do_pad": True, "do_resize": True, "shortest_edge": 336, "resample": 3,
               "do_center_crop": True, "crop_size": [336, 336], "do_rescale": True, "rescale_factor": 1 / 255,
               "do_normalize": True, "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}
@@ -101,8 +101,9 @@ def test_preprocessor_refuses_padded_square_over_limit(hostile, kind):
 
 
 def test_preprocessor_bounds_resize_target_and_takes_the_limit():
-    from runtime.errors import ImageError
-    from runtime.preprocess import ImagePreprocessor
+    from anchorrt.runtime.errors import ImageError
+    from anchorrt.runtime.preprocess import ImagePreprocessor
+
     from tests.test_preprocess import make_params
 
     image = Image.new("RGB", (8, 2000))
@@ -119,8 +120,9 @@ def test_preprocessor_bounds_resize_target_and_takes_the_limit():
 
 
 def test_preprocessor_limit_follows_the_environment(monkeypatch):
-    from runtime.errors import ImageError
-    from runtime.preprocess import MAX_PIXELS_ENV, ImagePreprocessor
+    from anchorrt.runtime.errors import ImageError
+    from anchorrt.runtime.preprocess import MAX_PIXELS_ENV, ImagePreprocessor
+
     from tests.test_preprocess import make_params
 
     pre = ImagePreprocessor(make_params(16, 16, do_pad=True))
@@ -134,8 +136,8 @@ def test_preprocessor_limit_follows_the_environment(monkeypatch):
 
 PIPELINE = textwrap.dedent("""
     import sys
-    from runtime.errors import ImageError
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.errors import ImageError
+    from anchorrt.runtime.pipeline import Pipeline
     pipe = Pipeline.from_dir(sys.argv[1])
     try:
         pipe.generate(sys.argv[2], "hi", max_new_tokens=1)
@@ -170,8 +172,8 @@ def test_cli_refuses_hostile_images(pad_artifact, hostile, kind):
 def test_other_special_files_are_refused(tmp_path):
     import socket
 
-    from runtime.errors import ImageError
-    from runtime.preprocess import load_image
+    from anchorrt.runtime.errors import ImageError
+    from anchorrt.runtime.preprocess import load_image
 
     with pytest.raises(ImageError) as err:
         load_image("/dev/null")

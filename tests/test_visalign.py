@@ -13,14 +13,14 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from anchorrt.exporter.visalign.checkpoint import write_entry
+from anchorrt.exporter.visalign.fusion import VisAlignFusion
+from anchorrt.exporter.visalign.reference import VisAlignLlava
+from anchorrt.graph_passes.visalign import WEIGHTS_FILE, FusionWeights, VisAlignPass
+from anchorrt.runtime.errors import CheckpointError, FlagError
+from anchorrt.runtime.pipeline import Pipeline, Request
+from anchorrt.runtime.visalign import visalign_state, visual_mean
 
-from exporter.visalign.checkpoint import write_entry
-from exporter.visalign.fusion import VisAlignFusion
-from exporter.visalign.reference import VisAlignLlava
-from graph_passes.visalign import WEIGHTS_FILE, FusionWeights, VisAlignPass
-from runtime.errors import CheckpointError, FlagError
-from runtime.pipeline import Pipeline, Request
-from runtime.visalign import visalign_state, visual_mean
 from tests.conftest import BLOCK_TORCH, ROOT
 
 PROMPTS = ["What is in the image?", "Is there a dog in the picture? Describe the content of the image."]
@@ -51,7 +51,7 @@ def va_model(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def va_artifact(va_model, tmp_path_factory):
     """`export_model` of the VisAlign checkpoint: the export hook bakes the fusion into the embed graph."""
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     out = tmp_path_factory.mktemp("visalign-artifacts") / "tiny-visalign"
     export_model(va_model, out)
@@ -63,8 +63,8 @@ def bake_torch_free(artifact, weights) -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
-        from graph_passes.visalign import bake_visalign
-        from runtime.manifest import MANIFEST_NAME, write_manifest
+        from anchorrt.graph_passes.visalign import bake_visalign
+        from anchorrt.runtime.manifest import MANIFEST_NAME, write_manifest
         folder = Path({str(artifact)!r})
         manifest = json.loads((folder / MANIFEST_NAME).read_text())
         count = bake_visalign(folder, manifest, {str(weights)!r})
@@ -274,7 +274,7 @@ def test_pass_near_misses_count_zero(va_artifact, tiny_artifact):
 
 
 def test_loader_refuses_mismatched_hidden_size(va_model, tmp_path):
-    from exporter.export import export_model
+    from anchorrt.exporter.export import export_model
 
     bad = tmp_path / "bad"
     shutil.copytree(va_model, bad)

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from anchorrt.exporter.visalign.data import TrainingDataError
+from anchorrt.exporter.visalign.train import TrainingError, state_dir_for, train
+from anchorrt.graph_passes.visalign import WEIGHTS_FILE
 from safetensors.numpy import load_file
-
-from exporter.visalign.data import TrainingDataError
-from exporter.visalign.train import TrainingError, state_dir_for, train
-from graph_passes.visalign import WEIGHTS_FILE
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 STAGE1_STEPS = 30

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from anchorrt.exporter.registry import register_arch
+from anchorrt.runtime.errors import CheckpointError
 from torch import nn
-
-from exporter.registry import register_arch
-from runtime.errors import CheckpointError
 
 DEFAULT_PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 _SENTINEL = "\x00ANCHORRT_PROMPT\x00"
@@ -122,7 +121,7 @@ class LlavaArch:
         """Pre-load check (exporter/registry.py): the image processor is one the runtime reproduces, and the
         decoder's layer count, from config.json alone. transformers' LlavaConfig fills a missing text_config with
         Llama defaults, so a missing count is left unknown here rather than guessed."""
-        from exporter.preprocessing import params_from_config
+        from anchorrt.exporter.preprocessing import params_from_config
 
         if preprocessor is None:
             raise CheckpointError("the checkpoint has no image-processor config (preprocessor_config.json or "

@@ -23,11 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from anchorrt.exporter.archs.llava import DecoderGraph, EmbedGraph, GraphSpec, LlavaArch, VisionGraph
+from anchorrt.exporter.registry import register_arch
+from anchorrt.runtime.errors import CheckpointError
 from torch import nn
-
-from exporter.archs.llava import DecoderGraph, EmbedGraph, GraphSpec, LlavaArch, VisionGraph
-from exporter.registry import register_arch
-from runtime.errors import CheckpointError
 
 
 class NextVisionGraph(nn.Module):

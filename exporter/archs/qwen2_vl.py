@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from anchorrt.exporter.archs.llava import EmbedGraph, GraphSpec
+from anchorrt.exporter.registry import register_arch, register_refusal
+from anchorrt.runtime.errors import CheckpointError
 from torch import nn
-
-from exporter.archs.llava import EmbedGraph, GraphSpec
-from exporter.registry import register_arch, register_refusal
-from runtime.errors import CheckpointError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 _SENTINEL = "\x00ANCHORRT_PROMPT\x00"
@@ -185,7 +184,7 @@ class Qwen2VLArch:
         """Pre-load check (issue 13's hook in exporter/registry.py): the image processor is a Qwen2-VL one the
         runtime reproduces, and the decoder's layer count from config.json alone (the released configs keep the
         text fields at the top level; transformers 5 saves them under text_config). -> {"num_layers": L} or {}."""
-        from exporter.preprocessing_qwen2_vl import params_from_config
+        from anchorrt.exporter.preprocessing_qwen2_vl import params_from_config
 
         if preprocessor is None:
             raise CheckpointError("the checkpoint has no image-processor config (preprocessor_config.json or "
@@ -202,7 +201,7 @@ class Qwen2VLArch:
 
     # -- graphs ------------------------------------------------------------------------------------------
     def graphs(self, image_size=None) -> list[GraphSpec]:
-        from runtime.archs.qwen2_vl import vision_feeds
+        from anchorrt.runtime.archs.qwen2_vl import vision_feeds
 
         text, s = self.text, self.settings
         dtype = self.model.dtype
@@ -307,8 +306,8 @@ class Qwen2VLArch:
     def torch_generate(model_dir: Path, images, prompts, max_new_tokens: int, clva=None, sevi=None, iava=None):
         """Greedy generation with the independent references (exporter/reference/qwen2_vl_reference.py) and the
         checkpoint's chat template. -> [(text, new token ids)] per request."""
-        from exporter.reference.qwen2_vl_reference import ReferenceIavaQwen2VL, ReferenceQwen2VL
-        from runtime.preprocess import load_image
+        from anchorrt.exporter.reference.qwen2_vl_reference import ReferenceIavaQwen2VL, ReferenceQwen2VL
+        from anchorrt.runtime.preprocess import load_image
 
         model_dir = Path(model_dir)
         iava_ref = ReferenceIavaQwen2VL(model_dir) if iava is not None else None
@@ -348,7 +347,7 @@ class Qwen2VLArch:
             raise CheckpointError(f"cannot load the tokenizer of '{path}': {first[:300]}") from None
 
     def preprocessing_params(self, path: Path) -> dict[str, Any]:
-        from exporter.preprocessing_qwen2_vl import qwen2_vl_preprocessing_params
+        from anchorrt.exporter.preprocessing_qwen2_vl import qwen2_vl_preprocessing_params
 
         if getattr(self, "preprocessing", None) is None:
             self.preprocessing = qwen2_vl_preprocessing_params(path)

@@ -41,9 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from anchorrt.runtime.eval.world import COLOUR_NAMES, SHAPES, SIDES, World, vocabulary
 from torch import nn
-
-from runtime.eval.world import COLOUR_NAMES, SHAPES, SIDES, World, vocabulary
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -111,6 +110,7 @@ def build_tokenizer():
 
 def build_model(spec: DemoSpec, tok):
     """An untrained LlavaForConditionalGeneration of `spec`'s sizes, and its LlavaProcessor."""
+    from anchorrt.exporter.testing import LLAVA_CHAT_TEMPLATE
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -120,8 +120,6 @@ def build_model(spec: DemoSpec, tok):
         LlavaProcessor,
         PreTrainedTokenizerFast,
     )
-
-    from exporter.testing import LLAVA_CHAT_TEMPLATE
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
@@ -489,7 +487,7 @@ def held_out_check(model, world: World, spec: DemoSpec, enc: Encoder) -> dict[st
     """Yes/no accuracy on fresh training-distribution questions (seed stream 4), by family, plus the
     false-positive rate on "partner absent" existence questions (anchor in the image, its partner not).
     A quick in-training look; the reported numbers come from `anchorrt eval` on the exported model."""
-    from runtime.eval.world import PAIRS, QA, existence_question
+    from anchorrt.runtime.eval.world import PAIRS, QA, existence_question
 
     rng = np.random.default_rng([spec.seed, 4])
     yes_id, no_id = enc.tok.token_to_id("yes"), enc.tok.token_to_id("no")

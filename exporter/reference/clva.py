@@ -23,8 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-
-from runtime.errors import FlagError
+from anchorrt.runtime.errors import FlagError
 
 Z_EPS = 1e-6  # eq. 8's epsilon (METHODS.md step 4)
 LOG_ZERO = -1e9  # stands for log(0) in the additive-bias form: exp(-1e9 + any fp32 logit) is exactly 0

@@ -145,7 +145,7 @@ class ReferenceIavaQwen2VL(ReferenceIava):
     hidden keys of V* do not move them), decode steps at n + step + rope delta on all three axes."""
 
     def __init__(self, model_dir: str | Path):
-        from exporter.archs.qwen2_vl import Qwen2VLArch
+        from anchorrt.exporter.archs.qwen2_vl import Qwen2VLArch
 
         side = Qwen2VLArch.verify_torch_side(Path(model_dir), attn_implementation="eager")
         self.side, self.model = side, side.model
@@ -172,7 +172,7 @@ class VisAlignQwen2VL:
     language model and M-RoPE (its get_rope_index at the prefill, text position + rope delta at decode steps)."""
 
     def __init__(self, model_dir: str | Path, fusion):
-        from exporter.archs.qwen2_vl import Qwen2VLArch
+        from anchorrt.exporter.archs.qwen2_vl import Qwen2VLArch
 
         self.side = Qwen2VLArch.verify_torch_side(Path(model_dir))
         self.model = self.side.model

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from graph_passes.visalign import WEIGHTS_FILE, FusionWeights, read_fusion_weights
-from runtime.errors import CheckpointError
+from anchorrt.graph_passes.visalign import WEIGHTS_FILE, FusionWeights, read_fusion_weights
+from anchorrt.runtime.errors import CheckpointError
 
 CONFIG_KEY = "visalign"
 FORMAT_VERSION = 1
@@ -102,7 +102,7 @@ def export_hook(ckpt) -> Callable[[Path, dict], None] | None:
     _, weights = loaded
 
     def bake(tmp: Path, manifest: dict) -> None:
-        from graph_passes.visalign import bake_visalign
+        from anchorrt.graph_passes.visalign import bake_visalign
 
         bake_visalign(tmp, manifest, weights, origin="export")
 

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import AnchorError
+from anchorrt.runtime.errors import AnchorError
 
 IMAGE_TAG = "<image>"
 IGNORE = -100  # the label of a position that has no loss (prompt, image, padding)

@@ -16,10 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from anchorrt.exporter.visalign.checkpoint import INITS
+from anchorrt.graph_passes.visalign import BIAS_KEY, WEIGHT_KEY, FusionWeights
 from torch import nn
-
-from exporter.visalign.checkpoint import INITS
-from graph_passes.visalign import BIAS_KEY, WEIGHT_KEY, FusionWeights
 
 
 class VisAlignFusion(nn.Module):

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from anchorrt.exporter.visalign.fusion import VisAlignFusion
 from torch import nn
-
-from exporter.visalign.fusion import VisAlignFusion
 
 
 @dataclass
@@ -50,9 +49,8 @@ class VisAlignLlava(nn.Module):
     def from_pretrained(cls, model_dir: str | Path, *, dtype: torch.dtype = torch.float32, init: str = "identity",
                         seed: int = 0) -> VisAlignLlava:
         """Load a LLaVA folder; its VisAlign weights when it has them, else a new fusion (`init`)."""
+        from anchorrt.exporter.visalign.checkpoint import load_fusion_weights
         from transformers import LlavaForConditionalGeneration
-
-        from exporter.visalign.checkpoint import load_fusion_weights
 
         hf = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype)
         loaded = load_fusion_weights(model_dir)

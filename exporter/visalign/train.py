@@ -35,10 +35,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from exporter.visalign.checkpoint import INITS, read_entry, write_entry
-from exporter.visalign.data import IGNORE, Example, PromptFormat, load_examples
-from graph_passes.visalign import WEIGHTS_FILE
-from runtime.errors import AnchorError, CheckpointError
+from anchorrt.exporter.visalign.checkpoint import INITS, read_entry, write_entry
+from anchorrt.exporter.visalign.data import IGNORE, Example, PromptFormat, load_examples
+from anchorrt.graph_passes.visalign import WEIGHTS_FILE
+from anchorrt.runtime.errors import AnchorError, CheckpointError
 
 STATE_FILE = "state.pt"
 STATE_VERSION = 1
@@ -133,10 +133,9 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, *, image
     checkpoint to `out_dir`. `overrides` set TrainSettings fields (`stage=2, steps=500, lr=2e-5, ...`).
     `on_step(step, loss)` runs after each completed step (logging; the tests interrupt a run with it)."""
     import torch
+    from anchorrt.exporter.archs.llava import LlavaArch, load_processor
+    from anchorrt.exporter.checkpoint import inspect_checkpoint
     from transformers.utils import logging as hf_logging
-
-    from exporter.archs.llava import LlavaArch, load_processor
-    from exporter.checkpoint import inspect_checkpoint
 
     hf_logging.disable_progress_bar()  # our own bar and lines replace transformers' weight-loading bars
     t0 = time.perf_counter()
@@ -304,8 +303,7 @@ def _autocast(device, amp_dtype):
 
 def _load_model(model_dir: Path, cfg: TrainSettings):
     import torch
-
-    from exporter.visalign.reference import VisAlignLlava
+    from anchorrt.exporter.visalign.reference import VisAlignLlava
 
     try:
         # fp32 master weights whatever the checkpoint's dtype; the output is saved back in that dtype
@@ -347,9 +345,8 @@ def _merge_lora(model, peft_model):
 def _collate(examples: list[Example], image_processor, pad_id: int, fmt: PromptFormat, device) -> dict:
     """Right-padded batch: ids, attention mask, image mask, labels [B, L] and pixel values [B, 3, H, W]."""
     import torch
+    from anchorrt.exporter.visalign.data import TrainingDataError
     from PIL import Image
-
-    from exporter.visalign.data import TrainingDataError
 
     length = max(len(e.input_ids) for e in examples)
     b = len(examples)
@@ -444,7 +441,7 @@ def _checkpoint_dtype(model_dir: Path):
 
 def _write_output(model_dir: Path, out: Path, model, training: dict, force: bool) -> None:
     """The checkpoint folder, atomically: a temporary folder beside `out`, renamed into place at the end."""
-    from runtime.manifest import replace_folder  # the atomic swap export and bake use too
+    from anchorrt.runtime.manifest import replace_folder  # the atomic swap export and bake use too
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

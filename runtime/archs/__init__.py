@@ -51,8 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from runtime.errors import ArtifactError
+from anchorrt.runtime.errors import ArtifactError
 
 _RUNTIMES: dict[str, type] = {}
 DEFAULT_MODEL_TYPE = "llava"  # artifacts written before the seam all came from exporter/archs/llava.py
@@ -87,7 +86,7 @@ def runtime_for(manifest, open_graph: Callable[[str], Any]) -> RuntimeArch:
 
 def _import_builtin() -> None:
     # Imported lazily: the modules register themselves.
-    from runtime.archs import llava, llava_next, qwen2_vl  # noqa: F401
+    from anchorrt.runtime.archs import llava, llava_next, qwen2_vl  # noqa: F401
 
 
 @dataclass
@@ -133,7 +132,7 @@ class RuntimeArch:
     # -- images --------------------------------------------------------------------------------------------
     def limit_pixels(self, max_pixels: int | None) -> None:
         """The Pipeline's `max_image_pixels` for this arch's preprocessing (None: the default limit). Archs that
-        preprocess with `runtime.preprocess.ImagePreprocessor` under `self.image_processor` need nothing more."""
+        preprocess with `anchorrt.runtime.preprocess.ImagePreprocessor` under `self.image_processor` need nothing more."""
         processor = getattr(self, "image_processor", None)
         if processor is not None and max_pixels is not None:
             processor.max_pixels = max_pixels

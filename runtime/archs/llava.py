@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
-from runtime.archs import RuntimeArch, VisualInput, _input_dtype, register_runtime
-from runtime.errors import ImageError
-from runtime.preprocess import ImagePreprocessor
+from anchorrt.runtime.archs import RuntimeArch, VisualInput, _input_dtype, register_runtime
+from anchorrt.runtime.errors import ImageError
+from anchorrt.runtime.preprocess import ImagePreprocessor
 
 
 @register_runtime("llava")

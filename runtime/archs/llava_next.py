@@ -28,12 +28,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from anchorrt.runtime.archs import VisualInput, _input_dtype, register_runtime
+from anchorrt.runtime.archs.llava import LlavaRuntime
+from anchorrt.runtime.errors import ArtifactError, ImageError
+from anchorrt.runtime.preprocess import MAX_RESIZED_PIXELS
 from PIL import Image
-
-from runtime.archs import VisualInput, _input_dtype, register_runtime
-from runtime.archs.llava import LlavaRuntime
-from runtime.errors import ArtifactError, ImageError
-from runtime.preprocess import MAX_RESIZED_PIXELS
 
 MAX_PINPOINTS = 64
 

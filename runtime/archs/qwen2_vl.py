@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
-from runtime.archs import PromptLayout, RuntimeArch, VisualInput, _input_dtype, register_runtime
-from runtime.errors import ArtifactError, ImageError, PromptError
-from runtime.preprocess_qwen2_vl import Qwen2VLPreprocessor
+from anchorrt.runtime.archs import PromptLayout, RuntimeArch, VisualInput, _input_dtype, register_runtime
+from anchorrt.runtime.errors import ArtifactError, ImageError, PromptError
+from anchorrt.runtime.preprocess_qwen2_vl import Qwen2VLPreprocessor
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
 

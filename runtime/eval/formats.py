@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from runtime.eval.loaders import EvalDataError
+from anchorrt.runtime.eval.loaders import EvalDataError
 
 HEADER_KEY = "anchorrt_eval"
 

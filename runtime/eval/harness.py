@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.eval.loaders import EvalDataError, EvalItem
-from runtime.eval.metrics import chair_metrics, mme_scores, parse_yes_no, pope_metrics
+from anchorrt.runtime.eval.loaders import EvalDataError, EvalItem
+from anchorrt.runtime.eval.metrics import chair_metrics, mme_scores, parse_yes_no, pope_metrics
 
 Answerer = Callable[[Sequence[EvalItem]], list[str]]
 HEADER_KEY = "anchorrt_eval"
@@ -35,7 +35,7 @@ HEADER_KEY = "anchorrt_eval"
 def pipeline_answerer(pipe, max_new_tokens: int, mitigation: Mapping | None = None) -> Answerer:
     """Answers through a runtime `Pipeline` (greedy). `mitigation` ({"clva": {...}, ...}) is passed to
     `generate_batch` only when it is not empty, so a baseline run works with any runtime version."""
-    from runtime.pipeline import Request
+    from anchorrt.runtime.pipeline import Request
 
     kw: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if mitigation:

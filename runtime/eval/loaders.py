@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.errors import AnchorError
-from runtime.eval.chair import DEFAULT_IMPL, Chair
+from anchorrt.runtime.errors import AnchorError
+from anchorrt.runtime.eval.chair import DEFAULT_IMPL, Chair
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MME_HALLUCINATION_SUBSETS = ("existence", "count", "position", "color")

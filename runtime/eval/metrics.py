@@ -64,6 +64,6 @@ def chair_metrics(captions: Mapping, ground_truth: Mapping, chair) -> dict:
 def mme_scores(records: Iterable[Mapping]) -> dict:
     """`records`: {"subset", "label", "answer"} in question order -> {subset: {"acc", "acc_plus", "score", ...},
     "totals": {"perception", "cognition", "hallucination"}} (runtime/eval/mme.py)."""
-    from runtime.eval.mme import score_records
+    from anchorrt.runtime.eval.mme import score_records
 
     return score_records(records)

@@ -4,6 +4,6 @@ numpy for the numbers (stats.py), matplotlib for the pictures (plots.py, the `pr
 drawing), the runtime Pipeline for the forward pass (forward.py). No torch.
 """
 
-from runtime.explain.report import FILES, explain
+from anchorrt.runtime.explain.report import FILES, explain
 
 __all__ = ["FILES", "explain"]

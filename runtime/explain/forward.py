@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from runtime.errors import ArtifactError, PromptError
+from anchorrt.runtime.errors import ArtifactError, PromptError
 
 ATTENTION = "explain.attention"
 CLVA_DEBUG = ("clva.zpos", "clva.zneg", "clva.sensitive_heads", "clva.insensitive_heads")

@@ -17,8 +17,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-
-from runtime.errors import AnchorError
+from anchorrt.runtime.errors import AnchorError
 
 INSTALL_HINT = 'matplotlib is not installed; explain draws with it: `pip install "anchorrt[profile]"`'
 POS, NEG = "#1a9850", "#d73027"  # green: positive anchors / l_pos, red: negative anchors / l_neg

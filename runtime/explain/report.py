@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from runtime.errors import FlagError
-from runtime.explain import stats
-from runtime.explain.forward import attention_rows
+from anchorrt.runtime.errors import FlagError
+from anchorrt.runtime.explain import stats
+from anchorrt.runtime.explain.forward import attention_rows
 
 FILES = ("heads.png", "layers.png", "drift.png", "anchors.png", "explain.json")
 
@@ -89,16 +88,16 @@ def explain(folder: str | os.PathLike, image, prompt: str, out: str | os.PathLik
     """Write FILES into `out`. `folder`: an explained copy (graph_passes.explain.explained_copy); `mitigation`: the
     'on' request spec (e.g. {"clva": True}); `layers`: CLVA's {"l_neg", "l_pos", "drift_layers"} of the copy;
     `lam`/`tau`: the head-set width and anchor threshold (default: the spec's CLVA values, else METHODS.md's)."""
-    from runtime.explain.plots import require_matplotlib
+    from anchorrt.runtime.explain.plots import require_matplotlib
 
     require_matplotlib()
     say = progress or (lambda msg: None)
     if pipe is None:
-        from runtime.pipeline import Pipeline
+        from anchorrt.runtime.pipeline import Pipeline
 
         pipe = Pipeline.from_dir(folder)
-    from runtime.mitigation import parse_request
-    from runtime.preprocess import load_image
+    from anchorrt.runtime.mitigation import parse_request
+    from anchorrt.runtime.preprocess import load_image
 
     parsed = parse_request(mitigation, pipe.manifest.mitigation)
     clva_on = parsed.get("clva") or {}
@@ -107,7 +106,7 @@ def explain(folder: str | os.PathLike, image, prompt: str, out: str | os.PathLik
     l_neg, l_pos, drift = int(layers["l_neg"]), int(layers["l_pos"]), [int(x) for x in layers["drift_layers"]]
 
     if pipe.arch.fixed_tokens_per_image is None:  # e.g. Qwen2-VL: the grids and model_view assume [1, 3, H, W]
-        from runtime.errors import ArtifactError
+        from anchorrt.runtime.errors import ArtifactError
 
         raise ArtifactError(f"explain draws a fixed patch grid; this artifact's images take a size-dependent number "
                             f"of tokens (model_type {pipe.manifest.data.get('model_type')!r}), which it does not "
@@ -176,7 +175,7 @@ def explain(folder: str | os.PathLike, image, prompt: str, out: str | os.PathLik
         }
     report = stats.finite(report)
 
-    from runtime.explain import plots
+    from anchorrt.runtime.explain import plots
 
     out = Path(out)
     if out.exists() and not out.is_dir():

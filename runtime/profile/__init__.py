@@ -1,6 +1,6 @@
 """`anchorrt profile`: where the time goes in an exported model, torch-free.
 
-    from runtime.profile import ProfileSettings, run_profile, write_outputs
+    from anchorrt.runtime.profile import ProfileSettings, run_profile, write_outputs
     report = run_profile("out/llava", ProfileSettings(batch_sizes=(1, 2), repeats=5))
     write_outputs(report, "profile-out")            # profile.json (+ PNG plots)
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.profile.report import SchemaError, format_table, validate_report
-from runtime.profile.sweep import ProfileSettings, run_profile
+from anchorrt.runtime.profile.report import SchemaError, format_table, validate_report
+from anchorrt.runtime.profile.sweep import ProfileSettings, run_profile
 
 __all__ = ["ProfileSettings", "run_profile", "write_outputs", "format_table", "validate_report", "SchemaError"]
 
@@ -28,7 +28,7 @@ def write_outputs(report: dict, out: str | Path, plots: bool = True) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if plots:
-        from runtime.profile.plots import write_plots
+        from anchorrt.runtime.profile.plots import write_plots
 
         report["plots"] = write_plots(report, out)
     validate_report(report)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.errors import AnchorError
+from anchorrt.runtime.errors import AnchorError
 
 INSTALL_HINT = "matplotlib is not installed; plots need `pip install anchorrt[profile]` (or pass --no-plots)"
 

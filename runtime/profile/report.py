@@ -49,9 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from runtime.profile.measure import STAT_KEYS, summarize
-from runtime.profile.stages import STEP_STAGES, TTFT_STAGES
+from anchorrt.runtime.profile.measure import STAT_KEYS, summarize
+from anchorrt.runtime.profile.stages import STEP_STAGES, TTFT_STAGES
 
 SCHEMA = "anchorrt-profile"
 SCHEMA_VERSION = 1

@@ -32,8 +32,7 @@ import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from runtime.profile.measure import DeviceMemory, HostMemory, Ranges, now
+from anchorrt.runtime.profile.measure import DeviceMemory, HostMemory, Ranges, now
 
 TTFT_STAGES = ("tokenize", "preprocess", "vision", "setup", "embed", "prefill", "sample")
 STEP_STAGES = ("decode_embed", "decode", "sample")

@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-
-from runtime.errors import FlagError, PromptError
-from runtime.profile.measure import DeviceMemory, HostMemory, Progress, Ranges, now
-from runtime.profile.stages import Case, Instrumented
+from anchorrt.runtime.errors import FlagError, PromptError
+from anchorrt.runtime.profile.measure import DeviceMemory, HostMemory, Progress, Ranges, now
+from anchorrt.runtime.profile.stages import Case, Instrumented
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 DEFAULT_PROMPT = "Describe the content of the image in detail."
@@ -224,9 +223,9 @@ def run_profile(artifact_dir: str | Path, settings: ProfileSettings, *, progress
 
     `reference`: a Reference, or a function that makes one; the function is called only after the measured rounds,
     so that the reference's memory (a PyTorch model) stays out of the runtime's peak RSS."""
-    from runtime.pipeline import Pipeline
-    from runtime.preprocess import load_image
-    from runtime.profile.report import build_report
+    from anchorrt.runtime.pipeline import Pipeline
+    from anchorrt.runtime.preprocess import load_image
+    from anchorrt.runtime.profile.report import build_report
 
     s = settings.validate()
     progress = progress or Progress(enabled=False)
@@ -328,7 +327,7 @@ def compare_reference(inst: Instrumented, base: Case, image, reference: Referenc
 def ort_trace(artifact_dir, s: ProfileSettings, base: Case, image, out: Path, progress: Progress) -> list[str]:
     """onnxruntime's own profiler (chrome-trace JSON, one file per graph) over warm-up + one base generate call,
     in a separate pipeline so that the profiler's overhead stays out of the measured runs."""
-    from runtime.pipeline import Pipeline
+    from anchorrt.runtime.pipeline import Pipeline
 
     out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_dir(artifact_dir, providers=PROVIDERS[s.device], verify=False,

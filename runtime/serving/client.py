@@ -1,6 +1,6 @@
 """A `tritonclient` client for a served artifact: an image, a prompt, sampling options and mitigation flags.
 
-    from runtime.serving.client import AnchorClient
+    from anchorrt.runtime.serving.client import AnchorClient
     client = AnchorClient("127.0.0.1:8000")                              # HTTP; protocol="grpc" for port 8001
     out = client.generate("cat.jpg", "Is there a dog?", mitigation={"clva": {"alpha": 14}, "sevi": True},
                           max_new_tokens=32)
@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from runtime.errors import AnchorError, BackendError
-from runtime.serving.params import to_parameters
-from runtime.serving.repository import MODEL_NAME, STREAM_SUFFIX
+from anchorrt.runtime.errors import AnchorError, BackendError
+from anchorrt.runtime.serving.params import to_parameters
+from anchorrt.runtime.serving.repository import MODEL_NAME, STREAM_SUFFIX
 
 
 class ServerError(AnchorError):

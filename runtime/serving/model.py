@@ -48,9 +48,9 @@ class TritonPythonModel:
         runtime_path = os.path.normpath(os.path.join(version_dir, params.get("runtime_path", ".")))
         if os.path.isdir(os.path.join(runtime_path, "runtime")) and runtime_path not in sys.path:
             sys.path.insert(0, runtime_path)  # the runtime copied into the repository (else: an installed anchorrt)
-        from runtime.backend import CUDA_DEFAULTS
-        from runtime.pipeline import Pipeline
-        from runtime.serving.params import methods_of
+        from anchorrt.runtime.backend import CUDA_DEFAULTS
+        from anchorrt.runtime.pipeline import Pipeline
+        from anchorrt.runtime.serving.params import methods_of
 
         if args.get("model_instance_kind") == "GPU":
             device = int(args.get("model_instance_device_id", 0))
@@ -70,7 +70,7 @@ class TritonPythonModel:
 
     # -- one batch -----------------------------------------------------------------------------------------------
     def execute(self, requests):
-        from runtime.errors import AnchorError
+        from anchorrt.runtime.errors import AnchorError
 
         parsed: list = []
         for request in requests:
@@ -102,10 +102,10 @@ class TritonPythonModel:
     # -- internals -------------------------------------------------------------------------------------------------
     def _parse(self, request):
         """One Triton request -> (runtime Request, sampling kwargs), or an AnchorError (one line) for this request."""
-        from runtime.errors import FlagError, ImageError, PromptError
-        from runtime.pipeline import Request
-        from runtime.preprocess import load_image
-        from runtime.serving.params import parse_parameters
+        from anchorrt.runtime.errors import FlagError, ImageError, PromptError
+        from anchorrt.runtime.pipeline import Request
+        from anchorrt.runtime.preprocess import load_image
+        from anchorrt.runtime.serving.params import parse_parameters
 
         image = _single(pb_utils.get_input_tensor_by_name(request, "IMAGE"), "IMAGE", ImageError)
         prompt = _single(pb_utils.get_input_tensor_by_name(request, "PROMPT"), "PROMPT", PromptError)
@@ -121,9 +121,9 @@ class TritonPythonModel:
                             "ask for fewer (the repository's max_new_tokens_limit parameter sets it)")
         self.pipe._sampling_config(dict(sampling))  # bad values fail here, for this request only
         # the flags too (as generate_batch would), before the image is decoded
-        from runtime.iava import parse_iava
-        from runtime.mitigation import parse_request
-        from runtime.visalign import requested
+        from anchorrt.runtime.iava import parse_iava
+        from anchorrt.runtime.mitigation import parse_request
+        from anchorrt.runtime.visalign import requested
 
         spec = mitigation or {}
         parse_request(spec, self.pipe.manifest.mitigation)
@@ -135,7 +135,7 @@ class TritonPythonModel:
         return Request(pil, prompt, mitigation), sampling
 
     def _run_group(self, idx: list[int], reqs: list, sampling: dict, responses: list, senders) -> None:
-        from runtime.errors import AnchorError
+        from anchorrt.runtime.errors import AnchorError
 
         on_token = None
         sent: dict[int, int] = {}

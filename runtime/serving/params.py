@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from runtime.errors import FlagError
-from runtime.mitigation import PARAMS, baked_methods
+from anchorrt.runtime.errors import FlagError
+from anchorrt.runtime.mitigation import PARAMS, baked_methods
 
 SAMPLING = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_k": int, "top_p": float,
             "repetition_penalty": float, "seed": int}

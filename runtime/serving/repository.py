@@ -29,8 +29,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from runtime.errors import FlagError
-from runtime.manifest import Manifest, replace_folder
+from anchorrt.runtime.errors import FlagError
+from anchorrt.runtime.manifest import Manifest, replace_folder
 
 MODEL_NAME = "anchorrt"
 STREAM_SUFFIX = "_stream"

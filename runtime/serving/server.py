@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from runtime.errors import BackendError
+from anchorrt.runtime.errors import BackendError
 
 INSTALL = "pip install 'anchorrt[serve]' (nvidia-pytriton bundles tritonserver)"
 LOOPBACK = "127.0.0.1"

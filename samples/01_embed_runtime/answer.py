@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from runtime import AnchorError, Pipeline
+from anchorrt.runtime import AnchorError, Pipeline
 
 
 def main(argv: list[str]) -> int:

@@ -13,8 +13,8 @@ import argparse
 import json
 import sys
 
-from runtime.errors import AnchorError
-from runtime.serving.client import AnchorClient
+from anchorrt.runtime.errors import AnchorError
+from anchorrt.runtime.serving.client import AnchorClient
 
 
 def value(text: str):
