@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 # `anchorrt` get .venv's, never whatever interpreter the machine has.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo test test-all bench bench-peers lint clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 	$(PY) scripts/bench_mitigation.py
 	$(PY) scripts/bench_iava.py --threads 1
 	$(PY) scripts/soak.py --generations 1000
+
+# AnchorRT vs ONNX Runtime GenAI, llama.cpp and transformers on the issue-18 bench model (not part of `make test`);
+# peers come from `pip install -e ".[bench-peers]"`, a missing one is reported and left out.
+bench-peers: $(STAMP)
+	$(PY) scripts/bench_peers.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check anchorrt exporter runtime graph_passes tests scripts samples

@@ -41,6 +41,9 @@ def main() -> None:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
 @click.option("--opset", type=click.Choice(["18", "23"]), default="18", show_default=True,
               help="18: attention as MatMul/Softmax; 23: the ONNX Attention op.")
+@click.option("--attention", type=click.Choice(["fused", "unfused"]), default=None,
+              help="fused (default with --opset 18): GroupQueryAttention with an in-place KV cache; unfused: the "
+                   "exporter's form, for debugging (the default with --opset 23).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", hidden=True,
               help="Alias of --precision (kept for old scripts).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt (pickle) weights. Pickle can run code: trust the source.")
@@ -51,8 +54,8 @@ def main() -> None:
 @bake_options
 @precision_options
 @_friendly
-def export(model_dir: Path, out_dir: Path, opset: str, dtype: str, allow_pickle: bool, force: bool, mitigation,
-           **bake_choices) -> None:
+def export(model_dir: Path, out_dir: Path, opset: str, attention: str | None, dtype: str, allow_pickle: bool,
+           force: bool, mitigation, **bake_choices) -> None:
     """Export a Hugging Face checkpoint folder (LLaVA-1.5) to an artifact folder."""
     from anchorrt.exporter.export import export_model
 
@@ -64,7 +67,7 @@ def export(model_dir: Path, out_dir: Path, opset: str, dtype: str, allow_pickle:
     t = time.perf_counter()
     manifest = export_model(model_dir, out_dir, opset=int(opset), allow_pickle=allow_pickle, force=force,
                             progress=_say, mitigation=mitigation, bake_options=make_bake_options(**bake_choices),
-                            precision_options=make_precision_options(**precision))
+                            precision_options=make_precision_options(**precision), attention=attention)
     _say(f"exported {manifest.data['architecture']} in {time.perf_counter() - t:.1f} s")
 
 
@@ -202,7 +205,7 @@ def inspect(artifact_dir: Path, no_verify: bool, as_json: bool, trt_compat: bool
         return
     d, t = m.dims, m.tokens
     click.echo(f"{m.folder}: {m.data['architecture']} ({m.data['model_type']}), opset {m.data['opset']}, "
-               f"weights {m.data['precision']['weights']}")
+               f"weights {m.data['precision']['weights']}, attention {m.attention_form}")
     click.echo(f"  decoder: {d['num_layers']} layers, hidden {d['hidden_size']}, {d['num_heads']} heads "
                f"({d['num_kv_heads']} kv), head_dim {d['head_dim']}, vocab {d['vocab_size']}, "
                f"context {m.data.get('context_length')}")

@@ -120,6 +120,7 @@ def export_model(
     mitigation: str | list[str] | None = None,
     bake_options=None,
     precision_options=None,
+    attention: str | None = None,
 ) -> Manifest:
     """Export `model_dir` to `out_dir`. `after_export(tmp_folder, manifest_data)` runs before the final rename
     (the CLI uses it to bake graph passes into the same atomic write). Every graph gets deterministic node names
@@ -129,7 +130,11 @@ def export_model(
     Precision: the graphs are always traced in fp32; `precision_options` (graph_passes.bake.PrecisionOptions:
     fp16 conversion, int4/int8 quantization) run as graph passes after mitigation, so mitigation subgraphs stay
     fp32 and are never quantized. `dtype="fp16"` (the former torch-fp16 export) is an alias of
-    PrecisionOptions(precision="fp16")."""
+    PrecisionOptions(precision="fp16").
+
+    `attention`: "fused" (the default at opset 18: GroupQueryAttention with an in-place KV cache,
+    graph_passes/fuse_attention.py) or "unfused" (the exporter's opset-18/23 form, for debugging); the manifest
+    records the form and the runtime follows it."""
     from anchorrt.exporter.checkpoint import inspect_checkpoint
     from anchorrt.exporter.visalign.checkpoint import export_hook as visalign_export_hook
 
@@ -137,6 +142,12 @@ def export_model(
     out = Path(out_dir)
     if opset not in (18, 23):
         raise AnchorError(f"opset {opset} is not supported; use 18 (MatMul/Softmax attention) or 23 (Attention op)")
+    if attention is None:
+        attention = "fused" if opset == 18 else "unfused"
+    if attention not in ("fused", "unfused"):
+        raise AnchorError(f"--attention {attention} is not supported; use fused or unfused")
+    if attention == "fused" and opset != 18:
+        raise AnchorError("--attention fused is made from the opset-18 form; use --opset 18 or --attention unfused")
     if dtype not in ("fp32", "fp16"):
         raise AnchorError(f"export dtype '{dtype}' is not supported; use fp32 or fp16")
     from anchorrt.graph_passes.bake import PrecisionOptions, convert_into
@@ -152,8 +163,10 @@ def export_model(
         raise ArtifactError(f"output path '{out}' is a file; choose a folder name")
     ckpt = inspect_checkpoint(model_dir, allow_pickle=allow_pickle)
     from anchorrt.graph_passes.bake import export_hook as passes_hook
+    from anchorrt.graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED
 
-    run_graph_passes = passes_hook(mitigation, bake_options, say)  # checks the method names before the slow export
+    run_graph_passes = passes_hook(mitigation, bake_options, say,
+                                   attention=FORM_FUSED if attention == "fused" else FORM_UNFUSED)  # checks the method names before the slow export
     _check_before_loading(ckpt, mitigation, bake_options)
     visalign = visalign_export_hook(ckpt)  # a VisAlign checkpoint: fusion into the embed graph (checked now, baked below)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +176,8 @@ def export_model(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
     try:
         manifest = _export_into(ckpt, tmp, opset, say)
-        steps = ["node names"] + ([f"baking {mitigation if isinstance(mitigation, str) else ','.join(mitigation)}"]
-                                  if mitigation else [])
+        steps = ["node names"] + (["fused attention (GroupQueryAttention)"] if attention == "fused" else []) + \
+            ([f"baking {mitigation if isinstance(mitigation, str) else ','.join(mitigation)}"] if mitigation else [])
         steps += (["VisAlign fusion"] if visalign is not None else []) + \
             (["precision"] if precision_options.changes_anything else []) + ["manifest"]
         say(f"[5/5] finishing: {', '.join(steps)}")

@@ -54,6 +54,7 @@ class TinyLlavaSpec:
     vocab_extra: int = 200
     seed: int = 0
     do_pad: bool = False
+    vocab_size: int | None = None  # the language model's vocabulary, padded beyond the tokenizer's (benchmarks)
 
     @property
     def image_tokens(self) -> int:
@@ -102,7 +103,7 @@ def build_tiny_llava(path: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) ->
     )
     tokenizer.padding_side = "left"
     image_token_id = raw.token_to_id("<image>")
-    vocab = raw.get_vocab_size()
+    vocab = max(raw.get_vocab_size(), spec.vocab_size or 0)
 
     text_config = LlamaConfig(
         vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,

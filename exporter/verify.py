@@ -80,7 +80,6 @@ def _quiet_transformers():
 def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence | None, prompts: Sequence[str] | None,
             steps: int, atol: float, batch: bool, providers: Sequence[str] | None, verify_files: bool) -> VerifyReport:
     import torch
-    from anchorrt.runtime.kv_cache import KVCache
     from anchorrt.runtime.pipeline import Pipeline
     from transformers import DynamicCache
     from transformers.utils import logging as hf_logging
@@ -134,8 +133,7 @@ def _verify(model_dir: str | Path, artifact_dir: str | Path, *, images: Sequence
                 f"({inputs['input_ids'].shape[1]} tokens); is '{model_dir}' the checkpoint this artifact came from?"
             )
         feats = pipe.encode_images(visual, [prompts[i] for i in group])
-        cache = KVCache(pipe.num_layers, len(group), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
-                        pipe.kv_dtype, device=pipe.decoder.device)
+        cache = pipe._new_cache(len(group), b.ids.shape[1] + steps + 1)
         extra = pipe._extra_inputs(b)
         o_logits = [pipe.prefill(b, feats, cache, extra)]
         amask, pos = b.attention_mask, pipe.arch.prefill_positions(b.layout())[1]
@@ -253,7 +251,6 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
     argmax. -> (logits [steps+1] of [B, V], chosen tokens [B, steps+1], seconds per decode step)."""
     import time
 
-    from anchorrt.runtime.kv_cache import KVCache
 
     visual = pipe.preprocess_images([pipe._load(img, i) for i, img in enumerate(images)])
     enc = [pipe.prompts.encode(p, tokens_per_image=[n]) for p, n in zip(prompts, visual.tokens_per_image)]
@@ -261,8 +258,7 @@ def _teacher_forced(pipe, images, prompts, steps: int, tokens: np.ndarray | None
         e.images = [k]
     b = pipe._pad(enc, visual)
     feats = pipe.encode_images(visual, list(prompts))
-    cache = KVCache(pipe.num_layers, len(prompts), pipe.kv_heads, pipe.head_dim, b.ids.shape[1] + steps + 1,
-                    pipe.kv_dtype, device=pipe.decoder.device)
+    cache = pipe._new_cache(len(prompts), b.ids.shape[1] + steps + 1)
     extra = pipe._extra_inputs(b)
     logits = [pipe.prefill(b, feats, cache, extra)]
     chosen = [logits[-1].argmax(-1) if tokens is None else tokens[:, 0]]

@@ -11,6 +11,20 @@ Pattern B, opset 23 (the ONNX `Attention` op with 4-D inputs and an explicit mas
 
     Attention(q [B,H,S,D], k [B,Hk,K,D], v [B,Hk,K,D], attn_mask [B,1,S,K] bool|float) ──► out [B,H,S,D]
 
+Pattern C, the fused form (graph_passes/fuse_attention.py; past and present share one max-length buffer):
+
+    GroupQueryAttention(q [B,S,H·D], k, v [B,S,Hk·D], past_key/value [B,Hk,M,D], seqlens_k, total_length,
+                        attention_bias=mask [B,1,S,K]) ──► out [B,S,H·D] ─Reshape─Transpose─► out4 [B,H,S,D]
+                                                        └─► present_key/value [B,Hk,M,D]
+
+It is read like pattern B: the rotated 4-D query is the value the fusion recorded on the node (`META_Q4`), the
+mask is `attention_bias`, and the keys/values a pass recomputes with are `Concat(past[:, :, :P], new)` (P = K - S),
+built by `site_keys`/`site_values` inside the pass's own branch, so nothing but the graph output reads the fused
+node's present buffers (the in-place contract then does not depend on how ONNX Runtime plans a buffer with several
+readers; with a reader it was still shared in ORT 1.32: SEVI baked, flags off, 0.999x plain per step at context
+3000, CPU time). Past holds the first P slots in both contracts (distinct buffers, or one shared buffer the node
+writes after P), so the same subgraph serves both.
+
 `match_attention` returns one `AttentionSite` per decoder layer, ordered by layer, or fails loudly (PassError)
 when some layers match and others do not, or a layer matches twice; a graph where nothing matches gives `[]`
 (the caller reports count 0 and leaves the graph unchanged). Each candidate goes through `check()`, which
@@ -27,19 +41,24 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 from anchorrt.graph_passes.base import META_BASE_MASK, PassError
 from anchorrt.graph_passes.naming import layer_of
 
 DECOMPOSED = "matmul_softmax"
 ATTENTION_OP = "attention_op"
+GQA = "group_query_attention"
+RECOMPUTED = (ATTENTION_OP, GQA)  # forms whose probabilities are not in the graph: passes recompute the rows they need
+GQA_BIAS_INDEX = 10
+META_Q4 = "anchorrt.query_bhsd"  # on a fused GroupQueryAttention: the name of its rotated query as [B, H, S, D]
 _PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
 
 
 @dataclass
 class AttentionSite:
     layer: int
-    form: str  # DECOMPOSED or ATTENTION_OP
+    form: str  # DECOMPOSED, ATTENTION_OP or GQA
     anchor: ir.Node  # the Softmax (A) or the Attention node (B)
     mask_node: ir.Node  # the node the mask enters: the Add (A) or the Attention node (B)
     mask_index: int  # input index of the mask on mask_node
@@ -48,14 +67,16 @@ class AttentionSite:
     v: ir.Value  # [B, Hv, K, D]
     logits: ir.Value | None = None  # A: scaled q kᵀ before the mask [B, H, S, K]
     probs: ir.Value | None = None  # A: post-softmax probabilities after the NaN guard [B, H, S, K]
-    q: ir.Value | None = None  # B: [B, H, S, D] (after rotary)
-    k: ir.Value | None = None  # B: [B, Hk, K, D]
+    q: ir.Value | None = None  # B, C: [B, H, S, D] (after rotary)
+    k: ir.Value | None = None  # B: [B, Hk, K, D]; C: the past input [B, Hk, P or M, D] (use site_keys)
+    new_k: ir.Value | None = None  # C: the node's new keys [B, S, Hk·D] (rotated)
+    new_v: ir.Value | None = None  # C: the node's new values [B, S, Hk·D]
     scale: float | None = None  # B: the softmax scale
 
     def query_heads(self) -> int:
         """Number of query heads, from the first 4-D value with a static head dimension: q (B), the logits or the
         q kᵀ MatMul's left operand (A), then v (A: already repeated to the query heads)."""
-        candidates = [self.q] if self.form == ATTENTION_OP else [self.logits]
+        candidates = [self.q] if self.form in RECOMPUTED else [self.logits]
         if self.form == DECOMPOSED and self.logits is not None and self.logits.producer() is not None:
             candidates.append(self.logits.producer().inputs[0])
             candidates.append(self.v)
@@ -169,6 +190,72 @@ def check_attention_op(node: ir.Node) -> tuple[dict | None, str]:
     return {"scale": scale_value}, ""
 
 
+# ------------------------------------------------------------------------------- pattern C: fused GQA
+
+
+def check_gqa(node: ir.Node, values: dict[str, ir.Value]) -> tuple[dict | None, str]:
+    inputs = list(node.inputs) + [None] * (11 - len(node.inputs))
+    if inputs[GQA_BIAS_INDEX] is None:
+        return None, "GroupQueryAttention has no attention_bias (the mask CLVA/SEVI edit)"
+    if _int_attr(node, "do_rotary", 0) != 0:
+        return None, "GroupQueryAttention applies rotary inside; the passes need the rotated query"
+    if inputs[3] is None or inputs[4] is None:
+        return None, "GroupQueryAttention has no past_key/past_value (no KV buffer)"
+    q4 = values.get(node.metadata_props.get(META_Q4, ""))
+    if q4 is None:
+        return None, "GroupQueryAttention does not record its [B, H, S, D] query (not made by fuse_attention)"
+    reshape = next((c for c in node.outputs[0].consumers() if c.op_type == "Reshape" and c.graph is node.graph), None)
+    transpose = None if reshape is None else next(
+        (c for c in reshape.outputs[0].consumers() if c.op_type == "Transpose" and c.graph is node.graph), None)
+    if transpose is None:
+        return None, "GroupQueryAttention's output is not reshaped/transposed back to [B, H, S, D]"
+    scale = node.attributes.get("scale")
+    d = q4.shape[3] if q4.shape is not None and q4.shape.rank() == 4 else None
+    if scale is None and not isinstance(d, int):
+        return None, "GroupQueryAttention has no scale attribute and the head size is not static"
+    return {"q4": q4, "out4": transpose.outputs[0],
+            "scale": float(scale.value) if scale is not None else 1.0 / math.sqrt(d)}, ""
+
+
+def _past_and_new(b, site: AttentionSite, past: ir.Value, new3: ir.Value, what: str) -> ir.Value:
+    """Concat(past[:, :, :P], new as [B, Hk, S, D]) with P = K - S (K: the mask's last dim, S: the query's rows).
+
+        mask [B,1,S,K] ─Shape(3:4)─┐
+        q [B,H,S,D] ─Shape(2:3)────┴─Sub─► P ─► Slice(past, 0:P, axis 2) ─┐
+        new [B,S,Hk·D] ─Reshape [B,S,Hk,D]─Transpose(0,2,1,3) ───────────┴─Concat(axis 2)─► [B,Hk,K,D]
+    """
+    heads = static_heads_of(site.k)
+    d = site.q.shape[3] if site.q.shape is not None else None
+    if not isinstance(d, int):
+        raise PassError(f"the head size of layer {site.layer}'s query is not static")
+    total = b.op("Shape", [site.mask], f"{what}_total_length", start=3, end=4)  # [1]
+    seq = b.op("Shape", [site.q], f"{what}_sequence", start=2, end=3)  # [1]
+    past_len = b.op("Sub", [total, seq], f"{what}_past_length")
+    zero = b.const(np.array([0], np.int64), f"{what}_start")
+    axis = b.const(np.array([2], np.int64), f"{what}_axis")
+    old = b.op("Slice", [past, zero, past_len, axis], f"{what}_past")
+    new4 = b.op("Reshape", [new3, b.const(np.array([0, 0, heads, d], np.int64), f"{what}_new_shape")], f"{what}_new")
+    new4 = b.op("Transpose", [new4], f"{what}_new", perm=[0, 2, 1, 3])
+    return b.op("Concat", [old, new4], what, axis=2)
+
+
+def static_heads_of(value: ir.Value) -> int:
+    dim = value.shape[1] if value.shape is not None and value.shape.rank() == 4 else None
+    if not isinstance(dim, int):
+        raise PassError(f"the head count of '{value.name}' is not static")
+    return dim
+
+
+def site_keys(b, site: AttentionSite) -> ir.Value:
+    """Keys [B, Hk, K, D] of a RECOMPUTED-form site, as nodes of builder `b` for the fused form (see pattern C)."""
+    return _past_and_new(b, site, site.k, site.new_k, "keys") if site.form == GQA else site.k
+
+
+def site_values(b, site: AttentionSite) -> ir.Value:
+    """Values [B, Hk, K, D] (pattern A: already repeated to the query heads; see site_keys)."""
+    return _past_and_new(b, site, site.v, site.new_v, "values") if site.form == GQA else site.v
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -194,9 +281,19 @@ def match_attention(graph: ir.Graph, num_layers: int | None = None) -> list[Atte
     sites: list[AttentionSite] = []
     rejected: list[str] = []
     for node in graph:  # the main graph only: subgraphs hold what passes added
-        if node.domain != "":
+        if node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention":
+            bind, reason = check_gqa(node, values)
+            if bind is None:
+                rejected.append(f"{node.name}: {reason}")
+                continue
+            site = AttentionSite(
+                layer=-1, form=GQA, anchor=node, mask_node=node, mask_index=GQA_BIAS_INDEX,
+                base_mask=_base_mask(node, node.inputs[GQA_BIAS_INDEX], values), out=bind["out4"],
+                v=node.inputs[4], q=bind["q4"], k=node.inputs[3], scale=bind["scale"], new_k=node.inputs[1],
+                new_v=node.inputs[2])
+        elif node.domain != "":
             continue
-        if node.op_type == "Softmax":
+        elif node.op_type == "Softmax":
             bind, reason = check_decomposed(node)
             if bind is None:
                 rejected.append(f"{node.name}: {reason}")

@@ -29,6 +29,7 @@ from anchorrt.graph_passes.base import GraphPass, PassError
 from anchorrt.graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass, resolve_clva_layers
 from anchorrt.graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
 from anchorrt.graph_passes.clva_qformer import QFormerClvaPass
+from anchorrt.graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED, FuseAttentionPass
 from anchorrt.graph_passes.naming import AssignNodeNames
 from anchorrt.graph_passes.pipeline import has_external_data, run_on_model, save_model
 from anchorrt.graph_passes.probe import ProbePass, resolve_probe_layers
@@ -299,14 +300,60 @@ def name_graphs(folder: Path, data: dict, roles: Sequence[str] = ("vision", "emb
     return counts
 
 
+def fuse_into(folder: Path, data: dict, say: Progress | None = None) -> dict[str, int]:
+    """The fused decoder form (graph_passes/fuse_attention.py) in a fresh export folder; records
+    `manifest["attention"]`, which the runtime follows (runtime/kv_cache.py: one buffer written in place)."""
+    (say or (lambda msg: None))("fusing attention: GroupQueryAttention with an in-place KV cache")
+    p = FuseAttentionPass()
+    counts = transform_into(folder, data, [AssignNodeNames(), p], say=say)
+    _record_fused(p, data)
+    return counts
+
+
+def _record_fused(p: FuseAttentionPass, data: dict) -> None:
+    if p.count != data["dims"]["num_layers"]:
+        raise PassError(f"fused attention in {p.count} of {data['dims']['num_layers']} decoder layers; use "
+                        "--attention unfused")
+    data["attention"] = {"form": FORM_FUSED, "op": "com.microsoft.GroupQueryAttention", "kv_cache": "in_place",
+                         "pass_count": p.count}
+
+
+def fuse_artifact(artifact_dir: str | os.PathLike, progress: Progress | None = None, verify: bool = True) -> Manifest:
+    """The fused form of an existing unfused, unbaked fp32 artifact folder (atomically; e.g. for benchmarks that
+    export once and compare both forms). -> the new Manifest."""
+    folder = Path(artifact_dir)
+    p = FuseAttentionPass()
+
+    def check(data: dict) -> None:
+        if data.get("attention", {}).get("form", FORM_UNFUSED) != FORM_UNFUSED:
+            raise PassError(f"'{folder}' is already fused")
+        if data.get("mitigation"):
+            raise PassError(f"'{folder}' has mitigation baked in; fuse the plain export, then bake")
+
+    manifest, _ = transform_artifact(folder, [AssignNodeNames(), p], progress, verify, check=check,
+                                     record=lambda data: _record_fused(p, data))
+    if p.count == 0:
+        raise PassError(f"no decoder layer's attention in '{folder}' has the opset-18 form; nothing to fuse")
+    return manifest
+
+
 def export_hook(methods: Sequence[str] | None = None, options: BakeOptions | None = None,
-                say: Progress | None = None) -> Callable[[Path, dict], None]:
-    """`after_export` for `export_model`: name every graph's nodes, then bake `methods` (if any)."""
+                say: Progress | None = None, attention: str = FORM_UNFUSED) -> Callable[[Path, dict], None]:
+    """`after_export` for `export_model`: name every graph's nodes, fuse the attention (`attention="gqa"`), then
+    bake `methods` (if any) on that form."""
     methods = parse_methods(methods) if methods else []
+    if attention not in (FORM_FUSED, FORM_UNFUSED):
+        raise PassError(f"attention form '{attention}' is unknown; use {FORM_FUSED} or {FORM_UNFUSED}")
 
     def hook(folder: Path, data: dict) -> None:
         baked = set(_by_graph(methods, data)) if methods else set()
-        name_graphs(folder, data, [r for r in data["graphs"] if r not in baked])
+        fuse = attention == FORM_FUSED
+        # the decoder is named by its method passes when methods are baked into it, by the fusion when it is fused
+        name_graphs(folder, data, [r for r in data["graphs"] if r not in baked and not (fuse and r == "decoder")])
+        if fuse:
+            fuse_into(folder, data)  # export's [5/5] line names the fusion
+        else:
+            data["attention"] = {"form": FORM_UNFUSED}
         if methods:  # names the decoder's nodes first, then bakes
             bake_into(folder, data, methods, options or BakeOptions(), say=say)
 
@@ -324,10 +371,11 @@ def transform_artifact(artifact_dir: str | os.PathLike, passes: Sequence[GraphPa
                        verify: bool = True, require_match: bool = False,
                        check: Callable[[dict], None] | None = None,
                        other_graphs: Callable[[dict], dict[str, list[GraphPass]]] | None = None,
-                       ) -> tuple[Manifest, dict[str, int]]:
+                       record: Callable[[dict], None] | None = None) -> tuple[Manifest, dict[str, int]]:
     """Run `passes` on an artifact folder's decoder, atomically (a hidden sibling folder, then a rename); the
-    manifest is updated and re-hashed. `check(manifest_data)` runs before anything is copied. `other_graphs(data)`:
-    {role: passes} for other graphs rewritten in the same write (InstructBLIP's qformer)."""
+    manifest is updated and re-hashed. `check(manifest_data)` runs before anything is copied, `record(manifest_data)`
+    after the passes, before the manifest is written. `other_graphs(data)`: {role: passes} for other graphs rewritten
+    in the same write (InstructBLIP's qformer)."""
     folder = Path(artifact_dir)
     manifest = Manifest.load(folder, verify=verify)  # ArtifactError: missing, not an artifact, modified files
     if check is not None:
@@ -351,6 +399,8 @@ def transform_artifact(artifact_dir: str | os.PathLike, passes: Sequence[GraphPa
         if not any(counts.values()):
             shutil.rmtree(tmp, ignore_errors=True)
             return manifest, counts
+        if record is not None:
+            record(data)
         written = write_manifest(tmp, data)
         replace_folder(tmp, folder)
     except BaseException:
@@ -491,7 +541,7 @@ def _check_mitigation_bakeable(data: dict, where: str) -> None:
                         "the fp32 export, then `anchorrt bake OUT --precision fp16` (or export with both)")
 
 
-def _precision_passes(role: str, options: PrecisionOptions) -> list[GraphPass]:
+def _precision_passes(role: str, options: PrecisionOptions, fused: bool = False) -> list[GraphPass]:
     from anchorrt.graph_passes.precision import Fp16Pass
     from anchorrt.graph_passes.quantize import Int4WeightPass, Int8DynamicPass
 
@@ -505,7 +555,12 @@ def _precision_passes(role: str, options: PrecisionOptions) -> list[GraphPass]:
         passes.append(Fp16Pass("embed", fp16_inputs={"image_features"} if vision16 else set(),
                                fp16_outputs={"inputs_embeds"} if half else set()))
     elif role == "decoder":
-        if half:
+        if half and fused:
+            # The fused GroupQueryAttention stays fp32 (its bias is CLVA's, and fp16 would turn the mask's
+            # float32-min into -inf); its KV buffers are its own input and output, written in place, so they stay
+            # fp32 too: a Cast in between would make the present a copy (graph_passes/fuse_attention.py).
+            passes.append(Fp16Pass("decoder", fp16_inputs={"inputs_embeds"}, fp16_outputs=set()))
+        elif half:
             passes.append(Fp16Pass("decoder"))
         if options.quantize == "int4":
             passes.append(Int4WeightPass(options.block_size, options.symmetric, options.accuracy_level))
@@ -526,8 +581,9 @@ def convert_into(folder: Path, data: dict, options: PrecisionOptions, source: Pa
     options.check()
     counts: dict[str, dict[str, int]] = {}
     record: dict = {}
+    fused = data.get("attention", {}).get("form") == FORM_FUSED
     for role in ("vision", "embed", "decoder"):
-        passes = _precision_passes(role, options)
+        passes = _precision_passes(role, options, fused)
         if not passes:
             continue
         graph = data["graphs"][role]
@@ -557,7 +613,7 @@ def convert_into(folder: Path, data: dict, options: PrecisionOptions, source: Pa
     data["precision"] = {
         "weights": options.quantize or options.precision,
         "activations": options.precision,
-        "kv": "fp16" if half else "fp32",
+        "kv": "fp16" if half and not fused else "fp32",
         "graphs": {"vision": options.vision_precision, "embed": "fp16" if half else "fp32",
                    "decoder": options.precision + (f"+{options.quantize}" if options.quantize else "")},
         **record,

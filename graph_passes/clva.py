@@ -42,7 +42,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from anchorrt.graph_passes.attention_match import ATTENTION_OP, AttentionSite, match_attention, require_float32
+from anchorrt.graph_passes.attention_match import (
+    RECOMPUTED,
+    AttentionSite,
+    match_attention,
+    require_float32,
+    site_keys,
+)
 from anchorrt.graph_passes.base import (
     META_BASE_MASK,
     META_LAYER,
@@ -245,7 +251,7 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
     tau = b.op("Unsqueeze", [b.op("Cast", [params["tau"]], "tau_d", to=DOUBLE), ax1], "tau_col")
 
     rows_from = None
-    if site_neg.form == ATTENTION_OP:
+    if site_neg.form in RECOMPUTED:
         # Rows before the first T row of the batch cannot be T rows of any row: skip them in the recomputation.
         lowest = b.op("ReduceMin", [r.last_image], "first_t_row", keepdims=0)
         past = b.op("Sub", [r.total_len, r.seq_len], "past_len")
@@ -258,11 +264,11 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
         t_f = b.op("Cast", [t_rows_r], "t_rows_r_f", to=DOUBLE)
 
     def probs_of(site: AttentionSite, tag: str) -> ir.Value:
-        if site.form != ATTENTION_OP:
+        if site.form not in RECOMPUTED:
             return site.probs  # [B,H,S,K], unedited (drift layers come later)
         sb = b.child(f"recompute_layer{site.layer}", same_graph=True)
         q_rows = slice_axis(sb, site.q, rows_from, 2, "q_rows")
-        logits = recompute_logits(sb, q_rows, site.k, heads, static_heads(site.k, "the attention's key"), site.scale)
+        logits = recompute_logits(sb, q_rows, site_keys(sb, site), heads, static_heads(site.k, "the attention's key"), site.scale)
         p = sb.op("Softmax", [sb.op("Add", [logits, mask_r], "masked")], "probs", axis=-1)
         return sb.op("Where", [sb.op("IsNaN", [p], "probs"), sb.const(np.float32(0.0), "zero_f"), p], "probs")
 

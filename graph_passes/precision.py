@@ -35,7 +35,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
-from anchorrt.graph_passes.attention_match import ATTENTION_OP, match_attention
+from anchorrt.graph_passes.attention_match import RECOMPUTED, match_attention
 from anchorrt.graph_passes.base import GraphPass, PassError
 from anchorrt.graph_passes.naming import SCOPES_KEY
 from anchorrt.graph_passes.shapes import annotate_missing
@@ -99,7 +99,7 @@ def _kept_attention_nodes(graph: ir.Graph) -> set[ir.Node]:
     """The attention nodes that stay fp32 (see the module docstring)."""
     kept: set[ir.Node] = set()
     for site in match_attention(graph):
-        if site.form == ATTENTION_OP:
+        if site.form in RECOMPUTED:
             if site.mask.dtype == FLOAT:
                 kept.add(site.anchor)
             continue

@@ -113,18 +113,18 @@ def attention_rows(b: Builder, site, start: ir.Value | int, what: str = "rows") 
     """The post-softmax attention of query rows `start:` of one layer, as the layer applies it: [B, H, R, K].
 
         opset 18: probs [B,H,S,K] ─Slice(rows)─► [B,H,R,K]             (the layer's own Softmax, NaN guard included)
-        opset 23: q[:, :, rows] kᵀ·scale + mask[rows] ─Softmax─► [B,H,R,K]   (recomputed: Attention hides its probs)
+        opset 23 / fused GQA: q[:, :, rows] kᵀ·scale + mask[rows] ─Softmax─► [B,H,R,K]   (recomputed: the op hides its probs)
 
     The mask is the layer's current one (a CLVA bias baked before is included); SEVI's last-row edit is not seen.
     Shared by the IAVA probe (last row) and the explain pass (the T rows)."""
-    from anchorrt.graph_passes.attention_match import ATTENTION_OP
+    from anchorrt.graph_passes.attention_match import RECOMPUTED, site_keys
 
-    if site.form != ATTENTION_OP:
+    if site.form not in RECOMPUTED:
         return slice_axis(b, site.probs, start, 2, f"probs_{what}")
     heads = static_heads(site.q, "the attention's query")
     kv_heads = static_heads(site.k, "the attention's key")
     q_rows = slice_axis(b, site.q, start, 2, f"q_{what}")  # [B, H, R, D]
-    logits = recompute_logits(b, q_rows, site.k, heads, kv_heads, site.scale)  # [B, H, R, K]
+    logits = recompute_logits(b, q_rows, site_keys(b, site), heads, kv_heads, site.scale)  # [B, H, R, K]
     mask_rows = slice_axis(b, float_mask(b, site.mask), start, 2, f"mask_{what}")  # [B, 1, R, K]
     return b.op("Softmax", [b.op("Add", [logits, mask_rows], "masked")], "probs", axis=-1)
 

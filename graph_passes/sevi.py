@@ -48,7 +48,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from anchorrt.graph_passes.attention_match import ATTENTION_OP, AttentionSite, match_attention, require_float32
+from anchorrt.graph_passes.attention_match import (
+    RECOMPUTED,
+    AttentionSite,
+    match_attention,
+    require_float32,
+    site_keys,
+    site_values,
+)
 from anchorrt.graph_passes.base import (
     META_LAYER,
     META_MASK_ROLE,
@@ -197,9 +204,9 @@ def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: d
     effective = site.mask if site.mask.dtype == FLOAT else shared_float_mask(graph, site.base_mask)
     t = lb.child("edit")
     ax1 = t.const(np.array([1], np.int64), "axes_1")
-    if site.form == ATTENTION_OP:
+    if site.form in RECOMPUTED:
         q_last = slice_axis(t, site.q, -1, 2, "q_last")
-        raw = recompute_logits(t, q_last, site.k, heads, static_heads(site.k, "the attention's key"), site.scale)
+        raw = recompute_logits(t, q_last, site_keys(t, site), heads, static_heads(site.k, "the attention's key"), site.scale)
     else:
         raw = slice_axis(t, site.logits, -1, 2, "raw_last")  # [B,H,1,K] scaled q kᵀ, finite
     probs = t.op("Softmax", [t.op("Add", [raw, sh["base_last"]], "unedited")], "unedited", axis=-1)  # [B,H,1,K]
@@ -242,7 +249,7 @@ def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: d
     edited = a.op("Div", [a.op("Add", [raw, a.op("Mul", [sh["omega"], target], "edited")], "edited"),
                           sh["one_plus_omega"]], "edited")  # (logits + omega * target) / (1 + omega)
     new_probs = a.op("Softmax", [a.op("Add", [edited, eff_last], "edited_masked")], "edited", axis=-1)
-    new_last = grouped_probs_matmul(a, new_probs, site.v, heads, static_heads(site.v, "the attention's value"))
+    new_last = grouped_probs_matmul(a, new_probs, site_values(a, site), heads, static_heads(site.v, "the attention's value"))
     last = a.op("Where", [changed, new_last, slice_axis(a, site.out, -1, 2, "out_last")], "out_last")
     applied = a.op("Concat", [slice_axis(a, site.out, 0, 2, "out_rest", end=-1), last], "out", axis=2, dtype=FLOAT)
     same = t.child("unchanged")

@@ -1,5 +1,12 @@
 """A preallocated KV cache that the decoder writes into directly.
 
+Two contracts, chosen by the manifest's attention form (`in_place`):
+- fused (`manifest["attention"]["form"] == "gqa"`, graph_passes/fuse_attention.py): one buffer per layer and kind,
+  [B, KVH, max_len, D], bound once per pass as both `past_key_values.*` and `present.*` at the same address;
+  GroupQueryAttention reads the first `length` slots and writes only the new tokens after them, in place. Nothing
+  is copied, whatever the context length (FIELD-NOTES: the unfused form's Concat copied the whole cache per step).
+- unfused (opset 18/23 as exported), described below.
+
 The decoder graph takes `past_key_values.{i}.{key,value}` [B, KVH, P, D] and returns `present.*` [B, KVH, P+S, D].
 Each layer owns two flat buffers per kind, each big enough for [B, KVH, max_len, D]. A pass reads its past from
 one buffer and the graph writes its present into the other through IOBinding (ping-pong), so no step allocates or
@@ -19,12 +26,13 @@ import numpy as np
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype=np.float32, device: str = "cpu", device_id: int = 0, allocator=None):
+                 dtype=np.float32, device: str = "cpu", device_id: int = 0, allocator=None, in_place: bool = False):
         self.num_layers, self.batch, self.kv_heads, self.head_dim = num_layers, batch, kv_heads, head_dim
         self.max_len = max_len
         self.dtype = np.dtype(dtype)
         self.device, self.device_id = device, device_id
         self.length = 0  # tokens held
+        self.in_place = in_place
         self._flip = 0
         n = batch * kv_heads * max_len * head_dim
         if allocator is None:
@@ -32,8 +40,10 @@ class KVCache:
 
             def allocator(size, dtype):
                 return ort.OrtValue.ortvalue_from_shape_and_type([size], dtype, device, device_id)
-        # buffers[side][layer][0=key, 1=value]
-        self._buffers = [[[allocator(n, self.dtype) for _ in range(2)] for _ in range(num_layers)] for _ in range(2)]
+        # buffers[side][layer][0=key, 1=value]; one side when the decoder writes in place
+        sides = 1 if in_place else 2
+        self._buffers = [[[allocator(n, self.dtype) for _ in range(2)] for _ in range(num_layers)]
+                         for _ in range(sides)]
 
     def shape(self, length: int) -> list[int]:
         return [self.batch, self.kv_heads, length, self.head_dim]  # [B, KVH, T, D]
@@ -43,6 +53,9 @@ class KVCache:
         total = self.length + new_tokens
         if total > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {total} requested")
+        if self.in_place:
+            self._bind_shared(binding, 0, self.batch)
+            return
         src, dst = self._buffers[self._flip], self._buffers[1 - self._flip]
         for layer in range(self.num_layers):
             for kind, name in enumerate(("key", "value")):
@@ -58,6 +71,9 @@ class KVCache:
         contrastive stream's prefill into the slots of the general-instruction rows this way)."""
         if row_start < 0 or row_start + rows > self.batch:
             raise ValueError(f"rows {row_start}..{row_start + rows - 1} are outside a cache of {self.batch} rows")
+        if self.in_place:  # a prompt of the current length: GroupQueryAttention writes slots 0..length-1 of the rows
+            self._bind_shared(binding, row_start, rows)
+            return
         row_bytes = self.kv_heads * self.length * self.head_dim * self.dtype.itemsize
         cur = self._buffers[self._flip]
         empty = [rows, self.kv_heads, 0, self.head_dim]
@@ -69,15 +85,50 @@ class KVCache:
                 binding.bind_output(f"present.{layer}.{name}", self.device, self.device_id, self.dtype,
                                     [rows, self.kv_heads, self.length, self.head_dim], ptr + row_start * row_bytes)
 
+    def _bind_shared(self, binding, row_start: int, rows: int) -> None:
+        """Past and present of rows row_start.. as one [rows, KVH, max_len, D] block, input and output alike."""
+        shape = [rows, self.kv_heads, self.max_len, self.head_dim]  # [B, KVH, M, D]
+        offset = row_start * self.kv_heads * self.max_len * self.head_dim * self.dtype.itemsize
+        for layer in range(self.num_layers):
+            for kind, name in enumerate(("key", "value")):
+                ptr = self._buffers[0][layer][kind].data_ptr() + offset
+                binding.bind_input(f"past_key_values.{layer}.{name}", self.device, self.device_id, self.dtype, shape,
+                                   ptr)
+                binding.bind_output(f"present.{layer}.{name}", self.device, self.device_id, self.dtype, shape, ptr)
+
     def update(self, new_tokens: int) -> None:
-        """The pass wrote past+new into the other side: make it current."""
+        """The pass wrote past+new into the other side (in place: after the past): make it current."""
         self.length += new_tokens
-        self._flip = 1 - self._flip
+        if not self.in_place:
+            self._flip = 1 - self._flip
+
+    def rewind(self, tokens: int) -> None:
+        """Forget the last `tokens` tokens (benchmarks that repeat one step): in place the slots are simply written
+        again; ping-pong, the other side still holds the shorter past."""
+        self.length -= tokens
+        if not self.in_place:
+            self._flip = 1 - self._flip
+
+    def load(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
+        """Write host arrays [B, KVH, n, D] into the current buffers of one layer, in this cache's layout (for
+        benchmarks that start from a synthetic past; set `length` after loading every layer)."""
+        for kind, array in enumerate((key, value)):
+            n = array.shape[2]
+            if n > self.max_len:
+                raise ValueError(f"KV cache holds {self.max_len} tokens; {n} given")
+            rows = self.max_len if self.in_place else n
+            flat = np.zeros(self.batch * self.kv_heads * self.max_len * self.head_dim, self.dtype)
+            flat[: self.batch * self.kv_heads * rows * self.head_dim].reshape(self.shape(rows))[:, :, :n] = array
+            self._buffers[self._flip][layer][kind].update_inplace(flat)
 
     def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of the current key/value of one layer, [B, KVH, T, D] (for tests and debugging)."""
         out = []
         for kind in range(2):
             flat = self._buffers[self._flip][layer][kind].numpy()
+            if self.in_place:
+                full = flat[: int(np.prod(self.shape(self.max_len)))].reshape(self.shape(self.max_len))
+                out.append(full[:, :, : self.length].copy())
+                continue
             out.append(flat[: int(np.prod(self.shape(self.length)))].reshape(self.shape(self.length)).copy())
         return out[0], out[1]

@@ -157,6 +157,12 @@ class Manifest:
     def mitigation(self) -> dict:
         return self.data.get("mitigation", {})
 
+    @property
+    def attention_form(self) -> str:
+        """"gqa": fused GroupQueryAttention whose KV cache is written in place (graph_passes/fuse_attention.py);
+        "unfused": the exporter's form (past in, past+new out). Artifacts from before the field are unfused."""
+        return self.data.get("attention", {}).get("form", "unfused")
+
     def graph(self, role: str) -> dict:
         return self.data["graphs"][role]
 
@@ -233,6 +239,9 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"non-finite number {name}")
 
 
+ATTENTION_FORMS = ("gqa", "unfused")  # manifest["attention"]["form"]; see Manifest.attention_form
+
+
 def validate(data: Any) -> None:
     """Structural checks: types, ranges and file names. Raises ArtifactError naming the first bad field."""
     _expect(isinstance(data, dict), "<root>")
@@ -273,6 +282,9 @@ def validate(data: Any) -> None:
         _expect(isinstance(data.get(key, {}), dict), key)
     for method, record in data.get("mitigation", {}).items():
         _check_mitigation_record(method, record)
+    attention = data.get("attention", {})
+    _expect(isinstance(attention, dict), "attention")
+    _expect(attention.get("form", "unfused") in ATTENTION_FORMS, "attention.form")
     serving = data.get("serving", {})  # optional (issue 19): what a Triton repository of this artifact uses
     _expect(isinstance(serving, dict), "serving")
     if "max_batch_size" in serving:

@@ -418,7 +418,8 @@ class Pipeline:
         """KV buffers where the decoder runs (device memory on CUDA / TensorRT; see runtime/kv_cache.py)."""
         return KVCache(self.num_layers, rows, self.kv_heads, self.head_dim, max_len, self.kv_dtype,
                        device=self.decoder.device, device_id=getattr(self.decoder, "device_id", 0),
-                       allocator=getattr(self.decoder, "allocate", None))
+                       allocator=getattr(self.decoder, "allocate", None),
+                       in_place=self.manifest.attention_form == "gqa")
 
     def _extra_inputs(self, batch: _Batch, mitigation: Sequence | None = None) -> dict:
         """Decoder feeds beyond embeds/mask/positions/cache: the baked methods' inputs (runtime/mitigation.py).

@@ -314,6 +314,9 @@ def build_engines(artifact_dir: str | Path, flags: Sequence[str] = (), limits: E
     flags = _check_flags(flags)
     trt = import_tensorrt()  # before anything is read or written
     manifest = Manifest.load(artifact_dir, verify=verify)
+    if "decoder" in roles and manifest.attention_form != "unfused":
+        raise ArtifactError(f"'{manifest.folder}' has the fused decoder (com.microsoft.GroupQueryAttention, ONNX "
+                            "Runtime only); TensorRT needs `anchorrt export ... --attention unfused`")
     limits = limits or EngineLimits()
     gpu = Cuda(device_id).device_name()
     folder = manifest.folder
@@ -389,6 +392,17 @@ class _IO:  # what onnxruntime's NodeArg offers that the Pipeline reads
     name: str
     type: str
     shape: list
+
+
+def _profile_dims(state: dict, name: str) -> list:
+    """An input's shape as ONNX Runtime's NodeArg gives it: a dim fixed in every profile (min == max) as its int,
+    a dynamic one as None. The arch seam reads the rank and the static token count of `image_features` from it."""
+    ranges = [r[name] for r in state["ranges"] if name in r]
+    if not ranges:
+        return []
+    lo, hi = list(ranges[0][0]), list(ranges[0][2])
+    return [int(a) if a == b and all(list(r[0])[i] == a == list(r[2])[i] for r in ranges) else None
+            for i, (a, b) in enumerate(zip(lo, hi))]
 
 
 class _HostOutput:
@@ -477,7 +491,8 @@ class TrtBackend:
 
     def get_inputs(self) -> list[_IO]:
         s = self.session._state
-        return [_IO(n, f"tensor({_ORT_TYPE.get(s['dtypes'][n], str(s['dtypes'][n]))})", []) for n in s["inputs"]]
+        return [_IO(n, f"tensor({_ORT_TYPE.get(s['dtypes'][n], str(s['dtypes'][n]))})", _profile_dims(s, n))
+                for n in s["inputs"]]
 
     def get_outputs(self) -> list[_IO]:
         s = self.session._state

@@ -107,11 +107,7 @@ class Runner:
         self.cache = None
 
     def _new_cache(self):
-        import numpy as np
-        from anchorrt.runtime.kv_cache import KVCache
-
-        p = self.pipe
-        return KVCache(p.num_layers, 1, p.kv_heads, p.head_dim, self.case.n + 1, np.float32)
+        return self.pipe._new_cache(1, self.case.n + 1)
 
     def prefill(self) -> tuple[float, float]:
         import numpy as np
@@ -125,15 +121,10 @@ class Runner:
 
     def load_past(self) -> None:
         """The synthetic past: N positions of keys/values written into the cache's current side."""
-        import numpy as np
 
         self.cache = self._new_cache()
-        size = self.cache.batch * self.cache.kv_heads * self.cache.max_len * self.cache.head_dim
-        for layer, kv in enumerate(self.case.past):
-            for kind, array in enumerate(kv):
-                flat = np.zeros(size, np.float32)
-                flat[:array.size] = array.reshape(-1)
-                self.cache._buffers[self.cache._flip][layer][kind].update_inplace(flat)
+        for layer, (key, value) in enumerate(self.case.past):
+            self.cache.load(layer, key, value)
         self.cache.length = self.case.n
 
     def decode_step(self) -> tuple[float, float]:
@@ -146,8 +137,7 @@ class Runner:
         t, c = time.perf_counter(), time.process_time()
         self.pipe._decode(self.case.step_embeds, mask, np.array([[n]], np.int64), self.cache, self.extra)
         elapsed = time.perf_counter() - t, time.process_time() - c
-        self.cache.length -= 1
-        self.cache._flip = 1 - self.cache._flip
+        self.cache.rewind(1)
         return elapsed
 
 

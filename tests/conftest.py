@@ -71,6 +71,16 @@ def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def unfused_artifact(tiny_model, tmp_path_factory) -> Path:
+    """tiny_model exported with --attention unfused (the opset-18 MatMul/Softmax form; the default is fused)."""
+    from anchorrt.exporter.export import export_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-unfused"
+    export_model(tiny_model, out, attention="unfused")
+    return out
+
+
+@pytest.fixture(scope="session")
 def baked_artifact(tiny_artifact, tmp_path_factory) -> Path:
     """tiny_artifact with CLVA, SEVI (start_layer 2, so the 8-layer model changes) and the IAVA probe baked in.
     Read-only for the tests that share it."""
@@ -80,6 +90,19 @@ def baked_artifact(tiny_artifact, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("artifacts") / "baked"
     shutil.copytree(tiny_artifact, out)
+    bake(out, "clva,sevi,probe", BakeOptions(sevi_start_layer=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def baked_unfused_artifact(unfused_artifact, tmp_path_factory) -> Path:
+    """baked_artifact's methods on the unfused form (TensorRT's checks: the fused op is ONNX Runtime's own)."""
+    import shutil
+
+    from anchorrt.graph_passes.bake import BakeOptions, bake
+
+    out = tmp_path_factory.mktemp("artifacts") / "baked-unfused"
+    shutil.copytree(unfused_artifact, out)
     bake(out, "clva,sevi,probe", BakeOptions(sevi_start_layer=2))
     return out
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from anchorrt.graph_passes.attention_match import ATTENTION_OP, DECOMPOSED, match_attention
+from anchorrt.graph_passes.attention_match import ATTENTION_OP, DECOMPOSED, GQA, match_attention
 from anchorrt.graph_passes.bake import BakeOptions, bake
 from anchorrt.graph_passes.base import PassError
 from anchorrt.graph_passes.clva import ClvaPass, resolve_clva_layers
@@ -94,8 +94,13 @@ def _run_passes(sess_plain, sess_baked, manifest: Manifest, enable: tuple[bool, 
 # ---------------------------------------------------------------------------------------------- names, matching
 
 
-def test_export_names_every_node_by_layer(tiny_artifact):
-    model = ir.load(tiny_artifact / "decoder.onnx")
+def test_export_names_every_node_by_layer(unfused_artifact, tiny_artifact):
+    fused = ir.load(tiny_artifact / "decoder.onnx")  # the default form: names stay unique and stable after fusion
+    p = AssignNodeNames()
+    run_passes(fused, [p])
+    assert p.count == 0 and len({n.name for n in fused.graph}) == fused.graph.num_nodes()
+    assert all(f"/model/layers.{i}/attn/fused/GroupQueryAttention" in {n.name for n in fused.graph} for i in range(8))
+    model = ir.load(unfused_artifact / "decoder.onnx")
     names = [n.name for n in model.graph]
     assert all(n.startswith("/") for n in names)
     assert len(set(names)) == len(names)
@@ -112,13 +117,17 @@ def test_export_names_every_node_by_layer(tiny_artifact):
                                                                          ("vision", "assign_node_names")}
 
 
-@pytest.mark.parametrize("which,form", [("tiny_artifact", DECOMPOSED), ("gqa_artifact", ATTENTION_OP)])
+@pytest.mark.parametrize("which,form", [("unfused_artifact", DECOMPOSED), ("gqa_artifact", ATTENTION_OP),
+                                        ("tiny_artifact", GQA)])
 def test_attention_matches_once_per_layer(which, form, request):
     model = ir.load(request.getfixturevalue(which) / "decoder.onnx")
     sites = match_attention(model.graph)
     assert [s.layer for s in sites] == list(range(8))
     assert {s.form for s in sites} == {form}
-    if form == ATTENTION_OP:
+    if form == GQA:
+        assert sites[0].base_mask.dtype == ir.DataType.FLOAT and sites[0].scale == pytest.approx(8 ** -0.5)
+        assert sites[0].q.shape[1] == 8 and sites[0].out.producer().op_type == "Transpose"
+    elif form == ATTENTION_OP:
         assert sites[0].base_mask.dtype == ir.DataType.BOOL and sites[0].scale == pytest.approx(8 ** -0.5)
     else:
         assert sites[0].probs.producer().op_type == "Where"  # after the NaN guard
@@ -133,9 +142,9 @@ def test_near_miss_graph_is_left_unchanged(tiny_artifact):
     assert _serialized(model) == before
 
 
-def test_one_layer_missing_fails_loudly(tiny_artifact):
+def test_one_layer_missing_fails_loudly(unfused_artifact):
     """Layer 3's Softmax no longer reads a masked q kᵀ: 7 of 8 layers match, which must not bake silently."""
-    model = ir.load(tiny_artifact / "decoder.onnx")
+    model = ir.load(unfused_artifact / "decoder.onnx")
     softmax = next(n for n in model.graph if n.name == "/model/layers.3/attn/Softmax_0")
     add = softmax.inputs[0].producer()
     softmax.replace_input_with(0, add.inputs[0])

@@ -185,9 +185,8 @@ def test_clva_sevi_over_two_images_match_the_reference(baked, interleave_model, 
     batch = pipe._pad([enc], visual)
     features = pipe.encode_images(visual)  # [2T, d]
     assert features.shape[0] == int(batch.image_mask.sum())
-    from anchorrt.runtime.kv_cache import KVCache
 
-    cache = KVCache(pipe.num_layers, 1, pipe.kv_heads, pipe.head_dim, batch.ids.shape[1] + 4, pipe.kv_dtype)
+    cache = pipe._new_cache(1, batch.ids.shape[1] + 4)
     extra = pipe._extra_inputs(batch, [spec])
     fetched = {"clva.zpos": None}
     logits = pipe.prefill(batch, features, cache, extra, fetch=fetched)
@@ -274,7 +273,6 @@ def test_visalign_over_two_images_matches_the_reference(interleave_model, interl
     from anchorrt.exporter.visalign.checkpoint import write_entry
     from anchorrt.exporter.visalign.reference import VisAlignLlava
     from anchorrt.graph_passes.visalign import WEIGHTS_FILE, bake_visalign
-    from anchorrt.runtime.kv_cache import KVCache
     from anchorrt.runtime.manifest import MANIFEST_NAME, write_manifest
     from anchorrt.runtime.visalign import visalign_state
 
@@ -294,7 +292,7 @@ def test_visalign_over_two_images_matches_the_reference(interleave_model, interl
     enc.images = [0, 1]
     batch = pipe._pad([enc], visual)
     feats = pipe.encode_images(visual)
-    cache = KVCache(pipe.num_layers, 1, pipe.kv_heads, pipe.head_dim, batch.ids.shape[1] + 4, pipe.kv_dtype)
+    cache = pipe._new_cache(1, batch.ids.shape[1] + 4)
     state = visalign_state(pipe.visalign, [{"visalign": True}], feats, batch.image_mask)
     np.testing.assert_allclose(state.v_bar[0], feats.mean(0), rtol=1e-5, atol=1e-6)  # both images' tokens
     got = [pipe.prefill(batch, feats, cache, {}, state)]

@@ -123,7 +123,6 @@ def test_greedy_tokens_match_transformers(next_artifact, hf):
 
 def test_clva_sevi_match_the_reference_with_newlines_in_v(next_baked, next_artifact, next_model, hf):
     from anchorrt.exporter.reference import ReferenceLlava
-    from anchorrt.runtime.kv_cache import KVCache
 
     pipe, plain = Pipeline.from_dir(next_baked), Pipeline.from_dir(next_artifact)
     ref = ReferenceLlava.from_pretrained(next_model)
@@ -143,8 +142,7 @@ def test_clva_sevi_match_the_reference_with_newlines_in_v(next_baked, next_artif
     spec = {"clva": {"alpha": 14.0, "beta": 0.9, "tau": 0.5, "lambda": 0.0}, "sevi": {"omega": 0.5, "kappa": 0.2}}
     clva = [{"alpha": 14.0, "beta": 0.9, "tau": 0.5, "lam": 0.0}, None]
     sevi = [{"omega": 0.5, "kappa": 0.2, "start_layer": 2}, None]
-    caches = [KVCache(pipe.num_layers, 2, pipe.kv_heads, pipe.head_dim, batch.ids.shape[1] + 4, pipe.kv_dtype)
-              for _ in range(2)]
+    caches = [p._new_cache(2, batch.ids.shape[1] + 4) for p in (pipe, plain)]
     extra = pipe._extra_inputs(batch, [spec, None])
     logits = pipe.prefill(batch, features, caches[0], extra)
     plain_logits = plain.prefill(batch, plain.encode_images(visual), caches[1], plain._extra_inputs(batch))

@@ -76,14 +76,13 @@ def test_greedy_tokens_identical(request, artifact, model, images):
 
 
 def test_kv_cache_holds_what_the_graph_returns(tiny_artifact, images):
-    """The ping-pong cache must hold exactly the present tensors of a plain (non-IOBinding) decoder run."""
-    from anchorrt.runtime.kv_cache import KVCache
-
+    """The cache (in place for the fused form, ping-pong for the unfused one) must hold exactly the present tensors
+    of a plain (non-IOBinding) decoder run."""
     pipe = Pipeline.from_dir(tiny_artifact)
     enc = pipe.prompts.encode(PROMPTS[0])
     batch = pipe._pad([enc])
     feats = pipe.encode_images(pipe.preprocess([images[0]]))
-    cache = KVCache(pipe.num_layers, 1, pipe.kv_heads, pipe.head_dim, 64, device="cpu")
+    cache = pipe._new_cache(1, 64)
     pipe.prefill(batch, feats, cache, {})
     embeds = pipe._embed(batch.ids, feats, batch.image_mask)
     n = pipe.num_layers

@@ -17,6 +17,7 @@ import pytest
 from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, bake, convert_precision
 from anchorrt.graph_passes.base import PassError
 from anchorrt.graph_passes.precision import Fp16Pass
+from anchorrt.runtime.pipeline import Pipeline
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 BAKE = BakeOptions(sevi_start_layer=4)
@@ -48,8 +49,9 @@ def _io(model):
     return ({v.name: v.dtype for v in model.graph.inputs}, {v.name: v.dtype for v in model.graph.outputs})
 
 
-def test_fp16_keeps_clva_bias_softmax_and_interfaces_fp32(tiny_artifact, tmp_path):
-    art = _copy(tiny_artifact, tmp_path, "baked16")
+def test_fp16_keeps_clva_bias_softmax_and_interfaces_fp32(unfused_artifact, tmp_path):
+    """The unfused opset-18 form (--attention unfused); the fused default: the next test."""
+    art = _copy(unfused_artifact, tmp_path, "baked16")
     m = convert_precision(art, PrecisionOptions(precision="fp16"), mitigation="clva,sevi,probe", bake_options=BAKE)
     p = m.data["precision"]
     assert (p["weights"], p["activations"], p["kv"]) == ("fp16", "fp16", "fp16")
@@ -94,6 +96,33 @@ def test_fp16_keeps_clva_bias_softmax_and_interfaces_fp32(tiny_artifact, tmp_pat
     assert p["fp16"]["decoder"]["kept_fp32"]["by_reason"]["attention softmax / mask"] == 8 * 4
 
 
+def test_fp16_fused_keeps_group_query_attention_and_its_kv_cache_fp32(tiny_artifact, tmp_path):
+    """Fused form: GroupQueryAttention (mask + CLVA's log w as its bias) and the in-place KV buffers stay fp32; the
+    projections run in fp16; the manifest says kv fp32, which the runtime's cache follows."""
+    art = _copy(tiny_artifact, tmp_path, "fused16")
+    m = convert_precision(art, PrecisionOptions(precision="fp16"), mitigation="clva,sevi,probe", bake_options=BAKE)
+    p = m.data["precision"]
+    assert (p["weights"], p["activations"], p["kv"]) == ("fp16", "fp16", "fp32")
+    dec = ir.load(art / "decoder.onnx")
+    ins, outs = _io(dec)
+    assert ins["inputs_embeds"] == FLOAT16
+    assert all(d == FLOAT for k, d in ins.items() if k.startswith("past_"))
+    assert all(d == FLOAT for k, d in outs.items() if k.startswith("present."))
+    gqa = [n for n in dec.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 8
+    drift = set(m.mitigation["clva"]["layers"]["drift_layers"])
+    for node in gqa:
+        assert all(v.dtype == FLOAT for v in node.inputs if v is not None and v.dtype in (FLOAT, FLOAT16)), node.name
+        assert node.outputs[1] in dec.graph.outputs and node.outputs[1].dtype == FLOAT  # present = the node's own
+        layer = int(node.name.split("layers.")[1].split("/")[0])
+        assert (node.inputs[10].producer() is not None and node.inputs[10].producer().op_type == "If") == (
+            layer in drift)
+    q_proj = next(n for n in dec.graph if n.name == "/model/layers.0/attn/q_proj/MatMul_0")
+    assert q_proj.outputs[0].dtype == FLOAT16 and q_proj.inputs[1].dtype == FLOAT16
+    pipe = Pipeline.from_dir(art)
+    assert pipe.kv_dtype == np.float32 and pipe._new_cache(1, 8).in_place
+
+
 def test_fp16_opset23_clva_drift_attention_runs_fp32(gqa_artifact, tmp_path):
     art = _copy(gqa_artifact, tmp_path, "gqa16")
     m = convert_precision(art, PrecisionOptions(precision="fp16"), mitigation="clva", bake_options=BAKE)
@@ -114,7 +143,6 @@ def test_fp16_opset23_clva_drift_attention_runs_fp32(gqa_artifact, tmp_path):
 @pytest.mark.parametrize("artifact", ["tiny_artifact", "gqa_artifact"])
 def test_baked_fp16_decoder_runs_and_flags_off_matches_plain_fp16(artifact, request, tmp_path, images):
     from anchorrt.exporter.verify import _teacher_forced
-    from anchorrt.runtime.pipeline import Pipeline
 
     src = request.getfixturevalue(artifact)
     plain, baked = _copy(src, tmp_path, "plain16"), _copy(src, tmp_path, "baked16")
@@ -122,7 +150,8 @@ def test_baked_fp16_decoder_runs_and_flags_off_matches_plain_fp16(artifact, requ
     convert_precision(baked, PrecisionOptions(precision="fp16"), mitigation="clva,sevi", bake_options=BAKE)
     prompts = ["What is in the image?", "Describe it."]
     pipe_p, pipe_b = Pipeline.from_dir(plain), Pipeline.from_dir(baked)
-    assert pipe_p.kv_dtype == np.float16
+    # the fused form keeps its in-place KV buffers fp32 (see the fused test above); the unfused form's are fp16
+    assert pipe_p.kv_dtype == (np.float32 if pipe_p.manifest.attention_form == "gqa" else np.float16)
     a, tokens, _ = _teacher_forced(pipe_p, images[:2], prompts, 4, None)
     b, _, _ = _teacher_forced(pipe_b, images[:2], prompts, 4, tokens)
     # Every flag off. Not bit for bit on the CPU EP: onnxruntime runs the fp16 ops it has no CPU kernel for in

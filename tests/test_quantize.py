@@ -100,8 +100,9 @@ def test_int8_and_int4_artifacts_generate(tiny_artifact, tmp_path, images):
         assert ops.count(op) == q["quantized"] > 0
         weight_matmuls = weight_matmuls or q["quantized"]
         assert q["quantized"] == weight_matmuls  # the same MatMuls for both methods
-        # what is left as MatMul are exactly the attention score/value products (2 per layer, 8 layers)
-        assert ops.count("MatMul") == 16 and len(q["excluded"]) == 16
+        # what is left as MatMul are exactly the attention score/value products (2 per layer, 8 layers); none in
+        # the fused default (GroupQueryAttention)
+        assert ops.count("GroupQueryAttention") == 8 and ops.count("MatMul") == 0 and not q["excluded"]
         # the vision graph is never quantized; fp16 by default with int4 (a GPU target), fp32 with CPU int8
         vision = ir.load(art / "vision.onnx")
         assert not {"MatMulNBits", "MatMulInteger"} & {n.op_type for n in vision.graph}

@@ -56,7 +56,7 @@ def _rows_by_op(report, graph):
     return out
 
 
-@pytest.mark.parametrize("which", ["tiny_artifact", "gqa_artifact", "baked_artifact"])
+@pytest.mark.parametrize("which", ["unfused_artifact", "gqa_artifact", "baked_unfused_artifact"])
 def test_compat_lists_every_op_of_every_graph(which, request):
     folder = request.getfixturevalue(which)
     report = check_artifact(folder)
@@ -89,8 +89,8 @@ def test_compat_opset23_ops_and_versions(gqa_artifact):
         check_artifact(gqa_artifact, "10.99")
 
 
-def test_compat_baked_if_and_doubles(baked_artifact):
-    report = check_artifact(baked_artifact)
+def test_compat_baked_if_and_doubles(baked_unfused_artifact):
+    report = check_artifact(baked_unfused_artifact)
     ifs = [r for r in report.rows if r.op_type == "If"]
     assert ifs and all(r.status == "yes" for r in ifs)  # distinct branch output names, equal ranks: checked
     # the mitigation subgraphs compute some statistics in float64: TensorRT casts those to float32
@@ -153,15 +153,15 @@ def test_compat_near_misses():
     assert _status(m, "Unique")[0].pop()[0] == "no"
 
 
-def test_cli_trt_compat_exit_codes(tiny_artifact, tmp_path):
-    ok = run_cli("inspect", str(tiny_artifact), "--trt-compat", block_torch=True)
+def test_cli_trt_compat_exit_codes(unfused_artifact, tmp_path):
+    ok = run_cli("inspect", str(unfused_artifact), "--trt-compat", block_torch=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "TensorRT 10.15: compatible" in ok.stdout and "graph" in ok.stdout.splitlines()[0]
-    bad = run_cli("inspect", str(tiny_artifact), "--trt-compat", "--trt-version", "eleven", block_torch=True)
+    bad = run_cli("inspect", str(unfused_artifact), "--trt-compat", "--trt-version", "eleven", block_torch=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
     # An embed graph whose CumSum runs on int64 (what torch.onnx exported before the float32 count): exit 1.
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_artifact, broken)
+    shutil.copytree(unfused_artifact, broken)
     path = broken / "embed.onnx"
     model = onnx.load(str(path))
     nodes = list(model.graph.node)
@@ -241,29 +241,40 @@ def no_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
 
 
-def test_errors_without_tensorrt(no_tensorrt, tiny_artifact):
+def test_fused_artifact_is_refused_before_anything_is_built(fake_trt, tiny_artifact, tmp_path):
+    from anchorrt.runtime.errors import ArtifactError
+    from anchorrt.runtime.trt_backend import build_engines
+
+    with pytest.raises(ArtifactError, match="--attention unfused"):
+        build_engines(tiny_artifact)
+    assert not (tiny_artifact / "trt").exists()
+    report = check_artifact(tiny_artifact)  # the compatibility check names the fused op
+    assert any(r.op_type == "GroupQueryAttention" and r.status == "no" for r in report.rows)
+
+
+def test_errors_without_tensorrt(no_tensorrt, unfused_artifact):
     from anchorrt.runtime.backend import make_backend
     from anchorrt.runtime.pipeline import Pipeline
     from anchorrt.runtime.trt_backend import build_engines, import_tensorrt
 
-    for call in (import_tensorrt, lambda: make_backend(tiny_artifact / "decoder.onnx", providers=["tensorrt-native"]),
-                 lambda: Pipeline.from_dir(tiny_artifact, providers=["tensorrt-native"]),
-                 lambda: build_engines(tiny_artifact)):
+    for call in (import_tensorrt, lambda: make_backend(unfused_artifact / "decoder.onnx", providers=["tensorrt-native"]),
+                 lambda: Pipeline.from_dir(unfused_artifact, providers=["tensorrt-native"]),
+                 lambda: build_engines(unfused_artifact)):
         with pytest.raises(BackendError) as err:
             call()
         msg = str(err.value)
         assert "\n" not in msg and "pip install anchorrt[trt]" in msg and "NVIDIA GPU" in msg
-    assert not (tiny_artifact / "trt").exists()
+    assert not (unfused_artifact / "trt").exists()
 
 
-def test_cli_without_tensorrt(tiny_artifact, tmp_path):
+def test_cli_without_tensorrt(unfused_artifact, tmp_path):
     if _has_real_tensorrt():
         pytest.skip("TensorRT is installed here; this test checks the message without it")
-    r = run_cli("trt", "build", str(tiny_artifact), "--precision", "fp16", block_torch=True)
+    r = run_cli("trt", "build", str(unfused_artifact), "--precision", "fp16", block_torch=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert "TensorRT is not installed" in r.stderr and "pip install anchorrt[trt]" in r.stderr
-    assert not (tiny_artifact / "trt").exists() and not list(tiny_artifact.glob(".trt-build-*"))
-    g = run_cli("generate", str(tiny_artifact), "--image", "x.png", "--prompt", "hi", "--device", "trt",
+    assert not (unfused_artifact / "trt").exists() and not list(unfused_artifact.glob(".trt-build-*"))
+    g = run_cli("generate", str(unfused_artifact), "--image", "x.png", "--prompt", "hi", "--device", "trt",
                 block_torch=True)
     assert g.returncode == 2 and "TensorRT is not installed" in g.stderr
 
@@ -507,12 +518,12 @@ def fake_trt(monkeypatch):
     return trt, calls
 
 
-def test_fake_build_calls_documented_api_in_order(fake_trt, tiny_artifact, tmp_path):
+def test_fake_build_calls_documented_api_in_order(fake_trt, unfused_artifact, tmp_path):
     from anchorrt.runtime.trt_backend import EngineLimits, build_engines, profile_shapes, read_index
 
     trt, calls = fake_trt
     art = tmp_path / "art"
-    shutil.copytree(tiny_artifact, art)
+    shutil.copytree(unfused_artifact, art)
     limits = EngineLimits(max_batch=2, max_context=64, opt_context=24)
     built = build_engines(art, flags=("fp16",), limits=limits, workspace_mb=256, roles=("decoder",))
     m = Manifest.load(art)
@@ -555,7 +566,7 @@ def test_fake_build_calls_documented_api_in_order(fake_trt, tiny_artifact, tmp_p
         build_engines(art, flags=("int3",))
 
 
-def test_fake_engine_pipeline_matches_cpu(fake_trt, tiny_artifact, tmp_path, images):
+def test_fake_engine_pipeline_matches_cpu(fake_trt, unfused_artifact, tmp_path, images):
     """The Pipeline on TrtBackend (fake engines = onnxruntime CPU behind the binding layer, host memory as device
     memory): the same greedy tokens as the CPU pipeline, for a batch of 2 with profile switches prefill/decode."""
     from anchorrt.runtime.pipeline import Pipeline, Request
@@ -563,7 +574,7 @@ def test_fake_engine_pipeline_matches_cpu(fake_trt, tiny_artifact, tmp_path, ima
 
     _, calls = fake_trt
     art = tmp_path / "art"
-    shutil.copytree(tiny_artifact, art)
+    shutil.copytree(unfused_artifact, art)
     build_engines(art, limits=EngineLimits(max_batch=2, max_context=128))
     pipe = Pipeline.from_dir(art, providers=["tensorrt-native"])
     assert isinstance(pipe.decoder, TrtBackend) and pipe.decoder.device == "cuda"

@@ -18,7 +18,6 @@ from anchorrt.exporter.visalign.fusion import VisAlignFusion
 from anchorrt.exporter.visalign.reference import VisAlignLlava
 from anchorrt.graph_passes.visalign import WEIGHTS_FILE, FusionWeights, VisAlignPass
 from anchorrt.runtime.errors import CheckpointError, FlagError
-from anchorrt.runtime.kv_cache import KVCache
 from anchorrt.runtime.pipeline import Pipeline, Request
 from anchorrt.runtime.visalign import visalign_state, visual_mean
 
@@ -95,8 +94,7 @@ def onnx_steps(pipe: Pipeline, images, prompts, enabled, forced: list[np.ndarray
     batch = pipe._pad([pipe.prompts.encode(p) for p in prompts])
     feats = pipe.encode_images(pipe.preprocess(images))
     b = len(prompts)
-    cache = KVCache(pipe.num_layers, b, pipe.kv_heads, pipe.head_dim, batch.ids.shape[1] + DECODE_STEPS + 1,
-                    pipe.kv_dtype)
+    cache = pipe._new_cache(b, batch.ids.shape[1] + DECODE_STEPS + 1)
     state = visalign_state(pipe.visalign, [{"visalign": bool(e)} for e in enabled], feats, batch.image_mask)
     logits = [pipe.prefill(batch, feats, cache, {}, state)]
     mask, pos = batch.attention_mask, batch.attention_mask.sum(-1) - 1

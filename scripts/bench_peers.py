@@ -1,0 +1,453 @@
+"""AnchorRT's decoder against the engines a user would otherwise pick, on the same random weights (issue 18).
+
+Bench model: a random-weight LLaVA whose language model is a Llama of hidden 1024, 16 layers, 16 heads,
+intermediate 2816, vocabulary 32000 (built in code, nothing downloaded). The peers run that language model alone
+on token ids; AnchorRT runs its decoder graph on embeddings of the same length (the runtime's own decoder call,
+`Pipeline._decode`, with its KV cache), so every engine does one prefill of N tokens and then decode steps at
+context N+1, N+2, ...:
+
+    anchorrt-fused     export --attention fused   (GroupQueryAttention, KV cache written in place)
+    anchorrt-unfused   export --attention unfused (opset-18 MatMul/Softmax, ping-pong KV cache)
+    genai              ONNX Runtime GenAI, its model builder (`onnxruntime_genai.models.builder`)
+    llamacpp           llama-cpp-python on a GGUF from the converter its sdist ships (`convert_hf_to_gguf.py`)
+    transformers       LlamaForCausalLM, attn_implementation="sdpa"
+
+each in fp32 and int4 (AnchorRT: MatMulNBits block 32, accuracy level 4; GenAI: its int4 with accuracy level 4;
+llama.cpp: q4_0; transformers: fp32 only). Rounds are interleaved: in every round each engine is loaded in turn (in
+an order rotated every round), measures every context, and is released, so machine load hits all engines alike;
+the table gives medians over rounds (per-step: the median step of each round), in ms and as ratios to
+anchorrt-fused of the same precision. Memory bandwidth bound: the bytes one decode step must read (the weights
+minus the embedding table, plus K and V of every layer at that context) divided by this machine's measured read
+bandwidth (numpy, 1 GiB); each engine's fraction = bound / measured step.
+
+A peer that is not installed is named, with its install command, and left out; nothing is installed here.
+
+    python scripts/bench_peers.py [--contexts 300,1100,2100] [--rounds 2] [--steps 8] [--threads 2]
+        [--engines anchorrt-fused,anchorrt-unfused,genai,llamacpp,transformers] [--precisions fp32,int4]
+        [--folder DIR (kept and reused)] [--quick (one context, one round)] [--tiny (a tiny model: smoke test)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BENCH_SPEC = dict(layers=16, hidden=1024, heads=16, kv_heads=16, intermediate=2816, vision_hidden=64, vision_layers=1,
+                  vision_heads=4, image_size=336, patch_size=14, max_position_embeddings=4608, vocab_size=32000)
+TINY_SPEC = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, max_position_embeddings=256)
+ENGINES = ("anchorrt-fused", "anchorrt-unfused", "genai", "llamacpp", "transformers")
+INSTALL = {"genai": "pip install onnxruntime-genai", "llamacpp": "pip install llama-cpp-python gguf",
+           "transformers": "pip install torch transformers"}
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ building
+
+
+def build_checkpoint(folder: Path, tiny: bool, given: Path | None = None) -> Path:
+    from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
+
+    if given is not None:
+        return given
+    model_dir = folder / "llava"
+    if not (model_dir / "config.json").exists():
+        say("building the bench checkpoint (random weights)")
+        build_tiny_llava(model_dir, TinyLlavaSpec(**(TINY_SPEC if tiny else BENCH_SPEC)))
+    return model_dir
+
+
+def build_anchorrt(folder: Path, model_dir: Path, precision: str, unfused: Path | None = None) -> dict[str, Path]:
+    """anchorrt-unfused = one export with --attention unfused (or a copy of `unfused`, such an export of the same
+    checkpoint); anchorrt-fused = the same graphs through the fusion pass (graph_passes/fuse_attention.py); int4 =
+    both quantized (MatMulNBits, accuracy level 4)."""
+    from anchorrt.exporter.export import export_model
+    from anchorrt.graph_passes.bake import PrecisionOptions, convert_precision, fuse_artifact
+
+    out = {}
+    base = {"unfused": folder / "anchorrt-unfused-fp32", "fused": folder / "anchorrt-fused-fp32"}
+    if unfused is not None and not (base["unfused"] / "manifest.json").exists():
+        shutil.copytree(unfused, base["unfused"], dirs_exist_ok=True)
+    if not (base["unfused"] / "manifest.json").exists():
+        say("exporting AnchorRT (unfused)")
+        export_model(model_dir, base["unfused"], attention="unfused", force=True)
+    if not (base["fused"] / "manifest.json").exists():
+        shutil.rmtree(base["fused"], ignore_errors=True)
+        shutil.copytree(base["unfused"], base["fused"])
+        fuse_artifact(base["fused"])
+    for form, path in base.items():
+        if precision == "fp32":
+            out[form] = path
+            continue
+        q = folder / f"anchorrt-{form}-{precision}"
+        if not (q / "manifest.json").exists():
+            say(f"quantizing AnchorRT ({form}) to {precision}")
+            shutil.rmtree(q, ignore_errors=True)
+            shutil.copytree(path, q)
+            convert_precision(q, PrecisionOptions(quantize="int4", accuracy_level=4))
+        out[form] = q
+    return out
+
+
+def build_language_model(folder: Path, model_dir: Path) -> Path:
+    """The LLaVA checkpoint's language model as a Hugging Face Llama folder (what the peers load)."""
+    lm_dir = folder / "llama"
+    if (lm_dir / "config.json").exists():
+        return lm_dir
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
+
+    llava = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    lm = LlamaForCausalLM(llava.config.text_config)
+    state = {"model." + k: v for k, v in llava.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = llava.lm_head.weight
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    if [m for m in missing if "rotary" not in m] or unexpected:
+        raise RuntimeError(f"language model weights do not line up: missing {missing}, unexpected {unexpected}")
+    lm.save_pretrained(lm_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(lm_dir)
+    return lm_dir
+
+
+def build_genai(folder: Path, lm_dir: Path, precision: str, threads: int) -> Path:
+    out = folder / f"genai-{precision}"
+    if not (out / "genai_config.json").exists():
+        say(f"building ONNX Runtime GenAI ({precision}) with its model builder")
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(lm_dir), "-o", str(out), "-p",
+               precision, "-e", "cpu", "-c", str(folder / "genai-cache")]
+        if precision == "int4":
+            cmd += ["--extra_options", "int4_accuracy_level=4"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"GenAI model builder failed: {res.stderr[-2000:]}")
+    config = json.loads((out / "genai_config.json").read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options["intra_op_num_threads"] = threads
+    (out / "genai_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def build_gguf(folder: Path, lm_dir: Path, precision: str) -> Path:
+    """llama.cpp's converter (shipped in the llama-cpp-python sdist, or `convert_hf_to_gguf.py` on PATH) -> f32
+    GGUF; q4_0 through llama_cpp.llama_model_quantize."""
+    import llama_cpp
+
+    f32 = folder / "llama-f32.gguf"
+    if not f32.exists():
+        converter = os.environ.get("LLAMA_CPP_CONVERTER") or shutil.which("convert_hf_to_gguf.py")
+        if converter is None:
+            raise RuntimeError("llama.cpp's convert_hf_to_gguf.py not found; set LLAMA_CPP_CONVERTER to it")
+        res = subprocess.run([sys.executable, converter, str(lm_dir), "--outfile", str(f32), "--outtype", "f32"],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"GGUF conversion failed: {res.stderr[-2000:]}")
+    if precision == "fp32":
+        return f32
+    q4 = folder / "llama-q4_0.gguf"
+    if not q4.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(q4).encode(), params) != 0:
+            raise RuntimeError("llama.cpp q4_0 quantization failed")
+    return q4
+
+
+# ------------------------------------------------------------------------------------------------------- engines
+
+
+class AnchorRT:
+    def __init__(self, folder: Path, threads: int):
+        from anchorrt.runtime.pipeline import Pipeline
+
+        self.pipe = Pipeline.from_dir(folder, intra_op_threads=threads, verify=False)
+        _ = self.pipe.decoder.session
+
+    def run(self, n: int, steps: int, seed: int) -> tuple[float, list[float]]:
+        import numpy as np
+
+        d = self.pipe.hidden
+        rng = np.random.default_rng(seed)
+        embeds = (0.5 * rng.standard_normal((1, n, d))).astype(np.float32)  # [1, N, d]
+        step = (0.5 * rng.standard_normal((1, 1, d))).astype(np.float32)  # [1, 1, d]
+        cache = self.pipe._new_cache(1, n + steps + 1)
+        t = time.perf_counter()
+        self.pipe._decode(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache, {})
+        prefill = time.perf_counter() - t
+        times = []
+        for s in range(steps):
+            t = time.perf_counter()
+            self.pipe._decode(step, np.ones((1, n + s + 1), np.int64), np.array([[n + s]], np.int64), cache, {})
+            times.append(time.perf_counter() - t)
+        return prefill, times
+
+
+class Transformers:
+    def __init__(self, lm_dir: Path, threads: int):
+        import torch
+        from transformers import LlamaForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = LlamaForCausalLM.from_pretrained(lm_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+    def run(self, n: int, steps: int, seed: int) -> tuple[float, list[float]]:
+        torch = self.torch
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(10, self.model.config.vocab_size, (1, n), generator=g)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            prefill = time.perf_counter() - t
+            times = []
+            for _ in range(steps):
+                nxt = out.logits[:, -1:].argmax(-1)
+                t = time.perf_counter()
+                out = self.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                times.append(time.perf_counter() - t)
+        return prefill, times
+
+
+class GenAI:
+    def __init__(self, folder: Path, threads: int):
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(str(folder))
+        self.vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+
+    def run(self, n: int, steps: int, seed: int) -> tuple[float, list[float]]:
+        import numpy as np
+
+        og = self.og
+        ids = np.random.default_rng(seed).integers(10, self.vocab, (1, n), dtype=np.int32)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=n + steps + 1, batch_size=1, do_sample=False)
+        gen = og.Generator(self.model, params)
+        t = time.perf_counter()
+        gen.append_tokens(ids)
+        prefill = time.perf_counter() - t
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            gen.generate_next_token()
+            times.append(time.perf_counter() - t)
+        return prefill, times
+
+
+class LlamaCpp:
+    def __init__(self, gguf: Path, threads: int, n_ctx: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_batch=512,
+                                   logits_all=False, verbose=False)
+
+    def run(self, n: int, steps: int, seed: int) -> tuple[float, list[float]]:
+        import numpy as np
+
+        ids = np.random.default_rng(seed).integers(10, self.llm.n_vocab(), n).tolist()
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(ids)
+        prefill = time.perf_counter() - t
+        times = []
+        for _ in range(steps):
+            nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            t = time.perf_counter()
+            self.llm.eval([nxt])
+            times.append(time.perf_counter() - t)
+        return prefill, times
+
+
+def missing_peer(engine: str) -> str | None:
+    import importlib.util
+
+    module = {"genai": "onnxruntime_genai", "llamacpp": "llama_cpp", "transformers": "transformers"}.get(engine)
+    if module is not None and importlib.util.find_spec(module) is None:
+        return f"{engine}: not installed ({INSTALL[engine]})"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ numbers
+
+
+def read_bandwidth_gbs(size_bytes: int = 1 << 30, reps: int = 3) -> float:
+    """Best of `reps` full reads of a `size_bytes` float32 array (numpy's sum: one pass, memory-bound)."""
+    import numpy as np
+
+    a = np.ones(size_bytes // 4, np.float32)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a.sum(dtype=np.float32)
+        best = min(best, time.perf_counter() - t)
+    return size_bytes / best / 1e9
+
+
+def step_bytes(spec: dict, vocab: int, context: int, precision: str) -> float:
+    """Bytes one decode step reads: every weight but the embedding table (one row of it), plus K and V of every
+    layer at `context` (fp32 in every engine's cache here). int4: 0.5 byte a weight plus an fp32 scale per block
+    of 32 (0.625 bytes), norms fp32."""
+    d, f, layers = spec["hidden"], spec["intermediate"], spec["layers"]
+    head_dim = d // spec["heads"]
+    kv = spec["kv_heads"] * head_dim
+    matmul = layers * (d * d * 2 + d * kv * 2 + 3 * d * f) + d * vocab  # q, o, k, v, gate/up/down, lm_head
+    per_weight = 4.0 if precision == "fp32" else 0.625
+    norms = (2 * layers + 1) * d * 4
+    cache = 2 * layers * kv * context * 4
+    return matmul * per_weight + norms + cache
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def table(title: str, rows: dict[str, dict[int, float]], contexts: list[int], base: str, unit: str = "ms",
+          scale: float = 1e3, extra: dict[str, dict[int, float]] | None = None) -> str:
+    lines = [f"\n{title}", "| engine | " + " | ".join(f"ctx {c}" for c in contexts) + " |",
+             "|---|" + "---|" * len(contexts)]
+    for name, by_ctx in rows.items():
+        cells = []
+        for c in contexts:
+            v = by_ctx.get(c)
+            if v is None:
+                cells.append("-")
+                continue
+            ratio = v / rows[base][c] if base in rows and rows[base].get(c) else float("nan")
+            frac = f", {extra[name][c]:.2f} of bound" if extra and name in extra and c in extra[name] else ""
+            cells.append(f"{v * scale:.3g} {unit} ({ratio:.2f}x{frac})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="300,1100,2100")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8, help="decode steps timed per context and round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--precisions", default="fp32,int4")
+    ap.add_argument("--folder", type=Path, default=None, help="where the models are built (kept and reused)")
+    ap.add_argument("--quick", action="store_true", help="one context (the first), one round: a smoke run")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (tests); contexts are capped at 200")
+    ap.add_argument("--json", type=Path, default=None, help="also write the medians here")
+    ap.add_argument("--model", type=Path, default=None, help="an existing LLaVA checkpoint folder instead of building one")
+    ap.add_argument("--unfused-artifact", type=Path, default=None,
+                    help="an existing `export --attention unfused` of --model (reused instead of exporting)")
+    args = ap.parse_args(argv)
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rounds = args.rounds
+    if args.quick:
+        contexts, rounds = contexts[:1], 1
+    if args.tiny:
+        contexts = [min(c, 200) for c in contexts]
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        ap.error(f"unknown engine(s) {sorted(unknown)}; known: {', '.join(ENGINES)}")
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    if set(precisions) - {"fp32", "int4"}:
+        ap.error("--precisions takes fp32 and/or int4")
+    skipped = [m for e in engines if (m := missing_peer(e))]
+    for m in skipped:
+        say(f"skipped {m}")
+    engines = [e for e in engines if not missing_peer(e)]
+
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="anchorrt-bench-peers-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = dict(TINY_SPEC if args.tiny else BENCH_SPEC)
+    spec.setdefault("vocab_size", None)
+    model_dir = build_checkpoint(folder, args.tiny, args.model)
+    vocab = json.loads((model_dir / "config.json").read_text())["text_config"]["vocab_size"]
+
+    # every (engine, precision) as a factory, so that each round loads and releases it
+    factories = {}
+    need_lm = any(e in engines for e in ("genai", "llamacpp", "transformers"))
+    lm_dir = build_language_model(folder, model_dir) if need_lm else None
+    for precision in precisions:
+        if any(e.startswith("anchorrt") for e in engines):
+            arts = build_anchorrt(folder, model_dir, precision, args.unfused_artifact)
+            for form in ("fused", "unfused"):
+                if f"anchorrt-{form}" in engines:
+                    factories[f"anchorrt-{form} {precision}"] = (lambda p=arts[form]: AnchorRT(p, args.threads))
+        if "transformers" in engines and precision == "fp32":
+            factories["transformers-sdpa fp32"] = lambda: Transformers(lm_dir, args.threads)
+        for peer, build, cls in (("genai", build_genai, GenAI), ("llamacpp", build_gguf, LlamaCpp)):
+            if peer not in engines:
+                continue
+            try:
+                path = build(folder, lm_dir, precision, args.threads) if peer == "genai" else build(folder, lm_dir,
+                                                                                                   precision)
+            except Exception as e:  # a peer that cannot build is reported, not fatal
+                skipped.append(f"{peer} {precision}: {str(e).splitlines()[0][:300]}")
+                say(f"skipped {skipped[-1]}")
+                continue
+            name = f"genai {precision}" if peer == "genai" else "llama.cpp " + ("f32" if precision == "fp32" else "q4_0")
+            factories[name] = (lambda p=path, c=cls: c(p, args.threads) if c is GenAI
+                               else c(p, args.threads, max(contexts) + args.steps + 8))
+
+    prefill: dict[str, dict[int, list[float]]] = {n: {c: [] for c in contexts} for n in factories}
+    step: dict[str, dict[int, list[float]]] = {n: {c: [] for c in contexts} for n in factories}
+    names = list(factories)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            say(f"round {r + 1}/{rounds}: {name}")
+            try:
+                engine = factories[name]()
+            except Exception as e:
+                skipped.append(f"{name}: {str(e).splitlines()[0][:300]}")
+                say(f"skipped {skipped[-1]}")
+                continue
+            engine.run(min(contexts), 2, seed=99)  # warm-up
+            for c in contexts:
+                p, times = engine.run(c, args.steps, seed=c)
+                prefill[name][c].append(p)
+                step[name][c].append(median(times[1:] if len(times) > 2 else times))
+            del engine
+
+    gbs = read_bandwidth_gbs(1 << (24 if args.tiny else 30))
+    med_step = {n: {c: median(v) for c, v in by.items() if v} for n, by in step.items()}
+    med_prefill = {n: {c: median(v) for c, v in by.items() if v} for n, by in prefill.items()}
+    fraction = {}
+    for n, by in med_step.items():
+        precision = "fp32" if ("fp32" in n or "f32" in n) else "int4"
+        fraction[n] = {c: step_bytes(spec, vocab, c, precision) / (gbs * 1e9) / t for c, t in by.items()}
+    print(f"bench_peers: {'tiny' if args.tiny else 'bench'} model, threads {args.threads}, rounds {rounds} "
+          f"(interleaved), {args.steps} decode steps per context; read bandwidth {gbs:.1f} GB/s (numpy, best of 3)")
+    for precision in precisions:
+        base = f"anchorrt-fused {precision}"
+        rows = {n: v for n, v in med_step.items() if (precision in n) or (precision == "int4" and "q4_0" in n)
+                or (precision == "fp32" and "f32" in n)}
+        print(table(f"per decode step, {precision} (ratio to {base}; fraction of the bandwidth bound)", rows, contexts,
+                    base, extra=fraction))
+        prows = {n: v for n, v in med_prefill.items() if n in rows}
+        print(table(f"prefill, {precision} (ratio to {base})", prows, contexts, base, unit="s", scale=1.0))
+    if "transformers-sdpa fp32" in med_prefill:
+        print(table("prefill vs transformers sdpa (ratio to transformers-sdpa fp32)",
+                    {n: v for n, v in med_prefill.items() if "fp32" in n}, contexts, "transformers-sdpa fp32",
+                    unit="s", scale=1.0))
+    for m in skipped:
+        print(f"not measured: {m}")
+    result = {"contexts": contexts, "rounds": rounds, "threads": args.threads, "read_gbs": gbs, "step_s": med_step,
+              "prefill_s": med_prefill, "bound_fraction": fraction, "skipped": skipped, "folder": str(folder)}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The fused decoder form (graph_passes/fuse_attention.py) and the in-place KV cache (runtime/kv_cache.py).
+
+tiny_artifact is exported with the default form (fused); `unfused_artifact` is the same checkpoint with
+`--attention unfused`. Parity with transformers on left-padded batches is tests/test_parity.py's (it runs on the
+fused default); here: the form itself, its equality with the unfused form through the runtime (batches with
+different prompt lengths, so left padding), the in-place binding, the pass's negative cases and the refusals.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from anchorrt.graph_passes.attention_match import GQA, check_gqa, match_attention
+from anchorrt.graph_passes.base import PassError
+from anchorrt.graph_passes.fuse_attention import FuseAttentionPass, check_fusable
+from anchorrt.runtime.kv_cache import KVCache
+from anchorrt.runtime.pipeline import Pipeline, Request
+
+PROMPTS = ["What is in the image? Describe the content of the image.", "Count.", "Is there a dog?"]
+
+
+def test_default_export_is_fused(tiny_artifact):
+    pipe = Pipeline.from_dir(tiny_artifact)
+    assert pipe.manifest.attention_form == "gqa"
+    model = ir.load(pipe.manifest.graph_path("decoder"))
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("GroupQueryAttention") == pipe.num_layers
+    assert "Softmax" not in ops  # no unfused attention left
+    for out in model.graph.outputs:  # present.* come from the fused node, not from a Concat
+        if out.name.startswith("present."):
+            assert out.producer().op_type == "GroupQueryAttention"
+    sites = match_attention(model.graph)
+    assert [s.form for s in sites] == [GQA] * pipe.num_layers
+
+
+def test_unfused_export_keeps_the_opset18_form(unfused_artifact):
+    pipe = Pipeline.from_dir(unfused_artifact)
+    assert pipe.manifest.attention_form == "unfused"
+    ops = [n.op_type for n in ir.load(pipe.manifest.graph_path("decoder")).graph]
+    assert "GroupQueryAttention" not in ops and ops.count("Softmax") == pipe.num_layers
+
+
+def test_fused_equals_unfused_through_the_runtime(tiny_artifact, unfused_artifact, images):
+    """Left-padded batch of three prompt lengths, greedy: same tokens; a prefill + decode logits within 1e-5."""
+    fused, plain = Pipeline.from_dir(tiny_artifact), Pipeline.from_dir(unfused_artifact)
+    reqs = [Request(images[i % len(images)], p) for i, p in enumerate(PROMPTS)]
+    a = fused.generate_batch(reqs, max_new_tokens=12)
+    b = plain.generate_batch(reqs, max_new_tokens=12)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert len({len(fused.prompts.encode(p).ids) for p in PROMPTS}) == 3  # really padded
+    batch = fused._pad([fused.prompts.encode(p) for p in PROMPTS])
+    feats = fused.encode_images(fused.preprocess([fused._load(images[i % len(images)], i) for i in range(3)]))
+    caches = [fused._new_cache(3, batch.ids.shape[1] + 4), plain._new_cache(3, batch.ids.shape[1] + 4)]
+    assert caches[0].in_place and not caches[1].in_place
+    la = fused.prefill(batch, feats, caches[0], {})
+    lb = plain.prefill(batch, feats, caches[1], {})
+    np.testing.assert_allclose(la, lb, atol=1e-5)
+    mask, pos = batch.attention_mask, batch.attention_mask.sum(-1) - 1
+    for _ in range(3):
+        nxt = la.argmax(-1)
+        mask = np.concatenate([mask, np.ones((3, 1), np.int64)], 1)
+        pos = pos + 1
+        la = fused.decode_one_token(nxt, mask, pos, caches[0], {})
+        lb = plain.decode_one_token(nxt, mask, pos, caches[1], {})
+        np.testing.assert_allclose(la, lb, atol=1e-5)
+    for layer in (0, fused.num_layers - 1):  # the real (non-pad) slots hold the same keys/values
+        for x, y in zip(caches[0].layer(layer), caches[1].layer(layer)):
+            real = mask.astype(bool)
+            np.testing.assert_allclose(x.transpose(0, 2, 1, 3)[real], y.transpose(0, 2, 1, 3)[real], atol=1e-5)
+
+
+class RecordingBinding:
+    def __init__(self):
+        self.inputs, self.outputs = {}, {}
+
+    def bind_input(self, name, device, device_id, dtype, shape, ptr):
+        self.inputs[name] = (tuple(shape), ptr)
+
+    def bind_output(self, name, device, device_id, dtype, shape, ptr):
+        self.outputs[name] = (tuple(shape), ptr)
+
+
+def test_in_place_cache_binds_one_buffer_for_past_and_present():
+    cache = KVCache(2, 3, 2, 4, 10, in_place=True)
+    seen = set()
+    for new in (5, 1, 1):
+        bd = RecordingBinding()
+        cache.bind(bd, new)
+        for layer in range(2):
+            for kind in ("key", "value"):
+                shape_in, ptr_in = bd.inputs[f"past_key_values.{layer}.{kind}"]
+                shape_out, ptr_out = bd.outputs[f"present.{layer}.{kind}"]
+                assert shape_in == shape_out == (3, 2, 10, 4) and ptr_in == ptr_out
+                seen.add(ptr_in)
+        cache.update(new)
+    assert len(seen) == 4 and cache.length == 7  # the same 4 buffers every step: nothing flips, nothing is copied
+    bd = RecordingBinding()
+    cache.bind_rows_prefill(bd, 1, 2)  # rows 1..2 as a block of the same buffer
+    shape, ptr = bd.inputs["past_key_values.0.key"]
+    assert shape == (2, 2, 10, 4) and bd.outputs["present.0.key"][1] == ptr
+    assert ptr == cache._buffers[0][0][0].data_ptr() + 1 * 2 * 10 * 4 * 4
+    with pytest.raises(ValueError, match="holds 10 tokens"):
+        cache.bind(RecordingBinding(), 4)
+
+
+def test_cache_load_round_trips_in_both_layouts():
+    rng = np.random.default_rng(0)
+    key, value = rng.standard_normal((2, 2, 3, 4)).astype(np.float32), rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
+    for in_place in (True, False):
+        cache = KVCache(1, 2, 2, 4, 6, in_place=in_place)
+        cache.load(0, key, value)
+        cache.length = 3
+        k, v = cache.layer(0)
+        np.testing.assert_array_equal(k, key)
+        np.testing.assert_array_equal(v, value)
+
+
+def test_pass_refuses_a_fused_or_baked_decoder_and_reports_near_misses(tiny_artifact, unfused_artifact):
+    fused = ir.load(Pipeline.from_dir(tiny_artifact).manifest.graph_path("decoder"))
+    with pytest.raises(PassError, match="already fused"):
+        FuseAttentionPass()(fused)
+    plain = ir.load(Pipeline.from_dir(unfused_artifact).manifest.graph_path("decoder"))
+    site = match_attention(plain.graph)[0]
+    past = {v.name: v for v in plain.graph.inputs}
+    present = {v.name: v for v in plain.graph.outputs}
+    bind, reason = check_fusable(site, present["present.0.key"].producer(), present["present.0.value"].producer(),
+                                 past["past_key_values.0.key"], past["past_key_values.0.value"])
+    assert bind is not None and reason == "" and bind["heads"] % bind["kv_heads"] == 0
+    # near miss: the value Concat of another layer
+    bind, reason = check_fusable(site, present["present.0.key"].producer(), present["present.1.value"].producer(),
+                                 past["past_key_values.0.key"], past["past_key_values.0.value"])
+    assert bind is None and "Concat(past_key_values.0.value" in reason
+    # a GroupQueryAttention the fusion did not make (no recorded query) is not matched
+    gqa = next(n for n in fused.graph if n.op_type == "GroupQueryAttention")
+    gqa.metadata_props.pop("anchorrt.query_bhsd")
+    values = {o.name: o for n in fused.graph for o in n.outputs}
+    assert check_gqa(gqa, values)[0] is None
+
+
+def test_opset23_export_refuses_fused(tiny_model, tmp_path):
+    from anchorrt.exporter.export import export_model
+    from anchorrt.runtime.errors import AnchorError
+
+    with pytest.raises(AnchorError, match="opset-18 form"):
+        export_model(tiny_model, tmp_path / "x", opset=23, attention="fused")
+    assert not (tmp_path / "x").exists()
+
+
+def test_manifest_refuses_an_unknown_form(tiny_artifact, tmp_path):
+    import json
+    import shutil
+
+    from anchorrt.runtime.errors import ArtifactError
+    from anchorrt.runtime.manifest import Manifest
+
+    dst = tmp_path / "a"
+    shutil.copytree(tiny_artifact, dst)
+    data = json.loads((dst / "manifest.json").read_text())
+    data["attention"]["form"] = "flash"
+    (dst / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="attention.form"):
+        Manifest.load(dst, verify=False)
+
+
+def test_baked_methods_never_read_the_fused_present(baked_artifact):
+    """CLVA, SEVI and the probe recompute from past[:P] + the new keys/values inside their branches: the present
+    outputs have no reader but the graph output (graph_passes/attention_match.py, pattern C)."""
+    model = ir.load(baked_artifact / "decoder.onnx")
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 8
+    for node in gqa:
+        for present in node.outputs[1:3]:
+            assert present.is_graph_output() and not list(present.uses()), node.name
+    names = {n.name for n in model.graph.all_nodes()}
+    assert any("/keys_past/Slice" in n for n in names) and any("/values_past/Slice" in n for n in names)
