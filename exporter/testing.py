@@ -81,6 +81,20 @@ def train_tokenizer(vocab_size: int):
     return tok
 
 
+def _llava_tokenizer(vocab_extra: int):
+    """The tiny LLaVA-style tokenizer (BPE trained in code, LLaVA's special tokens, `<image>` as the processor's
+    image token, left padding) -> (tokenizers.Tokenizer, PreTrainedTokenizerFast, image token id)."""
+    from transformers import PreTrainedTokenizerFast
+
+    raw = train_tokenizer(vocab_size=300 + vocab_extra)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.padding_side = "left"
+    return raw, tokenizer, raw.token_to_id("<image>")
+
+
 def build_tiny_llava(path: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
     """Write a random-weight LlavaForConditionalGeneration checkpoint folder to `path` and return it."""
     import torch
@@ -91,18 +105,11 @@ def build_tiny_llava(path: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) ->
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    raw = train_tokenizer(vocab_size=300 + spec.vocab_extra)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-    tokenizer.padding_side = "left"
-    image_token_id = raw.token_to_id("<image>")
+    raw, tokenizer, image_token_id = _llava_tokenizer(spec.vocab_extra)
     vocab = max(raw.get_vocab_size(), spec.vocab_size or 0)
 
     text_config = LlamaConfig(
@@ -320,18 +327,11 @@ def build_tiny_llava_next(path: str | Path, spec: TinyNextSpec = TinyNextSpec())
         LlavaNextImageProcessor,
         LlavaNextProcessor,
         MistralConfig,
-        PreTrainedTokenizerFast,
     )
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    raw = train_tokenizer(vocab_size=300 + spec.vocab_extra)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-    tokenizer.padding_side = "left"
-    image_token_id = raw.token_to_id("<image>")
+    raw, tokenizer, image_token_id = _llava_tokenizer(spec.vocab_extra)
     text_class = {"mistral": MistralConfig, "llama": LlamaConfig}[spec.text_model]
     text_config = text_class(
         vocab_size=raw.get_vocab_size(), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
