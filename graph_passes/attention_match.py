@@ -17,9 +17,10 @@ Pattern C, the fused form (graph_passes/fuse_attention.py; past and present shar
                         attention_bias=mask [B,1,S,K]) ──► out [B,S,H·D] ─Reshape─Transpose─► out4 [B,H,S,D]
                                                         └─► present_key/value [B,Hk,M,D]
 
-It is read like pattern B: the rotated 4-D query is the value the fusion recorded on the node (`META_Q4`), the
-mask is `attention_bias`, and the keys/values a pass recomputes with are `Concat(past[:, :, :P], new)` (P = K - S),
-built by `site_keys`/`site_values` inside the pass's own branch, so nothing but the graph output reads the fused
+It is read like pattern B: the query is the node's own rotated input [B, S, H·D] (`site.q`; passes take rows of
+it as [B, H, R, D] with graph_passes/regions.py `query_rows`, inside their branch), the mask is `attention_bias`,
+and the keys/values a pass recomputes with are `Concat(past[:, :, :P], new)` (P = K - S), built by
+`site_keys`/`site_values` inside the pass's own branch, so nothing but the graph output reads the fused
 node's present buffers (the in-place contract then does not depend on how ONNX Runtime plans a buffer with several
 readers; with a reader it was still shared in ORT 1.32: SEVI baked, flags off, 0.999x plain per step at context
 3000, CPU time). Past holds the first P slots in both contracts (distinct buffers, or one shared buffer the node
@@ -51,7 +52,6 @@ ATTENTION_OP = "attention_op"
 GQA = "group_query_attention"
 RECOMPUTED = (ATTENTION_OP, GQA)  # forms whose probabilities are not in the graph: passes recompute the rows they need
 GQA_BIAS_INDEX = 10
-META_Q4 = "anchorrt.query_bhsd"  # on a fused GroupQueryAttention: the name of its rotated query as [B, H, S, D]
 _PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
 
 
@@ -67,15 +67,18 @@ class AttentionSite:
     v: ir.Value  # [B, Hv, K, D]
     logits: ir.Value | None = None  # A: scaled q kᵀ before the mask [B, H, S, K]
     probs: ir.Value | None = None  # A: post-softmax probabilities after the NaN guard [B, H, S, K]
-    q: ir.Value | None = None  # B, C: [B, H, S, D] (after rotary)
+    q: ir.Value | None = None  # B: [B, H, S, D]; C: [B, S, H·D] (both after rotary; see regions.query_rows)
     k: ir.Value | None = None  # B: [B, Hk, K, D]; C: the past input [B, Hk, P or M, D] (use site_keys)
     new_k: ir.Value | None = None  # C: the node's new keys [B, S, Hk·D] (rotated)
     new_v: ir.Value | None = None  # C: the node's new values [B, S, Hk·D]
     scale: float | None = None  # B: the softmax scale
+    heads: int | None = None  # C: the node's num_heads
 
     def query_heads(self) -> int:
         """Number of query heads, from the first 4-D value with a static head dimension: q (B), the logits or the
         q kᵀ MatMul's left operand (A), then v (A: already repeated to the query heads)."""
+        if self.heads is not None:
+            return self.heads
         candidates = [self.q] if self.form in RECOMPUTED else [self.logits]
         if self.form == DECOMPOSED and self.logits is not None and self.logits.producer() is not None:
             candidates.append(self.logits.producer().inputs[0])
@@ -193,27 +196,27 @@ def check_attention_op(node: ir.Node) -> tuple[dict | None, str]:
 # ------------------------------------------------------------------------------- pattern C: fused GQA
 
 
-def check_gqa(node: ir.Node, values: dict[str, ir.Value]) -> tuple[dict | None, str]:
+def check_gqa(node: ir.Node) -> tuple[dict | None, str]:
     inputs = list(node.inputs) + [None] * (11 - len(node.inputs))
     if inputs[GQA_BIAS_INDEX] is None:
         return None, "GroupQueryAttention has no attention_bias (the mask CLVA/SEVI edit)"
     if _int_attr(node, "do_rotary", 0) != 0:
         return None, "GroupQueryAttention applies rotary inside; the passes need the rotated query"
+    if inputs[1] is None or inputs[2] is None:
+        return None, "GroupQueryAttention takes packed QKV; the passes need the key and value inputs"
     if inputs[3] is None or inputs[4] is None:
         return None, "GroupQueryAttention has no past_key/past_value (no KV buffer)"
-    q4 = values.get(node.metadata_props.get(META_Q4, ""))
-    if q4 is None:
-        return None, "GroupQueryAttention does not record its [B, H, S, D] query (not made by fuse_attention)"
+    past = inputs[3]
+    d = past.shape[3] if past.shape is not None and past.shape.rank() == 4 else None
+    if not isinstance(d, int) or not isinstance(past.shape[1], int):
+        return None, "GroupQueryAttention's past key is not [B, Hk, M, D] with static heads and head size"
     reshape = next((c for c in node.outputs[0].consumers() if c.op_type == "Reshape" and c.graph is node.graph), None)
     transpose = None if reshape is None else next(
         (c for c in reshape.outputs[0].consumers() if c.op_type == "Transpose" and c.graph is node.graph), None)
     if transpose is None:
         return None, "GroupQueryAttention's output is not reshaped/transposed back to [B, H, S, D]"
     scale = node.attributes.get("scale")
-    d = q4.shape[3] if q4.shape is not None and q4.shape.rank() == 4 else None
-    if scale is None and not isinstance(d, int):
-        return None, "GroupQueryAttention has no scale attribute and the head size is not static"
-    return {"q4": q4, "out4": transpose.outputs[0],
+    return {"out4": transpose.outputs[0], "heads": _int_attr(node, "num_heads", 0), "head_dim": d,
             "scale": float(scale.value) if scale is not None else 1.0 / math.sqrt(d)}, ""
 
 
@@ -221,15 +224,13 @@ def _past_and_new(b, site: AttentionSite, past: ir.Value, new3: ir.Value, what: 
     """Concat(past[:, :, :P], new as [B, Hk, S, D]) with P = K - S (K: the mask's last dim, S: the query's rows).
 
         mask [B,1,S,K] ─Shape(3:4)─┐
-        q [B,H,S,D] ─Shape(2:3)────┴─Sub─► P ─► Slice(past, 0:P, axis 2) ─┐
+        q [B,S,H·D] ─Shape(1:2)────┴─Sub─► P ─► Slice(past, 0:P, axis 2) ─┐
         new [B,S,Hk·D] ─Reshape [B,S,Hk,D]─Transpose(0,2,1,3) ───────────┴─Concat(axis 2)─► [B,Hk,K,D]
     """
     heads = static_heads_of(site.k)
-    d = site.q.shape[3] if site.q.shape is not None else None
-    if not isinstance(d, int):
-        raise PassError(f"the head size of layer {site.layer}'s query is not static")
+    d = site.k.shape[3]  # static (check_gqa)
     total = b.op("Shape", [site.mask], f"{what}_total_length", start=3, end=4)  # [1]
-    seq = b.op("Shape", [site.q], f"{what}_sequence", start=2, end=3)  # [1]
+    seq = b.op("Shape", [site.q], f"{what}_sequence", start=1, end=2)  # [1] (q [B, S, H·D])
     past_len = b.op("Sub", [total, seq], f"{what}_past_length")
     zero = b.const(np.array([0], np.int64), f"{what}_start")
     axis = b.const(np.array([2], np.int64), f"{what}_axis")
@@ -282,15 +283,15 @@ def match_attention(graph: ir.Graph, num_layers: int | None = None) -> list[Atte
     rejected: list[str] = []
     for node in graph:  # the main graph only: subgraphs hold what passes added
         if node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention":
-            bind, reason = check_gqa(node, values)
+            bind, reason = check_gqa(node)
             if bind is None:
                 rejected.append(f"{node.name}: {reason}")
                 continue
             site = AttentionSite(
                 layer=-1, form=GQA, anchor=node, mask_node=node, mask_index=GQA_BIAS_INDEX,
                 base_mask=_base_mask(node, node.inputs[GQA_BIAS_INDEX], values), out=bind["out4"],
-                v=node.inputs[4], q=bind["q4"], k=node.inputs[3], scale=bind["scale"], new_k=node.inputs[1],
-                new_v=node.inputs[2])
+                v=node.inputs[4], q=node.inputs[0], k=node.inputs[3], scale=bind["scale"], new_k=node.inputs[1],
+                new_v=node.inputs[2], heads=bind["heads"])
         elif node.domain != "":
             continue
         elif node.op_type == "Softmax":

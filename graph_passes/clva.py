@@ -65,6 +65,7 @@ from anchorrt.graph_passes.regions import (
     DOUBLE,
     FLOAT,
     build_regions,
+    query_rows,
     recompute_logits,
     shared_float_mask,
     slice_axis,
@@ -267,7 +268,7 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
         if site.form not in RECOMPUTED:
             return site.probs  # [B,H,S,K], unedited (drift layers come later)
         sb = b.child(f"recompute_layer{site.layer}", same_graph=True)
-        q_rows = slice_axis(sb, site.q, rows_from, 2, "q_rows")
+        q_rows = query_rows(sb, site, rows_from, "q_rows")
         logits = recompute_logits(sb, q_rows, site_keys(sb, site), heads, static_heads(site.k, "the attention's key"), site.scale)
         p = sb.op("Softmax", [sb.op("Add", [logits, mask_r], "masked")], "probs", axis=-1)
         return sb.op("Where", [sb.op("IsNaN", [p], "probs"), sb.const(np.float32(0.0), "zero_f"), p], "probs")

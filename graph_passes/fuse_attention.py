@@ -32,7 +32,7 @@ distinct tensors (past [B,Hk,P,D] in, [B,Hk,P+S,D] out); bound to one buffer [B,
 
 Mitigation passes run after this one and treat the fused node like the opset-23 `Attention` op: the mask goes
 into `attention_bias` (CLVA's drift bias), and what needs probabilities recomputes only the rows it needs from the
-rotated q and Concat(past[:, :, :P], new keys/values) (graph_passes/attention_match.py `site_keys`), inside its
+node's rotated query input (graph_passes/regions.py `query_rows`) and Concat(past[:, :, :P], new keys/values) (graph_passes/attention_match.py `site_keys`), inside its
 own `If`, so flags off run the fused node alone.
 
 Measured before choosing (scripts-free micro benchmark, one layer, H 16, D 64, fp32, one decode step, 1 thread,
@@ -49,7 +49,6 @@ import onnx_ir.passes.common as ir_common
 from anchorrt.graph_passes.attention_match import (
     DECOMPOSED,
     GQA_BIAS_INDEX,
-    META_Q4,
     AttentionSite,
     match_attention,
 )
@@ -221,7 +220,7 @@ class FuseAttentionPass(GraphPass):
                           "num_heads": heads, "kv_num_heads": kv_heads, "scale": float(bind["scale"]),
                           "do_rotary": 0}),
                       num_outputs=3, name=name,
-                      metadata_props={META_LAYER: str(layer), META_Q4: bind["q4"].name or ""})
+                      metadata_props={META_LAYER: str(layer)})
         out3 = gqa.outputs[0]
         out3.name, out3.dtype = f"{name}_output_0", ir.DataType.FLOAT
         q4 = bind["q4"]  # [B, H, S, D]: the output is [B, S, H·D] (ONNX shape inference has no schema for the op)

@@ -109,6 +109,22 @@ def slice_axis(b: Builder, x: ir.Value, start: ir.Value | int, axis: int, what: 
     return b.op("Slice", [x, starts, ends, b.const(np.array([axis], np.int64), f"{what}_axis")], what)
 
 
+def query_rows(b: Builder, site, start: ir.Value | int, what: str) -> ir.Value:
+    """Rows `start:` of a RECOMPUTED-form site's rotated query as [B, H, R, D].
+
+        opset 23: q [B,H,S,D] ─Slice(axis 2)─► [B,H,R,D]
+        fused GQA: q [B,S,H·D] ─Slice(axis 1)─► [B,R,H·D] ─Reshape [B,R,H,D]─Transpose(0,2,1,3)─► [B,H,R,D]
+    """
+    from anchorrt.graph_passes.attention_match import GQA
+
+    if site.form != GQA:
+        return slice_axis(b, site.q, start, 2, what)
+    rows = slice_axis(b, site.q, start, 1, what)
+    d = site.k.shape[3]
+    rows = b.op("Reshape", [rows, b.const(np.array([0, 0, site.query_heads(), d], np.int64), f"{what}_shape")], what)
+    return b.op("Transpose", [rows], what, perm=[0, 2, 1, 3])
+
+
 def attention_rows(b: Builder, site, start: ir.Value | int, what: str = "rows") -> ir.Value:
     """The post-softmax attention of query rows `start:` of one layer, as the layer applies it: [B, H, R, K].
 
@@ -121,9 +137,9 @@ def attention_rows(b: Builder, site, start: ir.Value | int, what: str = "rows") 
 
     if site.form not in RECOMPUTED:
         return slice_axis(b, site.probs, start, 2, f"probs_{what}")
-    heads = static_heads(site.q, "the attention's query")
+    heads = site.query_heads()
     kv_heads = static_heads(site.k, "the attention's key")
-    q_rows = slice_axis(b, site.q, start, 2, f"q_{what}")  # [B, H, R, D]
+    q_rows = query_rows(b, site, start, f"q_{what}")  # [B, H, R, D]
     logits = recompute_logits(b, q_rows, site_keys(b, site), heads, kv_heads, site.scale)  # [B, H, R, K]
     mask_rows = slice_axis(b, float_mask(b, site.mask), start, 2, f"mask_{what}")  # [B, 1, R, K]
     return b.op("Softmax", [b.op("Add", [logits, mask_rows], "masked")], "probs", axis=-1)

@@ -71,6 +71,7 @@ from anchorrt.graph_passes.regions import (
     BOOL,
     FLOAT,
     grouped_probs_matmul,
+    query_rows,
     recompute_logits,
     shared_float_mask,
     slice_axis,
@@ -205,7 +206,7 @@ def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: d
     t = lb.child("edit")
     ax1 = t.const(np.array([1], np.int64), "axes_1")
     if site.form in RECOMPUTED:
-        q_last = slice_axis(t, site.q, -1, 2, "q_last")
+        q_last = query_rows(t, site, -1, "q_last")
         raw = recompute_logits(t, q_last, site_keys(t, site), heads, static_heads(site.k, "the attention's key"), site.scale)
     else:
         raw = slice_axis(t, site.logits, -1, 2, "raw_last")  # [B,H,1,K] scaled q kᵀ, finite

@@ -131,11 +131,14 @@ def test_pass_refuses_a_fused_or_baked_decoder_and_reports_near_misses(tiny_arti
     bind, reason = check_fusable(site, present["present.0.key"].producer(), present["present.1.value"].producer(),
                                  past["past_key_values.0.key"], past["past_key_values.0.value"])
     assert bind is None and "Concat(past_key_values.0.value" in reason
-    # a GroupQueryAttention the fusion did not make (no recorded query) is not matched
+    # a GroupQueryAttention that rotates inside, or takes packed QKV, hides what the passes need: not matched
     gqa = next(n for n in fused.graph if n.op_type == "GroupQueryAttention")
-    gqa.metadata_props.pop("anchorrt.query_bhsd")
-    values = {o.name: o for n in fused.graph for o in n.outputs}
-    assert check_gqa(gqa, values)[0] is None
+    assert check_gqa(gqa)[0] is not None
+    gqa.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
+    assert "rotary" in check_gqa(gqa)[1]
+    gqa.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 0)
+    gqa.replace_input_with(1, None)
+    assert "packed QKV" in check_gqa(gqa)[1]
 
 
 def test_opset23_export_refuses_fused(tiny_model, tmp_path):
