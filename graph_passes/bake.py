@@ -300,29 +300,36 @@ def name_graphs(folder: Path, data: dict, roles: Sequence[str] = ("vision", "emb
     return counts
 
 
+def fused_form_passes() -> list[GraphPass]:
+    """The fused decoder form, in order; the first fuses the attention (its count must be every layer), the rest
+    are optional fusions of the same form (a count of 0 leaves that part as exported)."""
+    return [FuseAttentionPass()]
+
+
 def fuse_into(folder: Path, data: dict, say: Progress | None = None) -> dict[str, int]:
-    """The fused decoder form (graph_passes/fuse_attention.py) in a fresh export folder; records
-    `manifest["attention"]`, which the runtime follows (runtime/kv_cache.py: one buffer written in place)."""
+    """The fused decoder form (graph_passes/fuse_attention.py and the fusions after it) in a fresh export folder;
+    records `manifest["attention"]`, which the runtime follows (runtime/kv_cache.py: one buffer written in place)."""
     (say or (lambda msg: None))("fusing attention: GroupQueryAttention with an in-place KV cache")
-    p = FuseAttentionPass()
-    counts = transform_into(folder, data, [AssignNodeNames(), p], say=say)
-    _record_fused(p, data)
+    passes = fused_form_passes()
+    counts = transform_into(folder, data, [AssignNodeNames(), *passes], say=say)
+    _record_fused(passes, data)
     return counts
 
 
-def _record_fused(p: FuseAttentionPass, data: dict) -> None:
-    if p.count != data["dims"]["num_layers"]:
-        raise PassError(f"fused attention in {p.count} of {data['dims']['num_layers']} decoder layers; use "
+def _record_fused(passes: Sequence[GraphPass], data: dict) -> None:
+    first = passes[0]
+    if first.count != data["dims"]["num_layers"]:
+        raise PassError(f"fused attention in {first.count} of {data['dims']['num_layers']} decoder layers; use "
                         "--attention unfused")
     data["attention"] = {"form": FORM_FUSED, "op": "com.microsoft.GroupQueryAttention", "kv_cache": "in_place",
-                         "pass_count": p.count}
+                         "pass_count": first.count, "fusions": {p.name: p.count for p in passes[1:]}}
 
 
 def fuse_artifact(artifact_dir: str | os.PathLike, progress: Progress | None = None, verify: bool = True) -> Manifest:
     """The fused form of an existing unfused, unbaked fp32 artifact folder (atomically; e.g. for benchmarks that
     export once and compare both forms). -> the new Manifest."""
     folder = Path(artifact_dir)
-    p = FuseAttentionPass()
+    passes = fused_form_passes()
 
     def check(data: dict) -> None:
         if data.get("attention", {}).get("form", FORM_UNFUSED) != FORM_UNFUSED:
@@ -330,9 +337,9 @@ def fuse_artifact(artifact_dir: str | os.PathLike, progress: Progress | None = N
         if data.get("mitigation"):
             raise PassError(f"'{folder}' has mitigation baked in; fuse the plain export, then bake")
 
-    manifest, _ = transform_artifact(folder, [AssignNodeNames(), p], progress, verify, check=check,
-                                     record=lambda data: _record_fused(p, data))
-    if p.count == 0:
+    manifest, _ = transform_artifact(folder, [AssignNodeNames(), *passes], progress, verify, check=check,
+                                     record=lambda data: _record_fused(passes, data))
+    if passes[0].count == 0:
         raise PassError(f"no decoder layer's attention in '{folder}' has the opset-18 form; nothing to fuse")
     return manifest
 
