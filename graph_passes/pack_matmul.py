@@ -48,8 +48,8 @@ MIN_OPSET = 13  # Split takes `split` as an input from opset 13
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant behind `value`: an initializer that is not a graph input, or a `Constant` node's `value`."""
-    if value is None or value.is_graph_input():
-        return None
+    if value is None or (value.graph is not None and any(v is value for v in value.graph.inputs)):
+        return None  # a graph input (an overridable initializer too) is not a constant
     if value.is_initializer():
         return value.const_value.numpy() if value.const_value is not None else None
     node = value.producer()
