@@ -100,6 +100,7 @@ def test_export_manifest_and_graph_inputs(qwen2, qwen_images):
                                 ["num_patches", 2], "segment_ids": ["num_patches"]}
     assert inputs["embed"]["image_features"] == ["num_image_tokens", 128]
     assert inputs["decoder"]["position_ids"] == [3, "batch", "sequence"]
+    assert data["attention"]["fusions"]["fuse_rotary"] == 0  # M-RoPE: rotary left as exported (graph_passes/fuse_rotary.py)
     pipe = Pipeline.from_dir(qwen2["artifact"])
     visual = pipe.preprocess_images(qwen_images)
     assert visual.tokens_per_image == [12, 4]
