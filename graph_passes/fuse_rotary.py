@@ -1,7 +1,8 @@
 """Fused rotary embedding on the fused decoder form: each layer's query and key rotation (RoFormer, Su et al. 2021,
 eq. 34 in the "rotate_half" layout of transformers' Llama: x·cos + rotate_half(x)·sin) becomes one
 `com.microsoft.RotaryEmbedding` per input of the layer's GroupQueryAttention. FIELD-NOTES "Where the decoder's time
-goes": the exporter's rotary is ~26 small nodes per layer (ORT GenAI's graph has 11 nodes per layer in all).
+goes": small nodes cost ~4 of 14 ms of an int4 decode step; this takes 22 nodes per layer out (the bench decoder,
+16 layers: 960 -> 599 nodes; ONNX Runtime GenAI's has 187).
 
 Per layer, for the query (GQA input 0) and the key (GQA input 1) — graph_passes/fuse_attention.py made the 3-D side:
 
