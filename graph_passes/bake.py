@@ -326,6 +326,15 @@ def _record_fused(passes: Sequence[GraphPass], data: dict, say: Progress | None 
                         "--attention unfused")
     data["attention"] = {"form": FORM_FUSED, "op": "com.microsoft.GroupQueryAttention", "kv_cache": "in_place",
                          "pass_count": first.count, "fusions": {p.name: p.count for p in passes[1:]}}
+    left = {}  # a fusion's layers left as exported, by reason (e.g. fuse_rotary on M-RoPE)
+    for p in passes[1:]:
+        for layer, reason in sorted((getattr(p, "skipped", None) or {}).items()):
+            left.setdefault(p.name, {}).setdefault(reason, []).append(layer)
+    if left:
+        data["attention"]["left_as_exported"] = left
+        for name, reasons in left.items():
+            for reason, layers in reasons.items():
+                (say or (lambda msg: None))(f"{name}: layers {layers} left as exported: {reason}")
     for p in passes:  # the rotary tables end at max_positions: the runtime refuses longer prompts (runtime/prompt.py)
         if isinstance(p, FuseRotaryPass) and p.count and p.max_positions < _context_length(data):
             (say or (lambda msg: None))(f"rotary tables capped at {p.max_positions} positions: context_length "

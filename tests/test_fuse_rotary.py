@@ -60,7 +60,7 @@ def _prefill_and_step(sess: ort.InferenceSession, layers: int = 8, heads: int = 
 
 def test_export_fuses_rotary_in_every_layer(tiny_artifact):
     data = json.loads((tiny_artifact / "manifest.json").read_text())
-    assert data["attention"]["fusions"]["fuse_rotary"] == 8
+    assert data["attention"]["fusions"]["fuse_rotary"] == 8 and "left_as_exported" not in data["attention"]
     model = ir.load(tiny_artifact / "decoder.onnx")
     ops = [n.op_type for n in model.graph]
     assert ops.count("RotaryEmbedding") == 16 and not {"Neg", "Cos", "Sin"} & set(ops)
