@@ -177,3 +177,56 @@ def test_baked_methods_never_read_the_fused_present(baked_artifact):
             assert present.is_graph_output() and not list(present.uses()), node.name
     names = {n.name for n in model.graph.all_nodes()}
     assert any("/keys_past/Slice" in n for n in names) and any("/values_past/Slice" in n for n in names)
+
+
+class CountingDecoder:
+    """Wraps a Pipeline's _decode to count decoder calls and the tokens each one gets."""
+
+    def __init__(self, pipe):
+        self.calls, self._decode = [], pipe._decode
+
+        def decode(embeds, *args, **kw):
+            self.calls.append(embeds.shape[1])
+            return self._decode(embeds, *args, **kw)
+
+        pipe._decode = decode
+
+
+def test_chunked_prefill_equals_one_pass(baked_artifact, images):
+    """Prefill in chunks (the default for long one-row prompts, methods off): the same logits, cache and tokens as
+    one pass, for chunk sizes that do and do not divide the prompt; a method on, or a batch, runs one pass."""
+    pipe = Pipeline.from_dir(baked_artifact)
+    prompt = max(PROMPTS, key=lambda p: len(pipe.prompts.encode(p).ids))
+    batch = pipe._pad([pipe.prompts.encode(prompt)])
+    s = batch.ids.shape[1]
+    feats = pipe.encode_images(pipe.preprocess([pipe._load(images[0], 0)]))
+    extra = pipe._extra_inputs(batch)
+    pipe.prefill_chunk = 0
+    ref_cache = pipe._new_cache(1, s + 2)
+    ref = pipe.prefill(batch, feats, ref_cache, extra)
+    counter = CountingDecoder(pipe)
+    for chunk in (7, s // 2, s - 1):
+        pipe.prefill_chunk = chunk
+        cache = pipe._new_cache(1, s + 2)
+        counter.calls.clear()
+        got = pipe.prefill(batch, feats, cache, extra)
+        assert counter.calls == [chunk] * ((s - 1) // chunk) + [s - (s - 1) // chunk * chunk]
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+        assert cache.length == s
+        for layer in (0, pipe.num_layers - 1):
+            for x, y in zip(cache.layer(layer), ref_cache.layer(layer)):
+                np.testing.assert_allclose(x, y, atol=1e-5)
+    pipe.prefill_chunk = 7
+    counter.calls.clear()
+    plain = pipe.generate(images[0], prompt, max_new_tokens=6)
+    assert counter.calls[0] == 7  # generate chunks too
+    counter.calls.clear()
+    pipe.prefill(batch, feats, pipe._new_cache(1, s + 2), pipe._extra_inputs(batch, [{"sevi": {}}]))
+    assert counter.calls == [s]  # a method on: one pass
+    three = pipe._pad([pipe.prompts.encode(p) for p in PROMPTS])
+    feats3 = pipe.encode_images(pipe.preprocess([pipe._load(images[i % len(images)], i) for i in range(3)]))
+    counter.calls.clear()
+    pipe.prefill(three, feats3, pipe._new_cache(3, three.ids.shape[1] + 2), pipe._extra_inputs(three))
+    assert counter.calls == [three.ids.shape[1]]  # a batch: one pass
+    pipe.prefill_chunk = 0
+    assert pipe.generate(images[0], prompt, max_new_tokens=6).token_ids == plain.token_ids
