@@ -413,17 +413,22 @@ class Pipeline:
         """One decoder pass → last-position logits [B, V]. `rows=(start, n)`: a prefill without past written into
         cache rows start..start+n-1 (IAVA's contrastive stream); `fetch`: extra outputs to return into the dict."""
         sess = self.decoder.session
+        new = embeds.shape[1]
+        if rows is None and fetch is None and cache.in_place:  # the usual step: KV bound once per request
+            if cache.length + new > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + new} requested")
+            binding = cache.shared_binding(sess)
+            self._bind_inputs(binding, embeds, attention_mask, position_ids, extra)
+            sess.run_with_iobinding(binding)
+            cache.update(new)
+            # a copy: the binding keeps its logits buffer and the next step may write into it
+            return np.array(binding.get_outputs()[0].numpy()[:, -1, :], dtype=np.float32)
         binding = sess.io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        for name, value in extra.items():
-            binding.bind_cpu_input(name, value(attention_mask) if callable(value) else value)
+        self._bind_inputs(binding, embeds, attention_mask, position_ids, extra)
         binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows the binding order
         names = list(fetch) if fetch is not None else []
         for name in names:
             binding.bind_output(name, "cpu")
-        new = embeds.shape[1]
         if rows is None:
             cache.bind(binding, new)
         else:
@@ -436,6 +441,14 @@ class Pipeline:
             fetch[name] = outputs[k].numpy()
         logits = outputs[0].numpy()  # [B, 1, V]
         return logits[:, -1, :].astype(np.float32, copy=False)
+
+    @staticmethod
+    def _bind_inputs(binding, embeds, attention_mask, position_ids, extra: dict) -> None:
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in extra.items():
+            binding.bind_cpu_input(name, value(attention_mask) if callable(value) else value)
 
     def _new_cache(self, rows: int, max_len: int) -> KVCache:
         """KV buffers where the decoder runs (device memory on CUDA / TensorRT; see runtime/kv_cache.py)."""

@@ -230,3 +230,29 @@ def test_chunked_prefill_equals_one_pass(baked_artifact, images):
     assert counter.calls == [three.ids.shape[1]]  # a batch: one pass
     pipe.prefill_chunk = 0
     assert pipe.generate(images[0], prompt, max_new_tokens=6).token_ids == plain.token_ids
+
+
+def test_the_kept_binding_returns_fresh_logits_each_step(tiny_artifact):
+    """The in-place cache keeps one IOBinding per request (KV bound once): logits kept from earlier steps must not
+    change when later steps run, and equal those of a fresh binding per step."""
+    pipe = Pipeline.from_dir(tiny_artifact)
+    rng = np.random.default_rng(3)
+    b, n = 3, 9
+    embeds = rng.standard_normal((b, n + 3, pipe.hidden), dtype=np.float32)
+    mask = np.ones((b, n), np.int64)
+    mask[1, :3] = 0
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+
+    def run(fresh: bool) -> list[np.ndarray]:
+        cache, m, p = pipe._new_cache(b, n + 4), mask, pos[:, -1]
+        kw = {"fetch": {}} if fresh else {}  # fetch: the per-call binding
+        out = [pipe._decode(embeds[:, :n], m, pos, cache, {}, **kw)]
+        for i in range(3):
+            m, p = np.concatenate([m, np.ones((b, 1), np.int64)], 1), p + 1
+            out.append(pipe._decode(embeds[:, n + i:n + i + 1], m, p[:, None], cache, {}, **kw))
+        return out
+
+    kept, fresh = run(False), run(True)
+    assert all(not np.allclose(kept[0], x) for x in kept[1:])
+    for x, y in zip(kept, fresh):
+        np.testing.assert_array_equal(x, y)
