@@ -32,14 +32,13 @@ along K within one output column and int8 scales are per column, so the packed w
 members' codes and scales side by side (tests/test_pack_matmul.py checks it). The bake runs this pass on the
 decoder only (graph_passes/bake.py `fused_form_passes`); it is generic ONNX and would run on any graph.
 
-Measured (bench decoder, hidden 1024 x 16 layers, ORT 1.32 CPU, this shared 2-core machine, 2026-11-28): 960 -> 944
-nodes, 113 -> 65 MatMul / MatMulNBits, 32 Splits added; logits bit-identical (fp32 and int4); decoder file
-954.57 -> 954.43 MB. Separate processes in alternating order, 1 thread, CPU time: one decode step at ctx 300 fp32
-0.97-1.01x, int4 1.02-1.03x (q/k/v packed alone 1.01x, gate/up alone 1.035x: ORT's MatMulNBits kernel took longer
-for one [1024, 5632] weight than for two [1024, 2816]); a 2100-token prefill fp32 1.02x, int4 1.01x. So no gain at
-one thread; what packing removes is per-node work (fewer kernels, one activation quantization, one thread-pool
-dispatch instead of three), which two threads would show, but 2-thread timings on the loaded machine spread
-0.6-1.2x per round (medians 0.91-1.00x) and could not decide it.
+Measured (bench decoder, hidden 1024 x 16 layers, attention and rotary fused, ORT 1.32 CPU, this shared 2-core
+machine, 2026-11-28): 599 -> 583 nodes, 113 -> 65 MatMul / MatMulNBits, 32 Splits added; logits bit-identical (fp32
+and int4); decoder file 955.24 -> 955.10 MB. int4, 2 threads, ORT profiler: the q/k/v kernels 2.1-2.2 -> 1.8 ms a
+step, gate/up 3.3-3.5 -> 3.1-3.3 ms, each Split group under 0.15 ms. Whole decode step at ctx 300 (separate processes
+in alternating order, medians of per-round ratios): int4 0.99x (1 thread, CPU time) and 1.00x (2 threads), fp32
+0.99x and 0.98x; a 2100-token prefill (1 thread, CPU time) int4 0.98x, fp32 1.02x (the Split copies the [S, ΣN]
+output). So: fewer nodes, the same numbers, a small kernel gain that the step time barely shows on this CPU.
 """
 
 from __future__ import annotations
