@@ -30,6 +30,7 @@ from anchorrt.graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass,
 from anchorrt.graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
 from anchorrt.graph_passes.clva_qformer import QFormerClvaPass
 from anchorrt.graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED, FuseAttentionPass
+from anchorrt.graph_passes.fuse_norm import FuseNormPass
 from anchorrt.graph_passes.naming import AssignNodeNames
 from anchorrt.graph_passes.pipeline import has_external_data, run_on_model, save_model
 from anchorrt.graph_passes.probe import ProbePass, resolve_probe_layers
@@ -303,7 +304,7 @@ def name_graphs(folder: Path, data: dict, roles: Sequence[str] = ("vision", "emb
 def fused_form_passes() -> list[GraphPass]:
     """The fused decoder form, in order; the first fuses the attention (its count must be every layer), the rest
     are optional fusions of the same form (a count of 0 leaves that part as exported)."""
-    return [FuseAttentionPass()]
+    return [FuseAttentionPass(), FuseNormPass()]
 
 
 def fuse_into(folder: Path, data: dict, say: Progress | None = None) -> dict[str, int]:
