@@ -1,10 +1,8 @@
 """Fused RMSNorm in the fused decoder form: each decomposed RMSNorm (Llama, Qwen2, Vicuna: y = w · x / sqrt(mean(x²)
-+ eps)) becomes ONNX Runtime's `SimplifiedLayerNormalization`, and one whose input is the residual `Add` becomes
++ eps)) becomes ONNX Runtime's `SimplifiedLayerNormalization` (what GenAI's model builder emits; ONNX Runtime's own
+optimizer leaves the exporter's chain alone: its SimplifiedLayerNormFusion expects Div, the exporter writes
+Reciprocal + Mul). Optionally (`skip=True`) a norm whose input is the residual `Add` becomes
 `com.microsoft.SkipSimplifiedLayerNormalization`, which also returns the sum for the next residual connection.
-FIELD-NOTES "Where the decoder's time goes": 7 small nodes per norm (33 norms on the bench model: ~1.5 ms of a
-14 ms int4 step at context 300) and a separate residual Add per half-layer; ONNX Runtime's own optimizer leaves
-this chain alone (its SimplifiedLayerNormFusion expects Div, the exporter writes Reciprocal + Mul), and GenAI's
-model builder emits exactly these two ops.
 
 Per norm, as the exporter emits it (torch.onnx, opset 18, traced in fp32 so Llama's `.to(float32)` is gone):
 
@@ -15,25 +13,39 @@ becomes
 
     x ─► SimplifiedLayerNormalization(x, w, axis=-1, epsilon=eps, stash_type=1) ─► y
 
-and where x = Add(a, b) (the residual connection: x is also read by the next residual Add)
+and with `skip=True`, where x = Add(a, b) of two activations (the residual connection)
 
     a ─┐                                                        ┌─► output 0 ─► y
     b ─┴─► SkipSimplifiedLayerNormalization(a, b, w, epsilon) ──┤   (com.microsoft)
                                                                 └─► output 3 (input_skip_bias_sum = a + b) ─► x's
-                                                                    other readers (omitted when there are none:
-                                                                    the final norm)
+                                                                    other readers (the output is left out when
+                                                                    there are none: the final norm)
 
-so a decoder of L layers has one SimplifiedLayerNormalization (layer 0's input norm reads inputs_embeds) and 2L
-SkipSimplifiedLayerNormalization. ONNX Runtime 1.32's CPU kernel contract (ContribOperators.md, checked by running
-it): inputs input, skip, gamma[, bias]; outputs output, mean, inv_std_var, input_skip_bias_sum, all but the first
-optional (mean and inv_std_var are left empty here); input and skip [B, S, hidden] of one shape.
+onnxruntime 1.32's CPU contract for the latter (ContribOperators.md, checked by running it): inputs input, skip,
+gamma[, bias]; outputs output, mean, inv_std_var, input_skip_bias_sum, all but the first optional (mean and
+inv_std_var are left empty here: an empty output name); input and skip [B, S, hidden] or [S, hidden].
 
-Left alone (count only what was fused): a weight or eps that is not a constant, a reduction over another axis
-than the last, keepdims=0, an exponent other than 2, an intermediate read by another node, and a Cast anywhere in
-the chain (not emitted by the fp32 export; a graph converted to fp16 is not fused). An `Add` that is a graph
-output or has a constant operand (a bias, not a residual) stays and feeds a SimplifiedLayerNormalization.
-The pass touches no attention node, so the mitigation passes (which match attention sites) bake on its output as
-before; the fp16 converter keeps both ops in fp32 (graph_passes/precision.py `_NORM_OPS`).
+Why `skip` is off by default: scripts/bench_fuse_norm.py (the bench model's residual stream alone, 16 layers,
+hidden 1024, 33 norms; onnxruntime 1.32 CPU EP, 1 thread, CPU time per step, interleaved medians, 2026-11-28):
+
+    rows    exporter's chains (295 nodes)    sln: + Add kept (97 nodes)    skip: SkipSimplified... (65 nodes)
+    1       0.142 ms                         0.058 ms (0.41x)              0.072 ms (0.50x)
+    300     10.3 ms                          5.29 ms  (0.51x)              12.1 ms  (1.17x)
+    2100    106 ms                           59.2 ms  (0.56x)              93.7 ms  (0.88x)
+
+The CPU kernel of the skip op is slower than the plain norm plus a separate Add at every size, and slower than
+the exporter's chain in a 300-row prefill, so the fused form keeps the Add; `skip=True` stays available (and
+tested) for a provider where the skip op wins (GenAI emits it, aiming at CUDA). Per decode step the norms are a
+small part of the decoder (0.14 ms of a ~14 ms int4 step); ORT's profiler shows them as ~1.5 ms because it adds
+~2 us to every node it times.
+
+Left alone (count only what was fused; `left` names each chain and why): a weight or eps that is not a constant, a
+reduction over another axis than the last, keepdims=0, an exponent other than 2, an intermediate read by another
+node, and a Cast inside the chain (the fp32 export has none). With `skip=True` an Add with a constant operand (a
+bias, not a residual) stays and feeds a SimplifiedLayerNormalization. A norm output (or residual sum) that is a
+graph output keeps its name. The pass touches no attention node, so the mitigation passes (which match attention
+sites) bake on its output as before; the fp16 converter keeps both ops in fp32 (graph_passes/precision.py
+`_NORM_OPS`), as it kept the exporter's chain.
 """
 
 from __future__ import annotations
@@ -125,8 +137,6 @@ def check_rms_norm(pow_node: ir.Node) -> tuple[dict | None, str]:
     weigh = _only_reader(scale.outputs[0], "Mul")
     if weigh is None:
         return None, "the normalised x is not read by one Mul (the weight) alone"
-    if weigh.outputs[0].is_graph_output():
-        return None, "the norm's output is a graph output"
     weight = _other_operand(weigh, scale.outputs[0])
     w = _constant(weight)
     if w is None or w.ndim != 1 or w.dtype != np.float32:
@@ -142,8 +152,6 @@ def check_residual(x: ir.Value) -> tuple[tuple[ir.Value, ir.Value] | None, str]:
     add = x.producer()
     if add is None or add.op_type != "Add" or add.domain != "" or len(add.inputs) != 2:
         return None, "the norm's input is not an Add"
-    if x.is_graph_output():
-        return None, "the residual sum is a graph output"
     a, b = add.inputs
     if a is None or b is None or _constant(a) is not None or _constant(b) is not None:
         return None, "the Add has a constant operand (a bias, not a residual)"
@@ -155,14 +163,28 @@ def check_residual(x: ir.Value) -> tuple[tuple[ir.Value, ir.Value] | None, str]:
     return (a, b), ""
 
 
+def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """`new` replaces `old` everywhere, as a graph output too (under `old`'s name, so the interface is unchanged)."""
+    for k, v in enumerate(graph.outputs):  # onnx-ir wants the graph output replaced first
+        if v is old:
+            name = old.name
+            old.name = f"{name}.decomposed"
+            new.name = name
+            graph.outputs[k] = new
+    ir.convenience.replace_all_uses_with(old, new)
+
+
 class FuseNormPass(GraphPass):
-    """Rewrite every decomposed RMSNorm as above; count = norms fused (0: none matched, the graph is unchanged);
-    `skip_count` = those that also took their residual Add."""
+    """Rewrite every decomposed RMSNorm as above; count = norms fused (0: none matched, the graph is unchanged).
+
+    `skip=True` also takes the residual Add into com.microsoft.SkipSimplifiedLayerNormalization (`skip_count` of
+    them); the default keeps the Add (the faster form on onnxruntime 1.32's CPU EP, module docstring)."""
 
     name = "fuse_norm"
 
-    def __init__(self) -> None:
+    def __init__(self, skip: bool = False) -> None:
         super().__init__()
+        self.skip = skip
         self.skip_count = 0
         self.left: dict[str, str] = {}  # Pow node name -> why that chain was not fused
 
@@ -182,11 +204,12 @@ class FuseNormPass(GraphPass):
         if not plans:
             return ir.passes.PassResult(model, modified=False)
         taken = {n.name for n in graph.all_nodes()}
-        for bind in plans:
+        for bind in plans:  # in graph order: a residual Add read by an earlier norm already reads its fused sum
             self._rewrite(graph, bind, taken)
             self.count += 1
         ir_common.RemoveUnusedNodesPass()(model)
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        if self.skip_count:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
         graph.sort()
         return ir.passes.PassResult(model, modified=True)
 
@@ -194,34 +217,30 @@ class FuseNormPass(GraphPass):
         first = bind["nodes"][0]
         scope = (first.name or "/model/norm/Pow").rsplit("/", 1)[0].strip("/") or "model/norm"
         layer = layer_of(first)
-        meta = {META_LAYER: str(layer)} if layer is not None else {}
-        b = Builder(scope, metadata=meta, taken=taken)
+        meta = {META_LAYER: str(layer)} if layer is not None else None
+        b = Builder(scope, taken=taken)
         x, y = bind["x"], bind["out"]
-        residual, _ = check_residual(x)
+        residual = check_residual(x)[0] if self.skip else None
         if residual is None:
             node = ir.Node("", SIMPLIFIED, [x, bind["weight"]], name=b._name("", SIMPLIFIED),
                            attributes=ir.convenience.convert_attributes(
-                               {"axis": -1, "epsilon": bind["eps"], "stash_type": 1}),
-                           metadata_props=meta or None)
-            sum_out = None
+                               {"axis": -1, "epsilon": bind["eps"], "stash_type": 1}), metadata_props=meta)
         else:
             norm_nodes = set(bind["nodes"])
-            others = [u for u in x.uses() if u.node not in norm_nodes]
+            others = x.is_graph_output() or any(u.node not in norm_nodes for u in x.uses())
             node = ir.Node(MS_DOMAIN, SKIP_SIMPLIFIED, [*residual, bind["weight"]], name=b._name("", SKIP_SIMPLIFIED),
                            attributes=ir.convenience.convert_attributes({"epsilon": bind["eps"]}),
-                           num_outputs=4 if others else 1, metadata_props=meta or None)
-            sum_out = node.outputs[3] if others else None
+                           num_outputs=4 if others else 1, metadata_props=meta)
             if others:  # mean, inv_std_var: not produced (an empty output name is ONNX's "absent")
                 node.outputs[1].name = node.outputs[2].name = ""
+                total = node.outputs[3]
+                total.name, total.dtype, total.shape = f"{node.name}_output_3", FLOAT, _copy(x.shape)
+                _take_over(graph, x, total)  # the norm's own chain reads it too, and goes
             self.skip_count += 1
         out = node.outputs[0]
         out.name, out.dtype, out.shape = f"{node.name}_output_0", FLOAT, _copy(y.shape)
         graph.insert_after(bind["nodes"][-1], node)
-        ir.convenience.replace_all_uses_with(y, out)
-        if sum_out is not None:
-            sum_out.name, sum_out.dtype, sum_out.shape = f"{node.name}_output_3", FLOAT, _copy(x.shape)
-            for use in others:
-                use.node.replace_input_with(use.idx, sum_out)
+        _take_over(graph, y, out)
 
 
 __all__ = ["FuseNormPass", "check_residual", "check_rms_norm"]

@@ -1,5 +1,5 @@
-"""Fused RMSNorm (graph_passes/fuse_norm.py): SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization in
-the fused decoder form.
+"""Fused RMSNorm (graph_passes/fuse_norm.py): SimplifiedLayerNormalization in the fused decoder form (the default),
+and SkipSimplifiedLayerNormalization with `skip=True`.
 
 Node counts on the default (fused) exports, nothing changed with --attention unfused, the in-memory pass against
 the graph without it (onnxruntime, prefill + a decode step), CLVA + SEVI flags on/off against the independent
@@ -38,23 +38,23 @@ def _session(model: ir.Model) -> ort.InferenceSession:
 
 
 @pytest.mark.parametrize("artifact", ["tiny_artifact", "interleave_artifact"])  # Llama, Qwen2
-def test_fused_export_has_one_simplified_and_two_skip_norms_per_layer(artifact, request):
+def test_fused_export_has_one_simplified_norm_per_norm(artifact, request):
+    """The default (skip=False): every norm a SimplifiedLayerNormalization, every residual Add kept."""
     pipe = Pipeline.from_dir(request.getfixturevalue(artifact))
-    layers = pipe.num_layers
+    norms = 2 * pipe.num_layers + 1
     model = ir.load(pipe.manifest.graph_path("decoder"))
     ops = _ops(model)
-    assert ops[SIMPLIFIED] == 1 and ops[SKIP_SIMPLIFIED] == 2 * layers
+    assert ops[SIMPLIFIED] == norms and not ops[SKIP_SIMPLIFIED]
     assert not any(ops[op] for op in DECOMPOSED_OPS)
-    assert pipe.manifest.data["attention"]["fusions"]["fuse_norm"] == 2 * layers + 1
-    first = next(n for n in model.graph if n.op_type == SIMPLIFIED)
-    assert first.inputs[0].name == "inputs_embeds" and first.name == "/model/layers.0/input_layernorm/" + SIMPLIFIED
-    skips = [n for n in model.graph if n.op_type == SKIP_SIMPLIFIED]
-    assert all(n.domain == "com.microsoft" for n in skips)
-    final = skips[-1]  # the final norm: no later residual reads its sum
-    assert final.name == "/model/norm/" + SKIP_SIMPLIFIED and len(final.outputs) == 1
-    for node in skips[:-1]:  # every other sum feeds the next residual connection, i.e. the next norm's skip input
-        readers = [u.node for u in node.outputs[3].uses()]
-        assert [r.op_type for r in readers] == [SKIP_SIMPLIFIED] and [o.name for o in node.outputs[1:3]] == ["", ""]
+    assert pipe.manifest.data["attention"]["fusions"]["fuse_norm"] == norms
+    fused = [n for n in model.graph if n.op_type == SIMPLIFIED]
+    assert fused[0].inputs[0].name == "inputs_embeds" and fused[0].name == "/model/layers.0/input_layernorm/" + SIMPLIFIED
+    assert fused[-1].name == "/model/norm/" + SIMPLIFIED
+    for node in fused:
+        assert node.domain == "" and node.inputs[1].const_value is not None and node.metadata_props.get(
+            "anchorrt.layer", "") == ("" if node is fused[-1] else node.name.split("layers.")[1].split("/")[0])
+    for node in fused[1:]:  # every later norm reads a residual Add
+        assert node.inputs[0].producer().op_type == "Add"
 
 
 def test_unfused_export_keeps_decomposed_norms(unfused_artifact):
@@ -82,18 +82,26 @@ def _decode_feeds(layers: int, kv_heads: int, head_dim: int, hidden: int):
            "position_ids": mask.sum(-1, keepdims=True) - 1, **grown}
 
 
-def test_pass_against_the_graph_without_it(unfused_artifact):
+@pytest.mark.parametrize("skip", [False, True])
+def test_pass_against_the_graph_without_it(unfused_artifact, skip):
     """FuseAttention alone vs FuseAttention + FuseNorm on the same decoder: every output within 1e-5; node count
-    down by 7 per norm, less the one fused node, plus every residual Add but the first norm's."""
+    down by 7 per norm less the one fused node (skip: and every residual Add but layer 0's input norm's, which
+    reads inputs_embeds); onnxruntime's symbolic shape inference reads the result."""
+    from tests.test_shape_inference import symbolic_shape_infer, untyped
+
     pipe = Pipeline.from_dir(unfused_artifact)
     path = pipe.manifest.graph_path("decoder")
     before, after = ir.load(path), ir.load(path)
     run_on_model(before, [AssignNodeNames(), FuseAttentionPass()])
-    p = FuseNormPass()
+    p = FuseNormPass(skip=skip)
     run_on_model(after, [AssignNodeNames(), FuseAttentionPass(), p])
     norms, layers = 2 * pipe.num_layers + 1, pipe.num_layers
-    assert p.count == norms and p.skip_count == norms - 1 and p.left == {}
-    assert before.graph.num_nodes() - after.graph.num_nodes() == 7 * norms - norms + (norms - 1)
+    skips = norms - 1 if skip else 0
+    assert p.count == norms and p.skip_count == skips and p.left == {}
+    assert _ops(after)[SKIP_SIMPLIFIED] == skips and _ops(after)[SIMPLIFIED] == norms - skips
+    assert before.graph.num_nodes() - after.graph.num_nodes() == 6 * norms + skips
+    assert untyped(after) == []
+    symbolic_shape_infer(after)
     sa, sb = _session(before), _session(after)
     hidden = next(v for v in before.graph.inputs if v.name == "inputs_embeds").shape[-1]
     for feed in _decode_feeds(layers, pipe.kv_heads, pipe.head_dim, hidden):
@@ -129,7 +137,7 @@ def test_flags_on_and_off_match_the_reference_on_fused_norms(baked_parity):
     from tests.test_mitigation_parity import ATOL, CASES, onnx_passes, reference_flags, reference_passes
 
     pipe, plain, batch, pixels, ref = baked_parity
-    assert _ops(ir.load(pipe.manifest.graph_path("decoder")))[SKIP_SIMPLIFIED] == 2 * pipe.num_layers
+    assert _ops(ir.load(pipe.manifest.graph_path("decoder")))[SIMPLIFIED] == 2 * pipe.num_layers + 1
     spec = CASES["both"]
     clva, sevi = reference_flags(spec)
     refs, tokens = reference_passes(ref, batch, pixels, clva, sevi)
@@ -167,7 +175,7 @@ HIDDEN = 8
 
 
 def _norm_graph(*, weight_const: bool = True, axis: int = -1, extra_reader: bool = True,
-                eps_reader: bool = False, bias_add: bool = False) -> ir.Model:
+                eps_reader: bool = False, bias_add: bool = False, outputs_too: bool = False) -> ir.Model:
     """x = Add(a, b) ─► the exporter's RMSNorm chain ─► y ─► Mul(y, y) (the projections); `extra_reader`: x is also
     read by the next residual connection, Add(x, y²). Knobs build the near misses."""
     shape = ["batch", "sequence", HIDDEN]
@@ -215,6 +223,8 @@ def _norm_graph(*, weight_const: bool = True, axis: int = -1, extra_reader: bool
         outputs.append(op("Add", [x, outputs[0]], "next"))
     if eps_reader:
         outputs.append(op("Mul", [var, var], "var2"))
+    if outputs_too:
+        outputs += [y, x]
     for v in outputs:
         v.shape = ir.Shape(shape) if v.name != "var2" else ir.Shape(["batch", "sequence", 1])
     graph = ir.Graph(inputs, outputs, nodes=nodes, initializers=consts, opset_imports={"": 18})
@@ -231,12 +241,28 @@ def _feed(model: ir.Model) -> dict:
             for v in model.graph.inputs}
 
 
+def test_norm_becomes_simplified_and_keeps_the_residual_add():
+    model = _norm_graph()
+    feed = _feed(model)
+    want = _run(model, feed)
+    p = FuseNormPass()
+    p(model)
+    assert (p.count, p.skip_count) == (1, 0)
+    node = next(n for n in model.graph if n.op_type == SIMPLIFIED)
+    assert node.inputs[0].name == "x" and node.inputs[1].name == "w"
+    assert node.attributes["epsilon"].value == pytest.approx(1e-5) and node.attributes["axis"].value == -1
+    assert node.attributes["stash_type"].value == 1
+    assert _ops(model) == Counter({SIMPLIFIED: 1, "Mul": 1, "Add": 2})  # the residual Add and the next one
+    for x, y in zip(want, _run(model, feed)):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
 @pytest.mark.parametrize("extra_reader", [True, False])
 def test_residual_norm_becomes_skip_simplified(extra_reader):
     model = _norm_graph(extra_reader=extra_reader)
     feed = _feed(model)
     want = _run(model, feed)
-    p = FuseNormPass()
+    p = FuseNormPass(skip=True)
     p(model)
     assert (p.count, p.skip_count) == (1, 1)
     node = next(n for n in model.graph if n.op_type == SKIP_SIMPLIFIED)
@@ -253,9 +279,26 @@ def test_bias_add_is_not_a_residual():
     model = _norm_graph(bias_add=True)
     feed = _feed(model)
     want = _run(model, feed)
-    p = FuseNormPass()
+    p = FuseNormPass(skip=True)
     p(model)
     assert (p.count, p.skip_count) == (1, 0) and _ops(model)[SIMPLIFIED] == 1
+    for x, y in zip(want, _run(model, feed)):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_graph_outputs_keep_their_names(skip):
+    """The norm's output and the residual sum as graph outputs: same names, now the fused node's outputs."""
+    model = _norm_graph(outputs_too=True)
+    feed = _feed(model)
+    want = _run(model, feed)
+    names = [v.name for v in model.graph.outputs]
+    p = FuseNormPass(skip=skip)
+    p(model)
+    assert p.count == 1 and [v.name for v in model.graph.outputs] == names
+    fused = next(n for n in model.graph if n.op_type in (SIMPLIFIED, SKIP_SIMPLIFIED))
+    assert model.graph.outputs[-2] is fused.outputs[0]
+    assert (model.graph.outputs[-1].producer() is fused) == skip  # skip: the sum is output 3
     for x, y in zip(want, _run(model, feed)):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
