@@ -33,6 +33,7 @@ from anchorrt.graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED, FuseA
 from anchorrt.graph_passes.fuse_norm import FuseNormPass
 from anchorrt.graph_passes.fuse_rotary import MAX_TABLE_POSITIONS, FuseRotaryPass
 from anchorrt.graph_passes.naming import AssignNodeNames
+from anchorrt.graph_passes.pack_matmul import PackMatMulPass
 from anchorrt.graph_passes.pipeline import has_external_data, run_on_model, save_model
 from anchorrt.graph_passes.probe import ProbePass, resolve_probe_layers
 from anchorrt.graph_passes.sevi import DEFAULT_START_LAYER, SEVI_INPUTS, SeviPass
@@ -308,6 +309,7 @@ def fused_form_passes(data: dict | None = None) -> list[GraphPass]:
     export being fused (the rotary tables cover its context length; without it rotary stays as exported)."""
     return [FuseAttentionPass(),
             FuseRotaryPass(rotary_table_positions(data)),
+            PackMatMulPass(),
             FuseNormPass()]
 
 

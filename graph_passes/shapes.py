@@ -51,7 +51,8 @@ def _without_weights(model: ir.Model) -> onnx.ModelProto:
                 graph.inputs.append(v)
         return ir.serde.serialize_model(model)
     finally:
-        del graph.inputs[n_inputs:]
+        while len(graph.inputs) > n_inputs:  # pop, not `del`: onnx-ir's list clears is_graph_input() on pop only
+            graph.inputs.pop()
         for v in detached:
             v.const_value = kept[v.name]
             graph.initializers.add(v)
