@@ -97,7 +97,7 @@ def test_pass_against_the_graph_without_it(unfused_artifact, skip):
     run_on_model(after, [AssignNodeNames(), FuseAttentionPass(), p])
     norms, layers = 2 * pipe.num_layers + 1, pipe.num_layers
     skips = norms - 1 if skip else 0
-    assert p.count == norms and p.skip_count == skips and p.left == {}
+    assert p.count == norms and p.skip_count == skips and p.skipped == {}
     assert _ops(after)[SKIP_SIMPLIFIED] == skips and _ops(after)[SIMPLIFIED] == norms - skips
     assert before.graph.num_nodes() - after.graph.num_nodes() == 6 * norms + skips
     assert untyped(after) == []
@@ -314,7 +314,7 @@ def test_near_misses_are_left_alone(knob, reason):
     p = FuseNormPass()
     result = p(model)
     assert p.count == 0 and not result.modified and _ops(model) == ops
-    assert len(p.left) == 1 and reason in next(iter(p.left.values())), p.left
+    assert len(p.skipped) == 1 and reason in next(iter(p.skipped.values())), p.skipped
 
 
 # --------------------------------------------------------------------------- conversions and shape inference
