@@ -39,13 +39,14 @@ tested) for a provider where the skip op wins (GenAI emits it, aiming at CUDA). 
 small part of the decoder (0.14 ms of a ~14 ms int4 step); ORT's profiler shows them as ~1.5 ms because it adds
 ~2 us to every node it times.
 
-Left alone (count only what was fused; `left` names each chain and why): a weight or eps that is not a constant, a
-reduction over another axis than the last, keepdims=0, an exponent other than 2, an intermediate read by another
-node, and a Cast inside the chain (the fp32 export has none). With `skip=True` an Add with a constant operand (a
-bias, not a residual) stays and feeds a SimplifiedLayerNormalization. A norm output (or residual sum) that is a
-graph output keeps its name. The pass touches no attention node, so the mitigation passes (which match attention
-sites) bake on its output as before; the fp16 converter keeps both ops in fp32 (graph_passes/precision.py
-`_NORM_OPS`), as it kept the exporter's chain.
+Left alone (count only what was fused; `skipped` names the scope of each Pow -> ReduceMean chain that is not an
+RMSNorm as above and why, and the manifest records it): a weight or eps that is not a constant, a reduction over
+another axis than the last, keepdims=0, an exponent other than 2, an intermediate read by another node, and a Cast
+inside the chain (the fp32 export has none). With `skip=True` an Add with a constant operand (a bias, not a
+residual) stays and feeds a SimplifiedLayerNormalization. A norm output (or residual sum) that is a graph output
+keeps its name. The pass touches no attention node, so the mitigation passes (which match attention sites) bake on
+its output as before; the fp16 converter keeps both ops in fp32 (graph_passes/precision.py `_NORM_OPS`), as it
+kept the exporter's chain.
 """
 
 from __future__ import annotations
@@ -186,19 +187,20 @@ class FuseNormPass(GraphPass):
         super().__init__()
         self.skip = skip
         self.skip_count = 0
-        self.left: dict[str, str] = {}  # Pow node name -> why that chain was not fused
+        self.skipped: dict[str, str] = {}  # norm scope -> why its chain was left as exported (manifest: bake.py)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self.count = self.skip_count = 0
-        self.left = {}
+        self.skipped = {}
         plans = []
         for node in graph:
-            if node.op_type != "Pow" or node.domain != "":
-                continue
+            if node.op_type != "Pow" or node.domain != "" or not any(
+                    u.node.op_type == "ReduceMean" for u in node.outputs[0].uses()):
+                continue  # not the start of a norm (e.g. a tanh-GELU's x³)
             bind, reason = check_rms_norm(node)
             if bind is None:
-                self.left[node.name] = reason
+                self.skipped[(node.name or "").rsplit("/", 1)[0].strip("/") or "graph"] = reason
             else:
                 plans.append(bind)
         if not plans:

@@ -4,7 +4,7 @@ and SkipSimplifiedLayerNormalization with `skip=True`.
 Node counts on the default (fused) exports, nothing changed with --attention unfused, the in-memory pass against
 the graph without it (onnxruntime, prefill + a decode step), CLVA + SEVI flags on/off against the independent
 PyTorch reference on the fused-norm artifact, near misses on hand-built graphs, fp16 / int4 / int8 conversions, and
-onnxruntime's symbolic shape inference. Fixtures are the session's (tests/conftest.py); ~30 s on top of them.
+onnxruntime's symbolic shape inference. Fixtures are the session's (tests/conftest.py); ~10 s on top of them.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def test_pass_against_the_graph_without_it(unfused_artifact, skip):
     run_on_model(after, [AssignNodeNames(), FuseAttentionPass(), p])
     norms, layers = 2 * pipe.num_layers + 1, pipe.num_layers
     skips = norms - 1 if skip else 0
-    assert p.count == norms and p.skip_count == skips and p.left == {}
+    assert p.count == norms and p.skip_count == skips and p.skipped == {}
     assert _ops(after)[SKIP_SIMPLIFIED] == skips and _ops(after)[SIMPLIFIED] == norms - skips
     assert before.graph.num_nodes() - after.graph.num_nodes() == 6 * norms + skips
     assert untyped(after) == []
@@ -120,12 +120,12 @@ def baked_parity(tiny_artifact, tiny_model, tmp_path_factory, images):
     from anchorrt.exporter.reference import ReferenceLlava
     from anchorrt.graph_passes.bake import BakeOptions, bake
 
+    from tests.test_mitigation_parity import PROMPTS
+
     baked_dir = tmp_path_factory.mktemp("fuse-norm") / "baked"
     shutil.copytree(tiny_artifact, baked_dir)
     bake(baked_dir, "clva,sevi", BakeOptions(sevi_start_layer=2, debug_outputs=True))
     pipe, plain = Pipeline.from_dir(baked_dir), Pipeline.from_dir(tiny_artifact)
-    from tests.test_mitigation_parity import PROMPTS
-
     batch = pipe._pad([pipe.prompts.encode(p) for p in PROMPTS])
     pixels = pipe.preprocess([pipe._load(img, i) for i, img in enumerate(images[:2])])
     return pipe, plain, batch, pixels, ReferenceLlava.from_pretrained(tiny_model)
@@ -151,8 +151,8 @@ def test_flags_on_and_off_match_the_reference_on_fused_norms(baked_parity):
 
 def test_greedy_tokens_flags_on_and_off_match_the_reference(baked_parity, images):
     import torch
-
     from anchorrt.runtime.pipeline import Request
+
     from tests.test_mitigation_parity import CASES, PROMPTS, reference_flags
 
     pipe, _, batch, pixels, ref = baked_parity
@@ -314,7 +314,7 @@ def test_near_misses_are_left_alone(knob, reason):
     p = FuseNormPass()
     result = p(model)
     assert p.count == 0 and not result.modified and _ops(model) == ops
-    assert len(p.left) == 1 and reason in next(iter(p.left.values())), p.left
+    assert len(p.skipped) == 1 and reason in next(iter(p.skipped.values())), p.skipped
 
 
 # --------------------------------------------------------------------------- conversions and shape inference
