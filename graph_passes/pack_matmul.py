@@ -46,24 +46,25 @@ from anchorrt.graph_passes.shapes import annotate_missing
 MIN_OPSET = 13  # Split takes `split` as an input from opset 13
 
 
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind `value`: an initializer that is not a graph input, or a `Constant` node's `value`."""
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The constant behind `value`: an initializer that is not a graph input, or a `Constant` node's `value`
+    (read lazily: an external-data weight is only loaded when it is packed)."""
     if value is None or (value.graph is not None and any(v is value for v in value.graph.inputs)):
         return None  # a graph input (an overridable initializer too) is not a constant
     if value.is_initializer():
-        return value.const_value.numpy() if value.const_value is not None else None
+        return value.const_value
     node = value.producer()
     if node is not None and node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
-        return node.attributes["value"].value.numpy()
+        return node.attributes["value"].value
     return None
 
 
 @dataclass
 class Member:
     node: ir.Node  # the MatMul
-    weight: np.ndarray  # [K, N]
+    weight: ir.TensorProtocol  # [K, N]
     add: ir.Node | None = None  # its bias Add, when it has one of the packable form
-    bias: np.ndarray | None = None  # [N]
+    bias: ir.TensorProtocol | None = None  # [N]
 
     @property
     def n(self) -> int:
@@ -80,11 +81,11 @@ def check_member(node: ir.Node, graph: ir.Graph) -> tuple[Member | None, str]:
     if node.op_type != "MatMul" or node.domain != "" or node.graph is not graph:
         return None, "not an ONNX MatMul of the main graph"
     w_value = node.inputs[1]
-    w = constant_array(w_value)
+    w = constant_tensor(w_value)
     if w is None:
         return None, "its weight is not a constant (initializer or Constant)"
-    if w.ndim != 2:
-        return None, f"its weight has rank {w.ndim}, not 2"
+    if len(w.shape) != 2:
+        return None, f"its weight has rank {len(w.shape)}, not 2"
     if len(list(w_value.uses())) != 1:
         return None, "its weight is read by another node too"
     if node.outputs[0].is_graph_output():
@@ -92,7 +93,7 @@ def check_member(node: ir.Node, graph: ir.Graph) -> tuple[Member | None, str]:
     return Member(node, w), ""
 
 
-def _bias_of(member: Member) -> tuple[ir.Node, np.ndarray] | None:
+def _bias_of(member: Member) -> tuple[ir.Node, ir.TensorProtocol] | None:
     """The member's only reader as Add(out, b) with a constant b [N] of the weight's dtype, else None."""
     out = member.node.outputs[0]
     uses = list(out.uses())
@@ -103,22 +104,22 @@ def _bias_of(member: Member) -> tuple[ir.Node, np.ndarray] | None:
             or add.outputs[0].is_graph_output():
         return None
     other = add.inputs[1 - uses[0].idx]
-    b = constant_array(other)
-    if b is None or b.shape != (member.n,) or b.dtype != member.weight.dtype or other is out:
+    b = constant_tensor(other)
+    if b is None or tuple(b.shape) != (member.n,) or b.dtype != member.weight.dtype or other is out:
         return None
     return add, b
 
 
 def sibling_groups(graph: ir.Graph) -> list[list[Member]]:
     """Groups of >= 2 members reading the same activation with weights of the same dtype and K, in graph order."""
-    by_key: dict[tuple[int, str, int], list[Member]] = {}
+    by_key: dict[tuple[int, ir.DataType, int], list[Member]] = {}
     for node in graph:
         if node.op_type != "MatMul" or node.domain != "" or node.inputs[0] is None:
             continue
         member, _ = check_member(node, graph)
         if member is None:
             continue
-        key = (id(node.inputs[0]), member.weight.dtype.str, int(member.weight.shape[0]))
+        key = (id(node.inputs[0]), member.weight.dtype, int(member.weight.shape[0]))
         by_key.setdefault(key, []).append(member)
     return [g for g in by_key.values() if len(g) >= 2]
 
@@ -185,7 +186,7 @@ class PackMatMulPass(GraphPass):
         layer = layer_of(first)
         b = Builder(_packed_scope(members), metadata={META_LAYER: str(layer)} if layer is not None else None,
                     taken=taken)
-        weight = _initializer(graph, f"/{b.scope}/weight", np.concatenate([m.weight for m in members], axis=1))
+        weight = _initializer(graph, f"/{b.scope}/weight", np.concatenate([m.weight.numpy() for m in members], axis=1))
         dtype = weight.dtype
         total = sum(m.n for m in members)
         shape = ir.Shape([*x.shape[:-1], total]) if x.shape is not None and x.shape.rank() >= 1 else None
@@ -193,7 +194,7 @@ class PackMatMulPass(GraphPass):
         packed.shape = shape
         self.packed.append(packed.producer().name)
         if members[0].add is not None:
-            bias = _initializer(graph, f"/{b.scope}/bias", np.concatenate([m.bias for m in members]))
+            bias = _initializer(graph, f"/{b.scope}/bias", np.concatenate([m.bias.numpy() for m in members]))
             packed = b.op("Add", [packed, bias], dtype=dtype)
             packed.shape = shape
         # an initializer, not a Constant node: the pack should not add nodes to the graph
@@ -215,4 +216,4 @@ class PackMatMulPass(GraphPass):
             _drop_constant(graph, c)
 
 
-__all__ = ["PackMatMulPass", "check_member", "constant_array", "sibling_groups"]
+__all__ = ["PackMatMulPass", "check_member", "constant_tensor", "sibling_groups"]
