@@ -23,6 +23,10 @@ from anchorrt.runtime.errors import AnchorError
 META_LAYER = "anchorrt.layer"  # decoder layer index of a node a pass added or rewired
 META_BASE_MASK = "anchorrt.base_mask"  # on an attention node whose mask a pass replaced: the original mask's name
 META_MASK_ROLE = "anchorrt.mask_role"  # "effective": this node reads the layer's mask as the layer applies it
+# On an attention node whose mask input a pass derived per pass from the layer's mask (SEVI's decode-step bias on
+# the fused form): the name of that mask as the layer applies it without the pass's edit. A later pass reads it as
+# the layer's mask (site.mask), and CLVA rewires the "effective" readers and this record, not the node's input.
+META_EFFECTIVE_MASK = "anchorrt.effective_mask"
 
 NEG_INF = float("-inf")
 
@@ -78,10 +82,11 @@ class Builder:
         return name
 
     def op(self, op_type: str, inputs: Sequence[ir.Value | None], what: str = "", *, num_outputs: int = 1,
-           dtype: ir.DataType | None = None, metadata: dict[str, str] | None = None, **attributes: Any):
+           dtype: ir.DataType | None = None, metadata: dict[str, str] | None = None, domain: str = "",
+           **attributes: Any):
         attrs = ir.convenience.convert_attributes({k: v for k, v in attributes.items() if v is not None})
         name = self._name(what, op_type)
-        node = ir.Node("", op_type, list(inputs), attributes=attrs, num_outputs=num_outputs, name=name,
+        node = ir.Node(domain, op_type, list(inputs), attributes=attrs, num_outputs=num_outputs, name=name,
                        metadata_props={**self.metadata, **(metadata or {})} or None)
         for k, out in enumerate(node.outputs):
             out.name = f"{name}_output_{k}"

@@ -47,10 +47,10 @@ from anchorrt.graph_passes.attention_match import (
     AttentionSite,
     match_attention,
     require_float32,
-    site_keys,
 )
 from anchorrt.graph_passes.base import (
     META_BASE_MASK,
+    META_EFFECTIVE_MASK,
     META_LAYER,
     META_MASK_ROLE,
     Builder,
@@ -66,10 +66,9 @@ from anchorrt.graph_passes.regions import (
     FLOAT,
     build_regions,
     query_rows,
-    recompute_logits,
     shared_float_mask,
+    site_logits,
     slice_axis,
-    static_heads,
 )
 from anchorrt.graph_passes.shapes import annotate_missing, reduce_extreme
 
@@ -199,12 +198,16 @@ def _query_heads(site: AttentionSite) -> int:
 
 
 def _rewire_mask(graph: ir.Graph, site: AttentionSite, clva_mask: ir.Value) -> None:
-    """The drift layer reads `clva_mask`: its Add/Attention, and any node a pass tagged as reading the layer's
-    effective mask (SEVI's recomputed last row, when SEVI was baked first)."""
+    """The drift layer reads `clva_mask`: its Add/Attention (or, where SEVI derives the fused node's bias from the
+    layer's mask, SEVI's record of that mask), and any node a pass tagged as reading the layer's effective mask
+    (SEVI's recomputed last row and decode-step bias, when SEVI was baked first)."""
     node = site.mask_node
     node.metadata_props.setdefault(META_BASE_MASK, site.base_mask.name)
     node.metadata_props[META_LAYER] = str(site.layer)
-    node.replace_input_with(site.mask_index, clva_mask)
+    if META_EFFECTIVE_MASK in node.metadata_props:  # the node's mask is derived from the layer's (SEVI, fused form)
+        node.metadata_props[META_EFFECTIVE_MASK] = clva_mask.name
+    else:
+        node.replace_input_with(site.mask_index, clva_mask)
     for other in graph.all_nodes():
         if (other.metadata_props.get(META_MASK_ROLE) == "effective"
                 and other.metadata_props.get(META_LAYER) == str(site.layer)):
@@ -269,7 +272,7 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
             return site.probs  # [B,H,S,K], unedited (drift layers come later)
         sb = b.child(f"recompute_layer{site.layer}", same_graph=True)
         q_rows = query_rows(sb, site, rows_from, "q_rows")
-        logits = recompute_logits(sb, q_rows, site_keys(sb, site), heads, static_heads(site.k, "the attention's key"), site.scale)
+        logits = site_logits(sb, site, q_rows)  # [B, H, R, K]
         p = sb.op("Softmax", [sb.op("Add", [logits, mask_r], "masked")], "probs", axis=-1)
         return sb.op("Where", [sb.op("IsNaN", [p], "probs"), sb.const(np.float32(0.0), "zero_f"), p], "probs")
 
