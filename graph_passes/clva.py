@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from anchorrt.graph_passes.attention_match import (
+    GQA,
     RECOMPUTED,
     AttentionSite,
     match_attention,
@@ -274,6 +275,8 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
         q_rows = query_rows(sb, site, rows_from, "q_rows")
         logits = site_logits(sb, site, q_rows)  # [B, H, R, K]
         p = sb.op("Softmax", [sb.op("Add", [logits, mask_r], "masked")], "probs", axis=-1)
+        if site.form == GQA:  # its mask is finite (fuse_attention.py): no fully masked row, no NaN to guard
+            return p
         return sb.op("Where", [sb.op("IsNaN", [p], "probs"), sb.const(np.float32(0.0), "zero_f"), p], "probs")
 
     t_rows_d = b.op("Unsqueeze", [t_f, ax1], "t_rows_d")  # [B,1,R]

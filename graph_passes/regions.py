@@ -98,9 +98,10 @@ def site_logits(b: Builder, site, q_rows: ir.Value, past_len: ir.Value | None = 
 
     Fused GroupQueryAttention (pattern C): the keys are read where they are stored, never copied:
 
-        q_rows [B,H,R,D] ─Reshape─► q [B,Hk,rep·R,D] ─┬─ MatMul(q, Transpose(past)) ─► [B,Hk,rep·R,M|P] ─Slice(0:P)─┐
-                                                       └─ MatMul(q, Transpose(new4)) ─► [B,Hk,rep·R,S] ───────────────┴─►
-        new_k [B,S,Hk·D] ─Reshape─Transpose─► new4 [B,Hk,S,D]         Concat ─Mul(scale)─Reshape─► [B,H,R,K]
+        q_rows [B,H,R,D] ─Reshape─Mul(scale)─► q [B,Hk,rep·R,D]
+        q ─ MatMul(q, Transpose(past)) ─► [B,Hk,rep·R,M|P] ─Slice(0:P)─┐
+        q ─ MatMul(q, Transpose(new4)) ─► [B,Hk,rep·R,S] ──────────────┴─Concat─Reshape─► [B,H,R,K]
+        new_k [B,S,Hk·D] ─Reshape─Transpose─► new4 [B,Hk,S,D]
 
     P = K - S. `past` is the graph input in both cache contracts: past [B,Hk,P,D] (distinct buffers) or the shared
     max-length buffer [B,Hk,M,D], whose slots 0..P-1 hold the past whether the fused node has already written the
@@ -130,6 +131,7 @@ def site_logits(b: Builder, site, q_rows: ir.Value, past_len: ir.Value | None = 
     d = site.k.shape[3]
     grouped = b.op("Reshape", [q_rows, b.const(np.array([0, kv_heads, -1, d], np.int64), "q_group_shape")],
                    "q_grouped")  # [B, Hk, rep·R, D]: query head h = g·rep + i reads key head g
+    grouped = b.op("Mul", [grouped, b.const(np.float32(site.scale), "scale")], "q_scaled")  # R·H·D values, not R·H·K
     if past_len is None:
         total = b.op("Shape", [site.base_mask], "total_length", start=3, end=4)  # [1] K
         seq = b.op("Shape", [site.q], "sequence", start=1, end=2)  # [1] S (q [B, S, H·D])
@@ -147,8 +149,7 @@ def site_logits(b: Builder, site, q_rows: ir.Value, past_len: ir.Value | None = 
         new4 = b.op("Reshape", [site.new_k, b.const(np.array([0, 0, kv_heads, d], np.int64), "new_key_shape")],
                     "new_keys")
         new4 = b.op("Transpose", [new4], "new_keys", perm=[0, 2, 1, 3])  # [B, Hk, S, D]
-    logits = b.op("Concat", [old, scores(new4, "new_scores")], "scores", axis=3)  # [B, Hk, rep·R, K]
-    logits = b.op("Mul", [logits, b.const(np.float32(site.scale), "scale")], "scores", dtype=FLOAT)
+    logits = b.op("Concat", [old, scores(new4, "new_scores")], "scores", axis=3, dtype=FLOAT)  # [B, Hk, rep·R, K]
     return b.op("Reshape", [logits, b.const(np.array([0, heads, -1, 0], np.int64), "scores_shape")], "logits",
                 dtype=FLOAT)
 

@@ -174,8 +174,8 @@ def _heads(site: AttentionSite) -> int:
     return site.query_heads()
 
 
-SHARED = ("text_f", "keys", "row_on", "kappa", "omega", "one_plus_omega", "base_last", "past_len")
-SHARED_TYPES = (FLOAT, FLOAT, BOOL, FLOAT, FLOAT, FLOAT, FLOAT, INT64)
+SHARED = ("text_f", "keys", "row_on", "kappa", "omega", "one_plus_omega", "edit_weight", "base_last", "past_len")
+SHARED_TYPES = (FLOAT, FLOAT, BOOL, FLOAT, FLOAT, FLOAT, FLOAT, FLOAT, INT64)
 
 
 def _shared(b: Builder, any_on, attention_mask, inputs_embeds, visual_mask, base, enable, omega, kappa) -> dict[str, ir.Value]:
@@ -184,7 +184,8 @@ def _shared(b: Builder, any_on, attention_mask, inputs_embeds, visual_mask, base
         text_f [B,1,1,K]   1.0 at keys after the row's last image position (the current row included)
         keys   [B,1,K,2]   columns (text key, image-side key): probs @ keys = (text mass, image-side mass)
         row_on [B,1,1,1]   flag on and the row has an image token
-        kappa, omega, 1 + omega [B,1,1,1];  base_last [B,1,1,K] the exporter's mask on the last row (fp32)
+        kappa, omega, 1 + omega, omega / (1 + omega) [B,1,1,1];  base_last [B,1,1,K] the exporter's mask on the
+                           last row (fp32);  past_len [1] P (keys before this pass)
     """
     t = b.child("shared")
     seen = t.op("Cast", [attention_mask], "seen", to=BOOL)
@@ -211,8 +212,9 @@ def _shared(b: Builder, any_on, attention_mask, inputs_embeds, visual_mask, base
                                    t.const(np.float32(NEG_INF), "neg_inf")], "base_last", dtype=FLOAT)
     past_len = t.op("Sub", [t.op("Shape", [attention_mask], "total_length", start=1, end=2),
                             t.op("Shape", [inputs_embeds], "sequence", start=1, end=2)], "past_length")  # [1] P
-    values = [text_f, keys, row_on, t.op("Reshape", [kappa, col], "kappa"), omega4,
-              t.op("Add", [t.const(np.float32(1.0), "one_f"), omega4], "one_plus_omega"), base_last, past_len]
+    one_plus_omega = t.op("Add", [t.const(np.float32(1.0), "one_f"), omega4], "one_plus_omega")
+    values = [text_f, keys, row_on, t.op("Reshape", [kappa, col], "kappa"), omega4, one_plus_omega,
+              t.op("Div", [omega4, one_plus_omega], "edit_weight"), base_last, past_len]
     off = b.child("shared_off")  # never read: every layer's If takes its else branch too
     dummies = [off.const(np.zeros((1, 1, 1, 1), bool if dt == BOOL else np.float32), name) if dt != INT64
                else off.const(np.zeros(1, np.int64), name) for name, dt in zip(SHARED, SHARED_TYPES)]
@@ -257,10 +259,16 @@ def _classify(t: Builder, site: AttentionSite, sh: dict[str, ir.Value], heads: i
 
 
 def _edited_logits(a: Builder, c: dict[str, ir.Value], sh: dict[str, ir.Value], heads: int) -> ir.Value:
-    """(logits + omega * target) / (1 + omega) [B,H,1,K]; target = mean over global heads (step 1, vision heads) or
-    max over local heads (step 2, global heads) of the unedited logits. Where a row has no global (local) head these
-    are 0/0 (the lowest float), but then no head selects them: unchanged heads keep the layer's own output, so their
-    edited logits are never used either."""
+    """(logits + omega * target) / (1 + omega) [B,H,1,K] (see _edit_target)."""
+    target = _edit_target(a, c, heads)
+    return a.op("Div", [a.op("Add", [c["raw"], a.op("Mul", [sh["omega"], target], "edited")], "edited"),
+                        sh["one_plus_omega"]], "edited")  # (logits + omega * target) / (1 + omega)
+
+
+def _edit_target(a: Builder, c: dict[str, ir.Value], heads: int) -> ir.Value:
+    """[B,H,1,K]: the mean over global heads (step 1, for vision heads) or the max over local heads (step 2, for
+    global heads) of the unedited logits. Where a row has no global (local) head these are 0/0 (the lowest float),
+    but then no head selects them: unchanged heads keep the layer's own output, so their edit is never used."""
     raw = c["raw"]
     # sum over global heads as one GEMV: [B,1,1,H] @ [B,1,H,K] (a reduction over the head axis is slower)
     global_row = a.op("Reshape", [slice_axis(a, c["classes"], 1, 3, "global_f", end=2),
@@ -270,9 +278,7 @@ def _edited_logits(a: Builder, c: dict[str, ir.Value], sh: dict[str, ir.Value], 
     global_mean = a.op("Div", [global_sum, slice_axis(a, c["counts"], 1, 3, "n_global", end=2)], "global_mean")
     lowest = a.const(np.float32(np.finfo(np.float32).min), "lowest")  # finite: no -inf meets omega = 0
     local_max = reduce_extreme(a, a.op("Where", [c["local"], raw, lowest], "local_max"), 1, "local_max")
-    target = a.op("Where", [c["do1"], global_mean, local_max], "target")  # step 1 for vision heads, step 2 for global
-    return a.op("Div", [a.op("Add", [raw, a.op("Mul", [sh["omega"], target], "edited")], "edited"),
-                        sh["one_plus_omega"]], "edited")  # (logits + omega * target) / (1 + omega)
+    return a.op("Where", [c["do1"], global_mean, local_max], "target")  # step 1 for vision heads, step 2 for global
 
 
 def _class_codes(t: Builder, c: dict[str, ir.Value], sh: dict[str, ir.Value], heads: int) -> ir.Value:
@@ -344,9 +350,10 @@ def _fused_decode_bias(lb: Builder, site: AttentionSite, effective: ir.Value, co
 
     a = t.child("bias")
     eff_last = _tag_effective(slice_axis(a, effective, -1, 2, "effective_mask_last"))  # [B,1,1,K]
-    # (logits + omega target) / (1 + omega) + mask  =  logits + [mask + (edited - logits)]: the node adds its own
-    # logits to this bias; exactly the mask on rows and heads that SEVI leaves alone.
-    delta = a.op("Sub", [_edited_logits(a, c, sh, heads), c["raw"]], "edit")
+    # (logits + omega target) / (1 + omega) + mask  =  logits + [mask + omega / (1 + omega) (target - logits)]: the
+    # node adds its own logits to this bias; exactly the mask on rows and heads that SEVI leaves alone.
+    target = _edit_target(a, c, heads)
+    delta = a.op("Mul", [sh["edit_weight"], a.op("Sub", [target, c["raw"]], "edit")], "edit")  # [B,H,1,K]
     bias = a.op("Where", [c["changed"], a.op("Add", [eff_last, delta], "edited_bias"), eff_last], "bias",
                 dtype=FLOAT)  # [B,H,1,K]
     same = t.child("unchanged")
