@@ -26,7 +26,11 @@ Statistics: Phi from the *unedited* probabilities of l_neg/l_pos (METHODS.md ste
 are the Softmax outputs of those layers. With the opset-23 `Attention` op the probabilities are not exposed, so
 inside the `then` branch the two layers' q kᵀ is recomputed from the Attention's own q and k (only for the query
 rows from the first T row of the batch on) and put through the same mask and Softmax; the layers' Attention
-nodes stay as they are. The sum over V keys runs in fp32 (MatMul), everything after it (means over T rows, mu,
+nodes stay as they are. On the fused form (GroupQueryAttention) the keys are the past buffer read in place plus the
+node's new keys (graph_passes/regions.py `site_logits`; before, Concat(past[:, :, :P], new) copied both layers' key
+caches every pass): at decode CLVA on then costs one read of the two layers' key buffers plus its ~190 small ops
+(bench model of scripts/bench_mitigation.py, context 1024, CPU time: ~1.09x the same session with the flag off,
+against ~1.13x before). The sum over V keys runs in fp32 (MatMul), everything after it (means over T rows, mu,
 sigma, the anchor maps, z-scores and the threshold tests) in float64, population standard deviations, strict
 inequalities. `sigma = 0` (all Phi equal) selects no head, decided as max == min like the reference.
 

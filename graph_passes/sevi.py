@@ -34,6 +34,30 @@ and only its last output row is recomputed when some row has SEVI on:
                                              else ─ out' = out
     out' replaces the layer's attention output [B,H,S,D] before the head transpose.
 
+Fused form (GroupQueryAttention, graph_passes/fuse_attention.py). Recomputing the output row after the node reads
+the layer's values a second time (before: Concat(past[:, :, :P], new), a copy of the value cache and a read of it).
+A decode step (one query row) puts the edit into the node instead, as its attention bias, built before the node
+from the node's own inputs; a prefill (S > 1) keeps the recomputed row above, since the op's bias has no broadcast
+over rows ([B,H,S,K] per edited layer: 1 GB at 4k tokens and 16 heads):
+
+    sevi on, S == 1 ─► If (layer l, before the node): raw = q kᵀ·scale of the last row [B,H,1,K]
+                       │  (graph_passes/regions.py site_logits: the past key buffer read in place, plus the new key)
+                       │  ─ the classes above ─ If (some head edited):
+                       │        bias = Where(edited head, mask_last + omega/(1+omega)·(target - raw), mask_last)
+                       │  else: bias = mask
+                       └─► GroupQueryAttention(q, k, v, past, ..., attention_bias = bias) ─► out (edited row included)
+    sevi on, S > 1  ─► If (layer l, after the node): the recomputed last row above
+
+The node computes softmax(raw' + mask + omega/(1+omega)·(target - raw)) with raw' its own q kᵀ: softmax(edited +
+mask) up to float rounding (tests: 1e-5 on the output row, parity with the reference unchanged); heads and rows that
+SEVI leaves alone get the mask itself, bit for bit. The node records the layer's own mask (`META_EFFECTIVE_MASK`),
+which later passes read as `site.mask` (a probe baked after SEVI still sees the unedited attention) and which a
+later CLVA bake rewires. What a decode step with SEVI on costs on top of the node, measured on the bench model of
+scripts/bench_mitigation.py (8 layers of which 6 edited, hidden 512, context 1024, 1 thread, CPU time): one read of
+the layer's key buffer (~16% of the step; 6 x 2 MB against ~135 MB of weights and cache the step reads; an edit of
+a layer's output row needs that layer's logits before the node or its values after it, so one pass over K or V is
+the floor) and ~50 small ops per layer on [B,H,1,K] rows (~7.5%).
+
 Unedited heads and rows keep the layer's own output values (Where), so rows with the flag off are bit-exact, and
 with every row off the If returns `out` itself. The per-layer branch is kept short (about 20 small ops to classify,
 20 more only when a head is edited) because at decode time op dispatch, not arithmetic, is what it costs. The classification sums run in fp32 (METHODS.md: fp32
