@@ -271,13 +271,14 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
         t_rows_r = slice_axis(b, r.t_rows, rows_from, 1, "t_rows_r")
         mask_r = slice_axis(b, base_f, rows_from, 2, "mask_r")
         t_f = b.op("Cast", [t_rows_r], "t_rows_r_f", to=DOUBLE)
+        past_1d = b.op("Unsqueeze", [past, b.const(np.array([0], np.int64), "axes_0")], "past_len")  # [1] P
 
     def probs_of(site: AttentionSite, tag: str) -> ir.Value:
         if site.form not in RECOMPUTED:
             return site.probs  # [B,H,S,K], unedited (drift layers come later)
         sb = b.child(f"recompute_layer{site.layer}", same_graph=True)
         q_rows = query_rows(sb, site, rows_from, "q_rows")
-        logits = site_logits(sb, site, q_rows)  # [B, H, R, K]
+        logits = site_logits(sb, site, q_rows, past_1d)  # [B, H, R, K]
         p = sb.op("Softmax", [sb.op("Add", [logits, mask_r], "masked")], "probs", axis=-1)
         if site.form == GQA:  # its mask is finite (fuse_attention.py): no fully masked row, no NaN to guard
             return p
