@@ -129,8 +129,10 @@ def site_logits(b: Builder, site, q_rows: ir.Value, past_len: ir.Value | None = 
     if site.form != GQA:
         return recompute_logits(b, q_rows, site.k, heads, kv_heads, site.scale)
     d = site.k.shape[3]
-    grouped = b.op("Reshape", [q_rows, b.const(np.array([0, kv_heads, -1, d], np.int64), "q_group_shape")],
-                   "q_grouped")  # [B, Hk, rep·R, D]: query head h = g·rep + i reads key head g
+    rep = heads // kv_heads
+    grouped = q_rows if rep == 1 else b.op("Reshape", [q_rows, b.const(np.array([0, kv_heads, -1, d], np.int64),
+                                                                           "q_group_shape")],
+                                           "q_grouped")  # [B, Hk, rep·R, D]: query head h = g·rep + i reads key head g
     grouped = b.op("Mul", [grouped, b.const(np.float32(site.scale), "scale")], "q_scaled")  # R·H·D values, not R·H·K
     if past_len is None:
         total = b.op("Shape", [site.base_mask], "total_length", start=3, end=4)  # [1] K
@@ -150,6 +152,8 @@ def site_logits(b: Builder, site, q_rows: ir.Value, past_len: ir.Value | None = 
                     "new_keys")
         new4 = b.op("Transpose", [new4], "new_keys", perm=[0, 2, 1, 3])  # [B, Hk, S, D]
     logits = b.op("Concat", [old, scores(new4, "new_scores")], "scores", axis=3, dtype=FLOAT)  # [B, Hk, rep·R, K]
+    if rep == 1:
+        return logits
     return b.op("Reshape", [logits, b.const(np.array([0, heads, -1, 0], np.int64), "scores_shape")], "logits",
                 dtype=FLOAT)
 

@@ -42,15 +42,15 @@ over rows ([B,H,S,K] per edited layer: 1 GB at 4k tokens and 16 heads):
 
     sevi on, S == 1 ─► If (layer l, before the node): raw = q kᵀ·scale of the last row [B,H,1,K]
                        │  (graph_passes/regions.py site_logits: the past key buffer read in place, plus the new key)
-                       │  ─ the classes above ─ If (some head edited):
-                       │        bias = Where(edited head, mask_last + omega/(1+omega)·(target - raw), mask_last)
+                       │  ─ the classes above ─ bias = mask + Where(edited head, omega/(1+omega)·(target - raw), 0)
+                       │                                                                               [B,H,1,K]
                        │  else: bias = mask
                        └─► GroupQueryAttention(q, k, v, past, ..., attention_bias = bias) ─► out (edited row included)
     sevi on, S > 1  ─► If (layer l, after the node): the recomputed last row above
 
 The node computes softmax(raw' + mask + omega/(1+omega)·(target - raw)) with raw' its own q kᵀ: softmax(edited +
 mask) up to float rounding (tests: 1e-5 on the output row, parity with the reference unchanged); heads and rows that
-SEVI leaves alone get the mask itself, bit for bit. The node records the layer's own mask (`META_EFFECTIVE_MASK`),
+SEVI leaves alone get the mask + 0.0, the mask bit for bit. The node records the layer's own mask (`META_EFFECTIVE_MASK`),
 which later passes read as `site.mask` (a probe baked after SEVI still sees the unedited attention) and which a
 later CLVA bake rewires. What a decode step with SEVI on costs on top of the node, measured on the bench model of
 scripts/bench_mitigation.py (8 layers of which 6 edited, hidden 512, context 1024, 1 thread, CPU time): one read of
@@ -276,10 +276,8 @@ def _classify(t: Builder, site: AttentionSite, sh: dict[str, ir.Value], heads: i
     do1 = t.op("And", [vision, has_g], "do_step1")  # [B,H,1,1]
     do2 = t.op("And", [glob, has_l], "do_step2")
     changed = t.op("Or", [do1, do2], "changed")
-    any_changed = t.op("Cast", [t.op("ReduceMax", [t.op("Cast", [changed], "any_changed", to=INT32)], "any_changed",
-                                     keepdims=0)], "any_changed", to=BOOL)
     return {"raw": raw, "is_text": is_text, "concentrated": concentrated, "local": local, "classes": classes,
-            "counts": counts, "do1": do1, "changed": changed, "any_changed": any_changed}
+            "counts": counts, "do1": do1, "changed": changed}
 
 
 def _edited_logits(a: Builder, c: dict[str, ir.Value], sh: dict[str, ir.Value], heads: int) -> ir.Value:
@@ -338,8 +336,10 @@ def _layer_edit(lb: Builder, site: AttentionSite, effective: ir.Value, cond, sh:
     heads = _heads(site)
     t = lb.child("edit")
     c = _classify(t, site, sh, heads)
+    any_changed = t.op("Cast", [t.op("ReduceMax", [t.op("Cast", [c["changed"]], "any_changed", to=INT32)],
+                                     "any_changed", keepdims=0)], "any_changed", to=BOOL)
 
-    # Only when some head of some row is edited (most layer-passes edit nothing): a nested If.
+    # Only when some head of some row is edited: a nested If (it saves the pass over the values).
     a = t.child("apply")
     eff_last = _tag_effective(slice_axis(a, effective, -1, 2, "effective_mask_last"))
     new_probs = a.op("Softmax", [a.op("Add", [_edited_logits(a, c, sh, heads), eff_last], "edited_masked")], "edited",
@@ -349,7 +349,7 @@ def _layer_edit(lb: Builder, site: AttentionSite, effective: ir.Value, cond, sh:
     applied = a.op("Concat", [slice_axis(a, site.out, 0, 2, "out_rest", end=-1), last], "out", axis=2, dtype=FLOAT)
     same = t.child("unchanged")
     kept = same.op("Identity", [site.out], "out", dtype=FLOAT)
-    new_out = t.if_node(c["any_changed"], [applied], a.nodes, [kept], same.nodes, "apply", [FLOAT])[0]
+    new_out = t.if_node(any_changed, [applied], a.nodes, [kept], same.nodes, "apply", [FLOAT])[0]
     then_outs, dtypes = [new_out], [FLOAT]
 
     off = lb.child("off")
@@ -372,17 +372,15 @@ def _fused_decode_bias(lb: Builder, site: AttentionSite, effective: ir.Value, co
     t = lb.child("decode")
     c = _classify(t, site, sh, heads, one_row=True)  # keys: the past buffer's slots 0..P-1 and the node's new key
 
-    a = t.child("bias")
-    eff_last = _tag_effective(slice_axis(a, effective, -1, 2, "effective_mask_last"))  # [B,1,1,K]
     # (logits + omega target) / (1 + omega) + mask  =  logits + [mask + omega / (1 + omega) (target - logits)]: the
-    # node adds its own logits to this bias; exactly the mask on rows and heads that SEVI leaves alone.
-    target = _edit_target(a, c, heads)
-    delta = a.op("Mul", [sh["edit_weight"], a.op("Sub", [target, c["raw"]], "edit")], "edit")  # [B,H,1,K]
-    bias = a.op("Where", [c["changed"], a.op("Add", [eff_last, delta], "edited_bias"), eff_last], "bias",
-                dtype=FLOAT)  # [B,H,1,K]
-    same = t.child("unchanged")
-    kept = _tag_effective(same.op("Identity", [effective], "bias", dtype=FLOAT))
-    new_bias = t.if_node(c["any_changed"], [bias], a.nodes, [kept], same.nodes, "apply", [FLOAT])[0]
+    # node adds its own logits to this bias; exactly the mask (+ 0.0) on rows and heads that SEVI leaves alone. No
+    # nested If on "some head edited" here (unlike the recomputed row): the edit is ~10 ops on [B,H,1,K] and a
+    # decode step of a model with a vision and a global text head edits nearly always.
+    target = _edit_target(t, c, heads)
+    delta = t.op("Mul", [sh["edit_weight"], t.op("Sub", [target, c["raw"]], "edit")], "edit")  # [B,H,1,K]
+    delta = t.op("Where", [c["changed"], delta, t.const(np.float32(0.0), "zero_f")], "edit")
+    # one query row: the mask [B,1,1,K] is its last row
+    new_bias = _tag_effective(t.op("Add", [effective, delta], "bias", dtype=FLOAT))  # [B,H,1,K]
     then_outs, dtypes = [new_bias], [FLOAT]
 
     off = lb.child("decode_off")
