@@ -28,9 +28,10 @@ inside the `then` branch the two layers' q kᵀ is recomputed from the Attention
 rows from the first T row of the batch on) and put through the same mask and Softmax; the layers' Attention
 nodes stay as they are. On the fused form (GroupQueryAttention) the keys are the past buffer read in place plus the
 node's new keys (graph_passes/regions.py `site_logits`; before, Concat(past[:, :, :P], new) copied both layers' key
-caches every pass): at decode CLVA on then costs one read of the two layers' key buffers plus its ~190 small ops
-(bench model of scripts/bench_mitigation.py, context 1024, CPU time: ~1.09x the same session with the flag off,
-against ~1.13x before). The sum over V keys runs in fp32 (MatMul), everything after it (means over T rows, mu,
+caches every pass): at decode CLVA on then costs one read of the two layers' key buffers plus its ~185 small ops
+(bench model of scripts/bench_mitigation.py, 8 layers, hidden 512, 1 thread, CPU time, the same session with the
+flag off: ~1.065x at context 256 and ~1.10x at 1024, against ~1.07x and ~1.12x before; the key reads are 2 x 2 MB
+of the ~135 MB a step reads at 1024, the ops ~0.3 ms whatever the model's size). The sum over V keys runs in fp32 (MatMul), everything after it (means over T rows, mu,
 sigma, the anchor maps, z-scores and the threshold tests) in float64, population standard deviations, strict
 inequalities. `sigma = 0` (all Phi equal) selects no head, decided as max == min like the reference.
 

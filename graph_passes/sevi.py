@@ -56,7 +56,11 @@ later CLVA bake rewires. What a decode step with SEVI on costs on top of the nod
 scripts/bench_mitigation.py (8 layers of which 6 edited, hidden 512, context 1024, 1 thread, CPU time): one read of
 the layer's key buffer (~16% of the step; 6 x 2 MB against ~135 MB of weights and cache the step reads; an edit of
 a layer's output row needs that layer's logits before the node or its values after it, so one pass over K or V is
-the floor) and ~50 small ops per layer on [B,H,1,K] rows (~7.5%).
+the floor) and ~45 small ops per layer on [B,H,1,K] rows (~7.5%): ~1.23x the same session with the flag off
+(before: Slice+Concat copies of the keys and values, ~1.41x); at context 256, where the ops dominate, ~1.10x as
+before. Both parts shrink relative to the step as the model grows: a LLaVA-1.5-7B step reads 35x (int4) to 270x
+(fp32) the bench model's weights, its key buffer per layer is 8x larger at the same context, and the ops cost about
+the same per layer.
 
 Unedited heads and rows keep the layer's own output values (Where), so rows with the flag off are bit-exact, and
 with every row off the If returns `out` itself. The per-layer branch is kept short (about 20 small ops to classify,
