@@ -126,7 +126,8 @@ def test_attention_matches_once_per_layer(which, form, request):
     assert {s.form for s in sites} == {form}
     if form == GQA:
         assert sites[0].base_mask.dtype == ir.DataType.FLOAT and sites[0].scale == pytest.approx(8 ** -0.5)
-        assert sites[0].q.shape[1] == 8 and sites[0].out.producer().op_type == "Transpose"
+        assert sites[0].q.shape.rank() == 3 and sites[0].query_heads() == 8  # q [B, S, H·D] (pattern C)
+        assert sites[0].out.producer().op_type == "Transpose"
     elif form == ATTENTION_OP:
         assert sites[0].base_mask.dtype == ir.DataType.BOOL and sites[0].scale == pytest.approx(8 ** -0.5)
     else:
