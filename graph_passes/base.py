@@ -82,11 +82,10 @@ class Builder:
         return name
 
     def op(self, op_type: str, inputs: Sequence[ir.Value | None], what: str = "", *, num_outputs: int = 1,
-           dtype: ir.DataType | None = None, metadata: dict[str, str] | None = None, domain: str = "",
-           **attributes: Any):
+           dtype: ir.DataType | None = None, metadata: dict[str, str] | None = None, **attributes: Any):
         attrs = ir.convenience.convert_attributes({k: v for k, v in attributes.items() if v is not None})
         name = self._name(what, op_type)
-        node = ir.Node(domain, op_type, list(inputs), attributes=attrs, num_outputs=num_outputs, name=name,
+        node = ir.Node("", op_type, list(inputs), attributes=attrs, num_outputs=num_outputs, name=name,
                        metadata_props={**self.metadata, **(metadata or {})} or None)
         for k, out in enumerate(node.outputs):
             out.name = f"{name}_output_{k}"
