@@ -41,6 +41,11 @@ bench: $(STAMP)
 # AnchorRT vs ONNX Runtime GenAI, llama.cpp and transformers on the issue-18 bench model (not part of `make test`);
 # peers come from `pip install -e ".[bench-peers]"`, a missing one is reported and left out.
 bench-peers: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench-peers]"
+	# llama.cpp's GGUF converter ships in the llama-cpp-python sdist, not in its wheel
+	test -n "$$(ls -d .bench/llama_cpp_python-* 2>/dev/null)" || ( mkdir -p .bench && \
+	  $(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python -d .bench && \
+	  tar xzf .bench/llama_cpp_python-*.tar.gz -C .bench )
 	$(PY) scripts/bench_peers.py
 
 lint: $(STAMP)

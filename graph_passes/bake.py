@@ -30,6 +30,7 @@ from anchorrt.graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass,
 from anchorrt.graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
 from anchorrt.graph_passes.clva_qformer import QFormerClvaPass
 from anchorrt.graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED, FuseAttentionPass
+from anchorrt.graph_passes.fuse_rotary import MAX_TABLE_POSITIONS, FuseRotaryPass
 from anchorrt.graph_passes.naming import AssignNodeNames
 from anchorrt.graph_passes.pipeline import has_external_data, run_on_model, save_model
 from anchorrt.graph_passes.probe import ProbePass, resolve_probe_layers
@@ -300,36 +301,61 @@ def name_graphs(folder: Path, data: dict, roles: Sequence[str] = ("vision", "emb
     return counts
 
 
-def fused_form_passes() -> list[GraphPass]:
+def fused_form_passes(data: dict | None = None) -> list[GraphPass]:
     """The fused decoder form, in order; the first fuses the attention (its count must be every layer), the rest
-    are optional fusions of the same form (a count of 0 leaves that part as exported)."""
-    return [FuseAttentionPass()]
+    are optional fusions of the same form (a count of 0 leaves that part as exported). `data`: the manifest of the
+    export being fused (the rotary tables cover its context length; without it rotary stays as exported)."""
+    return [FuseAttentionPass(),
+            FuseRotaryPass(rotary_table_positions(data))]
 
 
 def fuse_into(folder: Path, data: dict, say: Progress | None = None) -> dict[str, int]:
     """The fused decoder form (graph_passes/fuse_attention.py and the fusions after it) in a fresh export folder;
     records `manifest["attention"]`, which the runtime follows (runtime/kv_cache.py: one buffer written in place)."""
     (say or (lambda msg: None))("fusing attention: GroupQueryAttention with an in-place KV cache")
-    passes = fused_form_passes()
+    passes = fused_form_passes(data)
     counts = transform_into(folder, data, [AssignNodeNames(), *passes], say=say)
-    _record_fused(passes, data)
+    _record_fused(passes, data, say)
     return counts
 
 
-def _record_fused(passes: Sequence[GraphPass], data: dict) -> None:
+def _record_fused(passes: Sequence[GraphPass], data: dict, say: Progress | None = None) -> None:
     first = passes[0]
     if first.count != data["dims"]["num_layers"]:
         raise PassError(f"fused attention in {first.count} of {data['dims']['num_layers']} decoder layers; use "
                         "--attention unfused")
     data["attention"] = {"form": FORM_FUSED, "op": "com.microsoft.GroupQueryAttention", "kv_cache": "in_place",
                          "pass_count": first.count, "fusions": {p.name: p.count for p in passes[1:]}}
+    left = {}  # a fusion's layers left as exported, by reason (e.g. fuse_rotary on M-RoPE)
+    for p in passes[1:]:
+        for layer, reason in sorted((getattr(p, "skipped", None) or {}).items()):
+            left.setdefault(p.name, {}).setdefault(reason, []).append(layer)
+    if left:
+        data["attention"]["left_as_exported"] = left
+        for name, reasons in left.items():
+            for reason, layers in reasons.items():
+                (say or (lambda msg: None))(f"{name}: layers {layers} left as exported: {reason}")
+    for p in passes:  # the rotary tables end at max_positions: the runtime refuses longer prompts (runtime/prompt.py)
+        if isinstance(p, FuseRotaryPass) and p.count and p.max_positions < _context_length(data):
+            (say or (lambda msg: None))(f"rotary tables capped at {p.max_positions} positions: context_length "
+                                        f"{_context_length(data)} -> {p.max_positions}")
+            data["context_length"] = p.max_positions
+
+
+def _context_length(data: dict) -> int:
+    return int(data.get("context_length") or data["dims"]["max_position_embeddings"])
+
+
+def rotary_table_positions(data: dict | None) -> int | None:
+    """Rows of the fused rotary's cos/sin tables: the manifest's context length, at most MAX_TABLE_POSITIONS."""
+    return None if data is None else min(_context_length(data), MAX_TABLE_POSITIONS)
 
 
 def fuse_artifact(artifact_dir: str | os.PathLike, progress: Progress | None = None, verify: bool = True) -> Manifest:
     """The fused form of an existing unfused, unbaked fp32 artifact folder (atomically; e.g. for benchmarks that
     export once and compare both forms). -> the new Manifest."""
     folder = Path(artifact_dir)
-    passes = fused_form_passes()
+    passes: list[GraphPass] = []
 
     def check(data: dict) -> None:
         if data.get("attention", {}).get("form", FORM_UNFUSED) != FORM_UNFUSED:
@@ -337,8 +363,12 @@ def fuse_artifact(artifact_dir: str | os.PathLike, progress: Progress | None = N
         if data.get("mitigation"):
             raise PassError(f"'{folder}' has mitigation baked in; fuse the plain export, then bake")
 
-    manifest, _ = transform_artifact(folder, [AssignNodeNames(), *passes], progress, verify, check=check,
-                                     record=lambda data: _record_fused(passes, data))
+    def build(data: dict) -> list[GraphPass]:
+        passes[:] = fused_form_passes(data)
+        return [AssignNodeNames(), *passes]
+
+    manifest, _ = transform_artifact(folder, build, progress, verify, check=check,
+                                     record=lambda data: _record_fused(passes, data, progress))
     if passes[0].count == 0:
         raise PassError(f"no decoder layer's attention in '{folder}' has the opset-18 form; nothing to fuse")
     return manifest

@@ -34,6 +34,7 @@ class KVCache:
         self.length = 0  # tokens held
         self.in_place = in_place
         self._flip = 0
+        self._shared = None  # (session, IOBinding) of shared_binding
         n = batch * kv_heads * max_len * head_dim
         if allocator is None:
             import onnxruntime as ort
@@ -95,6 +96,19 @@ class KVCache:
                 binding.bind_input(f"past_key_values.{layer}.{name}", self.device, self.device_id, self.dtype, shape,
                                    ptr)
                 binding.bind_output(f"present.{layer}.{name}", self.device, self.device_id, self.dtype, shape, ptr)
+
+    def shared_binding(self, session, first_output: str = "logits"):
+        """One IOBinding per session for the in-place form, its KV buffers bound once: past and present are the
+        same [B, KVH, M, D] blocks every step, so only the inputs (rebound by name, which replaces them) change.
+        `first_output` is bound first (get_outputs() follows the binding order)."""
+        if not self.in_place:
+            raise ValueError("only the in-place cache keeps one binding")
+        if getattr(self, "_shared", None) is None or self._shared[0] is not session:
+            binding = session.io_binding()
+            binding.bind_output(first_output, "cpu")  # logits come back to the host
+            self._bind_shared(binding, 0, self.batch)
+            self._shared = (session, binding)
+        return self._shared[1]
 
     def update(self, new_tokens: int) -> None:
         """The pass wrote past+new into the other side (in place: after the past): make it current."""

@@ -185,8 +185,8 @@ def decoder_feeds(manifest_mitigation: dict, decoder_inputs: set[str], image_mas
 
         def visual_mask(attention_mask: np.ndarray) -> np.ndarray:
             vm = np.zeros(attention_mask.shape, dtype=bool)  # [B, total]: generated tokens are never visual
-            s = prompt_visual.shape[1]
-            vm[:, :s] = prompt_visual & (attention_mask[:, :s] != 0)
+            s = min(prompt_visual.shape[1], attention_mask.shape[1])  # a prefill chunk sees fewer than the prompt
+            vm[:, :s] = prompt_visual[:, :s] & (attention_mask[:, :s] != 0)
             return vm
 
         feeds["visual_mask"] = visual_mask

@@ -2,9 +2,9 @@
 
 Bench model: a random-weight LLaVA whose language model is a Llama of hidden 1024, 16 layers, 16 heads,
 intermediate 2816, vocabulary 32000 (built in code, nothing downloaded). The peers run that language model alone
-on token ids; AnchorRT runs its decoder graph on embeddings of the same length (the runtime's own decoder call,
-`Pipeline._decode`, with its KV cache), so every engine does one prefill of N tokens and then decode steps at
-context N+1, N+2, ...:
+on token ids; AnchorRT runs its decoder graph on embeddings of the same length (the runtime's own decoder calls:
+`Pipeline.prefill_embeds`, chunked as the runtime chunks a one-row prompt, and `Pipeline._decode`, with its KV
+cache), so every engine does one prefill of N tokens and then decode steps at context N+1, N+2, ...:
 
     anchorrt-fused     export --attention fused   (GroupQueryAttention, KV cache written in place)
     anchorrt-unfused   export --attention unfused (opset-18 MatMul/Softmax, ping-pong KV cache)
@@ -139,19 +139,55 @@ def build_genai(folder: Path, lm_dir: Path, precision: str, threads: int) -> Pat
     return out
 
 
+CONVERT = """
+import runpy, sys
+from pathlib import Path
+conv = sys.argv[1]
+sys.argv = [conv] + sys.argv[2:]
+sys.path.insert(0, str(Path(conv).parent))
+try:
+    import conversion.base as base  # llama.cpp's converter package (2026 layout)
+    original = base.TextModel.get_vocab_base_pre
+
+    def pre(self, tokenizer):
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:  # the bench model's tokenizer is built in code: no known pre-tokenizer hash
+            return "default"
+    base.TextModel.get_vocab_base_pre = pre
+except ImportError:
+    pass
+runpy.run_path(conv, run_name="__main__")
+"""
+
+
+def find_converter() -> str | None:
+    """llama.cpp's `convert_hf_to_gguf.py`: $LLAMA_CPP_CONVERTER, PATH, or the llama-cpp-python sdist that
+    `make bench-peers` unpacks under .bench/ (the installed wheel does not ship the converter)."""
+    found = os.environ.get("LLAMA_CPP_CONVERTER") or shutil.which("convert_hf_to_gguf.py")
+    if found:
+        return found
+    unpacked = sorted(Path(__file__).resolve().parents[1].glob(".bench/llama_cpp_python-*/vendor/llama.cpp/"
+                                                              "convert_hf_to_gguf.py"))
+    return str(unpacked[-1]) if unpacked else None
+
+
 def build_gguf(folder: Path, lm_dir: Path, precision: str) -> Path:
-    """llama.cpp's converter (shipped in the llama-cpp-python sdist, or `convert_hf_to_gguf.py` on PATH) -> f32
-    GGUF; q4_0 through llama_cpp.llama_model_quantize."""
+    """llama.cpp's converter -> f32 GGUF; q4_0 through llama_cpp.llama_model_quantize. The bench model's tokenizer
+    (built in code) has no pre-tokenizer the converter knows, so it runs with that one check falling back to
+    llama.cpp's "default" pre-tokenizer (CONVERT): token ids are random here, the weights are what is compared."""
     import llama_cpp
 
     f32 = folder / "llama-f32.gguf"
     if not f32.exists():
-        converter = os.environ.get("LLAMA_CPP_CONVERTER") or shutil.which("convert_hf_to_gguf.py")
+        converter = find_converter()
         if converter is None:
-            raise RuntimeError("llama.cpp's convert_hf_to_gguf.py not found; set LLAMA_CPP_CONVERTER to it")
-        res = subprocess.run([sys.executable, converter, str(lm_dir), "--outfile", str(f32), "--outtype", "f32"],
-                             capture_output=True, text=True)
+            raise RuntimeError("llama.cpp's convert_hf_to_gguf.py not found; run `make bench-peers` (it unpacks the "
+                               "llama-cpp-python sdist under .bench/) or set LLAMA_CPP_CONVERTER to it")
+        res = subprocess.run([sys.executable, "-c", CONVERT, converter, str(lm_dir), "--outfile", str(f32),
+                              "--outtype", "f32"], capture_output=True, text=True)
         if res.returncode != 0:
+            f32.unlink(missing_ok=True)
             raise RuntimeError(f"GGUF conversion failed: {res.stderr[-2000:]}")
     if precision == "fp32":
         return f32
@@ -183,7 +219,7 @@ class AnchorRT:
         step = (0.5 * rng.standard_normal((1, 1, d))).astype(np.float32)  # [1, 1, d]
         cache = self.pipe._new_cache(1, n + steps + 1)
         t = time.perf_counter()
-        self.pipe._decode(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache, {})
+        self.pipe.prefill_embeds(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache, {})
         prefill = time.perf_counter() - t
         times = []
         for s in range(steps):

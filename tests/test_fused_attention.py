@@ -185,3 +185,82 @@ def test_baked_methods_never_read_the_fused_present(baked_artifact):
     assert key_readers == {"GroupQueryAttention", "Transpose"}, key_readers
     names = {n.name for n in nodes}
     assert any("/past_scores/MatMul" in n for n in names) and any("/values_past/Slice" in n for n in names)
+
+
+class CountingDecoder:
+    """Wraps a Pipeline's _decode to count decoder calls and the tokens each one gets."""
+
+    def __init__(self, pipe):
+        self.calls, self._decode = [], pipe._decode
+
+        def decode(embeds, *args, **kw):
+            self.calls.append(embeds.shape[1])
+            return self._decode(embeds, *args, **kw)
+
+        pipe._decode = decode
+
+
+def test_chunked_prefill_equals_one_pass(baked_artifact, images):
+    """Prefill in chunks (the default for long one-row prompts, methods off): the same logits, cache and tokens as
+    one pass, for chunk sizes that do and do not divide the prompt; a method on, or a batch, runs one pass."""
+    pipe = Pipeline.from_dir(baked_artifact)
+    prompt = max(PROMPTS, key=lambda p: len(pipe.prompts.encode(p).ids))
+    batch = pipe._pad([pipe.prompts.encode(prompt)])
+    s = batch.ids.shape[1]
+    feats = pipe.encode_images(pipe.preprocess([pipe._load(images[0], 0)]))
+    extra = pipe._extra_inputs(batch)
+    pipe.prefill_chunk = 0
+    ref_cache = pipe._new_cache(1, s + 2)
+    ref = pipe.prefill(batch, feats, ref_cache, extra)
+    counter = CountingDecoder(pipe)
+    for chunk in (7, s // 2, s - 1):
+        pipe.prefill_chunk = chunk
+        cache = pipe._new_cache(1, s + 2)
+        counter.calls.clear()
+        got = pipe.prefill(batch, feats, cache, extra)
+        assert counter.calls == [chunk] * ((s - 1) // chunk) + [s - (s - 1) // chunk * chunk]
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+        assert cache.length == s
+        for layer in (0, pipe.num_layers - 1):
+            for x, y in zip(cache.layer(layer), ref_cache.layer(layer)):
+                np.testing.assert_allclose(x, y, atol=1e-5)
+    pipe.prefill_chunk = 7
+    counter.calls.clear()
+    plain = pipe.generate(images[0], prompt, max_new_tokens=6)
+    assert counter.calls[0] == 7  # generate chunks too
+    counter.calls.clear()
+    pipe.prefill(batch, feats, pipe._new_cache(1, s + 2), pipe._extra_inputs(batch, [{"sevi": {}}]))
+    assert counter.calls == [s]  # a method on: one pass
+    three = pipe._pad([pipe.prompts.encode(p) for p in PROMPTS])
+    feats3 = pipe.encode_images(pipe.preprocess([pipe._load(images[i % len(images)], i) for i in range(3)]))
+    counter.calls.clear()
+    pipe.prefill(three, feats3, pipe._new_cache(3, three.ids.shape[1] + 2), pipe._extra_inputs(three))
+    assert counter.calls == [three.ids.shape[1]]  # a batch: one pass
+    pipe.prefill_chunk = 0
+    assert pipe.generate(images[0], prompt, max_new_tokens=6).token_ids == plain.token_ids
+
+
+def test_the_kept_binding_returns_fresh_logits_each_step(tiny_artifact):
+    """The in-place cache keeps one IOBinding per request (KV bound once): logits kept from earlier steps must not
+    change when later steps run, and equal those of a fresh binding per step."""
+    pipe = Pipeline.from_dir(tiny_artifact)
+    rng = np.random.default_rng(3)
+    b, n = 3, 9
+    embeds = rng.standard_normal((b, n + 3, pipe.hidden), dtype=np.float32)
+    mask = np.ones((b, n), np.int64)
+    mask[1, :3] = 0
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+
+    def run(fresh: bool) -> list[np.ndarray]:
+        cache, m, p = pipe._new_cache(b, n + 4), mask, pos[:, -1]
+        kw = {"fetch": {}} if fresh else {}  # fetch: the per-call binding
+        out = [pipe._decode(embeds[:, :n], m, pos, cache, {}, **kw)]
+        for i in range(3):
+            m, p = np.concatenate([m, np.ones((b, 1), np.int64)], 1), p + 1
+            out.append(pipe._decode(embeds[:, n + i:n + i + 1], m, p[:, None], cache, {}, **kw))
+        return out
+
+    kept, fresh = run(False), run(True)
+    assert all(not np.allclose(kept[0], x) for x in kept[1:])
+    for x, y in zip(kept, fresh):
+        np.testing.assert_array_equal(x, y)

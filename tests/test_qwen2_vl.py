@@ -100,6 +100,9 @@ def test_export_manifest_and_graph_inputs(qwen2, qwen_images):
                                 ["num_patches", 2], "segment_ids": ["num_patches"]}
     assert inputs["embed"]["image_features"] == ["num_image_tokens", 128]
     assert inputs["decoder"]["position_ids"] == [3, "batch", "sequence"]
+    assert data["attention"]["fusions"]["fuse_rotary"] == 0  # M-RoPE: rotary left as exported (graph_passes/fuse_rotary.py)
+    (reason, layers), = data["attention"]["left_as_exported"]["fuse_rotary"].items()
+    assert "M-RoPE" in reason and layers == list(range(data["dims"]["num_layers"]))
     pipe = Pipeline.from_dir(qwen2["artifact"])
     visual = pipe.preprocess_images(qwen_images)
     assert visual.tokens_per_image == [12, 4]
