@@ -207,8 +207,8 @@ def _graph(weights: dict[str, np.ndarray | None], constant_nodes: tuple[str, ...
            extra_reader: str | None = None) -> ir.Model:
     """x [2, K] ─MatMul(W_i)─► y_i for each weight (None: the weight is a graph input), then y = Σ y_i."""
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", 8]))
-    inputs, ys = [x], []
-    graph = ir.Graph(inputs, [], nodes=[], name="g", opset_imports={"": 18})
+    ys = []
+    graph = ir.Graph([x], [], nodes=[], name="g", opset_imports={"": 18})
     for name, w in weights.items():
         if w is None:
             wv = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([8, 4]))
