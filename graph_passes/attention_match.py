@@ -19,12 +19,17 @@ Pattern C, the fused form (graph_passes/fuse_attention.py; past and present shar
 
 It is read like pattern B: the query is the node's own rotated input [B, S, H·D] (`site.q`; passes take rows of
 it as [B, H, R, D] with graph_passes/regions.py `query_rows`, inside their branch), the mask is `attention_bias`,
-and the keys/values a pass recomputes with are `Concat(past[:, :, :P], new)` (P = K - S), built by
-`site_keys`/`site_values` inside the pass's own branch, so nothing but the graph output reads the fused
-node's present buffers (the in-place contract then does not depend on how ONNX Runtime plans a buffer with several
-readers; with a reader it was still shared in ORT 1.32: SEVI baked, flags off, 0.999x plain per step at context
-3000, CPU time). Past holds the first P slots in both contracts (distinct buffers, or one shared buffer the node
-writes after P), so the same subgraph serves both.
+and the logits a pass recomputes come from graph_passes/regions.py `site_logits`: the past input read where it is
+stored (MatMul over Transpose(past), which ONNX Runtime runs as one FusedMatMul with transB; logit columns from P =
+K - S on dropped) plus the node's new keys, so no pass copies the key cache and nothing but the graph output reads
+the fused node's present buffers (the in-place contract then does not depend on how ONNX Runtime plans a buffer
+with several readers; with a reader it was still shared in ORT 1.32: SEVI baked, flags off, 0.999x plain per step
+at context 3000, CPU time). Past holds the first P slots in both contracts (distinct buffers, or one shared buffer
+the node writes after P), so the same subgraph serves both, before or after the node runs. Values, where a pass
+needs them (SEVI's prefill row), are `site_values`: Concat(past[:, :, :P], new) (`site_keys` builds the same for
+the keys; it copies the cache, so passes use `site_logits`). A pass may feed the node a mask it derives per pass
+from the layer's (SEVI's decode-step bias); it records the layer's own mask in `META_EFFECTIVE_MASK` on the node,
+which `site.mask` returns.
 
 `match_attention` returns one `AttentionSite` per decoder layer, ordered by layer, or fails loudly (PassError)
 when some layers match and others do not, or a layer matches twice; a graph where nothing matches gives `[]`
@@ -44,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from anchorrt.graph_passes.base import META_BASE_MASK, PassError
+from anchorrt.graph_passes.base import META_BASE_MASK, META_EFFECTIVE_MASK, PassError
 from anchorrt.graph_passes.naming import layer_of
 
 DECOMPOSED = "matmul_softmax"
@@ -73,6 +78,7 @@ class AttentionSite:
     new_v: ir.Value | None = None  # C: the node's new values [B, S, Hk·D]
     scale: float | None = None  # B: the softmax scale
     heads: int | None = None  # C: the node's num_heads
+    effective_mask: ir.Value | None = None  # the layer's mask when the node's mask input is derived from it per pass
 
     def query_heads(self) -> int:
         """Number of query heads, from the first 4-D value with a static head dimension: q (B), the logits or the
@@ -92,8 +98,10 @@ class AttentionSite:
 
     @property
     def mask(self) -> ir.Value:
-        """The mask as the layer applies it now (a previous pass may have replaced the exporter's)."""
-        return self.mask_node.inputs[self.mask_index]
+        """The mask as the layer applies it now (a previous pass may have replaced the exporter's: CLVA's bias is
+        included). Where a pass feeds the node a mask it derives per pass (SEVI's decode-step bias on the fused form,
+        `META_EFFECTIVE_MASK`), the mask it derives that from: SEVI's edit is not part of the layer's mask."""
+        return self.effective_mask if self.effective_mask is not None else self.mask_node.inputs[self.mask_index]
 
 
 def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
@@ -118,6 +126,15 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
         for out in node.outputs:
             values[out.name] = out
     return values
+
+
+def _effective_mask(node: ir.Node, values: dict[str, ir.Value]) -> ir.Value | None:
+    name = node.metadata_props.get(META_EFFECTIVE_MASK)
+    if name is None:
+        return None
+    if name not in values:
+        raise PassError(f"node '{node.name}' records its effective mask '{name}', which is not in the graph")
+    return values[name]
 
 
 def _base_mask(node: ir.Node, current: ir.Value, values: dict[str, ir.Value]) -> ir.Value:
@@ -248,7 +265,8 @@ def static_heads_of(value: ir.Value) -> int:
 
 
 def site_keys(b, site: AttentionSite) -> ir.Value:
-    """Keys [B, Hk, K, D] of a RECOMPUTED-form site, as nodes of builder `b` for the fused form (see pattern C)."""
+    """Keys [B, Hk, K, D] of a RECOMPUTED-form site, as nodes of builder `b` for the fused form (see pattern C: a
+    copy of the layer's key cache; for logits use graph_passes/regions.py `site_logits`, which reads it in place)."""
     return _past_and_new(b, site, site.k, site.new_k, "keys") if site.form == GQA else site.k
 
 
@@ -291,7 +309,7 @@ def match_attention(graph: ir.Graph, num_layers: int | None = None) -> list[Atte
                 layer=-1, form=GQA, anchor=node, mask_node=node, mask_index=GQA_BIAS_INDEX,
                 base_mask=_base_mask(node, node.inputs[GQA_BIAS_INDEX], values), out=bind["out4"],
                 v=node.inputs[4], q=node.inputs[0], k=node.inputs[3], scale=bind["scale"], new_k=node.inputs[1],
-                new_v=node.inputs[2], heads=bind["heads"])
+                new_v=node.inputs[2], heads=bind["heads"], effective_mask=_effective_mask(node, values))
         elif node.domain != "":
             continue
         elif node.op_type == "Softmax":

@@ -30,6 +30,7 @@ from anchorrt.graph_passes.clva import CLVA_INPUTS, VISUAL_MASK_INPUT, ClvaPass,
 from anchorrt.graph_passes.clva import DEBUG_OUTPUTS as CLVA_DEBUG
 from anchorrt.graph_passes.clva_qformer import QFormerClvaPass
 from anchorrt.graph_passes.fuse_attention import FORM_FUSED, FORM_UNFUSED, FuseAttentionPass
+from anchorrt.graph_passes.fuse_norm import FuseNormPass
 from anchorrt.graph_passes.fuse_rotary import MAX_TABLE_POSITIONS, FuseRotaryPass
 from anchorrt.graph_passes.naming import AssignNodeNames
 from anchorrt.graph_passes.pack_matmul import PackMatMulPass
@@ -308,7 +309,8 @@ def fused_form_passes(data: dict | None = None) -> list[GraphPass]:
     export being fused (the rotary tables cover its context length; without it rotary stays as exported)."""
     return [FuseAttentionPass(),
             FuseRotaryPass(rotary_table_positions(data)),
-            PackMatMulPass()]
+            PackMatMulPass(),
+            FuseNormPass()]
 
 
 def fuse_into(folder: Path, data: dict, say: Progress | None = None) -> dict[str, int]:

@@ -23,6 +23,10 @@ from anchorrt.runtime.errors import AnchorError
 META_LAYER = "anchorrt.layer"  # decoder layer index of a node a pass added or rewired
 META_BASE_MASK = "anchorrt.base_mask"  # on an attention node whose mask a pass replaced: the original mask's name
 META_MASK_ROLE = "anchorrt.mask_role"  # "effective": this node reads the layer's mask as the layer applies it
+# On an attention node whose mask input a pass derived per pass from the layer's mask (SEVI's decode-step bias on
+# the fused form): the name of that mask as the layer applies it without the pass's edit. A later pass reads it as
+# the layer's mask (site.mask), and CLVA rewires the "effective" readers and this record, not the node's input.
+META_EFFECTIVE_MASK = "anchorrt.effective_mask"
 
 NEG_INF = float("-inf")
 

@@ -26,7 +26,12 @@ Statistics: Phi from the *unedited* probabilities of l_neg/l_pos (METHODS.md ste
 are the Softmax outputs of those layers. With the opset-23 `Attention` op the probabilities are not exposed, so
 inside the `then` branch the two layers' q kᵀ is recomputed from the Attention's own q and k (only for the query
 rows from the first T row of the batch on) and put through the same mask and Softmax; the layers' Attention
-nodes stay as they are. The sum over V keys runs in fp32 (MatMul), everything after it (means over T rows, mu,
+nodes stay as they are. On the fused form (GroupQueryAttention) the keys are the past buffer read in place plus the
+node's new keys (graph_passes/regions.py `site_logits`; before, Concat(past[:, :, :P], new) copied both layers' key
+caches every pass): at decode CLVA on then costs one read of the two layers' key buffers plus its ~185 small ops
+(bench model of scripts/bench_mitigation.py, 8 layers, hidden 512, 1 thread, CPU time, the same session with the
+flag off: ~1.065x at context 256 and ~1.10x at 1024, against ~1.07x and ~1.12x before; the key reads are 2 x 2 MB
+of the ~135 MB a step reads at 1024, the ops ~0.3 ms whatever the model's size). The sum over V keys runs in fp32 (MatMul), everything after it (means over T rows, mu,
 sigma, the anchor maps, z-scores and the threshold tests) in float64, population standard deviations, strict
 inequalities. `sigma = 0` (all Phi equal) selects no head, decided as max == min like the reference.
 
@@ -43,14 +48,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from anchorrt.graph_passes.attention_match import (
+    GQA,
     RECOMPUTED,
     AttentionSite,
     match_attention,
     require_float32,
-    site_keys,
 )
 from anchorrt.graph_passes.base import (
     META_BASE_MASK,
+    META_EFFECTIVE_MASK,
     META_LAYER,
     META_MASK_ROLE,
     Builder,
@@ -66,10 +72,9 @@ from anchorrt.graph_passes.regions import (
     FLOAT,
     build_regions,
     query_rows,
-    recompute_logits,
     shared_float_mask,
+    site_logits,
     slice_axis,
-    static_heads,
 )
 from anchorrt.graph_passes.shapes import annotate_missing, reduce_extreme
 
@@ -199,12 +204,16 @@ def _query_heads(site: AttentionSite) -> int:
 
 
 def _rewire_mask(graph: ir.Graph, site: AttentionSite, clva_mask: ir.Value) -> None:
-    """The drift layer reads `clva_mask`: its Add/Attention, and any node a pass tagged as reading the layer's
-    effective mask (SEVI's recomputed last row, when SEVI was baked first)."""
+    """The drift layer reads `clva_mask`: its Add/Attention (or, where SEVI derives the fused node's bias from the
+    layer's mask, SEVI's record of that mask), and any node a pass tagged as reading the layer's effective mask
+    (SEVI's recomputed last row and decode-step bias, when SEVI was baked first)."""
     node = site.mask_node
     node.metadata_props.setdefault(META_BASE_MASK, site.base_mask.name)
     node.metadata_props[META_LAYER] = str(site.layer)
-    node.replace_input_with(site.mask_index, clva_mask)
+    if META_EFFECTIVE_MASK in node.metadata_props:  # the node's mask is derived from the layer's (SEVI, fused form)
+        node.metadata_props[META_EFFECTIVE_MASK] = clva_mask.name
+    else:
+        node.replace_input_with(site.mask_index, clva_mask)
     for other in graph.all_nodes():
         if (other.metadata_props.get(META_MASK_ROLE) == "effective"
                 and other.metadata_props.get(META_LAYER) == str(site.layer)):
@@ -263,14 +272,17 @@ def _anchor_branch(b: Builder, site_neg: AttentionSite, site_pos: AttentionSite,
         t_rows_r = slice_axis(b, r.t_rows, rows_from, 1, "t_rows_r")
         mask_r = slice_axis(b, base_f, rows_from, 2, "mask_r")
         t_f = b.op("Cast", [t_rows_r], "t_rows_r_f", to=DOUBLE)
+        past_1d = b.op("Unsqueeze", [past, b.const(np.array([0], np.int64), "axes_0")], "past_len")  # [1] P
 
     def probs_of(site: AttentionSite, tag: str) -> ir.Value:
         if site.form not in RECOMPUTED:
             return site.probs  # [B,H,S,K], unedited (drift layers come later)
         sb = b.child(f"recompute_layer{site.layer}", same_graph=True)
         q_rows = query_rows(sb, site, rows_from, "q_rows")
-        logits = recompute_logits(sb, q_rows, site_keys(sb, site), heads, static_heads(site.k, "the attention's key"), site.scale)
+        logits = site_logits(sb, site, q_rows, past_1d)  # [B, H, R, K]
         p = sb.op("Softmax", [sb.op("Add", [logits, mask_r], "masked")], "probs", axis=-1)
+        if site.form == GQA:  # its mask is finite (fuse_attention.py): no fully masked row, no NaN to guard
+            return p
         return sb.op("Where", [sb.op("IsNaN", [p], "probs"), sb.const(np.float32(0.0), "zero_f"), p], "probs")
 
     t_rows_d = b.op("Unsqueeze", [t_f, ax1], "t_rows_d")  # [B,1,R]

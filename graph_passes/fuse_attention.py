@@ -31,9 +31,10 @@ and is never read by a real row. The cache keeps the contract of the opset-18 fo
 distinct tensors (past [B,Hk,P,D] in, [B,Hk,P+S,D] out); bound to one buffer [B,Hk,M,D] it is written in place.
 
 Mitigation passes run after this one and treat the fused node like the opset-23 `Attention` op: the mask goes
-into `attention_bias` (CLVA's drift bias), and what needs probabilities recomputes only the rows it needs from the
-node's rotated query input (graph_passes/regions.py `query_rows`) and Concat(past[:, :, :P], new keys/values) (graph_passes/attention_match.py `site_keys`), inside its
-own `If`, so flags off run the fused node alone.
+into `attention_bias` (CLVA's drift bias; SEVI's edit of a decode step), and what needs probabilities recomputes
+only the rows it needs from the node's rotated query input (graph_passes/regions.py `query_rows`) and the keys read
+in place (graph_passes/regions.py `site_logits`: the past input and the node's new keys), inside its own `If`, so
+flags off run the fused node alone.
 
 Measured before choosing (scripts-free micro benchmark, one layer, H 16, D 64, fp32, one decode step, 1 thread,
 ORT 1.32 CPU, loaded machine): GroupQueryAttention with a shared buffer 0.17 ms at context 300 and 0.78 ms at 2100;

@@ -48,7 +48,8 @@ _FLOAT32_ONLY_INPUTS = {("Resize", 1), ("Resize", 2)}
 # Norm module scopes: LLaMA `input_layernorm`, `post_attention_layernorm`, `norm`; CLIP `layer_norm1/2`,
 # `pre_layrnorm` (sic, transformers' name), `post_layernorm`.
 _NORM_SCOPE = re.compile(r"/(?:[\w.]*_)?(?:layer_?norm\d*|layrnorm|norm)(?:/|$)")
-_NORM_OPS = {"RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization"}
+_NORM_OPS = {"RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+             "SkipSimplifiedLayerNormalization"}  # the last keeps the residual sum it returns in fp32 too
 # Scopes of the nodes the mitigation passes add (names from graph_passes/*: Builder scopes and debug Identities).
 _MITIGATION_NAME = re.compile(r"^/(?:model/(?:clva|sevi|probe|attn_mask)|debug|visalign)/|/attn/sevi/")
 

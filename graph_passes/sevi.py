@@ -34,6 +34,34 @@ and only its last output row is recomputed when some row has SEVI on:
                                              else ─ out' = out
     out' replaces the layer's attention output [B,H,S,D] before the head transpose.
 
+Fused form (GroupQueryAttention, graph_passes/fuse_attention.py). Recomputing the output row after the node reads
+the layer's values a second time (before: Concat(past[:, :, :P], new), a copy of the value cache and a read of it).
+A decode step (one query row) puts the edit into the node instead, as its attention bias, built before the node
+from the node's own inputs; a prefill (S > 1) keeps the recomputed row above, since the op's bias has no broadcast
+over rows ([B,H,S,K] per edited layer: 1 GB at 4k tokens and 16 heads):
+
+    sevi on, S == 1 ─► If (layer l, before the node): raw = q kᵀ·scale of the last row [B,H,1,K]
+                       │  (graph_passes/regions.py site_logits: the past key buffer read in place, plus the new key)
+                       │  ─ the classes above ─ bias = mask + Where(edited head, omega/(1+omega)·(target - raw), 0)
+                       │                                                                               [B,H,1,K]
+                       │  else: bias = mask
+                       └─► GroupQueryAttention(q, k, v, past, ..., attention_bias = bias) ─► out (edited row included)
+    sevi on, S > 1  ─► If (layer l, after the node): the recomputed last row above
+
+The node computes softmax(raw' + mask + omega/(1+omega)·(target - raw)) with raw' its own q kᵀ: softmax(edited +
+mask) up to float rounding (tests: 1e-5 on the output row, parity with the reference unchanged); heads and rows that
+SEVI leaves alone get the mask + 0.0, the mask bit for bit. The node records the layer's own mask (`META_EFFECTIVE_MASK`),
+which later passes read as `site.mask` (a probe baked after SEVI still sees the unedited attention) and which a
+later CLVA bake rewires. What a decode step with SEVI on costs on top of the node, measured on the bench model of
+scripts/bench_mitigation.py (8 layers of which 6 edited, hidden 512, context 1024, 1 thread, CPU time): one read of
+the layer's key buffer (~16% of the step; 6 x 2 MB against ~135 MB of weights and cache the step reads; an edit of
+a layer's output row needs that layer's logits before the node or its values after it, so one pass over K or V is
+the floor) and ~45 small ops per layer on [B,H,1,K] rows (~7.5%): ~1.23x the same session with the flag off
+(before: Slice+Concat copies of the keys and values, ~1.41x); at context 256, where the ops dominate, ~1.10x as
+before. The key read is the key cache's share of the bytes a step reads: here 12.6 of ~135 MB; LLaVA-1.5-7B at
+context 1024 with the default 24 edited layers reads 384 MB more against ~28 GB (fp32 weights, ~1.4%) or ~4.5 GB
+(int4, ~8.5%) per step, and its ~1,100 extra small ops are well under 1% of such a step.
+
 Unedited heads and rows keep the layer's own output values (Where), so rows with the flag off are bit-exact, and
 with every row off the If returns `out` itself. The per-layer branch is kept short (about 20 small ops to classify,
 20 more only when a head is edited) because at decode time op dispatch, not arithmetic, is what it costs. The classification sums run in fp32 (METHODS.md: fp32
@@ -49,14 +77,16 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from anchorrt.graph_passes.attention_match import (
+    GQA,
     RECOMPUTED,
     AttentionSite,
     match_attention,
     require_float32,
-    site_keys,
     site_values,
 )
 from anchorrt.graph_passes.base import (
+    META_BASE_MASK,
+    META_EFFECTIVE_MASK,
     META_LAYER,
     META_MASK_ROLE,
     NEG_INF,
@@ -72,14 +102,14 @@ from anchorrt.graph_passes.regions import (
     FLOAT,
     grouped_probs_matmul,
     query_rows,
-    recompute_logits,
     shared_float_mask,
+    site_logits,
     slice_axis,
     static_heads,
 )
 from anchorrt.graph_passes.shapes import annotate_missing, reduce_extreme
 
-INT32, INT8 = ir.DataType.INT32, ir.DataType.INT8
+INT32, INT8, INT64 = ir.DataType.INT32, ir.DataType.INT8, ir.DataType.INT64
 VISION_HEAD, GLOBAL_TEXT_HEAD, LOCAL_TEXT_HEAD, NOT_CLASSIFIED = 0, 1, 2, -1
 DEFAULT_START_LAYER = 8
 
@@ -133,12 +163,29 @@ class SeviPass(GraphPass):
         b = Builder("model/sevi", taken=taken)
         any_on = b.op("Cast", [b.op("ReduceMax", [b.op("Cast", [enable], "enabled", to=INT32)], "enabled", keepdims=0)],
                       "enabled", to=BOOL)
-        shared = _shared(b, any_on, attention_mask, visual_mask, base, enable, omega, kappa)
+        shared = _shared(b, any_on, attention_mask, inputs_embeds, visual_mask, base, enable, omega, kappa)
         graph.extend(b.nodes)
 
+        fused = chosen[0].form == GQA
+        if fused:  # decode steps edit through the fused node's bias; a prefill recomputes its last row after the node
+            sb = b.child("steps", same_graph=True)
+            start = len(b.nodes)
+            decode = sb.op("Equal", [sb.op("Shape", [inputs_embeds], "sequence", start=1, end=2),
+                                     sb.const(np.array([1], np.int64), "one")], "decode")
+            decode = sb.op("Squeeze", [decode, sb.const(np.array([0], np.int64), "axes_0")], "decode")  # []
+            on_decode = sb.op("And", [any_on, decode], "on_decode")
+            on_prefill = sb.op("And", [any_on, sb.op("Not", [decode], "prefill")], "on_prefill")
+            graph.extend(b.nodes[start:])
         for site in chosen:
             lb = Builder(f"model/layers.{site.layer}/attn/sevi", metadata={META_LAYER: str(site.layer)}, taken=taken)
-            new_out, classes = _layer_edit(graph, lb, site, any_on, shared, self.debug_outputs)
+            effective = _effective_mask(graph, site)  # before the fused node's bias input is replaced
+            classes_d = None
+            if fused:
+                _, classes_d = _fused_decode_bias(lb, site, effective, on_decode, shared, self.debug_outputs)
+            new_out, classes = _layer_edit(lb, site, effective, on_prefill if fused else any_on, shared,
+                                           self.debug_outputs)
+            if classes_d is not None:
+                classes = lb.op("Where", [decode, classes_d, classes], "head_class")
             graph.extend(lb.nodes)
             for use in list(site.out.uses()):
                 if use.node.graph is graph and use.node is not new_out.producer():
@@ -155,17 +202,18 @@ def _heads(site: AttentionSite) -> int:
     return site.query_heads()
 
 
-SHARED = ("text_f", "keys", "row_on", "kappa", "omega", "one_plus_omega", "base_last")
-SHARED_TYPES = (FLOAT, FLOAT, BOOL, FLOAT, FLOAT, FLOAT, FLOAT)
+SHARED = ("text_f", "keys", "row_on", "kappa", "omega", "one_plus_omega", "edit_weight", "base_last", "past_len")
+SHARED_TYPES = (FLOAT, FLOAT, BOOL, FLOAT, FLOAT, FLOAT, FLOAT, FLOAT, INT64)
 
 
-def _shared(b: Builder, any_on, attention_mask, visual_mask, base, enable, omega, kappa) -> dict[str, ir.Value]:
+def _shared(b: Builder, any_on, attention_mask, inputs_embeds, visual_mask, base, enable, omega, kappa) -> dict[str, ir.Value]:
     """One If for every SEVI layer, the per-pass values all layers share (so each layer's branch stays short):
 
         text_f [B,1,1,K]   1.0 at keys after the row's last image position (the current row included)
         keys   [B,1,K,2]   columns (text key, image-side key): probs @ keys = (text mass, image-side mass)
         row_on [B,1,1,1]   flag on and the row has an image token
-        kappa, omega, 1 + omega [B,1,1,1];  base_last [B,1,1,K] the exporter's mask on the last row (fp32)
+        kappa, omega, 1 + omega, omega / (1 + omega) [B,1,1,1];  base_last [B,1,1,K] the exporter's mask on the
+                           last row (fp32);  past_len [1] P (keys before this pass)
     """
     t = b.child("shared")
     seen = t.op("Cast", [attention_mask], "seen", to=BOOL)
@@ -190,24 +238,28 @@ def _shared(b: Builder, any_on, attention_mask, visual_mask, base, enable, omega
     if base.dtype == BOOL:
         base_last = t.op("Where", [base_last, t.const(np.float32(0.0), "zero_f"),
                                    t.const(np.float32(NEG_INF), "neg_inf")], "base_last", dtype=FLOAT)
-    values = [text_f, keys, row_on, t.op("Reshape", [kappa, col], "kappa"), omega4,
-              t.op("Add", [t.const(np.float32(1.0), "one_f"), omega4], "one_plus_omega"), base_last]
+    past_len = t.op("Sub", [t.op("Shape", [attention_mask], "total_length", start=1, end=2),
+                            t.op("Shape", [inputs_embeds], "sequence", start=1, end=2)], "past_length")  # [1] P
+    one_plus_omega = t.op("Add", [t.const(np.float32(1.0), "one_f"), omega4], "one_plus_omega")
+    values = [text_f, keys, row_on, t.op("Reshape", [kappa, col], "kappa"), omega4, one_plus_omega,
+              t.op("Div", [omega4, one_plus_omega], "edit_weight"), base_last, past_len]
     off = b.child("shared_off")  # never read: every layer's If takes its else branch too
-    dummies = [off.const(np.zeros((1, 1, 1, 1), bool if dt == BOOL else np.float32), name)
-               for name, dt in zip(SHARED, SHARED_TYPES)]
+    dummies = [off.const(np.zeros((1, 1, 1, 1), bool if dt == BOOL else np.float32), name) if dt != INT64
+               else off.const(np.zeros(1, np.int64), name) for name, dt in zip(SHARED, SHARED_TYPES)]
     return dict(zip(SHARED, b.if_node(any_on, values, t.nodes, dummies, off.nodes, "shared", list(SHARED_TYPES))))
 
 
-def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: dict[str, ir.Value], debug: bool):
-    """One layer's If: classify heads on the last row, edit its logits, recompute its output row (see above)."""
-    heads = _heads(site)
-    # The mask the layer applies (CLVA's when CLVA was baked first); a later CLVA bake rewires the tagged Slice.
-    effective = site.mask if site.mask.dtype == FLOAT else shared_float_mask(graph, site.base_mask)
-    t = lb.child("edit")
+def _classify(t: Builder, site: AttentionSite, sh: dict[str, ir.Value], heads: int,
+              one_row: bool = False) -> dict[str, ir.Value]:
+    """The last row's unedited logits and the head classes of one layer (about 20 small ops). `one_row`: the pass
+    is a decode step (fused form: its query [B, 1, H·D] is [B, H, 1, D] in memory)."""
     ax1 = t.const(np.array([1], np.int64), "axes_1")
-    if site.form in RECOMPUTED:
-        q_last = query_rows(t, site, -1, "q_last")
-        raw = recompute_logits(t, q_last, site_keys(t, site), heads, static_heads(site.k, "the attention's key"), site.scale)
+    if site.form == GQA:
+        q_last = (t.op("Reshape", [site.q, t.const(np.array([0, heads, 1, site.k.shape[3]], np.int64), "q_shape")],
+                       "q_last") if one_row else query_rows(t, site, -1, "q_last"))  # [B,H,1,D]
+        raw = site_logits(t, site, q_last, sh["past_len"], one_row)  # [B,H,1,K]
+    elif site.form in RECOMPUTED:
+        raw = site_logits(t, site, query_rows(t, site, -1, "q_last"))  # [B,H,1,K]
     else:
         raw = slice_axis(t, site.logits, -1, 2, "raw_last")  # [B,H,1,K] scaled q kᵀ, finite
     probs = t.op("Softmax", [t.op("Add", [raw, sh["base_last"]], "unedited")], "unedited", axis=-1)  # [B,H,1,K]
@@ -228,30 +280,76 @@ def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: d
     do1 = t.op("And", [vision, has_g], "do_step1")  # [B,H,1,1]
     do2 = t.op("And", [glob, has_l], "do_step2")
     changed = t.op("Or", [do1, do2], "changed")
-    any_changed = t.op("Cast", [t.op("ReduceMax", [t.op("Cast", [changed], "any_changed", to=INT32)], "any_changed",
-                                     keepdims=0)], "any_changed", to=BOOL)
+    return {"raw": raw, "is_text": is_text, "concentrated": concentrated, "local": local, "classes": classes,
+            "counts": counts, "do1": do1, "changed": changed}
 
-    # Only when some head of some row is edited (most layer-passes edit nothing): a nested If.
-    a = t.child("apply")
-    eff_last = slice_axis(a, effective, -1, 2, "effective_mask_last")
-    eff_last.producer().metadata_props[META_MASK_ROLE] = "effective"  # a later CLVA bake rewires this input
-    # Mean over global heads and max over local heads of the unedited logits. Where a row has no global (local)
-    # head these are 0/0 (the lowest float), but then no head selects them: unchanged heads keep the layer's own
-    # output below, so their edited logits are never used either.
+
+def _edited_logits(a: Builder, c: dict[str, ir.Value], sh: dict[str, ir.Value], heads: int) -> ir.Value:
+    """(logits + omega * target) / (1 + omega) [B,H,1,K] (see _edit_target)."""
+    target = _edit_target(a, c, heads)
+    return a.op("Div", [a.op("Add", [c["raw"], a.op("Mul", [sh["omega"], target], "edited")], "edited"),
+                        sh["one_plus_omega"]], "edited")  # (logits + omega * target) / (1 + omega)
+
+
+def _edit_target(a: Builder, c: dict[str, ir.Value], heads: int) -> ir.Value:
+    """[B,H,1,K]: the mean over global heads (step 1, for vision heads) or the max over local heads (step 2, for
+    global heads) of the unedited logits. Where a row has no global (local) head these are 0/0 (the lowest float),
+    but then no head selects them: unchanged heads keep the layer's own output, so their edit is never used."""
+    raw = c["raw"]
     # sum over global heads as one GEMV: [B,1,1,H] @ [B,1,H,K] (a reduction over the head axis is slower)
-    global_row = a.op("Reshape", [slice_axis(a, classes, 1, 3, "global_f", end=2),
+    global_row = a.op("Reshape", [slice_axis(a, c["classes"], 1, 3, "global_f", end=2),
                                   a.const(np.array([0, 1, 1, heads], np.int64), "global_row_shape")], "global_row")
     raw_rows = a.op("Reshape", [raw, a.const(np.array([0, 1, heads, -1], np.int64), "raw_rows_shape")], "raw_rows")
     global_sum = a.op("MatMul", [global_row, raw_rows], "global_sum")  # [B,1,1,K]
-    global_mean = a.op("Div", [global_sum, slice_axis(a, counts, 1, 3, "n_global", end=2)], "global_mean")  # [B,1,1,K]
+    global_mean = a.op("Div", [global_sum, slice_axis(a, c["counts"], 1, 3, "n_global", end=2)], "global_mean")
     lowest = a.const(np.float32(np.finfo(np.float32).min), "lowest")  # finite: no -inf meets omega = 0
-    local_max = reduce_extreme(a, a.op("Where", [local, raw, lowest], "local_max"), 1, "local_max")
-    target = a.op("Where", [do1, global_mean, local_max], "target")  # step 1 for vision heads, step 2 for global
-    edited = a.op("Div", [a.op("Add", [raw, a.op("Mul", [sh["omega"], target], "edited")], "edited"),
-                          sh["one_plus_omega"]], "edited")  # (logits + omega * target) / (1 + omega)
-    new_probs = a.op("Softmax", [a.op("Add", [edited, eff_last], "edited_masked")], "edited", axis=-1)
+    local_max = reduce_extreme(a, a.op("Where", [c["local"], raw, lowest], "local_max"), 1, "local_max")
+    return a.op("Where", [c["do1"], global_mean, local_max], "target")  # step 1 for vision heads, step 2 for global
+
+
+def _class_codes(t: Builder, c: dict[str, ir.Value], sh: dict[str, ir.Value], heads: int) -> ir.Value:
+    """Debug output: [B, H] int8, 0 vision / 1 global text / 2 local text / -1 not classified."""
+    cls = t.op("Where", [c["is_text"], t.op("Where", [c["concentrated"], t.const(np.int8(GLOBAL_TEXT_HEAD), "global_id"),
+                                                       t.const(np.int8(LOCAL_TEXT_HEAD), "local_id")], "class"),
+                         t.const(np.int8(VISION_HEAD), "vision_id")], "class")
+    cls = t.op("Where", [sh["row_on"], cls, t.const(np.int8(NOT_CLASSIFIED), "none_id")], "class")
+    return t.op("Reshape", [cls, t.const(np.array([0, heads], np.int64), "class_shape")], "class")
+
+
+def _no_class_codes(off: Builder, like: ir.Value, heads: int) -> ir.Value:
+    """[B, H] int8 of -1 (B from `like`'s first dimension)."""
+    shape = off.op("Concat", [off.op("Shape", [like], "batch", start=0, end=1),
+                              off.const(np.array([heads], np.int64), "heads")], "class_shape", axis=0)
+    return off.op("ConstantOfShape", [shape], "class", value=ir.tensor(np.array([NOT_CLASSIFIED], np.int8)))
+
+
+def _effective_mask(graph: ir.Graph, site: AttentionSite) -> ir.Value:
+    """The mask the layer applies (CLVA's when CLVA was baked first), as fp32."""
+    return site.mask if site.mask.dtype == FLOAT else shared_float_mask(graph, site.base_mask)
+
+
+def _tag_effective(value: ir.Value) -> ir.Value:
+    """A node whose input 0 is the layer's effective mask: a later CLVA bake rewires it to CLVA's mask."""
+    value.producer().metadata_props[META_MASK_ROLE] = "effective"
+    return value
+
+
+def _layer_edit(lb: Builder, site: AttentionSite, effective: ir.Value, cond, sh: dict[str, ir.Value], debug: bool):
+    """One layer's If after the layer: classify heads on the last row, edit its logits, recompute its output row
+    (see above); `effective`: the layer's mask (fp32). -> (out' [B,H,S,D], debug classes or None)."""
+    heads = _heads(site)
+    t = lb.child("edit")
+    c = _classify(t, site, sh, heads)
+    any_changed = t.op("Cast", [t.op("ReduceMax", [t.op("Cast", [c["changed"]], "any_changed", to=INT32)],
+                                     "any_changed", keepdims=0)], "any_changed", to=BOOL)
+
+    # Only when some head of some row is edited: a nested If (it saves the pass over the values).
+    a = t.child("apply")
+    eff_last = _tag_effective(slice_axis(a, effective, -1, 2, "effective_mask_last"))
+    new_probs = a.op("Softmax", [a.op("Add", [_edited_logits(a, c, sh, heads), eff_last], "edited_masked")], "edited",
+                     axis=-1)
     new_last = grouped_probs_matmul(a, new_probs, site_values(a, site), heads, static_heads(site.v, "the attention's value"))
-    last = a.op("Where", [changed, new_last, slice_axis(a, site.out, -1, 2, "out_last")], "out_last")
+    last = a.op("Where", [c["changed"], new_last, slice_axis(a, site.out, -1, 2, "out_last")], "out_last")
     applied = a.op("Concat", [slice_axis(a, site.out, 0, 2, "out_rest", end=-1), last], "out", axis=2, dtype=FLOAT)
     same = t.child("unchanged")
     kept = same.op("Identity", [site.out], "out", dtype=FLOAT)
@@ -261,19 +359,46 @@ def _layer_edit(graph: ir.Graph, lb: Builder, site: AttentionSite, any_on, sh: d
     off = lb.child("off")
     else_outs = [off.op("Identity", [site.out], "out", dtype=FLOAT)]
     if debug:
-        cls = t.op("Where", [is_text, t.op("Where", [concentrated, t.const(np.int8(GLOBAL_TEXT_HEAD), "global_id"),
-                                                     t.const(np.int8(LOCAL_TEXT_HEAD), "local_id")], "class"),
-                             t.const(np.int8(VISION_HEAD), "vision_id")], "class")
-        cls = t.op("Where", [sh["row_on"], cls, t.const(np.int8(NOT_CLASSIFIED), "none_id")], "class")
-        then_outs.append(t.op("Reshape", [cls, t.const(np.array([0, heads], np.int64), "class_shape")], "class"))
-        shape = off.op("Concat", [off.op("Shape", [site.out], "batch", start=0, end=1),
-                                  off.const(np.array([heads], np.int64), "heads")], "class_shape", axis=0)
-        else_outs.append(off.op("ConstantOfShape", [shape], "class", value=ir.tensor(np.array([NOT_CLASSIFIED],
-                                                                                              np.int8))))
+        then_outs.append(_class_codes(t, c, sh, heads))
+        else_outs.append(_no_class_codes(off, site.out, heads))
         dtypes.append(INT8)
-    outs = lb.if_node(any_on, then_outs, t.nodes, else_outs, off.nodes, "edit", dtypes)
+    outs = lb.if_node(cond, then_outs, t.nodes, else_outs, off.nodes, "edit", dtypes)
     if site.mask_node.metadata_props.get(META_LAYER) is None:
         site.mask_node.metadata_props[META_LAYER] = str(site.layer)
+    return outs[0], (outs[1] if debug else None)
+
+
+def _fused_decode_bias(lb: Builder, site: AttentionSite, effective: ir.Value, cond, sh: dict[str, ir.Value],
+                       debug: bool):
+    """Fused form, decode step (one query row): the edit as the fused node's attention bias (see above), built
+    before the node from its own inputs. -> (bias [B,H|1,1,K], debug classes or None)."""
+    heads = _heads(site)
+    t = lb.child("decode")
+    c = _classify(t, site, sh, heads, one_row=True)  # keys: the past buffer's slots 0..P-1 and the node's new key
+
+    # (logits + omega target) / (1 + omega) + mask  =  logits + [mask + omega / (1 + omega) (target - logits)]: the
+    # node adds its own logits to this bias; exactly the mask (+ 0.0) on rows and heads that SEVI leaves alone. No
+    # nested If on "some head edited" here (unlike the recomputed row): the edit is ~10 ops on [B,H,1,K] and a
+    # decode step of a model with a vision and a global text head edits nearly always.
+    target = _edit_target(t, c, heads)
+    delta = t.op("Mul", [sh["edit_weight"], t.op("Sub", [target, c["raw"]], "edit")], "edit")  # [B,H,1,K]
+    delta = t.op("Where", [c["changed"], delta, t.const(np.float32(0.0), "zero_f")], "edit")
+    # one query row: the mask [B,1,1,K] is its last row
+    new_bias = _tag_effective(t.op("Add", [effective, delta], "bias", dtype=FLOAT))  # [B,H,1,K]
+    then_outs, dtypes = [new_bias], [FLOAT]
+
+    off = lb.child("decode_off")
+    else_outs = [_tag_effective(off.op("Identity", [effective], "bias", dtype=FLOAT))]
+    if debug:
+        then_outs.append(_class_codes(t, c, sh, heads))
+        else_outs.append(_no_class_codes(off, site.q, heads))  # the node's input: this If runs before the node
+        dtypes.append(INT8)
+    outs = lb.if_node(cond, then_outs, t.nodes, else_outs, off.nodes, "decode", dtypes)
+    node = site.mask_node
+    node.metadata_props.setdefault(META_BASE_MASK, site.base_mask.name)
+    node.metadata_props[META_EFFECTIVE_MASK] = effective.name
+    node.metadata_props[META_LAYER] = str(site.layer)
+    node.replace_input_with(site.mask_index, outs[0])
     return outs[0], (outs[1] if debug else None)
 
 

@@ -72,8 +72,7 @@ def test_export_fuses_rotary_in_every_layer(tiny_artifact):
             rope = gqa.inputs[index].producer()
             assert rope.op_type == "RotaryEmbedding" and rope.domain == "com.microsoft"
             assert rope.inputs[1] is position_ids  # the runtime's positions, never slot indices
-            # q_proj / k_proj, 3-D (a Split of q/k/v packed by graph_passes/pack_matmul.py after this pass)
-            assert rope.inputs[0].producer().op_type in ("MatMul", "Split")
+            assert rope.inputs[0].producer().op_type in ("MatMul", "Split")  # q_proj / k_proj (packed), 3-D
             assert rope.attributes["interleaved"].value == 0 and rope.attributes["num_heads"].value == 8
             tables.update((rope.inputs[2].name, rope.inputs[3].name))
     assert len(tables) == 2  # one cos and one sin table for all layers

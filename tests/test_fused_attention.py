@@ -8,6 +8,8 @@ different prompt lengths, so left padding), the in-place binding, the pass's neg
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -167,16 +169,22 @@ def test_manifest_refuses_an_unknown_form(tiny_artifact, tmp_path):
 
 
 def test_baked_methods_never_read_the_fused_present(baked_artifact):
-    """CLVA, SEVI and the probe recompute from past[:P] + the new keys/values inside their branches: the present
-    outputs have no reader but the graph output (graph_passes/attention_match.py, pattern C)."""
+    """CLVA, SEVI and the probe recompute from the past input + the new keys/values inside their branches: the
+    present outputs have no reader but the graph output (graph_passes/attention_match.py, pattern C). The keys are
+    read as stored (MatMul over Transpose(past), which ONNX Runtime runs as one FusedMatMul), never sliced into a
+    copy; only SEVI's prefill recompute takes past[:, :, :P] of the values."""
     model = ir.load(baked_artifact / "decoder.onnx")
     gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 8
     for node in gqa:
         for present in node.outputs[1:3]:
             assert present.is_graph_output() and not list(present.uses()), node.name
-    names = {n.name for n in model.graph.all_nodes()}
-    assert any("/keys_past/Slice" in n for n in names) and any("/values_past/Slice" in n for n in names)
+    nodes = list(model.graph.all_nodes())
+    key_readers = {n.op_type for n in nodes for v in n.inputs
+                   if v is not None and re.fullmatch(r"past_key_values\.\d+\.key", v.name or "")}
+    assert key_readers == {"GroupQueryAttention", "Transpose"}, key_readers
+    names = {n.name for n in nodes}
+    assert any("/past_scores/MatMul" in n for n in names) and any("/values_past/Slice" in n for n in names)
 
 
 class CountingDecoder:

@@ -126,7 +126,8 @@ def test_attention_matches_once_per_layer(which, form, request):
     assert {s.form for s in sites} == {form}
     if form == GQA:
         assert sites[0].base_mask.dtype == ir.DataType.FLOAT and sites[0].scale == pytest.approx(8 ** -0.5)
-        assert sites[0].q.shape[1] == 8 and sites[0].out.producer().op_type == "Transpose"
+        assert sites[0].q.shape.rank() == 3 and sites[0].query_heads() == 8  # q [B, S, H·D] (pattern C)
+        assert sites[0].out.producer().op_type == "Transpose"
     elif form == ATTENTION_OP:
         assert sites[0].base_mask.dtype == ir.DataType.BOOL and sites[0].scale == pytest.approx(8 ** -0.5)
     else:
@@ -410,3 +411,126 @@ def test_sevi_layer_matches_the_reference_functions(form, kv_heads, tmp_path):
 def _save(model: ir.Model, path) -> str:
     ir.save(model, path)
     return str(path)
+
+
+def _one_layer_fused(heads: int, kv_heads: int, d: int) -> ir.Model:
+    """A one-layer fused 'decoder': GroupQueryAttention (scale 1, no rotary) over q/k/v graph inputs, its output
+    reshaped back to [B, H, S, D] as graph_passes/fuse_attention.py leaves it (pattern C of attention_match.py)."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    def f(name, shape, t=T.FLOAT):
+        return h.make_tensor_value_info(name, t, shape)
+
+    layer = "/model/layers.0/attn/fused"
+    gqa = h.make_node("GroupQueryAttention", ["q", "k", "v", "past_key_values.0.key", "past_key_values.0.value",
+                                              "seqlens_k", "total_length", "", "", "", "mask"],
+                      [f"{layer}/out3", "present.0.key", "present.0.value"], domain="com.microsoft",
+                      name=f"{layer}/GroupQueryAttention", num_heads=heads, kv_num_heads=kv_heads, scale=1.0,
+                      do_rotary=0)
+    shape = onnx.numpy_helper.from_array(np.array([0, 0, heads, d], np.int64), "out_shape")
+    nodes = [gqa, h.make_node("Reshape", [f"{layer}/out3", "out_shape"], [f"{layer}/out"], name=f"{layer}/out/Reshape"),
+             h.make_node("Transpose", [f"{layer}/out"], [f"{layer}/out4"], perm=[0, 2, 1, 3],
+                         name=f"{layer}/out/Transpose"),
+             h.make_node("Identity", [f"{layer}/out4"], ["attn_out"], name="/model/out/Identity")]
+    inputs = [f("inputs_embeds", ["batch", "sequence", 4]), f("attention_mask", ["batch", "total_length"], T.INT64),
+              f("past_key_values.0.key", ["batch", kv_heads, "past", d]),
+              f("past_key_values.0.value", ["batch", kv_heads, "past", d]),
+              f("q", ["batch", "sequence", heads * d]), f("k", ["batch", "sequence", kv_heads * d]),
+              f("v", ["batch", "sequence", kv_heads * d]), f("seqlens_k", ["batch"], T.INT32),
+              f("total_length", [], T.INT32), f("mask", ["batch", 1, "sequence", "total_length"])]
+    outputs = [f("attn_out", ["batch", heads, "sequence", d]), f("present.0.key", ["batch", kv_heads, "present", d]),
+               f("present.0.value", ["batch", kv_heads, "present", d])]
+    graph = h.make_graph(nodes, "one_layer", inputs, outputs, initializer=[shape])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return ir.from_proto(model)
+
+
+def _run_shared_buffer(path, feed: dict, past_k: np.ndarray, past_v: np.ndarray) -> dict:
+    """One pass with past and present bound to the same max-length buffers (the runtime's in-place contract)."""
+    sess = _session(path)
+    binding = sess.io_binding()
+    for name, x in feed.items():
+        if name in {i.name for i in sess.get_inputs()}:
+            binding.bind_cpu_input(name, x)
+    for name, buf in (("key", past_k), ("value", past_v)):
+        value = ort.OrtValue.ortvalue_from_numpy(buf)
+        binding.bind_ortvalue_input(f"past_key_values.0.{name}", value)
+        binding.bind_ortvalue_output(f"present.0.{name}", value)
+    names = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]
+    for name in names:
+        binding.bind_output(name)
+    sess.run_with_iobinding(binding)
+    return dict(zip(names, (o.numpy() for o in binding.get_outputs()[2:])))
+
+
+@pytest.mark.parametrize("seq", [1, 8], ids=["decode", "prefill"])
+def test_sevi_fused_layer_matches_the_reference_functions(seq, tmp_path):
+    """The fused form (GroupQueryAttention, 6 query heads over 2 key/value heads): a decode step edits through the
+    node's attention bias, a prefill (no past: GroupQueryAttention takes a multi-row pass with a past only for batch 1)
+    recomputes the last output row after it; both equal exporter/reference/sevi.py,
+    with past and present as one max-length buffer whose slots after the keys hold NaN (never read into a result)
+    and as distinct buffers; other rows, unchanged heads and the row with SEVI off are exactly the plain layer."""
+    import torch
+    from anchorrt.exporter.reference.sevi import classify_heads, edit_logits
+
+    heads, kv_heads, keys, omega, kappa, spare = 6, 2, 8, 0.5, 0.4, 5
+    d, past = keys, keys - seq  # head size = keys: with k the identity, q kᵀ is q itself
+    vision = [0, 3, 3, 3, 3, 0, 0, 0]
+    glob = [0, -2, -2, -2, -2, 2, 2, 2]
+    local = [0, -2, -2, -2, -2, 4, 0, 0]
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, seq, heads, d)).astype(np.float32)
+    q[:, -1] = np.array([vision, glob, glob, local, local, vision], np.float32)  # [H, K] on the last row
+    eye = np.eye(keys, dtype=np.float32)
+    k_all = np.broadcast_to(eye, (2, kv_heads, keys, d))
+    v_all = rng.standard_normal((2, kv_heads, keys, d)).astype(np.float32)
+    causal = np.tril(np.ones((seq, keys), bool), k=past)[None, None].repeat(2, 0)  # [2,1,S,K]
+    visual = np.zeros((2, keys), bool)
+    visual[:, 1:5] = True  # image keys 1..4; text keys 5..7
+    feed = {"inputs_embeds": np.zeros((2, seq, 4), np.float32), "attention_mask": np.ones((2, keys), np.int64),
+            "q": q.reshape(2, seq, heads * d),
+            "k": np.ascontiguousarray(k_all[:, :, past:].transpose(0, 2, 1, 3)).reshape(2, seq, kv_heads * d),
+            "v": np.ascontiguousarray(v_all[:, :, past:].transpose(0, 2, 1, 3)).reshape(2, seq, kv_heads * d),
+            "seqlens_k": np.full(2, keys - 1, np.int32), "total_length": np.array(keys, np.int32),
+            "mask": np.where(causal, 0.0, np.finfo(np.float32).min).astype(np.float32),
+            "visual_mask": visual, "sevi.enable": np.array([True, False]),
+            "sevi.omega": np.full(2, omega, np.float32), "sevi.kappa": np.full(2, kappa, np.float32)}
+    model = _one_layer_fused(heads, kv_heads, d)
+    assert [s.form for s in match_attention(model.graph)] == [GQA]
+    p = SeviPass(start_layer=0, debug_outputs=True)
+    assert run_passes(model, [p]) == {"sevi": 1}
+    path = _save(model, tmp_path / "one_layer.onnx")
+    plain_path = _save(_one_layer_fused(heads, kv_heads, d), tmp_path / "plain.onnx")
+
+    def buffers(length):  # [2, Hk, length, D]: the past in slots 0..P-1, NaN after it
+        kb, vb = (np.full((2, kv_heads, length, d), np.nan, np.float32) for _ in range(2))
+        kb[:, :, :past], vb[:, :, :past] = k_all[:, :, :past], v_all[:, :, :past]
+        return kb, vb
+
+    got = _run_shared_buffer(path, feed, *buffers(keys + spare))
+    plain = _run_shared_buffer(plain_path, feed, *buffers(keys + spare))["attn_out"]
+    k_past, v_past = buffers(past)
+    sess = _session(path)
+    distinct = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {
+        **{n: x for n, x in feed.items() if n in {i.name for i in sess.get_inputs()}},
+        "past_key_values.0.key": k_past, "past_key_values.0.value": v_past})))
+
+    raw = torch.tensor(q[0, -1])  # [H, K]: all keys visible on the last row
+    classes = classify_heads(torch.softmax(raw.double(), -1).float(), 4, float(np.float32(kappa)))
+    assert classes.tolist() == [0, 1, 1, 2, 2, 0]
+    edited, step1, step2 = edit_logits(raw, classes, omega)
+    assert step1 and step2
+    v_heads = torch.tensor(v_all[0]).repeat_interleave(heads // kv_heads, 0)  # [H, K, D]
+    expected = torch.einsum("hk,hkd->hd", torch.softmax(edited, -1), v_heads).numpy()  # [H, D]
+    for out in (got, distinct):
+        assert out["sevi.head_class.0"].tolist() == [[0, 1, 1, 2, 2, 0], [-1] * 6]
+        assert np.abs(out["attn_out"][0, :, -1] - expected).max() < 1e-5
+        assert np.abs(out["attn_out"][0, :, -1] - plain[0, :, -1]).max() > 1e-2  # the edit did something
+        assert np.array_equal(out["attn_out"][0, :, :-1], plain[0, :, :-1])  # other rows untouched
+        assert np.array_equal(out["attn_out"][1], plain[1])  # the row with SEVI off: exactly the plain layer
+    if seq == 1:  # the decode step's edit is the fused node's bias: nothing after the node
+        gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+        assert gqa.inputs[10].producer().op_type == "If" and "decode" in gqa.inputs[10].producer().name

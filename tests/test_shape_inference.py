@@ -69,10 +69,11 @@ def symbolic_shape_infer(model: ir.Model):
 
 
 def untyped(model: ir.Model) -> list[str]:
-    """Values (in every graph and subgraph) without a dtype or a shape."""
+    """Values (in every graph and subgraph) without a dtype or a shape. An output with an empty name is an optional
+    output the node does not produce (SkipSimplifiedLayerNormalization's mean and inv_std_var), not a value."""
     out = []
     for g in model.graphs():
-        for v in [*g.inputs, *(o for n in g for o in n.outputs)]:
+        for v in [*g.inputs, *(o for n in g for o in n.outputs if o.name != "")]:
             if v.dtype is None or v.shape is None:
                 out.append(f"{g.name}:{v.name}")
     return out
