@@ -129,20 +129,20 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 
 
 def _effective_mask(node: ir.Node, values: dict[str, ir.Value]) -> ir.Value | None:
-    name = node.metadata_props.get(META_EFFECTIVE_MASK)
-    if name is None:
-        return None
-    if name not in values:
-        raise PassError(f"node '{node.name}' records its effective mask '{name}', which is not in the graph")
-    return values[name]
+    return _recorded(node, META_EFFECTIVE_MASK, None, values, "effective")
 
 
 def _base_mask(node: ir.Node, current: ir.Value, values: dict[str, ir.Value]) -> ir.Value:
-    name = node.metadata_props.get(META_BASE_MASK)
+    return _recorded(node, META_BASE_MASK, current, values, "original")
+
+
+def _recorded(node: ir.Node, key: str, default: ir.Value | None, values: dict[str, ir.Value], what: str):
+    """The value a pass recorded by name in the node's metadata under `key` (default when none is recorded)."""
+    name = node.metadata_props.get(key)
     if name is None:
-        return current
+        return default
     if name not in values:
-        raise PassError(f"node '{node.name}' records its original mask '{name}', which is not in the graph")
+        raise PassError(f"node '{node.name}' records its {what} mask '{name}', which is not in the graph")
     return values[name]
 
 

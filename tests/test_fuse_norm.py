@@ -150,23 +150,16 @@ def test_flags_on_and_off_match_the_reference_on_fused_norms(baked_parity):
 
 
 def test_greedy_tokens_flags_on_and_off_match_the_reference(baked_parity, images):
-    import torch
     from anchorrt.runtime.pipeline import Request
 
-    from tests.test_mitigation_parity import CASES, PROMPTS, reference_flags
+    from tests.test_mitigation_parity import CASES, PROMPTS, assert_reference_tokens, reference_flags
 
     pipe, _, batch, pixels, ref = baked_parity
     spec = CASES["both"]
     clva, sevi = reference_flags(spec)
     got = pipe.generate_batch([Request(img, p, spec if i == 0 else None)
                                for i, (img, p) in enumerate(zip(images[:2], PROMPTS))], max_new_tokens=12)
-    eos = ref.hf.generation_config.eos_token_id
-    new = ref.generate(torch.tensor(batch.ids), torch.tensor(pixels), torch.tensor(batch.attention_mask), 12,
-                       clva=clva, sevi=sevi, eos_token_id=eos)
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    for row, g in zip(new.tolist(), got):
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-        assert g.token_ids == row[:cut]
+    assert_reference_tokens(ref, batch, pixels, got, 12, clva, sevi)
 
 
 # ------------------------------------------------------------------------------------------- hand-built graphs

@@ -101,11 +101,17 @@ def test_node_counts_and_onnxruntime_parity(unfused_artifact):
 def test_flags_on_and_off_match_the_reference(tiny_artifact, tiny_model, images, tmp_path_factory):
     """CLVA + SEVI baked on the rotary-fused form: row 0 on, row 1 off, logits <= 1e-4 for a prefill and 3 decode
     steps, and the greedy tokens identical (tests/test_mitigation_parity.py's helpers)."""
-    import torch
     from anchorrt.exporter.reference import ReferenceLlava
     from anchorrt.graph_passes.bake import BakeOptions, bake
 
-    from tests.test_mitigation_parity import ATOL, CASES, onnx_passes, reference_flags, reference_passes
+    from tests.test_mitigation_parity import (
+        ATOL,
+        CASES,
+        assert_reference_tokens,
+        onnx_passes,
+        reference_flags,
+        reference_passes,
+    )
 
     baked = tmp_path_factory.mktemp("rotary") / "baked"
     shutil.copytree(tiny_artifact, baked)
@@ -125,13 +131,7 @@ def test_flags_on_and_off_match_the_reference(tiny_artifact, tiny_model, images,
         assert np.array_equal(res["logits"][1, -1], plain_logits[1])
     got = pipe.generate_batch([Request(images[i], p, spec if i == 0 else None) for i, p in enumerate(PROMPTS[:2])],
                               max_new_tokens=12)
-    eos = ref.hf.generation_config.eos_token_id
-    new = ref.generate(torch.tensor(batch.ids), torch.tensor(pixels), torch.tensor(batch.attention_mask), 12,
-                       clva=clva, sevi=sevi, eos_token_id=eos)
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    for row, g in zip(new.tolist(), got):
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-        assert g.token_ids == row[:cut]
+    assert_reference_tokens(ref, batch, pixels, got, 12, clva, sevi)
 
 
 def test_left_padded_batch_equals_one_by_one(tiny_artifact, images):

@@ -144,9 +144,13 @@ def test_sixteen_greedy_tokens_match_the_reference(setup, case):
     pipe, batch = setup["pipe"], setup["batch"]
     got = pipe.generate_batch([Request(img, p, spec if i == 0 else None)
                                for i, (img, p) in enumerate(zip(setup["images"], PROMPTS))], max_new_tokens=16)
-    ref = setup["ref"]
+    assert_reference_tokens(setup["ref"], batch, setup["pixels"], got, 16, clva, sevi)
+
+
+def assert_reference_tokens(ref, batch, pixels, got, steps: int, clva, sevi) -> None:
+    """The reference's greedy tokens for `batch` (cut after its first EOS) equal each generated row's."""
     eos = ref.hf.generation_config.eos_token_id
-    new = ref.generate(torch.tensor(batch.ids), torch.tensor(setup["pixels"]), torch.tensor(batch.attention_mask), 16,
+    new = ref.generate(torch.tensor(batch.ids), torch.tensor(pixels), torch.tensor(batch.attention_mask), steps,
                        clva=clva, sevi=sevi, eos_token_id=eos)
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     for row, g in zip(new.tolist(), got):
