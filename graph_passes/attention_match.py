@@ -26,8 +26,8 @@ the fused node's present buffers (the in-place contract then does not depend on 
 with several readers; with a reader it was still shared in ORT 1.32: SEVI baked, flags off, 0.999x plain per step
 at context 3000, CPU time). Past holds the first P slots in both contracts (distinct buffers, or one shared buffer
 the node writes after P), so the same subgraph serves both, before or after the node runs. Values, where a pass
-needs them (SEVI's prefill row), are `site_values`: Concat(past[:, :, :P], new) (`site_keys` builds the same for
-the keys; it copies the cache, so passes use `site_logits`). A pass may feed the node a mask it derives per pass
+needs them (SEVI's prefill row), are `site_values`: Concat(past[:, :, :P], new) (a copy of the layer's cache; keys are never
+copied: passes take logits from `site_logits`). A pass may feed the node a mask it derives per pass
 from the layer's (SEVI's decode-step bias); it records the layer's own mask in `META_EFFECTIVE_MASK` on the node,
 which `site.mask` returns.
 
@@ -73,7 +73,7 @@ class AttentionSite:
     logits: ir.Value | None = None  # A: scaled q kᵀ before the mask [B, H, S, K]
     probs: ir.Value | None = None  # A: post-softmax probabilities after the NaN guard [B, H, S, K]
     q: ir.Value | None = None  # B: [B, H, S, D]; C: [B, S, H·D] (both after rotary; see regions.query_rows)
-    k: ir.Value | None = None  # B: [B, Hk, K, D]; C: the past input [B, Hk, P or M, D] (use site_keys)
+    k: ir.Value | None = None  # B: [B, Hk, K, D]; C: the past input [B, Hk, P or M, D] (regions.site_logits)
     new_k: ir.Value | None = None  # C: the node's new keys [B, S, Hk·D] (rotated)
     new_v: ir.Value | None = None  # C: the node's new values [B, S, Hk·D]
     scale: float | None = None  # B: the softmax scale
@@ -264,14 +264,9 @@ def static_heads_of(value: ir.Value) -> int:
     return dim
 
 
-def site_keys(b, site: AttentionSite) -> ir.Value:
-    """Keys [B, Hk, K, D] of a RECOMPUTED-form site, as nodes of builder `b` for the fused form (see pattern C: a
-    copy of the layer's key cache; for logits use graph_passes/regions.py `site_logits`, which reads it in place)."""
-    return _past_and_new(b, site, site.k, site.new_k, "keys") if site.form == GQA else site.k
-
-
 def site_values(b, site: AttentionSite) -> ir.Value:
-    """Values [B, Hk, K, D] (pattern A: already repeated to the query heads; see site_keys)."""
+    """Values [B, Hk, K, D] of a site, as nodes of builder `b` for the fused form (pattern C: Concat(past[:, :, :P],
+    new), a copy of the layer's value cache; pattern A: already repeated to the query heads)."""
     return _past_and_new(b, site, site.v, site.new_v, "values") if site.form == GQA else site.v
 
 

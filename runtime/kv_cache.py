@@ -51,9 +51,7 @@ class KVCache:
 
     def bind(self, binding, new_tokens: int) -> None:
         """Bind past (this side, current length) as inputs and present (other side, +new_tokens) as outputs."""
-        total = self.length + new_tokens
-        if total > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; {total} requested")
+        total = self.check_room(new_tokens)
         if self.in_place:
             self._bind_shared(binding, 0, self.batch)
             return
@@ -96,6 +94,13 @@ class KVCache:
                 binding.bind_input(f"past_key_values.{layer}.{name}", self.device, self.device_id, self.dtype, shape,
                                    ptr)
                 binding.bind_output(f"present.{layer}.{name}", self.device, self.device_id, self.dtype, shape, ptr)
+
+    def check_room(self, new_tokens: int) -> int:
+        """-> the length after `new_tokens` more; ValueError when the buffers cannot hold it."""
+        total = self.length + new_tokens
+        if total > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {total} requested")
+        return total
 
     def shared_binding(self, session, first_output: str = "logits"):
         """One IOBinding per session for the in-place form, its KV buffers bound once: past and present are the

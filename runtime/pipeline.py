@@ -415,8 +415,7 @@ class Pipeline:
         sess = self.decoder.session
         new = embeds.shape[1]
         if rows is None and fetch is None and cache.in_place:  # the usual step: KV bound once per request
-            if cache.length + new > cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + new} requested")
+            cache.check_room(new)
             binding = cache.shared_binding(sess)
             self._bind_inputs(binding, embeds, attention_mask, position_ids, extra)
             sess.run_with_iobinding(binding)
