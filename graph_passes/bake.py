@@ -582,7 +582,7 @@ def _check_mitigation_bakeable(data: dict, where: str) -> None:
                         "the fp32 export, then `anchorrt bake OUT --precision fp16` (or export with both)")
 
 
-def _precision_passes(role: str, options: PrecisionOptions, fused: bool = False) -> list[GraphPass]:
+def _precision_passes(role: str, options: PrecisionOptions) -> list[GraphPass]:
     from anchorrt.graph_passes.precision import Fp16Pass
     from anchorrt.graph_passes.quantize import Int4WeightPass, Int8DynamicPass
 
@@ -596,12 +596,10 @@ def _precision_passes(role: str, options: PrecisionOptions, fused: bool = False)
         passes.append(Fp16Pass("embed", fp16_inputs={"image_features"} if vision16 else set(),
                                fp16_outputs={"inputs_embeds"} if half else set()))
     elif role == "decoder":
-        if half and fused:
-            # The fused GroupQueryAttention stays fp32 (its bias is CLVA's, and fp16 would turn the mask's
-            # float32-min into -inf); its KV buffers are its own input and output, written in place, so they stay
-            # fp32 too: a Cast in between would make the present a copy (graph_passes/fuse_attention.py).
-            passes.append(Fp16Pass("decoder", fp16_inputs={"inputs_embeds"}, fp16_outputs=set()))
-        elif half:
+        if half:
+            # The fused form's GroupQueryAttention converts too, KV buffers included (ONNX Runtime's CUDA kernel is
+            # fp16/bf16 only; its bias is clipped to fp16's range, graph_passes/precision.py): the present stays the
+            # node's own output, written in place.
             passes.append(Fp16Pass("decoder"))
         if options.quantize == "int4":
             passes.append(Int4WeightPass(options.block_size, options.symmetric, options.accuracy_level))
@@ -622,9 +620,8 @@ def convert_into(folder: Path, data: dict, options: PrecisionOptions, source: Pa
     options.check()
     counts: dict[str, dict[str, int]] = {}
     record: dict = {}
-    fused = data.get("attention", {}).get("form") == FORM_FUSED
     for role in ("vision", "embed", "decoder"):
-        passes = _precision_passes(role, options, fused)
+        passes = _precision_passes(role, options)
         if not passes:
             continue
         graph = data["graphs"][role]
@@ -654,7 +651,7 @@ def convert_into(folder: Path, data: dict, options: PrecisionOptions, source: Pa
     data["precision"] = {
         "weights": options.quantize or options.precision,
         "activations": options.precision,
-        "kv": "fp16" if half and not fused else "fp32",
+        "kv": "fp16" if half else "fp32",
         "graphs": {"vision": options.vision_precision, "embed": "fp16" if half else "fp32",
                    "decoder": options.precision + (f"+{options.quantize}" if options.quantize else "")},
         **record,

@@ -11,6 +11,10 @@ Which nodes run in fp16 ("half") is decided per node, on the exporter's graph as
                                                                                                fp16 bias costs ~1e-3)
       - attention, opset 23:  an `Attention` op whose mask is float (CLVA rewired it to mask + log w); a bool mask
                               keeps the op in fp16 (ONNX Runtime adds 0/-inf itself)
+      NOT kept: the fused form's `GroupQueryAttention` runs in fp16 with its KV buffers (ONNX Runtime's CUDA kernel
+      exists for fp16/bf16 only, and its `attention_bias` must have the op's type): the bias (mask, CLVA's log w,
+      SEVI's edit; computed in fp32) is clipped to ±65504 before its Cast, so the mask's float32 minimum stays
+      finite (an -inf bias would give a fully padded row NaN, and NaN keys/values poison every row through 0·NaN)
       - every node a mitigation pass added (no torch module scopes: CLVA's anchors and z-scores, SEVI's last-row
         logit edit, the attention probe, the shared float mask, VisAlign's fusion) and everything inside an `If`
       - normalisations: RMSNorm/LayerNorm (the decomposed Pow/ReduceMean/Sqrt chain or the fused op), computed in
@@ -19,7 +23,9 @@ Which nodes run in fp16 ("half") is decided per node, on the exporter's graph as
         built from `position_ids` (cast to fp16 where the half graph reads them)
 
     value edges:  fp32 producer ─► half consumer:  Cast(to fp16)   (one per value; constants are converted instead)
-                  half producer ─► fp32 consumer:  Cast(to fp32)   (also for outer values read inside an If branch)
+                  half producer ─► fp32 consumer:  Cast(to fp32)   (an outer value read inside an If branch is cast
+                                                                    inside that branch, so flags off pay nothing:
+                                                                    the fp16 KV cache read by a mitigation branch)
     graph outputs: the ones named fp16 (present.*) become fp16; every other float output (logits, probe, debug)
                    stays fp32 through a Cast, so the runtime's sampler and the mitigation outputs are unchanged
 
@@ -35,7 +41,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
-from anchorrt.graph_passes.attention_match import RECOMPUTED, match_attention
+from anchorrt.graph_passes.attention_match import GQA, GQA_BIAS_INDEX, RECOMPUTED, match_attention
 from anchorrt.graph_passes.base import GraphPass, PassError
 from anchorrt.graph_passes.naming import SCOPES_KEY
 from anchorrt.graph_passes.shapes import annotate_missing
@@ -100,6 +106,8 @@ def _kept_attention_nodes(graph: ir.Graph) -> set[ir.Node]:
     """The attention nodes that stay fp32 (see the module docstring)."""
     kept: set[ir.Node] = set()
     for site in match_attention(graph):
+        if site.form == GQA:  # runs in fp16, its bias clipped (see the module docstring)
+            continue
         if site.form in RECOMPUTED:
             if site.mask.dtype == FLOAT:
                 kept.add(site.anchor)
@@ -226,7 +234,7 @@ class Fp16Pass(GraphPass):
                 v.dtype = FLOAT16
 
     def _fix_edges(self, graph: ir.Graph, half: set[ir.Node], original: dict) -> None:
-        made: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
+        made: dict[tuple, ir.Value] = {}
         for node in list(graph.all_nodes()):
             for i, v in enumerate(node.inputs):
                 if v is None or original.get(v) != FLOAT:
@@ -234,15 +242,24 @@ class Fp16Pass(GraphPass):
                 want = FLOAT16 if self._wants_fp16(node, i, half) else FLOAT
                 if v.dtype == want:
                     continue
-                key = (v, want)
+                clip = want == FLOAT16 and node.op_type == "GroupQueryAttention" and i == GQA_BIAS_INDEX
+                # an outer value read inside a branch is cast there (the branch runs only when its flag is on)
+                local = node.graph if node.graph is not graph and not v.is_initializer() else None
+                key = (v, want, clip, local)
                 if key not in made:
-                    made[key] = self._cast(graph, v, want)
+                    made[key] = self._cast(graph, v, want, clip=clip, before=node if local is not None else None)
                 node.replace_input_with(i, made[key])
 
-    def _cast(self, graph: ir.Graph, v: ir.Value, to: ir.DataType) -> ir.Value:
+    def _cast(self, graph: ir.Graph, v: ir.Value, to: ir.DataType, clip: bool = False,
+              before: ir.Node | None = None) -> ir.Value:
+        """`v` in dtype `to`: a converted copy of a constant, else a Cast placed after `v`'s producer (first in the
+        main graph for a graph input) or, with `before`, just before that node in its own graph; `clip` first clips
+        to fp16's finite range (Clip, fp32)."""
         suffix = "fp16" if to == FLOAT16 else "fp32"
         if v.is_initializer() and v.const_value is not None:  # a copy of the constant in the wanted dtype
             array = v.const_value.numpy()
+            if clip:
+                array = np.clip(array, -FP16_MAX, FP16_MAX)
             array = _to_fp16_array(array, f"weight '{v.name}'") if to == FLOAT16 else array.astype(np.float32)
             name = f"{v.name}/{suffix}"
             copy = ir.Value(name=name, type=ir.TensorType(to), shape=v.shape, const_value=ir.tensor(array, name=name))
@@ -250,15 +267,32 @@ class Fp16Pass(GraphPass):
             return copy
         producer = v.producer()
         name = f"/precision/{(v.name or 'value').strip('/')}/Cast_{suffix}"
-        cast = ir.Node("", "Cast", [v], attributes=[ir.AttrInt64("to", to)], name=name)
+        if before is not None:
+            name += f"/in_{(before.name or 'branch').strip('/')}"
+        nodes = []
+        src = v
+        if clip:
+            lo = ir.Value(name=f"{name}/clip_min", type=ir.TensorType(FLOAT), shape=ir.Shape([]),
+                          const_value=ir.tensor(np.array(-FP16_MAX, np.float32), name=f"{name}/clip_min"))
+            hi = ir.Value(name=f"{name}/clip_max", type=ir.TensorType(FLOAT), shape=ir.Shape([]),
+                          const_value=ir.tensor(np.array(FP16_MAX, np.float32), name=f"{name}/clip_max"))
+            graph.register_initializer(lo)
+            graph.register_initializer(hi)
+            nodes.append(ir.Node("", "Clip", [v, lo, hi], name=f"{name}/Clip"))
+            src = nodes[-1].outputs[0]
+            src.name, src.dtype, src.shape = f"{name}/Clip_output_0", FLOAT, v.shape
+        cast = ir.Node("", "Cast", [src], attributes=[ir.AttrInt64("to", to)], name=name)
+        nodes.append(cast)
         out = cast.outputs[0]
         out.name, out.dtype, out.shape = f"{name}_output_0", to, v.shape
-        if producer is not None and producer.graph is not None:
-            producer.graph.insert_after(producer, cast)
+        if before is not None:
+            before.graph.insert_before(before, nodes)
+        elif producer is not None and producer.graph is not None:
+            producer.graph.insert_after(producer, nodes)
         elif graph.num_nodes():  # a graph input: first in the main graph
-            graph.insert_before(graph.node(0), cast)
+            graph.insert_before(graph.node(0), nodes)
         else:
-            graph.append(cast)
+            graph.extend(nodes)
         self.casts += 1
         return out
 

@@ -126,6 +126,12 @@ class Pipeline:
         self.kv_dtype = np.float16 if precision.get("kv", precision.get("activations")) == "fp16" else np.float32
         self.visalign = VisAlignFeed.from_manifest(manifest)  # None unless the embed graph has VisAlign
         self.prefill_chunk = PREFILL_CHUNK  # 0: one pass (see prefill)
+        names = [p if isinstance(p, str) else p[0] for p in (providers or [])]
+        self.placement_note = (  # one line for the CLI; None when nothing runs off the requested device
+            "the fused form's GroupQueryAttention is fp32 here and onnxruntime's CUDA kernel is fp16/bf16 only, so "
+            "every layer's attention runs on the CPU; convert for the GPU with `anchorrt export --precision fp16`"
+            if names[:1] == ["CUDAExecutionProvider"] and manifest.attention_form == "gqa"
+            and self.kv_dtype == np.float32 else None)
 
     @classmethod
     def from_dir(cls, path: str | Path, providers: Sequence | None = None, verify: bool = True,

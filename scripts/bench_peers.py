@@ -22,9 +22,15 @@ bandwidth (numpy, 1 GiB); each engine's fraction = bound / measured step.
 
 A peer that is not installed is named, with its install command, and left out; nothing is installed here.
 
+`--device cuda` (onnxruntime-gpu): AnchorRT on the CUDA execution provider in fp16 and fp16+int4 (`--precisions
+fp16,int4`; the fused form's GroupQueryAttention has CUDA kernels for fp16/bf16 only) and transformers sdpa in fp16
+on the same GPU; GenAI and llama.cpp are CPU builds here and are left out (named). The bound uses the GPU's
+device-to-device copy bandwidth measured with torch (bytes read + written / time), and fp16 weights and cache.
+
     python scripts/bench_peers.py [--contexts 300,1100,2100] [--rounds 2] [--steps 8] [--threads 2]
         [--engines anchorrt-fused,anchorrt-unfused,genai,llamacpp,transformers] [--precisions fp32,int4]
         [--folder DIR (kept and reused)] [--quick (one context, one round)] [--tiny (a tiny model: smoke test)]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -69,10 +75,11 @@ def build_checkpoint(folder: Path, tiny: bool, given: Path | None = None) -> Pat
     return model_dir
 
 
-def build_anchorrt(folder: Path, model_dir: Path, precision: str, unfused: Path | None = None) -> dict[str, Path]:
+def build_anchorrt(folder: Path, model_dir: Path, precision: str, unfused: Path | None = None,
+                   half: bool = False) -> dict[str, Path]:
     """anchorrt-unfused = one export with --attention unfused (or a copy of `unfused`, such an export of the same
     checkpoint); anchorrt-fused = the same graphs through the fusion pass (graph_passes/fuse_attention.py); int4 =
-    both quantized (MatMulNBits, accuracy level 4)."""
+    both quantized (MatMulNBits, accuracy level 4), with fp16 activations when `half` (the GPU); fp16 = converted."""
     from anchorrt.exporter.export import export_model
     from anchorrt.graph_passes.bake import PrecisionOptions, convert_precision, fuse_artifact
 
@@ -91,12 +98,14 @@ def build_anchorrt(folder: Path, model_dir: Path, precision: str, unfused: Path 
         if precision == "fp32":
             out[form] = path
             continue
-        q = folder / f"anchorrt-{form}-{precision}"
+        q = folder / f"anchorrt-{form}-{precision}{'-fp16' if half and precision == 'int4' else ''}"
         if not (q / "manifest.json").exists():
-            say(f"quantizing AnchorRT ({form}) to {precision}")
+            say(f"converting AnchorRT ({form}) to {precision}" + (" (fp16 activations)" if half else ""))
             shutil.rmtree(q, ignore_errors=True)
             shutil.copytree(path, q)
-            convert_precision(q, PrecisionOptions(quantize="int4", accuracy_level=4))
+            options = (PrecisionOptions(precision="fp16") if precision == "fp16" else
+                       PrecisionOptions(precision="fp16" if half else "fp32", quantize="int4", accuracy_level=4))
+            convert_precision(q, options)
         out[form] = q
     return out
 
@@ -204,19 +213,22 @@ def build_gguf(folder: Path, lm_dir: Path, precision: str) -> Path:
 
 
 class AnchorRT:
-    def __init__(self, folder: Path, threads: int):
+    def __init__(self, folder: Path, threads: int, device: str = "cpu"):
         from anchorrt.runtime.pipeline import Pipeline
 
-        self.pipe = Pipeline.from_dir(folder, intra_op_threads=threads, verify=False)
-        _ = self.pipe.decoder.session
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None
+        self.pipe = Pipeline.from_dir(folder, intra_op_threads=threads, verify=False, providers=providers)
+        session = self.pipe.decoder.session  # a CPU fallback is refused (runtime/backend.py)
+        self.dtype = "float16" if next(i for i in session.get_inputs() if i.name == "inputs_embeds").type == \
+            "tensor(float16)" else "float32"
 
     def run(self, n: int, steps: int, seed: int) -> tuple[float, list[float]]:
         import numpy as np
 
         d = self.pipe.hidden
         rng = np.random.default_rng(seed)
-        embeds = (0.5 * rng.standard_normal((1, n, d))).astype(np.float32)  # [1, N, d]
-        step = (0.5 * rng.standard_normal((1, 1, d))).astype(np.float32)  # [1, 1, d]
+        embeds = (0.5 * rng.standard_normal((1, n, d))).astype(self.dtype)  # [1, N, d]
+        step = (0.5 * rng.standard_normal((1, 1, d))).astype(self.dtype)  # [1, 1, d]
         cache = self.pipe._new_cache(1, n + steps + 1)
         t = time.perf_counter()
         self.pipe.prefill_embeds(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache, {})
@@ -230,27 +242,36 @@ class AnchorRT:
 
 
 class Transformers:
-    def __init__(self, lm_dir: Path, threads: int):
+    def __init__(self, lm_dir: Path, threads: int, device: str = "cpu"):
         import torch
         from transformers import LlamaForCausalLM
 
         torch.set_num_threads(threads)
-        self.torch = torch
-        self.model = LlamaForCausalLM.from_pretrained(lm_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+        self.torch, self.device = torch, device
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        self.model = LlamaForCausalLM.from_pretrained(lm_dir, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
 
     def run(self, n: int, steps: int, seed: int) -> tuple[float, list[float]]:
         torch = self.torch
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(10, self.model.config.vocab_size, (1, n), generator=g)
+        ids = torch.randint(10, self.model.config.vocab_size, (1, n), generator=g).to(self.device)
         with torch.inference_mode():
+            self._sync()
             t = time.perf_counter()
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            self._sync()
             prefill = time.perf_counter() - t
             times = []
             for _ in range(steps):
                 nxt = out.logits[:, -1:].argmax(-1)
+                self._sync()
                 t = time.perf_counter()
                 out = self.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                self._sync()
                 times.append(time.perf_counter() - t)
         return prefill, times
 
@@ -334,18 +355,44 @@ def read_bandwidth_gbs(size_bytes: int = 1 << 30, reps: int = 3) -> float:
     return size_bytes / best / 1e9
 
 
-def step_bytes(spec: dict, vocab: int, context: int, precision: str) -> float:
+def cuda_bandwidth_gbs(size_bytes: int = 1 << 30, reps: int = 5) -> float:
+    """Best of `reps` device-to-device copies of `size_bytes` (torch), counting the bytes read and written."""
+    import torch
+
+    a = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * size_bytes / best / 1e9
+
+
+def step_bytes(spec: dict, vocab: int, context: int, precision: str, cache_bytes: int = 4) -> float:
     """Bytes one decode step reads: every weight but the embedding table (one row of it), plus K and V of every
-    layer at `context` (fp32 in every engine's cache here). int4: 0.5 byte a weight plus an fp32 scale per block
-    of 32 (0.625 bytes), norms fp32."""
+    layer at `context` (`cache_bytes` an element: fp32 on the CPU, fp16 on the GPU). int4: 0.5 byte a weight plus
+    a scale per block of 32 (0.625 bytes), norms fp32."""
     d, f, layers = spec["hidden"], spec["intermediate"], spec["layers"]
     head_dim = d // spec["heads"]
     kv = spec["kv_heads"] * head_dim
     matmul = layers * (d * d * 2 + d * kv * 2 + 3 * d * f) + d * vocab  # q, o, k, v, gate/up/down, lm_head
-    per_weight = 4.0 if precision == "fp32" else 0.625
+    per_weight = {"fp32": 4.0, "fp16": 2.0}.get(precision, 0.625)
     norms = (2 * layers + 1) * d * 4
-    cache = 2 * layers * kv * context * 4
+    cache = 2 * layers * kv * context * cache_bytes
     return matmul * per_weight + norms + cache
+
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "GPU name unknown"
 
 
 def median(xs: list[float]) -> float:
@@ -383,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="a tiny model (tests); contexts are capped at 200")
     ap.add_argument("--json", type=Path, default=None, help="also write the medians here")
     ap.add_argument("--model", type=Path, default=None, help="an existing LLaVA checkpoint folder instead of building one")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: AnchorRT on the CUDA EP (fp16, fp16+int4) and transformers fp16 on the GPU")
     ap.add_argument("--unfused-artifact", type=Path, default=None,
                     help="an existing `export --attention unfused` of --model (reused instead of exporting)")
     args = ap.parse_args(argv)
@@ -398,9 +447,21 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         ap.error(f"unknown engine(s) {sorted(unknown)}; known: {', '.join(ENGINES)}")
     precisions = [p.strip() for p in args.precisions.split(",")]
-    if set(precisions) - {"fp32", "int4"}:
-        ap.error("--precisions takes fp32 and/or int4")
+    cuda = args.device == "cuda"
+    allowed = {"fp16", "int4"} if cuda else {"fp32", "int4"}
+    if set(precisions) - allowed:
+        ap.error(f"--precisions takes {' and/or '.join(sorted(allowed))} with --device {args.device}")
+    if cuda:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            ap.error("--device cuda needs onnxruntime-gpu (pip install \"anchorrt[gpu]\") and an NVIDIA GPU; this "
+                     f"onnxruntime has {', '.join(ort.get_available_providers())}")
     skipped = [m for e in engines if (m := missing_peer(e))]
+    if cuda:
+        skipped += [f"{e}: its CPU build here (--device cuda measures AnchorRT and transformers)" for e in engines
+                    if e in ("genai", "llamacpp")]
+        engines = [e for e in engines if e not in ("genai", "llamacpp")]
     for m in skipped:
         say(f"skipped {m}")
     engines = [e for e in engines if not missing_peer(e)]
@@ -418,12 +479,14 @@ def main(argv: list[str] | None = None) -> dict:
     lm_dir = build_language_model(folder, model_dir) if need_lm else None
     for precision in precisions:
         if any(e.startswith("anchorrt") for e in engines):
-            arts = build_anchorrt(folder, model_dir, precision, args.unfused_artifact)
+            arts = build_anchorrt(folder, model_dir, precision, args.unfused_artifact, half=cuda)
             for form in ("fused", "unfused"):
                 if f"anchorrt-{form}" in engines:
-                    factories[f"anchorrt-{form} {precision}"] = (lambda p=arts[form]: AnchorRT(p, args.threads))
-        if "transformers" in engines and precision == "fp32":
-            factories["transformers-sdpa fp32"] = lambda: Transformers(lm_dir, args.threads)
+                    factories[f"anchorrt-{form} {precision}"] = (
+                        lambda p=arts[form]: AnchorRT(p, args.threads, args.device))
+        top = "fp16" if cuda else "fp32"
+        if "transformers" in engines and precision == top:
+            factories[f"transformers-sdpa {top}"] = lambda: Transformers(lm_dir, args.threads, args.device)
         for peer, build, cls in (("genai", build_genai, GenAI), ("llamacpp", build_gguf, LlamaCpp)):
             if peer not in engines:
                 continue
@@ -458,30 +521,34 @@ def main(argv: list[str] | None = None) -> dict:
                 step[name][c].append(median(times[1:] if len(times) > 2 else times))
             del engine
 
-    gbs = read_bandwidth_gbs(1 << (24 if args.tiny else 30))
+    gbs = cuda_bandwidth_gbs() if cuda else read_bandwidth_gbs(1 << (24 if args.tiny else 30))
     med_step = {n: {c: median(v) for c, v in by.items() if v} for n, by in step.items()}
     med_prefill = {n: {c: median(v) for c, v in by.items() if v} for n, by in prefill.items()}
     fraction = {}
     for n, by in med_step.items():
-        precision = "fp32" if ("fp32" in n or "f32" in n) else "int4"
-        fraction[n] = {c: step_bytes(spec, vocab, c, precision) / (gbs * 1e9) / t for c, t in by.items()}
-    print(f"bench_peers: {'tiny' if args.tiny else 'bench'} model, threads {args.threads}, rounds {rounds} "
-          f"(interleaved), {args.steps} decode steps per context; read bandwidth {gbs:.1f} GB/s (numpy, best of 3)")
+        precision = "fp32" if ("fp32" in n or "f32" in n) else "fp16" if "fp16" in n else "int4"
+        fraction[n] = {c: step_bytes(spec, vocab, c, precision, 2 if cuda else 4) / (gbs * 1e9) / t
+                       for c, t in by.items()}
+    where = f"device {args.device}" + (f" ({gpu_name()})" if cuda else "")
+    how = "torch device copy, read + written" if cuda else "numpy, best of 3"
+    print(f"bench_peers: {'tiny' if args.tiny else 'bench'} model, {where}, threads {args.threads}, rounds {rounds} "
+          f"(interleaved), {args.steps} decode steps per context; bandwidth {gbs:.1f} GB/s ({how})")
     for precision in precisions:
         base = f"anchorrt-fused {precision}"
-        rows = {n: v for n, v in med_step.items() if (precision in n) or (precision == "int4" and "q4_0" in n)
-                or (precision == "fp32" and "f32" in n)}
+        rows = {n: v for n, v in med_step.items() if n.endswith(f" {precision}") or (precision == "int4" and "q4_0" in n)
+                or (precision == "fp32" and n.endswith(" f32"))}
         print(table(f"per decode step, {precision} (ratio to {base}; fraction of the bandwidth bound)", rows, contexts,
                     base, extra=fraction))
         prows = {n: v for n, v in med_prefill.items() if n in rows}
         print(table(f"prefill, {precision} (ratio to {base})", prows, contexts, base, unit="s", scale=1.0))
-    if "transformers-sdpa fp32" in med_prefill:
-        print(table("prefill vs transformers sdpa (ratio to transformers-sdpa fp32)",
-                    {n: v for n, v in med_prefill.items() if "fp32" in n}, contexts, "transformers-sdpa fp32",
-                    unit="s", scale=1.0))
+    top = "fp16" if cuda else "fp32"
+    if f"transformers-sdpa {top}" in med_prefill:
+        print(table(f"prefill vs transformers sdpa (ratio to transformers-sdpa {top})",
+                    {n: v for n, v in med_prefill.items() if n.endswith(f" {top}")}, contexts,
+                    f"transformers-sdpa {top}", unit="s", scale=1.0))
     for m in skipped:
         print(f"not measured: {m}")
-    result = {"contexts": contexts, "rounds": rounds, "threads": args.threads, "read_gbs": gbs, "step_s": med_step,
+    result = {"contexts": contexts, "rounds": rounds, "threads": args.threads, "device": args.device, "read_gbs": gbs, "step_s": med_step,
               "prefill_s": med_prefill, "bound_fraction": fraction, "skipped": skipped, "folder": str(folder)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))

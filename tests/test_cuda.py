@@ -8,6 +8,8 @@ CUDAExecutionProvider): the fixture on CUDA against the CPU, the KV cache reside
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from anchorrt.runtime.backend import CUDA_DEFAULTS, OrtBackend
@@ -97,3 +99,88 @@ def test_cuda_pipeline_matches_cpu(tiny_artifact, images):
         c = pipe._new_cache(2, batch.ids.shape[1] + 1)
         logits.append(pipe.prefill(batch, feats, c, pipe._extra_inputs(batch)))
     assert np.abs(logits[0] - logits[1]).max() <= 1e-3
+
+
+def test_placement_note_names_fp32_fused_attention_on_cuda(tiny_artifact, unfused_artifact, tmp_path):
+    """An fp32 fused decoder asked onto CUDA gets the one-line note (GroupQueryAttention has no fp32 CUDA kernel);
+    an fp16 one, an unfused one and the CPU get none. Sessions are not built here (no GPU needed)."""
+    from anchorrt.graph_passes.bake import PrecisionOptions, convert_precision
+    from anchorrt.runtime.pipeline import Pipeline
+
+    note = Pipeline.from_dir(tiny_artifact, providers=CUDA).placement_note
+    assert note and "\n" not in note and "--precision fp16" in note and "GroupQueryAttention" in note
+    assert Pipeline.from_dir(tiny_artifact).placement_note is None
+    assert Pipeline.from_dir(unfused_artifact, providers=CUDA).placement_note is None
+    half = tmp_path / "half"
+    shutil.copytree(tiny_artifact, half)
+    convert_precision(half, PrecisionOptions(precision="fp16"))
+    assert Pipeline.from_dir(half, providers=CUDA).placement_note is None
+
+
+def _node_providers(pipe, run) -> dict[str, set[str]]:
+    """op type -> the execution providers its nodes ran on, from onnxruntime's profiler during `run()`."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe.decoder.start_profiling(f"{tmp}/dec")
+        run()
+        path = pipe.decoder.end_profiling()
+        events = json.loads(open(path).read())
+    seen: dict[str, set[str]] = {}
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "Node" and "op_name" in args and "provider" in args:
+            seen.setdefault(args["op_name"], set()).add(args["provider"])
+    return seen
+
+
+@pytest.fixture(scope="module")
+def fp16_baked(tiny_artifact, tmp_path_factory):
+    from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, convert_precision
+
+    art = tmp_path_factory.mktemp("cuda") / "fused-fp16-baked"
+    shutil.copytree(tiny_artifact, art)
+    convert_precision(art, PrecisionOptions(precision="fp16"), mitigation="clva,sevi",
+                      bake_options=BakeOptions(sevi_start_layer=4))
+    return art
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_fused_decoder_runs_its_compute_on_the_gpu(fp16_baked, images):
+    """The fused fp16 form on CUDA: GroupQueryAttention, RotaryEmbedding, the projections and the norms run on the
+    CUDA EP (onnxruntime's profiler names each node's provider); the KV cache is fp16 on the device, in place."""
+    from anchorrt.runtime.pipeline import Pipeline
+
+    gpu = Pipeline.from_dir(fp16_baked, providers=CUDA)
+    assert gpu.placement_note is None and gpu.kv_dtype == np.float16
+    cache = gpu._new_cache(1, 8)
+    assert cache.in_place and cache._buffers[0][0][0].device_name() == "cuda"
+    for flags in (None, {"clva": True, "sevi": True}):
+        seen = _node_providers(gpu, lambda f=flags: gpu.generate(images[0], "Hi", max_new_tokens=3, mitigation=f))
+        for op in ("GroupQueryAttention", "RotaryEmbedding", "MatMul", "SimplifiedLayerNormalization"):
+            assert seen.get(op) == {"CUDAExecutionProvider"}, (flags, op, seen.get(op))
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_fused_matches_cpu_fp16_with_flags_on_and_off(fp16_baked, images):
+    """The same fp16 graphs on CUDA and on the CPU EP: greedy tokens equal and last-position logits within 2e-2
+    (fp16 rounding in different kernels: CUDA's flash/memory-efficient attention vs the CPU's fp32 fallbacks),
+    with every flag off and with CLVA + SEVI on."""
+    from anchorrt.runtime.pipeline import Pipeline
+
+    gpu, cpu = Pipeline.from_dir(fp16_baked, providers=CUDA), Pipeline.from_dir(fp16_baked)
+    prompts = ["What is in the image?", "Describe it."]
+    for flags in (None, {"clva": {"alpha": 14}, "sevi": True}):
+        got = gpu.generate_batch(list(zip(images[:2], prompts)), max_new_tokens=6, mitigation=flags)
+        want = cpu.generate_batch(list(zip(images[:2], prompts)), max_new_tokens=6, mitigation=flags)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want], flags
+        batch = cpu._pad([cpu.prompts.encode(p) for p in prompts])
+        feats = cpu.encode_images(cpu.preprocess(images[:2]))
+        logits = []
+        for pipe in (cpu, gpu):
+            c = pipe._new_cache(2, batch.ids.shape[1] + 1)
+            logits.append(pipe.prefill(batch, feats, c, pipe._extra_inputs(batch, None if flags is None else [flags] * 2)))
+        diff = float(np.abs(logits[0] - logits[1]).max())
+        print(f"fp16 CUDA vs CPU, flags {flags}: max |logit diff| {diff:.2e}")
+        assert diff <= 2e-2, diff

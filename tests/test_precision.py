@@ -96,32 +96,41 @@ def test_fp16_keeps_clva_bias_softmax_and_interfaces_fp32(unfused_artifact, tmp_
     assert p["fp16"]["decoder"]["kept_fp32"]["by_reason"]["attention softmax / mask"] == 8 * 4
 
 
-def test_fp16_fused_keeps_group_query_attention_and_its_kv_cache_fp32(tiny_artifact, tmp_path):
-    """Fused form: GroupQueryAttention (mask + CLVA's log w as its bias) and the in-place KV buffers stay fp32; the
-    projections run in fp16; the manifest says kv fp32, which the runtime's cache follows."""
+def test_fp16_fused_runs_group_query_attention_and_its_kv_cache_in_fp16(tiny_artifact, tmp_path):
+    """Fused form: GroupQueryAttention and its in-place KV buffers run fp16 (ONNX Runtime's CUDA kernel is fp16/bf16
+    only); its bias (mask + CLVA's log w) is computed fp32 and clipped to fp16's range before the Cast; the
+    mitigation branches cast the fp16 cache they read inside the branch; the manifest says kv fp16."""
     art = _copy(tiny_artifact, tmp_path, "fused16")
     m = convert_precision(art, PrecisionOptions(precision="fp16"), mitigation="clva,sevi,probe", bake_options=BAKE)
     p = m.data["precision"]
-    assert (p["weights"], p["activations"], p["kv"]) == ("fp16", "fp16", "fp32")
+    assert (p["weights"], p["activations"], p["kv"]) == ("fp16", "fp16", "fp16")
     dec = ir.load(art / "decoder.onnx")
     ins, outs = _io(dec)
     assert ins["inputs_embeds"] == FLOAT16
-    assert all(d == FLOAT for k, d in ins.items() if k.startswith("past_"))
-    assert all(d == FLOAT for k, d in outs.items() if k.startswith("present."))
+    assert all(d == FLOAT16 for k, d in ins.items() if k.startswith("past_"))
+    assert all(d == FLOAT16 for k, d in outs.items() if k.startswith("present."))
     gqa = [n for n in dec.graph if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 8
     drift = set(m.mitigation["clva"]["layers"]["drift_layers"])
     for node in gqa:
-        assert all(v.dtype == FLOAT for v in node.inputs if v is not None and v.dtype in (FLOAT, FLOAT16)), node.name
-        assert node.outputs[1] in dec.graph.outputs and node.outputs[1].dtype == FLOAT  # present = the node's own
+        assert all(v.dtype == FLOAT16 for v in node.inputs if v is not None and v.dtype in (FLOAT, FLOAT16)), node.name
+        assert node.outputs[1] in dec.graph.outputs and node.outputs[1].dtype == FLOAT16  # present = the node's own
+        assert node.inputs[3].name.startswith("past_key_values.")  # no Cast between the buffer and the node
+        cast = node.inputs[10].producer()
+        assert cast.op_type == "Cast" and cast.inputs[0].producer().op_type == "Clip", node.name
         layer = int(node.name.split("layers.")[1].split("/")[0])
-        assert (node.inputs[10].producer() is not None and node.inputs[10].producer().op_type == "If") == (
-            layer in drift)
+        bias = cast.inputs[0].producer().inputs[0].producer()
+        assert (bias is not None and bias.op_type == "If") == (layer in drift)
+    # every Cast of a past buffer sits inside a mitigation branch: flags off cast no cache
+    main_casts = [n for n in dec.graph if n.op_type == "Cast" and n.inputs[0].name.startswith("past_key_values.")]
+    branch_casts = [n for n in dec.graph.all_nodes() if n.graph is not dec.graph and n.op_type == "Cast"
+                    and n.inputs[0].name.startswith("past_key_values.")]
+    assert not main_casts and branch_casts
     q_proj = next(n for n in dec.graph if n.op_type == "MatMul"  # q_proj, or q/k/v packed (graph_passes/pack_matmul.py)
                   and n.name.startswith(("/model/layers.0/attn/q_proj/", "/model/layers.0/attn/q_k_v_proj/")))
     assert q_proj.outputs[0].dtype == FLOAT16 and q_proj.inputs[1].dtype == FLOAT16
     pipe = Pipeline.from_dir(art)
-    assert pipe.kv_dtype == np.float32 and pipe._new_cache(1, 8).in_place
+    assert pipe.kv_dtype == np.float16 and pipe._new_cache(1, 8).in_place
 
 
 def test_fp16_opset23_clva_drift_attention_runs_fp32(gqa_artifact, tmp_path):
@@ -151,8 +160,7 @@ def test_baked_fp16_decoder_runs_and_flags_off_matches_plain_fp16(artifact, requ
     convert_precision(baked, PrecisionOptions(precision="fp16"), mitigation="clva,sevi", bake_options=BAKE)
     prompts = ["What is in the image?", "Describe it."]
     pipe_p, pipe_b = Pipeline.from_dir(plain), Pipeline.from_dir(baked)
-    # the fused form keeps its in-place KV buffers fp32 (see the fused test above); the unfused form's are fp16
-    assert pipe_p.kv_dtype == (np.float32 if pipe_p.manifest.attention_form == "gqa" else np.float16)
+    assert pipe_p.kv_dtype == np.float16  # both forms (the fused one's in-place buffers too)
     a, tokens, _ = _teacher_forced(pipe_p, images[:2], prompts, 4, None)
     b, _, _ = _teacher_forced(pipe_b, images[:2], prompts, 4, tokens)
     # Every flag off. Not bit for bit on the CPU EP: onnxruntime runs the fp16 ops it has no CPU kernel for in
