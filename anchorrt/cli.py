@@ -115,8 +115,6 @@ def generate(artifact_dir: Path, images, prompts, one_prompt, max_new_tokens, sa
         return
     pipe = Pipeline.from_dir(artifact_dir, providers=PROVIDERS[device], verify=not no_verify,
                              allow_fallback=allow_fallback)
-    if pipe.placement_note and pipe.decoder.provider == "CUDAExecutionProvider":  # a refused fallback errors first
-        _say(f"note: {pipe.placement_note}")
     requests = [Request(list(images), prompts[0])] if one_prompt else [Request(img, p) for img, p in zip(images, prompts)]
     if one_prompt:
         images = [", ".join(str(i) for i in images)]  # one result line names every image

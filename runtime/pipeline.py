@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 from anchorrt.runtime.archs import PromptLayout, VisualInput, runtime_for
-from anchorrt.runtime.backend import make_backend
-from anchorrt.runtime.errors import ArtifactError, FlagError, ImageError
+from anchorrt.runtime.backend import GPU_PROVIDERS, make_backend
+from anchorrt.runtime.errors import ArtifactError, BackendError, FlagError, ImageError
 from anchorrt.runtime.iava import (
     PROBE_ENABLE,
     PROBE_OUTPUT,
@@ -125,13 +125,17 @@ class Pipeline:
         precision = manifest.data.get("precision", {})  # "kv" since issue 6; older artifacts: the activations
         self.kv_dtype = np.float16 if precision.get("kv", precision.get("activations")) == "fp16" else np.float32
         self.visalign = VisAlignFeed.from_manifest(manifest)  # None unless the embed graph has VisAlign
-        self.prefill_chunk = PREFILL_CHUNK  # 0: one pass (see prefill)
         names = [p if isinstance(p, str) else p[0] for p in (providers or [])]
-        self.placement_note = (  # one line for the CLI; None when nothing runs off the requested device
-            "the fused form's GroupQueryAttention is fp32 here and onnxruntime's CUDA kernel is fp16/bf16 only, so "
-            "every layer's attention runs on the CPU; convert for the GPU with `anchorrt export --precision fp16`"
-            if names[:1] == ["CUDAExecutionProvider"] and manifest.attention_form == "gqa"
-            and self.kv_dtype == np.float32 else None)
+        if names[:1] == ["CUDAExecutionProvider"] and manifest.attention_form == "gqa" and self.kv_dtype == np.float32:
+            # Measured on an H200 (onnxruntime-gpu 1.31.1): GroupQueryAttention has no fp32 CUDA kernel, so ORT runs
+            # it on the CPU between copies of the device-resident cache, and from the first decode step the logits
+            # were off by ~3 (prefill exact): refused, before any session loads weights.
+            raise BackendError(
+                f"'{manifest.folder.name}' is the fused form in fp32, and onnxruntime's CUDA GroupQueryAttention is "
+                "fp16/bf16 only; for the GPU convert it with `anchorrt export --precision fp16` (or export fp32 with "
+                "`--attention unfused`)")
+        # On a GPU one pass: chunks only pay off where attention over skipped keys costs more than a call (the CPU)
+        self.prefill_chunk = 0 if names[:1] and names[0] in GPU_PROVIDERS else PREFILL_CHUNK
 
     @classmethod
     def from_dir(cls, path: str | Path, providers: Sequence | None = None, verify: bool = True,
