@@ -103,9 +103,25 @@ def _spans(image_mask_row: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
+def refuse_fp32_fused_on_gpu(manifest: Manifest, providers: Sequence[str]) -> None:
+    """BackendError when a GPU provider is asked to run the fused form in fp32. onnxruntime's CUDA
+    GroupQueryAttention is fp16/bf16 only; measured on an H200 (onnxruntime-gpu 1.31.1), ORT then ran it on the CPU
+    between copies of the device-resident cache and from the first decode step the logits were off by ~3 (prefill
+    exact). Known from the manifest, so callers check it before any session loads weights."""
+    precision = manifest.data.get("precision", {})
+    kv = precision.get("kv", precision.get("activations", "fp32"))
+    if any(p in GPU_PROVIDERS for p in providers) and manifest.attention_form == "gqa" and kv != "fp16":
+        raise BackendError(
+            f"'{manifest.folder.name}' runs its fused GroupQueryAttention and KV cache in fp32, and onnxruntime's "
+            "CUDA kernel is fp16/bf16 only; for the GPU re-export it with `anchorrt export --precision fp16` (or "
+            "export fp32 with `--attention unfused`)")
+
+
 class Pipeline:
     def __init__(self, manifest: Manifest, providers: Sequence | None = None, allow_fallback: bool = False,
                  intra_op_threads: int | None = None, max_image_pixels: int | None = None):
+        names = [p if isinstance(p, str) else p[0] for p in (providers or [])]
+        refuse_fp32_fused_on_gpu(manifest, names[:1])  # before any session
         self.manifest = manifest
         self.max_image_pixels = max_image_pixels  # None: runtime.preprocess.default_max_pixels()
         kw = {"providers": providers, "allow_fallback": allow_fallback, "intra_op_threads": intra_op_threads}
@@ -125,15 +141,6 @@ class Pipeline:
         precision = manifest.data.get("precision", {})  # "kv" since issue 6; older artifacts: the activations
         self.kv_dtype = np.float16 if precision.get("kv", precision.get("activations")) == "fp16" else np.float32
         self.visalign = VisAlignFeed.from_manifest(manifest)  # None unless the embed graph has VisAlign
-        names = [p if isinstance(p, str) else p[0] for p in (providers or [])]
-        if names[:1] == ["CUDAExecutionProvider"] and manifest.attention_form == "gqa" and self.kv_dtype == np.float32:
-            # Measured on an H200 (onnxruntime-gpu 1.31.1): GroupQueryAttention has no fp32 CUDA kernel, so ORT runs
-            # it on the CPU between copies of the device-resident cache, and from the first decode step the logits
-            # were off by ~3 (prefill exact): refused, before any session loads weights.
-            raise BackendError(
-                f"'{manifest.folder.name}' is the fused form in fp32, and onnxruntime's CUDA GroupQueryAttention is "
-                "fp16/bf16 only; for the GPU convert it with `anchorrt export --precision fp16` (or export fp32 with "
-                "`--attention unfused`)")
         # On a GPU one pass: chunks only pay off where attention over skipped keys costs more than a call (the CPU)
         self.prefill_chunk = 0 if names[:1] and names[0] in GPU_PROVIDERS else PREFILL_CHUNK
 

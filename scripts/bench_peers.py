@@ -515,6 +515,9 @@ def main(argv: list[str] | None = None) -> dict:
                 say(f"skipped {skipped[-1]}")
                 continue
             engine.run(min(contexts), 2, seed=99)  # warm-up
+            if cuda:  # and at every length: a CUDA session's first run at a new size pays its arena's allocations
+                for c in contexts:
+                    engine.run(c, 1, seed=98)
             for c in contexts:
                 p, times = engine.run(c, args.steps, seed=c)
                 prefill[name][c].append(p)

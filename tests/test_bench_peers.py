@@ -40,3 +40,21 @@ def test_step_bytes_counts_weights_and_cache():
     weights = 2 * (8 * 8 * 2 + 8 * kv * 2 + 3 * 8 * 16) + 8 * 10
     assert bench.step_bytes(spec, 10, 5, "fp32") == weights * 4 + 5 * 8 * 4 + 2 * 2 * kv * 5 * 4
     assert bench.step_bytes(spec, 10, 0, "int4") < bench.step_bytes(spec, 10, 0, "fp32") / 5
+
+
+def test_device_cuda_needs_onnxruntime_gpu_and_fp16_precisions(capsys):
+    """--device cuda takes fp16/int4 (the fused form's CUDA attention is fp16-only) and, where onnxruntime has no
+    CUDA provider (CI), stops at once with a usage error naming onnxruntime-gpu; nothing is built."""
+    import onnxruntime as ort
+    import pytest
+
+    bench = _load()
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cuda", "--precisions", "fp32", "--tiny", "--quick"])
+    assert e.value.code == 2 and "fp16 and/or int4 with --device cuda" in capsys.readouterr().err
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--device", "cuda", "--precisions", "fp16", "--tiny", "--quick"])
+        assert e.value.code == 2 and "onnxruntime-gpu" in capsys.readouterr().err
+    assert bench.step_bytes(dict(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1), 10, 3, "fp16", 2) < \
+        bench.step_bytes(dict(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1), 10, 3, "fp32", 4)

@@ -64,10 +64,11 @@ def test_config_is_a_valid_model_config(repo, baked_artifact):
     Manifest.load(repo / "anchorrt" / "1" / "artifact", verify=True)  # the copy is complete, hashes hold
 
 
-def test_gpu_instance_group_and_batch_size(baked_artifact, tmp_path):
+def test_gpu_instance_group_and_batch_size(unfused_artifact, tmp_path):
     from anchorrt.runtime.serving.repository import write_repository
 
-    repo = write_repository(baked_artifact, tmp_path / "r", kind="gpu", gpus=(0, 1), instances=2, max_batch_size=3,
+    # the unfused form: fp32 runs on CUDA only unfused (the fused one needs --precision fp16)
+    repo = write_repository(unfused_artifact, tmp_path / "r", kind="gpu", gpus=(0, 1), instances=2, max_batch_size=3,
                             streaming=False)
     config, _ = parse_config(repo / "anchorrt" / "config.pbtxt")
     group = config.instance_group[0]
@@ -250,13 +251,17 @@ def test_model_stream_sends_tokens_then_final(repo, local, images, monkeypatch):
     assert len(cancelled) == 3 and cancelled[-1][1] == 1 and cancelled[-1][0].error.code == "CANCELLED"
 
 
-def test_gpu_instance_without_cuda_fails_at_load(repo, monkeypatch):
-    import onnxruntime
+def test_gpu_instance_of_the_fp32_fused_form_is_refused(repo, baked_artifact, tmp_path, monkeypatch):
+    """The fixture is the fused form in fp32, which CUDA cannot run (runtime/pipeline.py refuse_fp32_fused_on_gpu):
+    a GPU instance is refused at load, and `--kind gpu` before the repository is written. (The install hint for a
+    missing CUDA provider is tested in tests/test_cuda.py on the unfused form.)"""
+    from anchorrt.runtime.serving.repository import write_repository
 
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("this machine has the CUDA provider: the refusal below cannot happen")
-    with pytest.raises(BackendError, match="install onnxruntime-gpu"):
+    with pytest.raises(BackendError, match="--precision fp16"):
         load_model(repo, "anchorrt", monkeypatch, kind="GPU")
+    with pytest.raises(BackendError, match="--attention unfused"):
+        write_repository(baked_artifact, tmp_path / "gpu-repo", kind="gpu")
+    assert not (tmp_path / "gpu-repo").exists()
 
 
 def test_model_runs_without_torch(repo, images, tmp_path):

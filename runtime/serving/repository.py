@@ -31,6 +31,7 @@ from pathlib import Path
 
 from anchorrt.runtime.errors import FlagError
 from anchorrt.runtime.manifest import Manifest, replace_folder
+from anchorrt.runtime.pipeline import refuse_fp32_fused_on_gpu
 
 MODEL_NAME = "anchorrt"
 STREAM_SUFFIX = "_stream"
@@ -100,6 +101,8 @@ def write_repository(artifact: str | Path, out: str | Path, *, name: str = MODEL
     if not name.replace("_", "").replace("-", "").isalnum():
         raise FlagError(f"model name {name!r} must be letters, digits, '-' or '_' (it is a folder and a URL part)")
     manifest = Manifest.load(artifact, verify=verify)  # a broken artifact fails here, before anything is written
+    if kind == "gpu":  # the fp32 fused form cannot run on CUDA: refused before anything is written
+        refuse_fp32_fused_on_gpu(manifest, ["CUDAExecutionProvider"])
     if max_batch_size is None:
         max_batch_size = max_batch_from_manifest(manifest)
     elif isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= 4096:
