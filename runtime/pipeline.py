@@ -106,8 +106,8 @@ def _spans(image_mask_row: np.ndarray) -> list[tuple[int, int]]:
 def refuse_fp32_fused_on_gpu(manifest: Manifest, providers: Sequence[str]) -> None:
     """BackendError when a GPU provider is asked to run the fused form in fp32. onnxruntime's CUDA
     GroupQueryAttention is fp16/bf16 only; measured on an H200 (onnxruntime-gpu 1.31.1), ORT then ran it on the CPU
-    between copies of the device-resident cache and from the first decode step the logits were off by ~3 (prefill
-    exact). Known from the manifest, so callers check it before any session loads weights."""
+    between copies of the device-resident cache and from the first decode step the logits were off by ~3 (the
+    prefill's within 1e-6). Known from the manifest, so callers check it before any session loads weights."""
     precision = manifest.data.get("precision", {})
     kv = precision.get("kv", precision.get("activations", "fp32"))
     if any(p in GPU_PROVIDERS for p in providers) and manifest.attention_form == "gqa" and kv != "fp16":
