@@ -7,12 +7,13 @@
 For one random-weight LLaVA (built in code; no download) it exports fp32 with CLVA, SEVI and the IAVA probe baked,
 converts to `--precision` / `--quantize` (graph_passes: mitigation stays fp32), and measures, at each batch size:
 time to first token (vision + embed + prefill + first token), decode tokens/s, the per-step time with CLVA+SEVI on
-vs off (ratio), peak GPU memory (nvidia-smi, the device's used memory minus what it used before the sessions), and
-the roofline fraction = decoder weight bytes read per step / step time / the device's memory bandwidth. With
+vs off (ratio), the step with every flag off vs a plain export without mitigation (ratio: what the baked `If`s
+cost when nothing is on), peak GPU memory (nvidia-smi, the device's used memory minus what it used before the
+sessions), and the roofline fraction = decoder weight bytes read per step / step time / the device's memory bandwidth. With
 `--torch-eager` (default on CUDA) transformers' eager `generate` in fp16 on the same GPU, in the same run, gives the
 comparison ratios. Prints a table and writes `--json`.
 
-Not yet run on a GPU (none was lent when it was written): treat the first run's output with care, and check
+First run on an NVIDIA H200 on 2026-11-28 (figures in README.md, before the flags-off / plain column existed); check
 `session.get_providers()[0]` in the header line (a CPU fallback is refused unless --allow-fallback).
 """
 
@@ -115,21 +116,23 @@ def decoder_weight_bytes(art: Path) -> int:
     return total
 
 
-def build(folder: Path, shape: str, precision: str, quantize: str | None) -> tuple[Path, Path]:
+def build(folder: Path, shape: str, precision: str, quantize: str | None, baked: bool = True) -> tuple[Path, Path]:
+    """-> (checkpoint folder, artifact): exported fp32 (with CLVA, SEVI and the probe when `baked`), then converted."""
     from anchorrt.exporter.export import export_model
     from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
     from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, convert_precision
 
     spec = TinyLlavaSpec(**SHAPES[shape])
-    model_dir, fp32 = folder / f"{shape}-llava", folder / f"{shape}-fp32"
+    kind = "" if baked else "plain-"
+    model_dir, fp32 = folder / f"{shape}-llava", folder / f"{shape}-{kind}fp32"
     if not (model_dir / "config.json").exists():
         build_tiny_llava(model_dir, spec)
     if not (fp32 / "manifest.json").exists():
         start = 8 if spec.layers > 8 else spec.layers // 2  # METHODS.md's literal default, or the middle
-        export_model(model_dir, fp32, force=True, mitigation=["clva", "sevi", "probe"],
+        export_model(model_dir, fp32, force=True, mitigation=["clva", "sevi", "probe"] if baked else None,
                      bake_options=BakeOptions(sevi_start_layer=start), progress=lambda m: print("  " + m, file=sys.stderr))
     tag = precision + (f"-{quantize}" if quantize else "")
-    art = folder / f"{shape}-{tag}"
+    art = folder / f"{shape}-{kind}{tag}"
     if tag != "fp32" and not (art / "manifest.json").exists():
         shutil.copytree(fp32, art)
         convert_precision(art, PrecisionOptions(precision=precision, quantize=quantize).check())
@@ -165,6 +168,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     print(f"building the {args.shape} model in {folder} ...", file=sys.stderr)
     model_dir, art = build(folder, args.shape, args.precision, args.quantize)
+    _, plain_art = build(folder, args.shape, args.precision, args.quantize, baked=False)
     name = gpu_name() if args.device == "cuda" else None
     bandwidth = args.bandwidth_gbs or bandwidth_for(name)
     weight_bytes = decoder_weight_bytes(art)
@@ -177,26 +181,29 @@ def main() -> None:
 
     with (GpuMemory() if args.device == "cuda" else contextlib.nullcontext()) as memory:
         pipe = Pipeline.from_dir(art, providers=providers, allow_fallback=args.allow_fallback)
+        plain_pipe = Pipeline.from_dir(plain_art, providers=providers, allow_fallback=args.allow_fallback)
         provider = pipe.decoder.provider
         rows = []
         for b in batches:
             reqs = [Request(images[i], prompt) for i in range(b)]
 
-            def run(mitigation=None, reqs=reqs):
+            def run(mitigation=None, reqs=reqs, pipe=pipe):
                 kw = {"mitigation": mitigation} if mitigation else {}
                 r = pipe.generate_batch(reqs, max_new_tokens=n, stop_token_ids=(), **kw)[0]
                 steps = r.timings["decode_steps_s"]
                 return r.timings["vision_s"] + r.timings["prefill_s"] + steps[0], med(steps[1:])
 
-            run(), run({"clva": True, "sevi": True})  # warm-up (CUDA kernels, arena)
-            plain, mitigated = [], []
+            run(), run({"clva": True, "sevi": True}), run(pipe=plain_pipe)  # warm-up (CUDA kernels, arena)
+            plain, mitigated, unbaked = [], [], []
             for _ in range(args.reps):  # interleaved
                 plain.append(run())
                 mitigated.append(run({"clva": True, "sevi": True}))
+                unbaked.append(run(pipe=plain_pipe))
             ttft, step = med(p[0] for p in plain), med(p[1] for p in plain)
             row = {"batch": b, "ttft_s": ttft, "step_s": step, "tokens_per_s": b / step,
                    "mitigation_step_ratio": med(m[1] for m in mitigated) / step,
                    "mitigation_ttft_ratio": med(m[0] for m in mitigated) / ttft,
+                   "flags_off_vs_plain_step_ratio": step / med(u[1] for u in unbaked),
                    "roofline_fraction": (weight_bytes / step / (bandwidth * 1e9)) if bandwidth else None}
             rows.append(row)
         peak = memory.peak_mib if memory else None
@@ -239,18 +246,20 @@ def main() -> None:
               f"{', ' + name if name else ''}, decoder weights {weight_bytes / 2**20:.1f} MiB, "
               f"{n} new tokens, {args.reps} reps (median)")
     print("\n" + header)
-    print("| batch | TTFT ms | decode tok/s | step ms | CLVA+SEVI step ratio | CLVA+SEVI TTFT ratio | roofline | "
-          "eager TTFT ratio | eager step ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| batch | TTFT ms | decode tok/s | step ms | CLVA+SEVI step ratio | CLVA+SEVI TTFT ratio | flags off / plain "
+          "step | roofline | eager TTFT ratio | eager step ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows):
         e = eager[i] if i < len(eager) else None
         roof = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "n/a"
         print(f"| {r['batch']} | {1000 * r['ttft_s']:.1f} | {r['tokens_per_s']:.1f} | {1000 * r['step_s']:.2f} | "
-              f"{r['mitigation_step_ratio']:.3f}x | {r['mitigation_ttft_ratio']:.3f}x | {roof} | "
+              f"{r['mitigation_step_ratio']:.3f}x | {r['mitigation_ttft_ratio']:.3f}x | "
+              f"{r['flags_off_vs_plain_step_ratio']:.3f}x | {roof} | "
               + (f"{r['ttft_s'] / e['ttft_s']:.2f}x | {r['step_s'] / e['step_s']:.2f}x |" if e else "n/a | n/a |"))
     print(f"peak device memory over the sessions: {'n/a (no nvidia-smi)' if peak is None else f'{peak:.0f} MiB'}; "
           f"bandwidth used for the roofline: {bandwidth or 'unknown (pass --bandwidth-gbs)'} GB/s")
-    print("(ratios: runtime / PyTorch eager fp16 on the same device, < 1 = runtime faster; CLVA+SEVI on / off)")
+    print("(ratios: runtime / PyTorch eager fp16 on the same device, < 1 = runtime faster; CLVA+SEVI on / off; "
+          "every flag off / an export without mitigation)")
     if args.json:
         args.json.write_text(json.dumps({"header": header, "provider": provider, "gpu": name, "bandwidth_gbs": bandwidth,
                                          "decoder_weight_bytes": weight_bytes, "peak_mib": peak, "runtime": rows,

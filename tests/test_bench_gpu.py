@@ -42,6 +42,9 @@ def test_cpu_smoke_run(tmp_path):
     assert data["provider"] == "CPUExecutionProvider" and data["peak_mib"] is None
     assert [r["batch"] for r in data["runtime"]] == [1, 2] == [r["batch"] for r in data["torch_eager"]]
     for r in data["runtime"]:
-        for key in ("ttft_s", "step_s", "tokens_per_s", "mitigation_step_ratio", "roofline_fraction"):
+        for key in ("ttft_s", "step_s", "tokens_per_s", "mitigation_step_ratio", "flags_off_vs_plain_step_ratio",
+                    "roofline_fraction"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
-    assert "| 2 |" in proc.stdout and "fp16 + int4" in proc.stdout
+    assert "| 2 |" in proc.stdout and "fp16 + int4" in proc.stdout and "flags off / plain" in proc.stdout
+    plain = json.loads((tmp_path / "m" / "tiny-plain-fp32" / "manifest.json").read_text())
+    assert not plain.get("mitigation")  # the comparison export has nothing baked

@@ -27,5 +27,6 @@ print(f"prebuild: bench_peers models in {time.time() - t:.0f} s", flush=True)
 t = time.time()
 bg = load("bench_gpu")
 for precision, quantize in (("fp16", None), ("fp16", "int4")):
-    bg.build(Path("/tmp/bg"), "bench", precision, quantize)
+    for baked in (True, False):  # bench_gpu's flags-off / plain column
+        bg.build(Path("/tmp/bg"), "bench", precision, quantize, baked=baked)
 print(f"prebuild: bench_gpu models in {time.time() - t:.0f} s", flush=True)
