@@ -272,13 +272,7 @@ class Fp16Pass(GraphPass):
         nodes = []
         src = v
         if clip:
-            lo = ir.Value(name=f"{name}/clip_min", type=ir.TensorType(FLOAT), shape=ir.Shape([]),
-                          const_value=ir.tensor(np.array(-FP16_MAX, np.float32), name=f"{name}/clip_min"))
-            hi = ir.Value(name=f"{name}/clip_max", type=ir.TensorType(FLOAT), shape=ir.Shape([]),
-                          const_value=ir.tensor(np.array(FP16_MAX, np.float32), name=f"{name}/clip_max"))
-            graph.register_initializer(lo)
-            graph.register_initializer(hi)
-            nodes.append(ir.Node("", "Clip", [v, lo, hi], name=f"{name}/Clip"))
+            nodes.append(ir.Node("", "Clip", [v, *self._fp16_bounds(graph)], name=f"{name}/Clip"))
             src = nodes[-1].outputs[0]
             src.name, src.dtype, src.shape = f"{name}/Clip_output_0", FLOAT, v.shape
         cast = ir.Node("", "Cast", [src], attributes=[ir.AttrInt64("to", to)], name=name)
@@ -295,6 +289,16 @@ class Fp16Pass(GraphPass):
             graph.extend(nodes)
         self.casts += 1
         return out
+
+    @staticmethod
+    def _fp16_bounds(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+        """fp16's finite range as two fp32 scalar initializers of `graph`, registered once and shared."""
+        names = ("/precision/fp16_min", "/precision/fp16_max")
+        if names[0] not in graph.initializers:
+            for name, bound in zip(names, (-FP16_MAX, FP16_MAX)):
+                graph.register_initializer(ir.Value(name=name, type=ir.TensorType(FLOAT), shape=ir.Shape([]),
+                                                    const_value=ir.tensor(np.array(bound, np.float32), name=name)))
+        return graph.initializers[names[0]], graph.initializers[names[1]]
 
     def _fix_outputs(self, graph: ir.Graph, original: dict) -> None:
         for k, v in enumerate(list(graph.outputs)):

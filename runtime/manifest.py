@@ -163,6 +163,12 @@ class Manifest:
         "unfused": the exporter's form (past in, past+new out). Artifacts from before the field are unfused."""
         return self.data.get("attention", {}).get("form", "unfused")
 
+    @property
+    def kv_precision(self) -> str:
+        """The KV cache's dtype: `precision.kv` since issue 6; older artifacts: the activations'; unconverted: fp32."""
+        precision = self.data.get("precision", {})
+        return precision.get("kv", precision.get("activations", "fp32"))
+
     def graph(self, role: str) -> dict:
         return self.data["graphs"][role]
 

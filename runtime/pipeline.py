@@ -108,9 +108,7 @@ def refuse_fp32_fused_on_gpu(manifest: Manifest, providers: Sequence[str]) -> No
     GroupQueryAttention is fp16/bf16 only; measured on an H200 (onnxruntime-gpu 1.31.1), ORT then ran it on the CPU
     between copies of the device-resident cache and from the first decode step the logits were off by ~3 (the
     prefill's within 1e-6). Known from the manifest, so callers check it before any session loads weights."""
-    precision = manifest.data.get("precision", {})
-    kv = precision.get("kv", precision.get("activations", "fp32"))
-    if any(p in GPU_PROVIDERS for p in providers) and manifest.attention_form == "gqa" and kv != "fp16":
+    if any(p in GPU_PROVIDERS for p in providers) and manifest.attention_form == "gqa" and manifest.kv_precision != "fp16":
         raise BackendError(
             f"'{manifest.folder.name}' runs its fused GroupQueryAttention and KV cache in fp32, and onnxruntime's "
             "CUDA kernel is fp16/bf16 only; for the GPU re-export it with `anchorrt export --precision fp16` (or "
@@ -138,8 +136,7 @@ class Pipeline:
         self.tokens_per_image = manifest.tokens["tokens_per_image"]  # LLaVA-1.5's count; see arch for variable ones
         self.stop_ids = tuple(manifest.tokens["eos_token_ids"])
         self.pad_id = manifest.tokens["pad_token_id"]
-        precision = manifest.data.get("precision", {})  # "kv" since issue 6; older artifacts: the activations
-        self.kv_dtype = np.float16 if precision.get("kv", precision.get("activations")) == "fp16" else np.float32
+        self.kv_dtype = np.float16 if manifest.kv_precision == "fp16" else np.float32
         self.visalign = VisAlignFeed.from_manifest(manifest)  # None unless the embed graph has VisAlign
         # On a GPU one pass: chunks only pay off where attention over skipped keys costs more than a call (the CPU)
         self.prefill_chunk = 0 if names[:1] and names[0] in GPU_PROVIDERS else PREFILL_CHUNK

@@ -387,12 +387,13 @@ def step_bytes(spec: dict, vocab: int, context: int, precision: str, cache_bytes
 
 
 def gpu_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "GPU name unknown"
+    """bench_gpu.py's nvidia-smi query (its sibling file, loaded by path: scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).with_name("bench_gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.gpu_name() or "GPU name unknown"
 
 
 def median(xs: list[float]) -> float:
