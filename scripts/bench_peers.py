@@ -8,6 +8,9 @@ cache), so every engine does one prefill of N tokens and then decode steps at co
 
     anchorrt-fused     export --attention fused   (GroupQueryAttention, KV cache written in place)
     anchorrt-unfused   export --attention unfused (opset-18 MatMul/Softmax, ping-pong KV cache)
+    anchorrt-baked     anchorrt-fused with CLVA, SEVI and the IAVA probe baked (issue 18's mitigation goals), run as
+                       four rows: every flag off, CLVA on, SEVI on, IAVA (both streams as one batch of 2 + the
+                       contrastive scores, as runtime/pipeline.py decodes them); see MITIGATION below
     genai              ONNX Runtime GenAI, its model builder (`onnxruntime_genai.models.builder`)
     llamacpp           llama-cpp-python on a GGUF from the converter its sdist ships (`convert_hf_to_gguf.py`)
     transformers       LlamaForCausalLM, attn_implementation="sdpa"
@@ -19,6 +22,18 @@ the table gives medians over rounds (per-step: the median step of each round), i
 anchorrt-fused of the same precision. Memory bandwidth bound: the bytes one decode step must read (the weights
 minus the embedding table, plus K and V of every layer at that context) divided by this machine's measured read
 bandwidth (numpy, 1 GiB); each engine's fraction = bound / measured step.
+
+Mitigation rows (anchorrt-baked): the prompt is [5 text | image span of min(576, N - 64) | text] (`visual_mask`),
+the decode steps are text rows after it; SEVI starts at layer L // 4 (12 of this model's 16 layers: the share the
+default start 8 edits in LLaVA-1.5's 32, `--sevi-start-layer` to change), CLVA and the probe at their METHODS.md
+defaults; IAVA's V* row hides all but ceil(10%) of the image span (the default i). Ratios are to anchorrt-fused of
+the same precision, from the same interleaved rounds; the goals are printed beside them. Only IAVA's per-token
+figure is compared (its prefill here is one batch-2 pass, not the runtime's probe + V* prefills). These rows are
+measured after the peers, in one process holding the plain fused artifact and one session of the baked one
+(`measure_mitigation`): every row prefills once per context, then `--mitigation-rounds` blocks of `--steps` decode
+steps (the cache rewound after each) alternate between the rows. Loading each row in its own round, as the peers
+are, left ratios of 0.90-1.16x for flags off (which costs nothing measurable in one process: 0.97-1.02x):
+between-session spread on this machine is larger than the goals.
 
 A peer that is not installed is named, with its install command, and left out; nothing is installed here.
 
@@ -51,7 +66,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 BENCH_SPEC = dict(layers=16, hidden=1024, heads=16, kv_heads=16, intermediate=2816, vision_hidden=64, vision_layers=1,
                   vision_heads=4, image_size=336, patch_size=14, max_position_embeddings=4608, vocab_size=32000)
 TINY_SPEC = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, max_position_embeddings=256)
-ENGINES = ("anchorrt-fused", "anchorrt-unfused", "genai", "llamacpp", "transformers")
+ENGINES = ("anchorrt-fused", "anchorrt-unfused", "anchorrt-baked", "genai", "llamacpp", "transformers")
+# anchorrt-baked's rows: variant -> (request spec of the stream that answers, issue 18's goal per decode step as a
+# ratio to anchorrt-fused); "iava" decodes a second (V*) stream beside it
+MITIGATION = {"flags off": (None, 1.02), "clva on": ({"clva": True}, 1.05), "sevi on": ({"sevi": True}, 1.05),
+              "iava": (None, 1.3)}
 INSTALL = {"genai": "pip install onnxruntime-genai", "llamacpp": "pip install llama-cpp-python gguf",
            "transformers": "pip install torch transformers"}
 
@@ -107,6 +126,29 @@ def build_anchorrt(folder: Path, model_dir: Path, precision: str, unfused: Path 
                        PrecisionOptions(precision="fp16" if half else "fp32", quantize="int4", accuracy_level=4))
             convert_precision(q, options)
         out[form] = q
+    return out
+
+
+def build_baked(folder: Path, fused_fp32: Path, precision: str, sevi_start: int, half: bool = False) -> Path:
+    """anchorrt-fused with CLVA, SEVI (from `sevi_start`) and the IAVA probe baked into the fp32 graphs, then
+    converted to `precision` as build_anchorrt converts (mitigation is baked before a precision change)."""
+    from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, bake, convert_precision
+
+    fp32 = folder / f"anchorrt-baked-fp32-sevi{sevi_start}"
+    if not (fp32 / "manifest.json").exists():
+        say(f"baking CLVA, SEVI (from layer {sevi_start}) and the IAVA probe into AnchorRT (fused, fp32)")
+        shutil.rmtree(fp32, ignore_errors=True)
+        shutil.copytree(fused_fp32, fp32)
+        bake(fp32, "clva,sevi,probe", BakeOptions(sevi_start_layer=sevi_start), verify=False)
+    if precision == "fp32":
+        return fp32
+    out = folder / f"anchorrt-baked-{precision}{'-fp16' if half and precision == 'int4' else ''}-sevi{sevi_start}"
+    if not (out / "manifest.json").exists():
+        say(f"converting the baked AnchorRT to {precision}" + (" (fp16 activations)" if half else ""))
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(fp32, out)
+        convert_precision(out, PrecisionOptions(precision="fp16") if precision == "fp16" else
+                          PrecisionOptions(precision="fp16" if half else "fp32", quantize="int4", accuracy_level=4))
     return out
 
 
@@ -241,6 +283,111 @@ class AnchorRT:
         return prefill, times
 
 
+def image_span(n: int) -> tuple[int, int]:
+    """[start, stop) of the bench prompt's image tokens at context n (scripts/bench_mitigation.py's layout)."""
+    return 5, 5 + (min(576, n - 64) if n > 128 else n // 2)
+
+
+class Stream:
+    """One request on an AnchorRT pipeline at context n, with its own cache: `prefill()` once, then each `block()`
+    times `steps` decode steps and rewinds the cache, so every block measures the same steps. `variant` names a
+    MITIGATION row (the runtime's feeds for that request, runtime/mitigation.py); None: a plain artifact."""
+
+    def __init__(self, pipe, n: int, steps: int, seed: int, variant: str | None = None):
+        import math
+
+        import numpy as np
+        from anchorrt.runtime.iava import PROBE_ENABLE
+        from anchorrt.runtime.mitigation import decoder_feeds, parse_request
+
+        self.pipe, self.n, self.steps, self.iava = pipe, n, steps, variant == "iava"
+        rows = 2 if self.iava else 1  # IAVA: row 0 the V* stream, row 1 the answering one
+        session = pipe.decoder.session
+        dtype = "float16" if next(i for i in session.get_inputs() if i.name == "inputs_embeds").type == \
+            "tensor(float16)" else "float32"
+        rng = np.random.default_rng(seed)
+        self.embeds = np.repeat((0.5 * rng.standard_normal((1, n, pipe.hidden))).astype(dtype), rows, axis=0)
+        self.step = np.repeat((0.5 * rng.standard_normal((1, 1, pipe.hidden))).astype(dtype), rows, axis=0)
+        start, stop = image_span(n)
+        image = np.zeros((rows, n), bool)
+        image[:, start:stop] = True
+        self.mask = np.ones((rows, n), np.int64)
+        if self.iava:  # V*: only the irrelevant tokens (the default i = 10%, rounded up) stay visible
+            self.mask[0, start + math.ceil(0.1 * (stop - start)):stop] = 0
+        self.extra = {}
+        if variant is not None:
+            spec = MITIGATION[variant][0]
+            names = {x for x in pipe.decoder.input_names() if not x.startswith("past_key_values.")}
+            names -= {"inputs_embeds", "attention_mask", "position_ids", PROBE_ENABLE}
+            self.extra = decoder_feeds(pipe.manifest.mitigation, names, image,
+                                       [parse_request(spec, pipe.manifest.mitigation)] * rows)
+            if PROBE_ENABLE in pipe.decoder.input_names():
+                self.extra[PROBE_ENABLE] = np.zeros(rows, bool)
+        self.cache = pipe._new_cache(rows, n + steps + 1)
+
+    def prefill(self) -> float:
+        import numpy as np
+
+        positions = np.repeat(np.arange(self.n, dtype=np.int64)[None], self.mask.shape[0], axis=0)
+        t = time.perf_counter()
+        self.pipe.prefill_embeds(self.embeds, self.mask, positions, self.cache, self.extra)
+        return time.perf_counter() - t
+
+    def block(self) -> list[float]:
+        import numpy as np
+        from anchorrt.runtime.iava import contrastive_scores
+
+        rows, times, mask = self.mask.shape[0], [], self.mask
+        for s in range(self.steps):
+            mask = np.concatenate([mask, np.ones((rows, 1), np.int64)], axis=1)
+            t = time.perf_counter()
+            logits = self.pipe._decode(self.step, mask, np.full((rows, 1), self.n + s, np.int64), self.cache,
+                                       self.extra)
+            if self.iava:  # the runtime's per-token work beside the batch-2 pass (runtime/pipeline.py)
+                contrastive_scores(logits[1:], logits[:1], np.ones(1))
+            times.append(time.perf_counter() - t)
+        self.cache.rewind(self.steps)
+        return times
+
+
+PAUSE_S = 0.25  # before each mitigation block: the other session's spinning threads park (measure_mitigation)
+
+
+def measure_mitigation(plain: Path, baked: Path, threads: int, device: str, contexts: list[int], rounds: int,
+                       steps: int) -> tuple[dict, dict]:
+    """Issue 18's mitigation goals on one artifact pair, in one process: the plain fused artifact and one session
+    of the baked one (whose four MITIGATION rows differ only in their feeds). Per context every row prefills once,
+    then `rounds` blocks of `steps` decode steps alternate between the rows in an order rotated every block.
+    -> ({row: {ctx: median over blocks of the block's median step}}, {row: {ctx: prefill s}}); row "plain" too."""
+    import statistics as st
+
+    # Two sessions in one process: a session's worker threads spin for a while after its run and took a core from
+    # the other session's next block (plain, the only row whose block follows the other session's, measured 1.1-1.25x
+    # slower than its own flags-off copy at int4). A pause before every block lets the spinning threads park, so no
+    # row is favoured and both sessions keep onnxruntime's default (spinning) threads.
+    pipes = {"plain": AnchorRT(plain, threads, device).pipe, "baked": AnchorRT(baked, threads, device).pipe}
+    labels = ["plain", *MITIGATION]
+    step: dict[str, dict[int, float]] = {x: {} for x in labels}
+    prefill: dict[str, dict[int, float]] = {x: {} for x in labels}
+    for n in contexts:
+        streams = {x: Stream(pipes["plain" if x == "plain" else "baked"], n, steps, seed=n,
+                             variant=None if x == "plain" else x) for x in labels}
+        blocks: dict[str, list[float]] = {x: [] for x in labels}
+        for x, stream in streams.items():
+            prefill[x][n] = stream.prefill()
+            stream.block()  # warm-up
+        for r in range(rounds):
+            for x in labels[r % len(labels):] + labels[:r % len(labels)]:
+                time.sleep(PAUSE_S)
+                times = streams[x].block()
+                blocks[x].append(st.median(times[1:] if len(times) > 2 else times))
+        for x in labels:
+            step[x][n] = st.median(blocks[x])
+        say(f"mitigation rows at context {n} done")
+        del streams
+    return step, prefill
+
+
 class Transformers:
     def __init__(self, lm_dir: Path, threads: int, device: str = "cpu"):
         import torch
@@ -342,16 +489,22 @@ def missing_peer(engine: str) -> str | None:
 # ------------------------------------------------------------------------------------------------------ numbers
 
 
-def read_bandwidth_gbs(size_bytes: int = 1 << 30, reps: int = 3) -> float:
-    """Best of `reps` full reads of a `size_bytes` float32 array (numpy's sum: one pass, memory-bound)."""
+def read_bandwidth_gbs(size_bytes: int = 1 << 30, reps: int = 3, threads: int = 1) -> float:
+    """Best of `reps` full reads of a `size_bytes` float32 array (numpy's sum: one pass, memory-bound), split
+    over `threads` threads as the engines' `--threads` split a step (numpy releases the GIL while it sums): one
+    thread's bandwidth made the bound of a 2-thread step too low (engines ran at "1.46 of bound")."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     a = np.ones(size_bytes // 4, np.float32)
+    parts = np.array_split(a, max(1, threads))
     best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a.sum(dtype=np.float32)
-        best = min(best, time.perf_counter() - t)
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        for _ in range(reps):
+            t = time.perf_counter()
+            list(pool.map(lambda x: x.sum(dtype=np.float32), parts))
+            best = min(best, time.perf_counter() - t)
     return size_bytes / best / 1e9
 
 
@@ -418,6 +571,42 @@ def table(title: str, rows: dict[str, dict[int, float]], contexts: list[int], ba
     return "\n".join(lines)
 
 
+def extra_layers_read(manifest: dict) -> dict[str, float]:
+    """Per MITIGATION row, how many layers' key caches (K of one layer at the context) a decode step reads beyond
+    the plain step, from the baked manifest: CLVA's statistics recompute the rows of l_neg and l_pos (one read of
+    each layer's K); SEVI's edit needs each edited layer's last-row logits before the fused node (one read of its K,
+    graph_passes/sevi.py); IAVA decodes a second stream (K and V of every layer once more; the weights are read
+    once for both rows)."""
+    mit = manifest.get("mitigation") or {}
+    clva = mit.get("clva", {}).get("layers", {})
+    sevi = mit.get("sevi", {}).get("layers", {}).get("edited_layers", [])
+    layers = int(manifest.get("dims", {}).get("num_layers", 0))
+    return {"flags off": 0.0, "clva on": float(len({clva.get("l_neg"), clva.get("l_pos")} - {None})),
+            "sevi on": float(len(sevi)), "iava": 2.0 * layers}
+
+
+def mitigation_table(precision: str, step: dict[str, dict[int, float]], contexts: list[int],
+                     floors: dict[str, dict[int, float]] | None = None) -> str:
+    """measure_mitigation's rows per decode step as ratios to its plain row, each against issue 18's goal, and, when
+    given, the ratio of the bytes the row's step must read to the plain step's (`extra_layers_read`): where a step
+    is bound by memory bandwidth, a goal below that ratio cannot be met by this graph form."""
+    plain = step["plain"]
+    lines = [f"\nmitigation per decode step, {precision} (one process: plain fused and baked artifacts, blocks "
+             "interleaved; ratio to plain; issue 18's goal; bytes = the bytes the row's step must read / the plain step's, "
+             "the ratio a step bound by memory bandwidth alone would show)",
+             "| row | goal | " + " | ".join(f"ctx {c}" for c in contexts) + " |", "|---|---|" + "---|" * len(contexts),
+             "| plain | - | " + " | ".join(f"{plain[c] * 1e3:.3g} ms" for c in contexts) + " |"]
+    for variant, (_, goal) in MITIGATION.items():
+        cells = []
+        for c in contexts:
+            ratio = step[variant][c] / plain[c]
+            floor = f", bytes {floors[variant][c]:.2f}x" if floors else ""
+            cells.append(f"{step[variant][c] * 1e3:.3g} ms ({ratio:.2f}x, {'met' if ratio <= goal else 'not met'}"
+                         f"{floor})")
+        lines.append(f"| {variant} | <= {goal}x | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="300,1100,2100")
@@ -433,6 +622,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", type=Path, default=None, help="an existing LLaVA checkpoint folder instead of building one")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: AnchorRT on the CUDA EP (fp16, fp16+int4) and transformers fp16 on the GPU")
+    ap.add_argument("--mitigation-rounds", type=int, default=6,
+                    help="anchorrt-baked: interleaved blocks of --steps decode steps per row and context")
+    ap.add_argument("--sevi-start-layer", type=int, default=None,
+                    help="anchorrt-baked's SEVI start layer (default L // 4: LLaVA-1.5's share of edited layers)")
     ap.add_argument("--unfused-artifact", type=Path, default=None,
                     help="an existing `export --attention unfused` of --model (reused instead of exporting)")
     args = ap.parse_args(argv)
@@ -440,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
     contexts = [int(c) for c in args.contexts.split(",")]
     rounds = args.rounds
     if args.quick:
-        contexts, rounds = contexts[:1], 1
+        contexts, rounds, args.mitigation_rounds = contexts[:1], 1, 1
     if args.tiny:
         contexts = [min(c, 200) for c in contexts]
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -469,13 +662,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     folder = args.folder or Path(tempfile.mkdtemp(prefix="anchorrt-bench-peers-"))
     folder.mkdir(parents=True, exist_ok=True)
-    spec = dict(TINY_SPEC if args.tiny else BENCH_SPEC)
-    spec.setdefault("vocab_size", None)
     model_dir = build_checkpoint(folder, args.tiny, args.model)
-    vocab = json.loads((model_dir / "config.json").read_text())["text_config"]["vocab_size"]
+    text = json.loads((model_dir / "config.json").read_text())["text_config"]
+    vocab = text["vocab_size"]
+    spec = dict(hidden=text["hidden_size"], intermediate=text["intermediate_size"], layers=text["num_hidden_layers"],
+                heads=text["num_attention_heads"],
+                kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"])  # the model measured
 
     # every (engine, precision) as a factory, so that each round loads and releases it
     factories = {}
+    mitigation_jobs: dict[str, tuple[Path, Path]] = {}  # precision -> (plain fused, baked) artifacts
     need_lm = any(e in engines for e in ("genai", "llamacpp", "transformers"))
     lm_dir = build_language_model(folder, model_dir) if need_lm else None
     for precision in precisions:
@@ -485,6 +681,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if f"anchorrt-{form}" in engines:
                     factories[f"anchorrt-{form} {precision}"] = (
                         lambda p=arts[form]: AnchorRT(p, args.threads, args.device))
+            if "anchorrt-baked" in engines:
+                layers = json.loads((model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
+                start = args.sevi_start_layer if args.sevi_start_layer is not None else layers // 4
+                mitigation_jobs[precision] = (arts["fused"], build_baked(folder, folder / "anchorrt-fused-fp32",
+                                                                         precision, start, half=cuda))
         top = "fp16" if cuda else "fp32"
         if "transformers" in engines and precision == top:
             factories[f"transformers-sdpa {top}"] = lambda: Transformers(lm_dir, args.threads, args.device)
@@ -505,7 +706,7 @@ def main(argv: list[str] | None = None) -> dict:
     prefill: dict[str, dict[int, list[float]]] = {n: {c: [] for c in contexts} for n in factories}
     step: dict[str, dict[int, list[float]]] = {n: {c: [] for c in contexts} for n in factories}
     names = list(factories)
-    for r in range(rounds):
+    for r in range(rounds if names else 0):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             say(f"round {r + 1}/{rounds}: {name}")
@@ -525,7 +726,13 @@ def main(argv: list[str] | None = None) -> dict:
                 step[name][c].append(median(times[1:] if len(times) > 2 else times))
             del engine
 
-    gbs = cuda_bandwidth_gbs() if cuda else read_bandwidth_gbs(1 << (24 if args.tiny else 30))
+    mitigation = {}
+    for precision, (plain, baked) in mitigation_jobs.items():
+        say(f"mitigation rows ({precision}): {args.mitigation_rounds} interleaved blocks of {args.steps} steps")
+        mitigation[precision] = measure_mitigation(plain, baked, args.threads, args.device, contexts,
+                                                   args.mitigation_rounds, args.steps)
+
+    gbs = cuda_bandwidth_gbs() if cuda else read_bandwidth_gbs(1 << (24 if args.tiny else 30), threads=args.threads)
     med_step = {n: {c: median(v) for c, v in by.items() if v} for n, by in step.items()}
     med_prefill = {n: {c: median(v) for c, v in by.items() if v} for n, by in prefill.items()}
     fraction = {}
@@ -534,17 +741,24 @@ def main(argv: list[str] | None = None) -> dict:
         fraction[n] = {c: step_bytes(spec, vocab, c, precision, 2 if cuda else 4) / (gbs * 1e9) / t
                        for c, t in by.items()}
     where = f"device {args.device}" + (f" ({gpu_name()})" if cuda else "")
-    how = "torch device copy, read + written" if cuda else "numpy, best of 3"
+    how = "torch device copy, read + written" if cuda else f"numpy, {args.threads} thread(s), best of 3"
     print(f"bench_peers: {'tiny' if args.tiny else 'bench'} model, {where}, threads {args.threads}, rounds {rounds} "
           f"(interleaved), {args.steps} decode steps per context; bandwidth {gbs:.1f} GB/s ({how})")
     for precision in precisions:
         base = f"anchorrt-fused {precision}"
         rows = {n: v for n, v in med_step.items() if n.endswith(f" {precision}") or (precision == "int4" and "q4_0" in n)
                 or (precision == "fp32" and n.endswith(" f32"))}
-        print(table(f"per decode step, {precision} (ratio to {base}; fraction of the bandwidth bound)", rows, contexts,
-                    base, extra=fraction))
-        prows = {n: v for n, v in med_prefill.items() if n in rows}
-        print(table(f"prefill, {precision} (ratio to {base})", prows, contexts, base, unit="s", scale=1.0))
+        if rows:
+            print(table(f"per decode step, {precision} (ratio to {base}; fraction of the bandwidth bound)", rows,
+                        contexts, base, extra=fraction))
+            prows = {n: v for n, v in med_prefill.items() if n in rows}
+            print(table(f"prefill, {precision} (ratio to {base})", prows, contexts, base, unit="s", scale=1.0))
+        if precision in mitigation:
+            baked = json.loads((mitigation_jobs[precision][1] / "manifest.json").read_text())
+            layer_k = spec["kv_heads"] * (spec["hidden"] // spec["heads"]) * (2 if cuda else 4)  # K bytes per token
+            floors = {v: {c: 1 + n * layer_k * c / step_bytes(spec, vocab, c, precision, 2 if cuda else 4)
+                          for c in contexts} for v, n in extra_layers_read(baked).items()}
+            print(mitigation_table(precision, mitigation[precision][0], contexts, floors))
     top = "fp16" if cuda else "fp32"
     if f"transformers-sdpa {top}" in med_prefill:
         print(table(f"prefill vs transformers sdpa (ratio to transformers-sdpa {top})",
@@ -553,7 +767,9 @@ def main(argv: list[str] | None = None) -> dict:
     for m in skipped:
         print(f"not measured: {m}")
     result = {"contexts": contexts, "rounds": rounds, "threads": args.threads, "device": args.device, "read_gbs": gbs, "step_s": med_step,
-              "prefill_s": med_prefill, "bound_fraction": fraction, "skipped": skipped, "folder": str(folder)}
+              "prefill_s": med_prefill, "bound_fraction": fraction,
+              "mitigation_step_s": {p: m[0] for p, m in mitigation.items()},
+              "mitigation_prefill_s": {p: m[1] for p, m in mitigation.items()}, "skipped": skipped, "folder": str(folder)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -33,6 +33,16 @@ def test_bench_peers_quick_tiny(tiny_model, unfused_artifact, tmp_path, capsys):
     assert fused["attention"]["form"] == "gqa"
 
 
+def test_extra_layers_read_follows_the_manifest():
+    """The floor of each row counts the key caches its step must read beyond the plain step: CLVA the K of l_neg
+    and l_pos, SEVI the K of every edited layer, IAVA K and V of every layer (its second stream)."""
+    bench = _load()
+    manifest = {"dims": {"num_layers": 16}, "mitigation": {
+        "clva": {"layers": {"l_neg": 0, "l_pos": 6, "drift_layers": list(range(7, 16))}},
+        "sevi": {"layers": {"start_layer": 4, "edited_layers": list(range(4, 16))}}, "probe": {}}}
+    assert bench.extra_layers_read(manifest) == {"flags off": 0.0, "clva on": 2.0, "sevi on": 12.0, "iava": 32.0}
+
+
 def test_step_bytes_counts_weights_and_cache():
     bench = _load()
     spec = dict(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1)
@@ -58,3 +68,63 @@ def test_device_cuda_needs_onnxruntime_gpu_and_fp16_precisions(capsys):
         assert e.value.code == 2 and "onnxruntime-gpu" in capsys.readouterr().err
     assert bench.step_bytes(dict(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1), 10, 3, "fp16", 2) < \
         bench.step_bytes(dict(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1), 10, 3, "fp32", 4)
+
+
+def test_bench_peers_mitigation_rows(tiny_model, unfused_artifact, tmp_path, capsys):
+    """anchorrt-baked: CLVA, SEVI and the probe baked into the fused artifact; four rows (flags off, CLVA on, SEVI
+    on, IAVA as two streams) timed in one process beside the plain fused artifact, printed against issue 18's goals
+    and kept out of the peers' table."""
+    bench = _load()
+    result = bench.main(["--tiny", "--quick", "--model", str(tiny_model), "--unfused-artifact", str(unfused_artifact),
+                         "--folder", str(tmp_path / "work"), "--engines", "anchorrt-baked",
+                         "--precisions", "fp32", "--contexts", "40", "--steps", "3", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert result["step_s"] == {} and "per decode step, fp32 (ratio" not in printed  # no peer rows asked for
+    rows = result["mitigation_step_s"]["fp32"]
+    assert set(rows) == {"plain", "flags off", "clva on", "sevi on", "iava"}
+    assert all(rows[x][40] > 0 for x in rows)
+    assert "mitigation per decode step, fp32" in printed
+    for v, goal in (("flags off", "1.02"), ("clva on", "1.05"), ("sevi on", "1.05"), ("iava", "1.3")):
+        assert f"| {v} | <= {goal}x | " in printed
+    assert "bytes 1.00x" in printed.split("| flags off |")[1].splitlines()[0]  # flags off reads nothing more
+    manifest = json.loads((tmp_path / "work" / "anchorrt-baked-fp32-sevi2" / "manifest.json").read_text())
+    assert set(manifest["mitigation"]) >= {"clva", "sevi", "probe"}
+    assert manifest["attention"]["form"] == "gqa"
+
+
+def test_baked_rows_feed_the_flags(tiny_model, tmp_path):
+    """Each row sends its request to the decoder (a row that silently ran with every flag off would measure
+    nothing): the method's enable input is true for that method only; IAVA decodes two rows, the V* row with all
+    but ceil(10%) of the image span hidden; a block rewinds the cache so the next repeats the same steps."""
+    import numpy as np
+    from anchorrt.exporter.export import export_model
+    from anchorrt.graph_passes.bake import BakeOptions, bake
+    from anchorrt.runtime.pipeline import Pipeline
+
+    bench = _load()
+    folder = tmp_path / "baked"
+    export_model(tiny_model, folder)
+    bake(folder, "clva,sevi,probe", BakeOptions(sevi_start_layer=2))
+    pipe = Pipeline.from_dir(folder, intra_op_threads=1)
+    for variant, on in (("flags off", set()), ("clva on", {"clva"}), ("sevi on", {"sevi"}), ("iava", set())):
+        stream = bench.Stream(pipe, 40, 2, seed=3, variant=variant)
+        calls = []
+        decode = pipe._decode
+        pipe._decode = lambda *a, **k: calls.append(a) or decode(*a, **k)
+        stream.prefill()
+        first = stream.block()
+        assert stream.cache.length == 40 and len(first) == 2
+        stream.block()
+        pipe._decode = decode
+        embeds, mask, positions, _, extra = calls[-1]
+        rows = 2 if variant == "iava" else 1
+        assert embeds.shape[0] == rows and mask.shape == (rows, 42) and positions.tolist() == [[41]] * rows
+        for method in ("clva", "sevi"):
+            assert extra[f"{method}.enable"].tolist() == [method in on] * rows
+        assert extra["probe.enable"].tolist() == [False] * rows
+        start, stop = bench.image_span(40)
+        visual = extra["visual_mask"](mask)
+        assert visual[-1, start:stop].all() and not visual[-1, stop:].any()
+        if variant == "iava":  # V*: the first ceil(10%) of the span visible, the rest hidden
+            keep = start + int(np.ceil(0.1 * (stop - start)))
+            assert mask[0, start:keep].all() and not mask[0, keep:stop].any() and mask[1].all()
