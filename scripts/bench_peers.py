@@ -12,7 +12,9 @@ cache), so every engine does one prefill of N tokens and then decode steps at co
                        four rows: every flag off, CLVA on, SEVI on, IAVA (both streams as one batch of 2 + the
                        contrastive scores, as runtime/pipeline.py decodes them); see MITIGATION below
     genai              ONNX Runtime GenAI, its model builder (`onnxruntime_genai.models.builder`)
-    llamacpp           llama-cpp-python on a GGUF from the converter its sdist ships (`convert_hf_to_gguf.py`)
+    llamacpp           llama-cpp-python on a GGUF from the converter its sdist ships (`convert_hf_to_gguf.py`), two
+                       rows per precision: its default f16 KV cache, and "(f32 cache)", the cache precision AnchorRT's
+                       and GenAI's CPU artifacts keep (at 2100 tokens the cache is most of a q4_0 step's bytes)
     transformers       LlamaForCausalLM, attn_implementation="sdpa"
 
 each in fp32 and int4 (AnchorRT: MatMulNBits block 32, accuracy level 4; GenAI: its int4 with accuracy level 4;
@@ -451,11 +453,17 @@ class GenAI:
 
 
 class LlamaCpp:
-    def __init__(self, gguf: Path, threads: int, n_ctx: int):
+    """`cache`: llama.cpp's KV cache type, "f16" (its default) or "f32" (what AnchorRT's and GenAI's CPU artifacts
+    keep: at long contexts the cache is most of a q4_0 step's bytes, so the two differ by its size)."""
+
+    F32 = 0  # GGML_TYPE_F32 (ggml.h), llama_context_params.type_k / type_v
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, cache: str = "f16"):
         import llama_cpp
 
+        kv = {"type_k": self.F32, "type_v": self.F32} if cache == "f32" else {}
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_batch=512,
-                                   logits_all=False, verbose=False)
+                                   logits_all=False, verbose=False, **kv)
 
     def run(self, n: int, steps: int, seed: int) -> tuple[float, list[float]]:
         import numpy as np
@@ -671,6 +679,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # every (engine, precision) as a factory, so that each round loads and releases it
     factories = {}
+    cache_bytes: dict[str, int] = {}  # a row's KV bytes an element, where it is not the device's default
     mitigation_jobs: dict[str, tuple[Path, Path]] = {}  # precision -> (plain fused, baked) artifacts
     need_lm = any(e in engines for e in ("genai", "llamacpp", "transformers"))
     lm_dir = build_language_model(folder, model_dir) if need_lm else None
@@ -699,9 +708,13 @@ def main(argv: list[str] | None = None) -> dict:
                 skipped.append(f"{peer} {precision}: {str(e).splitlines()[0][:300]}")
                 say(f"skipped {skipped[-1]}")
                 continue
-            name = f"genai {precision}" if peer == "genai" else "llama.cpp " + ("f32" if precision == "fp32" else "q4_0")
-            factories[name] = (lambda p=path, c=cls: c(p, args.threads) if c is GenAI
-                               else c(p, args.threads, max(contexts) + args.steps + 8))
+            if peer == "genai":
+                factories[f"genai {precision}"] = lambda p=path: GenAI(p, args.threads)
+                continue
+            weights = "f32" if precision == "fp32" else "q4_0"
+            for cache, name in (("f16", f"llama.cpp {weights}"), ("f32", f"llama.cpp (f32 cache) {weights}")):
+                factories[name] = (lambda p=path, k=cache: LlamaCpp(p, args.threads, max(contexts) + args.steps + 8, k))
+                cache_bytes[name] = 2 if cache == "f16" else 4
 
     prefill: dict[str, dict[int, list[float]]] = {n: {c: [] for c in contexts} for n in factories}
     step: dict[str, dict[int, list[float]]] = {n: {c: [] for c in contexts} for n in factories}
@@ -737,8 +750,8 @@ def main(argv: list[str] | None = None) -> dict:
     med_prefill = {n: {c: median(v) for c, v in by.items() if v} for n, by in prefill.items()}
     fraction = {}
     for n, by in med_step.items():
-        precision = "fp32" if ("fp32" in n or "f32" in n) else "fp16" if "fp16" in n else "int4"
-        fraction[n] = {c: step_bytes(spec, vocab, c, precision, 2 if cuda else 4) / (gbs * 1e9) / t
+        precision = "fp32" if (n.endswith(" fp32") or n.endswith(" f32")) else "fp16" if "fp16" in n else "int4"
+        fraction[n] = {c: step_bytes(spec, vocab, c, precision, cache_bytes.get(n, 2 if cuda else 4)) / (gbs * 1e9) / t
                        for c, t in by.items()}
     where = f"device {args.device}" + (f" ({gpu_name()})" if cuda else "")
     how = "torch device copy, read + written" if cuda else f"numpy, {args.threads} thread(s), best of 3"
