@@ -117,6 +117,13 @@ def site_logits(b: Builder, site, q_rows: ir.Value, past_len: ir.Value | None = 
     and ONNX Runtime's symbolic shape inference still read the graph. What it costs: one read of the buffer's M
     slots (M = the request's max length, so early decode steps also read the tail not yet written).
 
+    The scale is a [1, Hk, 1, 1] constant of equal values, not a scalar: ONNX Runtime's MatMulScaleFusion folds a
+    scalar Mul on a MatMul input into FusedMatMul's alpha, and that FusedMatMul ran 3-5x slower than the plain
+    transB one (ORT 1.32 CPU, q [1,16,1,64] against a [1,16,2113,64] buffer: 1.2-1.9 ms a layer with alpha, 0.34-0.37
+    ms without, 1 and 2 threads; in the bench decoder's SEVI and CLVA branches the past_scores FusedMatMul was the
+    largest cost of a decode step with the flag on). Same products, same values: q·s is computed before the MatMul
+    either way.
+
     `past_len` [1] int64: P, when the caller has it already (else taken from the mask and the query). `one_row`: the
     pass has one query row (a decode step), so the new key is reshaped to [B,Hk,1,D] without the Transpose.
 
@@ -133,7 +140,9 @@ def site_logits(b: Builder, site, q_rows: ir.Value, past_len: ir.Value | None = 
     grouped = q_rows if rep == 1 else b.op("Reshape", [q_rows, b.const(np.array([0, kv_heads, -1, d], np.int64),
                                                                            "q_group_shape")],
                                            "q_grouped")  # [B, Hk, rep·R, D]: query head h = g·rep + i reads key head g
-    grouped = b.op("Mul", [grouped, b.const(np.float32(site.scale), "scale")], "q_scaled")  # R·H·D values, not R·H·K
+    # R·H·D values, not R·H·K; per key head, so that ORT does not fold it into a slower FusedMatMul (see above)
+    scale = np.full((1, kv_heads, 1, 1), site.scale, np.float32)
+    grouped = b.op("Mul", [grouped, b.const(scale, "scale")], "q_scaled")
     if past_len is None:
         total = b.op("Shape", [site.base_mask], "total_length", start=3, end=4)  # [1] K
         seq = b.op("Shape", [site.q], "sequence", start=1, end=2)  # [1] S (q [B, S, H·D])

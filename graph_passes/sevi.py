@@ -42,7 +42,7 @@ over rows ([B,H,S,K] per edited layer: 1 GB at 4k tokens and 16 heads):
 
     sevi on, S == 1 ─► If (layer l, before the node): raw = q kᵀ·scale of the last row [B,H,1,K]
                        │  (graph_passes/regions.py site_logits: the past key buffer read in place, plus the new key)
-                       │  ─ the classes above ─ bias = mask + Where(edited head, omega/(1+omega)·(target - raw), 0)
+                       │  ─ the classes above ─ bias = mask + Where(edited head, omega/(1+omega), 0)·(target - raw)
                        │                                                                               [B,H,1,K]
                        │  else: bias = mask
                        └─► GroupQueryAttention(q, k, v, past, ..., attention_bias = bias) ─► out (edited row included)
@@ -377,12 +377,15 @@ def _fused_decode_bias(lb: Builder, site: AttentionSite, effective: ir.Value, co
     c = _classify(t, site, sh, heads, one_row=True)  # keys: the past buffer's slots 0..P-1 and the node's new key
 
     # (logits + omega target) / (1 + omega) + mask  =  logits + [mask + omega / (1 + omega) (target - logits)]: the
-    # node adds its own logits to this bias; exactly the mask (+ 0.0) on rows and heads that SEVI leaves alone. No
+    # node adds its own logits to this bias; exactly the mask (+ ±0.0) on rows and heads that SEVI leaves alone. No
     # nested If on "some head edited" here (unlike the recomputed row): the edit is ~10 ops on [B,H,1,K] and a
     # decode step of a model with a vision and a global text head edits nearly always.
+    # The weight is zeroed per head ([B,H,1,1]) instead of the edit per key ([B,H,1,K], one op less over the row):
+    # target - raw is finite (raw = q kᵀ; the target is a mean of raws or their max, or the lowest float where no
+    # head selects it, and lowest - raw stays finite for |raw| < ~1e31), so an unchanged head gets mask + (±0.0).
     target = _edit_target(t, c, heads)
-    delta = t.op("Mul", [sh["edit_weight"], t.op("Sub", [target, c["raw"]], "edit")], "edit")  # [B,H,1,K]
-    delta = t.op("Where", [c["changed"], delta, t.const(np.float32(0.0), "zero_f")], "edit")
+    weight = t.op("Where", [c["changed"], sh["edit_weight"], t.const(np.float32(0.0), "zero_f")], "edit_weight")
+    delta = t.op("Mul", [weight, t.op("Sub", [target, c["raw"]], "edit")], "edit")  # [B,H,1,K]
     # one query row: the mask [B,1,1,K] is its last row
     new_bias = _tag_effective(t.op("Add", [effective, delta], "bias", dtype=FLOAT))  # [B,H,1,K]
     then_outs, dtypes = [new_bias], [FLOAT]
