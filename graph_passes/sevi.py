@@ -52,15 +52,15 @@ The node computes softmax(raw' + mask + omega/(1+omega)·(target - raw)) with ra
 mask) up to float rounding (tests: 1e-5 on the output row, parity with the reference unchanged); heads and rows that
 SEVI leaves alone get the mask + 0.0, the mask bit for bit. The node records the layer's own mask (`META_EFFECTIVE_MASK`),
 which later passes read as `site.mask` (a probe baked after SEVI still sees the unedited attention) and which a
-later CLVA bake rewires. What a decode step with SEVI on costs on top of the node, measured on the bench model of
-scripts/bench_mitigation.py (8 layers of which 6 edited, hidden 512, context 1024, 1 thread, CPU time): one read of
-the layer's key buffer (~16% of the step; 6 x 2 MB against ~135 MB of weights and cache the step reads; an edit of
-a layer's output row needs that layer's logits before the node or its values after it, so one pass over K or V is
-the floor) and ~45 small ops per layer on [B,H,1,K] rows (~7.5%): ~1.23x the same session with the flag off
-(before: Slice+Concat copies of the keys and values, ~1.41x); at context 256, where the ops dominate, ~1.10x as
-before. The key read is the key cache's share of the bytes a step reads: here 12.6 of ~135 MB; LLaVA-1.5-7B at
-context 1024 with the default 24 edited layers reads 384 MB more against ~28 GB (fp32 weights, ~1.4%) or ~4.5 GB
-(int4, ~8.5%) per step, and its ~1,100 extra small ops are well under 1% of such a step.
+later CLVA bake rewires. What a decode step with SEVI on costs on top of the node: one read of each edited layer's
+key buffer (an edit of a layer's output row needs that layer's logits before the node or its values after it, so
+one pass over K or V is the floor) and ~40 small ops per layer on [B,H,1,K] rows. `scripts/bench_peers.py`
+(engine anchorrt-baked: the issue's bench model, hidden 1024, 12 of 16 layers edited, 2 threads) measured 1.09 /
+1.15 / 1.21x the plain step at 300 / 1100 / 2100 tokens in fp32, where the extra keys are 1-8% of the step's
+bytes, and 1.21 / 1.23 / 1.41x at int4, where they are 8-24%. LLaVA-1.5-7B at context 1024 with the default 24
+edited layers reads 384 MB more against ~28 GB (fp32 weights, ~1.4%) or ~4.5 GB (int4, ~8.5%) per step, and its
+~1,000 extra small ops are well under 1% of such a step. (regions.site_logits keeps the query scale off
+FusedMatMul's alpha: folded in, that kernel made the key read 3-5x slower.)
 
 Unedited heads and rows keep the layer's own output values (Where), so rows with the flag off are bit-exact, and
 with every row off the If returns `out` itself. The per-layer branch is kept short (about 20 small ops to classify,

@@ -187,6 +187,26 @@ def test_baked_methods_never_read_the_fused_present(baked_artifact):
     assert any("/past_scores/MatMul" in n for n in names) and any("/values_past/Slice" in n for n in names)
 
 
+def test_mitigation_query_scale_stays_off_the_matmul_alpha(baked_artifact):
+    """Every q_scaled Mul that feeds a past_scores MatMul multiplies by a [1, Hk, 1, 1] constant, never a scalar:
+    onnxruntime folds a scalar Mul on a MatMul input into FusedMatMul's alpha, a kernel measured 3-5x slower on one
+    query row (graph_passes/regions.py site_logits). And the logits are still scaled: one value, 1/sqrt(head_dim)."""
+    import json
+
+    dims = json.loads((baked_artifact / "manifest.json").read_text())["dims"]
+    model = ir.load(baked_artifact / "decoder.onnx")
+    nodes = list(model.graph.all_nodes())
+    scaled = [n for n in nodes if n.op_type == "Mul" and "q_scaled" in n.name]
+    assert scaled, "no mitigation branch scales a query"
+    for node in scaled:
+        const = node.inputs[1].producer()
+        assert const is not None and const.op_type == "Constant", node.name
+        value = const.attributes["value"].as_tensor().numpy()
+        assert value.shape == (1, dims["num_kv_heads"], 1, 1), (node.name, value.shape)
+        assert np.all(value == value.flat[0]) and np.isclose(value.flat[0], dims["head_dim"] ** -0.5), node.name
+        assert any("past_scores" in u.node.name for u in node.outputs[0].uses()), node.name
+
+
 class CountingDecoder:
     """Wraps a Pipeline's _decode to count decoder calls and the tokens each one gets."""
 
