@@ -698,7 +698,7 @@ def main(argv: list[str] | None = None) -> dict:
         top = "fp16" if cuda else "fp32"
         if "transformers" in engines and precision == top:
             factories[f"transformers-sdpa {top}"] = lambda: Transformers(lm_dir, args.threads, args.device)
-        for peer, build, cls in (("genai", build_genai, GenAI), ("llamacpp", build_gguf, LlamaCpp)):
+        for peer, build in (("genai", build_genai), ("llamacpp", build_gguf)):
             if peer not in engines:
                 continue
             try:

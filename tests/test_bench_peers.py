@@ -110,7 +110,12 @@ def test_baked_rows_feed_the_flags(tiny_model, tmp_path):
         stream = bench.Stream(pipe, 40, 2, seed=3, variant=variant)
         calls = []
         decode = pipe._decode
-        pipe._decode = lambda *a, **k: calls.append(a) or decode(*a, **k)
+
+        def recording(*a, calls=calls, decode=decode, **k):
+            calls.append(a)
+            return decode(*a, **k)
+
+        pipe._decode = recording
         stream.prefill()
         first = stream.block()
         assert stream.cache.length == 40 and len(first) == 2
