@@ -28,13 +28,13 @@ bandwidth (numpy, 1 GiB); each engine's fraction = bound / measured step.
 Mitigation rows (anchorrt-baked): the prompt is [5 text | image span of min(576, N - 64) | text] (`visual_mask`),
 the decode steps are text rows after it; SEVI starts at layer L // 4 (12 of this model's 16 layers: the share the
 default start 8 edits in LLaVA-1.5's 32, `--sevi-start-layer` to change), CLVA and the probe at their METHODS.md
-defaults; IAVA's V* row hides all but ceil(10%) of the image span (the default i). Ratios are to anchorrt-fused of
-the same precision, from the same interleaved rounds; the goals are printed beside them. Only IAVA's per-token
-figure is compared (its prefill here is one batch-2 pass, not the runtime's probe + V* prefills). These rows are
-measured after the peers, in one process holding the plain fused artifact and one session of the baked one
-(`measure_mitigation`): every row prefills once per context, then `--mitigation-rounds` blocks of `--steps` decode
-steps (the cache rewound after each) alternate between the rows. Loading each row in its own round, as the peers
-are, left ratios of 0.90-1.16x for flags off (which costs nothing measurable in one process: 0.97-1.02x):
+defaults; IAVA's V* row hides all but ceil(10%) of the image span (the default i). Only IAVA's per-token figure is
+compared (its prefill here is one batch-2 pass, not the runtime's probe + V* prefills). These rows are measured
+after the peers, in one process holding the plain fused artifact of the same precision and one session of the
+baked one (`measure_mitigation`): every row prefills once per context, then `--mitigation-rounds` blocks of
+`--steps` decode steps (the cache rewound after each, a 0.25 s pause before each) alternate between the rows and
+a "plain" row; ratios are to that plain row, printed beside the goals. Loading each row in its own round, as the
+peers are, left ratios of 0.90-1.16x for flags off (which costs nothing measurable in one process: 0.97-1.02x):
 between-session spread on this machine is larger than the goals.
 
 A peer that is not installed is named, with its install command, and left out; nothing is installed here.
