@@ -96,13 +96,32 @@ def build_checkpoint(folder: Path, tiny: bool, given: Path | None = None) -> Pat
     return model_dir
 
 
+def precision_tag(precision: str, half: bool) -> str:
+    """The folder suffix of a converted artifact: int4 with fp16 activations (the GPU) is its own artifact."""
+    return precision + ("-fp16" if half and precision == "int4" else "")
+
+
+def convert_copy(source: Path, out: Path, precision: str, half: bool, what: str) -> Path:
+    """`out` = a copy of the fp32 artifact `source` converted to `precision` (kept and reused): fp16, or int4
+    (MatMulNBits, accuracy level 4) with fp16 activations when `half` (the GPU)."""
+    from anchorrt.graph_passes.bake import PrecisionOptions, convert_precision
+
+    if not (out / "manifest.json").exists():
+        say(f"converting {what} to {precision}" + (" (fp16 activations)" if half else ""))
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(source, out)
+        convert_precision(out, PrecisionOptions(precision="fp16") if precision == "fp16" else
+                          PrecisionOptions(precision="fp16" if half else "fp32", quantize="int4", accuracy_level=4))
+    return out
+
+
 def build_anchorrt(folder: Path, model_dir: Path, precision: str, unfused: Path | None = None,
                    half: bool = False) -> dict[str, Path]:
     """anchorrt-unfused = one export with --attention unfused (or a copy of `unfused`, such an export of the same
     checkpoint); anchorrt-fused = the same graphs through the fusion pass (graph_passes/fuse_attention.py); int4 =
     both quantized (MatMulNBits, accuracy level 4), with fp16 activations when `half` (the GPU); fp16 = converted."""
     from anchorrt.exporter.export import export_model
-    from anchorrt.graph_passes.bake import PrecisionOptions, convert_precision, fuse_artifact
+    from anchorrt.graph_passes.bake import fuse_artifact
 
     out = {}
     base = {"unfused": folder / "anchorrt-unfused-fp32", "fused": folder / "anchorrt-fused-fp32"}
@@ -119,22 +138,15 @@ def build_anchorrt(folder: Path, model_dir: Path, precision: str, unfused: Path 
         if precision == "fp32":
             out[form] = path
             continue
-        q = folder / f"anchorrt-{form}-{precision}{'-fp16' if half and precision == 'int4' else ''}"
-        if not (q / "manifest.json").exists():
-            say(f"converting AnchorRT ({form}) to {precision}" + (" (fp16 activations)" if half else ""))
-            shutil.rmtree(q, ignore_errors=True)
-            shutil.copytree(path, q)
-            options = (PrecisionOptions(precision="fp16") if precision == "fp16" else
-                       PrecisionOptions(precision="fp16" if half else "fp32", quantize="int4", accuracy_level=4))
-            convert_precision(q, options)
-        out[form] = q
+        out[form] = convert_copy(path, folder / f"anchorrt-{form}-{precision_tag(precision, half)}", precision, half,
+                                 f"AnchorRT ({form})")
     return out
 
 
 def build_baked(folder: Path, fused_fp32: Path, precision: str, sevi_start: int, half: bool = False) -> Path:
     """anchorrt-fused with CLVA, SEVI (from `sevi_start`) and the IAVA probe baked into the fp32 graphs, then
     converted to `precision` as build_anchorrt converts (mitigation is baked before a precision change)."""
-    from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, bake, convert_precision
+    from anchorrt.graph_passes.bake import BakeOptions, bake
 
     fp32 = folder / f"anchorrt-baked-fp32-sevi{sevi_start}"
     if not (fp32 / "manifest.json").exists():
@@ -144,14 +156,8 @@ def build_baked(folder: Path, fused_fp32: Path, precision: str, sevi_start: int,
         bake(fp32, "clva,sevi,probe", BakeOptions(sevi_start_layer=sevi_start), verify=False)
     if precision == "fp32":
         return fp32
-    out = folder / f"anchorrt-baked-{precision}{'-fp16' if half and precision == 'int4' else ''}-sevi{sevi_start}"
-    if not (out / "manifest.json").exists():
-        say(f"converting the baked AnchorRT to {precision}" + (" (fp16 activations)" if half else ""))
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(fp32, out)
-        convert_precision(out, PrecisionOptions(precision="fp16") if precision == "fp16" else
-                          PrecisionOptions(precision="fp16" if half else "fp32", quantize="int4", accuracy_level=4))
-    return out
+    return convert_copy(fp32, folder / f"anchorrt-baked-{precision_tag(precision, half)}-sevi{sevi_start}", precision,
+                        half, "the baked AnchorRT")
 
 
 def build_language_model(folder: Path, model_dir: Path) -> Path:
@@ -262,27 +268,11 @@ class AnchorRT:
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None
         self.pipe = Pipeline.from_dir(folder, intra_op_threads=threads, verify=False, providers=providers)
-        session = self.pipe.decoder.session  # a CPU fallback is refused (runtime/backend.py)
-        self.dtype = "float16" if next(i for i in session.get_inputs() if i.name == "inputs_embeds").type == \
-            "tensor(float16)" else "float32"
+        _ = self.pipe.decoder.session  # built now; a CPU fallback is refused (runtime/backend.py)
 
     def run(self, n: int, steps: int, seed: int) -> tuple[float, list[float]]:
-        import numpy as np
-
-        d = self.pipe.hidden
-        rng = np.random.default_rng(seed)
-        embeds = (0.5 * rng.standard_normal((1, n, d))).astype(self.dtype)  # [1, N, d]
-        step = (0.5 * rng.standard_normal((1, 1, d))).astype(self.dtype)  # [1, 1, d]
-        cache = self.pipe._new_cache(1, n + steps + 1)
-        t = time.perf_counter()
-        self.pipe.prefill_embeds(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache, {})
-        prefill = time.perf_counter() - t
-        times = []
-        for s in range(steps):
-            t = time.perf_counter()
-            self.pipe._decode(step, np.ones((1, n + s + 1), np.int64), np.array([[n + s]], np.int64), cache, {})
-            times.append(time.perf_counter() - t)
-        return prefill, times
+        stream = Stream(self.pipe, n, steps, seed)
+        return stream.prefill(), stream.block()
 
 
 def image_span(n: int) -> tuple[int, int]:
@@ -304,9 +294,8 @@ class Stream:
 
         self.pipe, self.n, self.steps, self.iava = pipe, n, steps, variant == "iava"
         rows = 2 if self.iava else 1  # IAVA: row 0 the V* stream, row 1 the answering one
-        session = pipe.decoder.session
-        dtype = "float16" if next(i for i in session.get_inputs() if i.name == "inputs_embeds").type == \
-            "tensor(float16)" else "float32"
+        embeds_type = next(i for i in pipe.decoder.session.get_inputs() if i.name == "inputs_embeds").type
+        dtype = "float16" if embeds_type == "tensor(float16)" else "float32"
         rng = np.random.default_rng(seed)
         self.embeds = np.repeat((0.5 * rng.standard_normal((1, n, pipe.hidden))).astype(dtype), rows, axis=0)
         self.step = np.repeat((0.5 * rng.standard_normal((1, 1, pipe.hidden))).astype(dtype), rows, axis=0)
@@ -361,8 +350,6 @@ def measure_mitigation(plain: Path, baked: Path, threads: int, device: str, cont
     of the baked one (whose four MITIGATION rows differ only in their feeds). Per context every row prefills once,
     then `rounds` blocks of `steps` decode steps alternate between the rows in an order rotated every block.
     -> ({row: {ctx: median over blocks of the block's median step}}, {row: {ctx: prefill s}}); row "plain" too."""
-    import statistics as st
-
     # Two sessions in one process: a session's worker threads spin for a while after its run and took a core from
     # the other session's next block (plain, the only row whose block follows the other session's, measured 1.1-1.25x
     # slower than its own flags-off copy at int4). A pause before every block lets the spinning threads park, so no
@@ -382,9 +369,9 @@ def measure_mitigation(plain: Path, baked: Path, threads: int, device: str, cont
             for x in labels[r % len(labels):] + labels[:r % len(labels)]:
                 time.sleep(PAUSE_S)
                 times = streams[x].block()
-                blocks[x].append(st.median(times[1:] if len(times) > 2 else times))
+                blocks[x].append(step_median(times))
         for x in labels:
-            step[x][n] = st.median(blocks[x])
+            step[x][n] = median(blocks[x])
         say(f"mitigation rows at context {n} done")
         del streams
     return step, prefill
@@ -538,13 +525,16 @@ def step_bytes(spec: dict, vocab: int, context: int, precision: str, cache_bytes
     layer at `context` (`cache_bytes` an element: fp32 on the CPU, fp16 on the GPU). int4: 0.5 byte a weight plus
     a scale per block of 32 (0.625 bytes), norms fp32."""
     d, f, layers = spec["hidden"], spec["intermediate"], spec["layers"]
-    head_dim = d // spec["heads"]
-    kv = spec["kv_heads"] * head_dim
+    kv = spec["kv_heads"] * (d // spec["heads"])
     matmul = layers * (d * d * 2 + d * kv * 2 + 3 * d * f) + d * vocab  # q, o, k, v, gate/up/down, lm_head
     per_weight = {"fp32": 4.0, "fp16": 2.0}.get(precision, 0.625)
     norms = (2 * layers + 1) * d * 4
-    cache = 2 * layers * kv * context * cache_bytes
-    return matmul * per_weight + norms + cache
+    return matmul * per_weight + norms + 2 * layers * key_bytes(spec, context, cache_bytes)
+
+
+def key_bytes(spec: dict, context: int, cache_bytes: int = 4) -> float:
+    """Bytes of one layer's key cache (or value cache) at `context`."""
+    return spec["kv_heads"] * (spec["hidden"] // spec["heads"]) * context * cache_bytes
 
 
 def gpu_name() -> str:
@@ -559,6 +549,11 @@ def gpu_name() -> str:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def step_median(times: list[float]) -> float:
+    """The median decode step of one series, without its first step when there are more than two."""
+    return median(times[1:] if len(times) > 2 else times)
 
 
 def table(title: str, rows: dict[str, dict[int, float]], contexts: list[int], base: str, unit: str = "ms",
@@ -736,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
             for c in contexts:
                 p, times = engine.run(c, args.steps, seed=c)
                 prefill[name][c].append(p)
-                step[name][c].append(median(times[1:] if len(times) > 2 else times))
+                step[name][c].append(step_median(times))
             del engine
 
     mitigation = {}
@@ -748,10 +743,11 @@ def main(argv: list[str] | None = None) -> dict:
     gbs = cuda_bandwidth_gbs() if cuda else read_bandwidth_gbs(1 << (24 if args.tiny else 30), threads=args.threads)
     med_step = {n: {c: median(v) for c, v in by.items() if v} for n, by in step.items()}
     med_prefill = {n: {c: median(v) for c, v in by.items() if v} for n, by in prefill.items()}
+    device_cache = 2 if cuda else 4  # KV bytes an element: fp16 on the GPU, fp32 on the CPU
     fraction = {}
     for n, by in med_step.items():
         precision = "fp32" if (n.endswith(" fp32") or n.endswith(" f32")) else "fp16" if "fp16" in n else "int4"
-        fraction[n] = {c: step_bytes(spec, vocab, c, precision, cache_bytes.get(n, 2 if cuda else 4)) / (gbs * 1e9) / t
+        fraction[n] = {c: step_bytes(spec, vocab, c, precision, cache_bytes.get(n, device_cache)) / (gbs * 1e9) / t
                        for c, t in by.items()}
     where = f"device {args.device}" + (f" ({gpu_name()})" if cuda else "")
     how = "torch device copy, read + written" if cuda else f"numpy, {args.threads} thread(s), best of 3"
@@ -768,8 +764,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(table(f"prefill, {precision} (ratio to {base})", prows, contexts, base, unit="s", scale=1.0))
         if precision in mitigation:
             baked = json.loads((mitigation_jobs[precision][1] / "manifest.json").read_text())
-            layer_k = spec["kv_heads"] * (spec["hidden"] // spec["heads"]) * (2 if cuda else 4)  # K bytes per token
-            floors = {v: {c: 1 + n * layer_k * c / step_bytes(spec, vocab, c, precision, 2 if cuda else 4)
+            floors = {v: {c: 1 + n * key_bytes(spec, c, device_cache) / step_bytes(spec, vocab, c, precision,
+                                                                                     device_cache)
                           for c in contexts} for v, n in extra_layers_read(baked).items()}
             print(mitigation_table(precision, mitigation[precision][0], contexts, floors))
     top = "fp16" if cuda else "fp32"
