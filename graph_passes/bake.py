@@ -329,6 +329,7 @@ def _record_fused(passes: Sequence[GraphPass], data: dict, say: Progress | None 
         raise PassError(f"fused attention in {first.count} of {data['dims']['num_layers']} decoder layers; use "
                         "--attention unfused")
     data["attention"] = {"form": FORM_FUSED, "op": "com.microsoft.GroupQueryAttention", "kv_cache": "in_place",
+                         "row_lengths": True,  # seqlens_k per row from the mask (graph_passes/fuse_attention.py)
                          "pass_count": first.count, "fusions": {p.name: p.count for p in passes[1:]}}
     left = {}  # a fusion's layers left as exported, by reason (e.g. fuse_rotary on M-RoPE)
     for p in passes[1:]:

@@ -15,6 +15,16 @@ Per request:
 4. `contrastive_scores`: (1 + a) * log_softmax(l) - a * log_softmax(l*), with the optional plausibility cut-off
    (keep tokens whose original probability is at least beta_cut times the maximum).
 
+Compacted V* rows (`compact_contrastive_rows`): a V* row never attends to the image keys outside I (nor to its left
+padding), yet decoding it as a full-length row reads every slot of its cache each step, a second full cache read
+per token. With the fused decoder that reads each row's length from its mask (Manifest.row_lengths) and a host
+cache, the runtime moves the slots V* can see to the front of each V* row after its prefill and decodes it with a
+mask of ones up to its own length (`append_token`): the same keys, values and positions (the rotary is applied
+before the cache), so the same softmax over the same terms up to summation order, and each V* step reads
+|S| + |I| + |T| slots instead of the whole prompt. LLaVA-1.5 (576 image tokens, default i = 10%) keeps 58 of them.
+Not when a decoder method that reads the keys (CLVA, SEVI, the probe) is on for the batch: their subgraphs index
+every row by the batch's common length. Not on a device cache (CUDA, TensorRT): the slots would move on the device.
+
 Edge cases (tested): an empty I hides every image key in V* (METHODS.md step 3); I = all of V makes V* equal to V,
 so the combined scores equal the plain log-probabilities and decoding equals plain greedy decoding; a = 0 gives
 exactly the plain decoding.
@@ -115,6 +125,34 @@ def select_irrelevant(att_general: np.ndarray, att_query: np.ndarray, count: int
     top = np.zeros(len(g), dtype=bool)
     top[np.argsort(-delta, kind="stable")[:count]] = True
     return top & (delta > 0) & (g > g.mean() + lam * g.std())
+
+
+def compaction_allowed(row_lengths: bool, cache, extra: dict) -> bool:
+    """V* rows can be compacted: the decoder reads per-row lengths, the cache is a host in-place one, and no
+    decoder method that reads the keys is on (every `*.enable` feed false)."""
+    flags = [v for k, v in extra.items() if k.endswith(".enable")]
+    return row_lengths and cache.compactable and not any(np.any(v) for v in flags)
+
+
+def compact_contrastive_rows(cache, hidden: np.ndarray) -> np.ndarray:
+    r"""After the V* prefill, rows 0..b-1 of `cache` hold the V* stream (`hidden` [b, S]: its mask, 0 at V \ I and
+    at left padding). Keep only each row's visible slots, in order, at the front of its row -> [b] new lengths."""
+    return np.array([cache.compact_row(r, np.flatnonzero(hidden[r])) for r in range(hidden.shape[0])],
+                    dtype=np.int64)
+
+
+def compacted_mask(hidden: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The decode mask of compacted V* rows: ones up to each row's length, zeros after (width S)."""
+    return (np.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+
+
+def append_token(mask: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mask of the next decode step: one column more, with each row's new token at its own length (the slot
+    the fused decoder writes it to; = the new last column for a row of full length) -> (mask, lengths + 1)."""
+    rows = np.arange(mask.shape[0])
+    out = np.concatenate([mask, np.zeros((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
+    out[rows, lengths] = 1
+    return out, lengths + 1
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -128,6 +128,34 @@ class KVCache:
         if not self.in_place:
             self._flip = 1 - self._flip
 
+    @property
+    def compactable(self) -> bool:
+        """Rows can be compacted in place (`compact_row`): one shared buffer in host memory."""
+        return self.in_place and self.device == "cpu" and all(
+            hasattr(buf, "data_ptr") for layer in self._buffers[0] for buf in layer)
+
+    def compact_row(self, row: int, keep: np.ndarray) -> int:
+        """Move the slots `keep` (ascending indices below `length`) of batch row `row` to the front of that row, in
+        every layer's key and value buffer, in place -> the row's new length (len(keep)).
+
+        Only for a decoder that reads each row's length from its mask (Manifest.row_lengths): the row is then decoded
+        with a mask of ones up to its length (runtime/iava.py `append_token`), its new tokens go after the kept slots
+        and each step reads len(keep) + steps slots instead of `length` + steps. The slots after the kept ones keep
+        stale (finite) values, never read. Positions are unaffected: the rotary is applied before the cache."""
+        keep = np.asarray(keep, dtype=np.int64)
+        if not self.compactable:
+            raise ValueError("only an in-place KV cache in host memory can be compacted")
+        if not 0 <= row < self.batch:
+            raise ValueError(f"row {row} is outside a cache of {self.batch} rows")
+        if keep.ndim != 1 or (keep.size and (keep[0] < 0 or keep[-1] >= self.length or np.any(np.diff(keep) <= 0))):
+            raise ValueError(f"slots to keep must be ascending and below the cache length {self.length}")
+        shape = self.shape(self.max_len)
+        for layer in self._buffers[0]:
+            for buf in layer:
+                view = _host_view(buf, shape, self.dtype)[row]  # [KVH, M, D]
+                view[:, : keep.size] = view[:, keep]  # fancy indexing reads a copy first: overlap is safe
+        return int(keep.size)
+
     def load(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
         """Write host arrays [B, KVH, n, D] into the current buffers of one layer, in this cache's layout (for
         benchmarks that start from a synthetic past; set `length` after loading every layer)."""
@@ -151,3 +179,12 @@ class KVCache:
                 continue
             out.append(flat[: int(np.prod(self.shape(self.length)))].reshape(self.shape(self.length)).copy())
         return out[0], out[1]
+
+
+def _host_view(buf, shape: list[int], dtype: np.dtype) -> np.ndarray:
+    """A writable numpy view of a host buffer (an OrtValue's `data_ptr()`), no copy."""
+    import ctypes
+
+    count = int(np.prod(shape))
+    raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(buf.data_ptr())
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)

@@ -164,6 +164,14 @@ class Manifest:
         return self.data.get("attention", {}).get("form", "unfused")
 
     @property
+    def row_lengths(self) -> bool:
+        """The fused decoder reads each row's cache length from its mask (`attention.row_lengths`, set by the fused
+        form since issue 18): a row may hold fewer slots than the batch's longest (runtime/iava.py compacts IAVA's
+        contrastive rows). Older fused artifacts give every row total_length - 1 slots."""
+        attention = self.data.get("attention", {})
+        return attention.get("form") == "gqa" and attention.get("row_lengths") is True
+
+    @property
     def kv_precision(self) -> str:
         """The KV cache's dtype: `precision.kv` since issue 6; older artifacts: the activations'; unconverted: fp32."""
         precision = self.data.get("precision", {})
@@ -291,6 +299,7 @@ def validate(data: Any) -> None:
     attention = data.get("attention", {})
     _expect(isinstance(attention, dict), "attention")
     _expect(attention.get("form", "unfused") in ATTENTION_FORMS, "attention.form")
+    _expect(isinstance(attention.get("row_lengths", False), bool), "attention.row_lengths")
     serving = data.get("serving", {})  # optional (issue 19): what a Triton repository of this artifact uses
     _expect(isinstance(serving, dict), "serving")
     if "max_batch_size" in serving:

@@ -35,6 +35,10 @@ from anchorrt.runtime.iava import (
     PROBE_ENABLE,
     PROBE_OUTPUT,
     IavaParams,
+    append_token,
+    compact_contrastive_rows,
+    compacted_mask,
+    compaction_allowed,
     contrastive_scores,
     parse_iava,
     select_irrelevant,
@@ -399,11 +403,17 @@ class Pipeline:
         alpha = np.array([p.alpha for p in params])
         beta_cut = np.array([np.nan if p.beta_cut is None else p.beta_cut for p in params])
         attention_mask = streams.attention_mask
+        lengths = np.full(2 * b, s, dtype=np.int64)  # cache slots per row; the new token goes to slot lengths[r]
+        if compaction_allowed(self.manifest.row_lengths, cache, extra):  # V* rows keep only what they see
+            lengths[:b] = compact_contrastive_rows(cache, hidden)
+            attention_mask = np.concatenate([compacted_mask(hidden, lengths[:b]), query.attention_mask])
+        for r in range(b):
+            details[r]["iava"]["contrastive_slots"] = int(lengths[r])
         last = np.concatenate([last_q, last_q])  # [2B] last prompt position of each stream
 
         def advance(next_ids: np.ndarray) -> np.ndarray:
-            nonlocal attention_mask, last
-            attention_mask = np.concatenate([attention_mask, np.ones((2 * b, 1), dtype=np.int64)], axis=1)
+            nonlocal attention_mask, last, lengths
+            attention_mask, lengths = append_token(attention_mask, lengths)
             last = last + 1
             logits = self.decode_one_token(np.concatenate([next_ids, next_ids]), attention_mask, last, cache, extra,
                                            visalign)  # [2B, V]

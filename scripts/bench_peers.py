@@ -315,24 +315,31 @@ class Stream:
             if PROBE_ENABLE in pipe.decoder.input_names():
                 self.extra[PROBE_ENABLE] = np.zeros(rows, bool)
         self.cache = pipe._new_cache(rows, n + steps + 1)
+        self.lengths = np.full(rows, n, np.int64)  # cache slots per row (runtime/iava.py compacts the V* row)
 
     def prefill(self) -> float:
+        """The prompt of every row as one pass; IAVA: then the V* row compacted, as the runtime does after its V*
+        prefill (runtime/pipeline.py `_generate_iava`; timed with the prefill)."""
         import numpy as np
+        from anchorrt.runtime.iava import compact_contrastive_rows, compacted_mask, compaction_allowed
 
         positions = np.repeat(np.arange(self.n, dtype=np.int64)[None], self.mask.shape[0], axis=0)
         t = time.perf_counter()
         self.pipe.prefill_embeds(self.embeds, self.mask, positions, self.cache, self.extra)
+        if self.iava and compaction_allowed(self.pipe.manifest.row_lengths, self.cache, self.extra):
+            self.lengths[:1] = compact_contrastive_rows(self.cache, self.mask[:1])
+            self.mask = np.concatenate([compacted_mask(self.mask[:1], self.lengths[:1]), self.mask[1:]])
         return time.perf_counter() - t
 
     def block(self) -> list[float]:
         import numpy as np
-        from anchorrt.runtime.iava import contrastive_scores
+        from anchorrt.runtime.iava import append_token, contrastive_scores
 
-        rows, times, mask = self.mask.shape[0], [], self.mask
+        times, mask, lengths = [], self.mask, self.lengths
         for s in range(self.steps):
-            mask = np.concatenate([mask, np.ones((rows, 1), np.int64)], axis=1)
+            mask, lengths = append_token(mask, lengths)
             t = time.perf_counter()
-            logits = self.pipe._decode(self.step, mask, np.full((rows, 1), self.n + s, np.int64), self.cache,
+            logits = self.pipe._decode(self.step, mask, np.full((len(mask), 1), self.n + s, np.int64), self.cache,
                                        self.extra)
             if self.iava:  # the runtime's per-token work beside the batch-2 pass (runtime/pipeline.py)
                 contrastive_scores(logits[1:], logits[:1], np.ones(1))
@@ -574,18 +581,29 @@ def table(title: str, rows: dict[str, dict[int, float]], contexts: list[int], ba
     return "\n".join(lines)
 
 
-def extra_layers_read(manifest: dict) -> dict[str, float]:
-    """Per MITIGATION row, how many layers' key caches (K of one layer at the context) a decode step reads beyond
-    the plain step, from the baked manifest: CLVA's statistics recompute the rows of l_neg and l_pos (one read of
-    each layer's K); SEVI's edit needs each edited layer's last-row logits before the fused node (one read of its K,
-    graph_passes/sevi.py); IAVA decodes a second stream (K and V of every layer once more; the weights are read
-    once for both rows)."""
+def contrastive_slots(n: int) -> int:
+    """The cache slots of the bench's V* row at context n once compacted (runtime/iava.py): the prompt without the
+    image tokens it hides (all but the default i = ceil(10%) of the span)."""
+    import math
+
+    start, stop = image_span(n)
+    return n - (stop - start) + math.ceil(0.1 * (stop - start))
+
+
+def extra_layers_read(manifest: dict, n: int) -> dict[str, float]:
+    """Per MITIGATION row, how many layers' key caches (K of one layer at context n) a decode step reads beyond the
+    plain step, from the baked manifest: CLVA's statistics recompute the rows of l_neg and l_pos (one read of each
+    layer's K); SEVI's edit needs each edited layer's last-row logits before the fused node (one read of its K,
+    graph_passes/sevi.py); IAVA decodes a second stream (K and V of every layer once more, of its compacted length
+    when the artifact reads per-row lengths; the weights are read once for both rows)."""
     mit = manifest.get("mitigation") or {}
     clva = mit.get("clva", {}).get("layers", {})
     sevi = mit.get("sevi", {}).get("layers", {}).get("edited_layers", [])
     layers = int(manifest.get("dims", {}).get("num_layers", 0))
+    attention = manifest.get("attention", {})
+    star = contrastive_slots(n) / n if attention.get("form") == "gqa" and attention.get("row_lengths") else 1.0
     return {"flags off": 0.0, "clva on": float(len({clva.get("l_neg"), clva.get("l_pos")} - {None})),
-            "sevi on": float(len(sevi)), "iava": 2.0 * layers}
+            "sevi on": float(len(sevi)), "iava": 2.0 * layers * star}
 
 
 def mitigation_table(precision: str, step: dict[str, dict[int, float]], contexts: list[int],
@@ -764,9 +782,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(table(f"prefill, {precision} (ratio to {base})", prows, contexts, base, unit="s", scale=1.0))
         if precision in mitigation:
             baked = json.loads((mitigation_jobs[precision][1] / "manifest.json").read_text())
-            floors = {v: {c: 1 + n * key_bytes(spec, c, device_cache) / step_bytes(spec, vocab, c, precision,
-                                                                                     device_cache)
-                          for c in contexts} for v, n in extra_layers_read(baked).items()}
+            floors = {v: {c: 1 + extra_layers_read(baked, c)[v] * key_bytes(spec, c, device_cache)
+                          / step_bytes(spec, vocab, c, precision, device_cache) for c in contexts} for v in MITIGATION}
             print(mitigation_table(precision, mitigation[precision][0], contexts, floors))
     top = "fp16" if cuda else "fp32"
     if f"transformers-sdpa {top}" in med_prefill:

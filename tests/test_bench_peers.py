@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,12 @@ def test_extra_layers_read_follows_the_manifest():
     manifest = {"dims": {"num_layers": 16}, "mitigation": {
         "clva": {"layers": {"l_neg": 0, "l_pos": 6, "drift_layers": list(range(7, 16))}},
         "sevi": {"layers": {"start_layer": 4, "edited_layers": list(range(4, 16))}}, "probe": {}}}
-    assert bench.extra_layers_read(manifest) == {"flags off": 0.0, "clva on": 2.0, "sevi on": 12.0, "iava": 32.0}
+    assert bench.extra_layers_read(manifest, 1100) == {"flags off": 0.0, "clva on": 2.0, "sevi on": 12.0,
+                                                       "iava": 32.0}
+    # a fused artifact reading per-row lengths: the V* row holds 1100 - 576 + 58 slots (runtime/iava.py compaction)
+    manifest["attention"] = {"form": "gqa", "row_lengths": True}
+    assert bench.contrastive_slots(1100) == 1100 - 576 + 58
+    assert bench.extra_layers_read(manifest, 1100)["iava"] == pytest.approx(32.0 * 582 / 1100)
 
 
 def test_step_bytes_counts_weights_and_cache():
@@ -132,4 +139,9 @@ def test_baked_rows_feed_the_flags(tiny_model, tmp_path):
         assert visual[-1, start:stop].all() and not visual[-1, stop:].any()
         if variant == "iava":  # V*: the first ceil(10%) of the span visible, the rest hidden
             keep = start + int(np.ceil(0.1 * (stop - start)))
-            assert mask[0, start:keep].all() and not mask[0, keep:stop].any() and mask[1].all()
+            prompt_mask = calls[0][1]  # the prefill's
+            assert prompt_mask[0, start:keep].all() and not prompt_mask[0, keep:stop].any() and prompt_mask[1].all()
+            # then compacted as the runtime does: V* decodes at its own length, the new token at its last slot
+            slots = bench.contrastive_slots(40)
+            assert stream.lengths.tolist() == [slots, 40] and mask[1].all()
+            assert mask[0, :slots + 2].all() and not mask[0, slots + 2:].any()

@@ -189,3 +189,100 @@ def test_cli_iava_onnx_and_torch_agree(probe_artifact, tiny_model, images, tmp_p
                           (["--no-iava", "--iava-alpha", "2"], "cannot be combined")):
         proc = run_cli("generate", str(probe_artifact), "--image", str(img), "--prompt", "hi", *bad)
         assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _uncompacted(monkeypatch):
+    monkeypatch.setattr(pipeline_mod, "compaction_allowed", lambda *args: False)
+
+
+@pytest.mark.parametrize("i", [0.5, 0, None])
+def test_compacted_contrastive_rows_decode_the_same(probe_artifact, images, recorded_scores, monkeypatch, i):
+    """The V* row keeps only the slots it sees (fused form, host cache): each step reads prompt - |V \\ I| slots, and
+    the tokens and the combined scores equal those of the full-length V* row (the keys it hid contributed exactly 0)."""
+    pipe = Pipeline.from_dir(probe_artifact)
+    assert pipe.manifest.row_lengths
+    got = pipe.generate(images[0], PROMPTS[1], max_new_tokens=12, mitigation={"iava": {"i": i}})
+    compacted = [s.copy() for s in recorded_scores]
+    hidden = pipe.tokens_per_image - len(got.details["iava"]["irrelevant"])
+    assert hidden > 0 and got.details["iava"]["contrastive_slots"] == got.prompt_tokens - hidden
+    recorded_scores.clear()
+    _uncompacted(monkeypatch)
+    full = pipe.generate(images[0], PROMPTS[1], max_new_tokens=12, mitigation={"iava": {"i": i}})
+    assert full.details["iava"]["contrastive_slots"] == full.prompt_tokens
+    assert got.token_ids == full.token_ids and len(compacted) == len(recorded_scores) > 1
+    for a, b in zip(compacted, recorded_scores):
+        finite = np.isfinite(b)
+        assert np.array_equal(finite, np.isfinite(a)) and np.abs(a - b)[finite].max() <= 1e-5
+
+
+def test_compacted_rows_drop_left_padding_too(probe_artifact, images, monkeypatch):
+    """Batched IAVA requests of different prompt lengths (left padding): each V* row keeps its own visible slots
+    (no padding), decodes at its own length, and the tokens equal the uncompacted batch's."""
+    pipe = Pipeline.from_dir(probe_artifact)
+    reqs = [Request(images[0], PROMPTS[0], {"iava": {"i": 0.5}}), Request(images[2], PROMPTS[1], {"iava": {"i": 3}})]
+    together = pipe.generate_batch(reqs, max_new_tokens=10)
+    for g in together:
+        hidden = pipe.tokens_per_image - len(g.details["iava"]["irrelevant"])
+        assert g.details["iava"]["contrastive_slots"] == g.prompt_tokens - hidden
+    assert together[0].prompt_tokens != together[1].prompt_tokens
+    _uncompacted(monkeypatch)
+    assert [g.token_ids for g in pipe.generate_batch(reqs, max_new_tokens=10)] == [g.token_ids for g in together]
+
+
+def test_no_compaction_when_a_key_reading_method_is_on(baked_artifact, images):
+    """CLVA and SEVI index every row by the batch's common length: with either on, V* stays full length."""
+    pipe = Pipeline.from_dir(baked_artifact)
+    got = pipe.generate(images[0], PROMPTS[0], max_new_tokens=4, mitigation={"iava": {"i": 0.5}, "sevi": True})
+    assert got.details["iava"]["contrastive_slots"] == got.prompt_tokens
+    got = pipe.generate(images[0], PROMPTS[0], max_new_tokens=4, mitigation={"iava": {"i": 0.5}})
+    assert got.details["iava"]["contrastive_slots"] < got.prompt_tokens
+
+
+def test_no_compaction_for_an_artifact_without_row_lengths(probe_artifact, images, tmp_path):
+    """A fused artifact from before `attention.row_lengths` gives every row total_length - 1 slots: never compacted."""
+    import json
+
+    old = tmp_path / "old"
+    shutil.copytree(probe_artifact, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["attention"]["row_lengths"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    pipe = Pipeline.from_dir(old, verify=False)
+    assert not pipe.manifest.row_lengths
+    got = pipe.generate(images[0], PROMPTS[0], max_new_tokens=4, mitigation={"iava": {"i": 0.5}})
+    assert got.details["iava"]["contrastive_slots"] == got.prompt_tokens
+
+
+def test_compact_row_moves_the_slots_in_place():
+    from anchorrt.runtime.kv_cache import KVCache
+
+    cache = KVCache(2, 2, 3, 4, 10, in_place=True)
+    rng = np.random.default_rng(0)
+    keys = [rng.standard_normal((2, 3, 7, 4)).astype(np.float32) for _ in range(2)]
+    for layer in range(2):
+        cache.load(layer, keys[layer], -keys[layer])
+    cache.length = 7
+    keep = np.array([0, 2, 3, 6])
+    assert cache.compact_row(1, keep) == 4
+    for layer in range(2):
+        k, v = cache.layer(layer)
+        np.testing.assert_array_equal(k[0], keys[layer][0])  # the other row is untouched
+        np.testing.assert_array_equal(k[1, :, :4], keys[layer][1][:, keep])
+        np.testing.assert_array_equal(v[1, :, :4], -keys[layer][1][:, keep])
+    for bad in ([3, 2], [0, 7], [-1]):
+        with pytest.raises(ValueError, match="ascending"):
+            cache.compact_row(0, np.array(bad))
+    with pytest.raises(ValueError, match="outside"):
+        cache.compact_row(2, keep)
+    with pytest.raises(ValueError, match="in-place"):
+        KVCache(1, 1, 1, 2, 4).compact_row(0, np.array([0]))
+
+
+def test_append_token_puts_each_new_token_at_its_row_length():
+    from anchorrt.runtime.iava import append_token, compacted_mask
+
+    hidden = np.array([[0, 1, 0, 1, 1], [1, 1, 1, 1, 1]])
+    mask = np.concatenate([compacted_mask(hidden[:1], np.array([3])), [[0, 1, 1, 1, 1]]])
+    mask, lengths = append_token(mask, np.array([3, 5]))
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+    assert lengths.tolist() == [4, 6]
