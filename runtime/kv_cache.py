@@ -142,19 +142,27 @@ class KVCache:
         with a mask of ones up to its length (runtime/iava.py `append_token`), its new tokens go after the kept slots
         and each step reads len(keep) + steps slots instead of `length` + steps. The slots after the kept ones keep
         stale (finite) values, never read. Positions are unaffected: the rotary is applied before the cache."""
-        keep = np.asarray(keep, dtype=np.int64)
+        return self.move_slots(row, keep, row)
+
+    def move_slots(self, src_row: int, slots: np.ndarray, dst_row: int) -> int:
+        """Write the slots `slots` (ascending, below `length`) of row `src_row` to slots 0..len(slots)-1 of row
+        `dst_row`, every layer, key and value, in place (`compactable` caches only) -> len(slots). IAVA copies the
+        prompt prefix its two streams share this way (runtime/pipeline.py `_contrastive_prefill`)."""
+        slots = np.asarray(slots, dtype=np.int64)
         if not self.compactable:
             raise ValueError("only an in-place KV cache in host memory can be compacted")
-        if not 0 <= row < self.batch:
-            raise ValueError(f"row {row} is outside a cache of {self.batch} rows")
-        if keep.ndim != 1 or (keep.size and (keep[0] < 0 or keep[-1] >= self.length or np.any(np.diff(keep) <= 0))):
+        for row in (src_row, dst_row):
+            if not 0 <= row < self.batch:
+                raise ValueError(f"row {row} is outside a cache of {self.batch} rows")
+        if slots.ndim != 1 or (slots.size and (slots[0] < 0 or slots[-1] >= self.length
+                                               or np.any(np.diff(slots) <= 0))):
             raise ValueError(f"slots to keep must be ascending and below the cache length {self.length}")
         shape = self.shape(self.max_len)
         for layer in self._buffers[0]:
             for buf in layer:
-                view = _host_view(buf, shape, self.dtype)[row]  # [KVH, M, D]
-                view[:, : keep.size] = view[:, keep]  # fancy indexing reads a copy first: overlap is safe
-        return int(keep.size)
+                view = _host_view(buf, shape, self.dtype)  # [B, KVH, M, D]
+                view[dst_row, :, : slots.size] = view[src_row][:, slots]  # fancy indexing copies first: overlap is safe
+        return int(slots.size)
 
     def load(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
         """Write host arrays [B, KVH, n, D] into the current buffers of one layer, in this cache's layout (for

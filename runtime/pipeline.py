@@ -36,7 +36,6 @@ from anchorrt.runtime.iava import (
     PROBE_OUTPUT,
     IavaParams,
     append_token,
-    compact_contrastive_rows,
     compacted_mask,
     compaction_allowed,
     contrastive_scores,
@@ -367,11 +366,20 @@ class Pipeline:
         timings: dict[str, Any] = {}
         # 1. probe prefill: att_G, att_Q at the last prompt row of each stream
         t = time.perf_counter()
-        fetched = {PROBE_OUTPUT: None}
-        extra = {**self._extra_inputs(both, specs2), PROBE_ENABLE: np.ones(2 * b, dtype=bool)}
-        logits_both = self.prefill(both, features2, cache, extra,
-                                   visalign_state(self.visalign, specs2, features2, both.image_mask), fetch=fetched)
-        att = fetched[PROBE_OUTPUT].mean(axis=1)  # [2B, S]: mean over heads (in the graph), then over layers
+        extra = self._extra_inputs(both, specs2)
+        visalign_both = visalign_state(self.visalign, specs2, features2, both.image_mask)
+        shared = None
+        if features_g is None and compaction_allowed(self.manifest.row_lengths, cache, extra):
+            shared = self._shared_probe_prefill(both, features2, cache, specs2, visalign_both)
+        if shared is None:
+            fetched = {PROBE_OUTPUT: None}
+            extra[PROBE_ENABLE] = np.ones(2 * b, dtype=bool)
+            logits_both = self.prefill(both, features2, cache, extra, visalign_both, fetch=fetched)
+            att = fetched[PROBE_OUTPUT].mean(axis=1)  # [2B, S]: mean over heads (in the graph), then over layers
+            q_slots, q_offset = np.full(b, s, dtype=np.int64), np.zeros(b, dtype=np.int64)
+        else:  # each row holds its real tokens only, from slot 0 (no left padding)
+            logits_both, att, slots, _ = shared
+            q_slots, q_offset = slots[b:], s - slots[b:]
         timings["probe_prefill_s"] = time.perf_counter() - t
         # 2. irrelevant tokens; V* = the Q rows with V \ I hidden, positions unchanged
         query = both.rows(b, 2 * b)
@@ -391,7 +399,13 @@ class Pipeline:
         embeds = self._embed(star.ids, features, star.image_mask,
                              visalign_state(self.visalign, specs, features, star.image_mask))
         extra = {**self._extra_inputs(star, specs), PROBE_ENABLE: np.zeros(b, dtype=bool)}
-        logits_star = self._decode(embeds, hidden, positions, cache, extra, rows=(0, b))  # into the G rows' slots
+        # V* rows computed and kept compacted (runtime/iava.py): the prompt's last token must be one V* sees
+        compact = compaction_allowed(self.manifest.row_lengths, cache, extra) and bool(hidden[:, -1].all()) \
+            and bool(star.image_mask.any(axis=1).all())
+        if compact:
+            logits_star, star_slots = self._contrastive_prefill(star, embeds, positions, cache, specs, q_offset)
+        else:
+            logits_star = self._decode(embeds, hidden, positions, cache, extra, rows=(0, b))  # into the G rows' slots
         timings["contrastive_prefill_s"] = time.perf_counter() - t
         timings["prefill_s"] = timings["probe_prefill_s"] + timings["contrastive_prefill_s"]
         # 3. both streams as one batch: rows 0..b-1 see V*, rows b..2b-1 see V
@@ -403,12 +417,14 @@ class Pipeline:
         alpha = np.array([p.alpha for p in params])
         beta_cut = np.array([np.nan if p.beta_cut is None else p.beta_cut for p in params])
         attention_mask = streams.attention_mask
-        lengths = np.full(2 * b, s, dtype=np.int64)  # cache slots per row; the new token goes to slot lengths[r]
-        if compaction_allowed(self.manifest.row_lengths, cache, extra):  # V* rows keep only what they see
-            lengths[:b] = compact_contrastive_rows(cache, hidden)
-            attention_mask = np.concatenate([compacted_mask(hidden, lengths[:b]), query.attention_mask])
+        lengths = np.concatenate([np.full(b, s), q_slots])  # cache slots per row; the new token goes to slot lengths[r]
+        q_mask = query.attention_mask if shared is None else compacted_mask(hidden, q_slots)
+        if compact:  # V* rows hold only what they see: each decodes at its own length
+            lengths[:b] = star_slots
+            attention_mask = np.concatenate([compacted_mask(hidden, lengths[:b]), q_mask])
         for r in range(b):
-            details[r]["iava"]["contrastive_slots"] = int(lengths[r])
+            details[r]["iava"]["contrastive_slots"] = int(lengths[r])  # the V* row's cache slots after its prefill
+            details[r]["iava"]["shared_prefix"] = 0 if shared is None else int(shared[3][r])  # computed once for G, Q
         last = np.concatenate([last_q, last_q])  # [2B] last prompt position of each stream
 
         def advance(next_ids: np.ndarray) -> np.ndarray:
@@ -423,6 +439,85 @@ class Pipeline:
         out, reasons, loop_timings = self._token_loop(first, advance, cfg, query, on_token)
         timings.update(loop_timings)
         return out, reasons, timings, details
+
+    def _shared_probe_prefill(self, both: _Batch, features: np.ndarray, cache: KVCache, specs: list,
+                              visalign: VisAlignState | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """IAVA's probe prefill of [G..., Q...] with the prefix the two prompts share computed once (issue 18: "the
+        two streams share the prefix where tokens and positions are identical"). Through the end of the last image
+        span, G and Q hold the same tokens at the same positions (the chat template before the image, the image),
+        and a causal row there sees only that prefix, so its keys and values are the same in both rows. Per request
+        r: one pass over that prefix in Q's cache row, a copy of its slots into G's row, then one pass each over G's
+        and Q's own text with the probe on (their last rows' attention over every key, prefix included). Each row
+        holds its real tokens from slot 0 (no left padding) and is decoded at its own length (the fused decoder
+        reads per-row lengths). Not when G and Q differ before the image's end (a template with the prompt before
+        the image), when either has no text after it, or with prompt-conditioned image features (InstructBLIP);
+        the caller checks the rest (runtime/iava.py `compaction_allowed`). Per-row passes: onnxruntime's CPU
+        GroupQueryAttention takes new tokens over a past only for batch 1.
+        -> (last-token logits [2b, V], probe attention [2b, S] in the padded layout, slots per row [2b], shared
+        prefix length per request [b]) or None."""
+        b, s = both.ids.shape[0] // 2, both.ids.shape[1]
+        positions, _ = self.arch.prefill_positions(both.layout())
+        plan = []
+        for r in range(b):
+            real = [np.flatnonzero(both.attention_mask[x]) for x in (r, b + r)]
+            image = [np.flatnonzero(both.image_mask[x]) for x in (r, b + r)]
+            if not image[0].size or not image[1].size:
+                return None
+            ends = [int(np.searchsorted(real[i], image[i][-1])) + 1 for i in (0, 1)]  # prefix length in real tokens
+            if ends[0] != ends[1] or ends[0] >= min(len(real[0]), len(real[1])):
+                return None
+            head = [real[i][:ends[0]] for i in (0, 1)]
+            if not np.array_equal(both.ids[r, head[0]], both.ids[b + r, head[1]]) or not np.array_equal(
+                    np.take(positions, [r], axis=-2)[..., head[0]], np.take(positions, [b + r], axis=-2)[..., head[1]]):
+                return None
+            plan.append((real, ends[0]))
+        embeds = self._embed(both.ids, features, both.image_mask, visalign)  # [2b, S, d]
+        att = np.zeros((2 * b, s), dtype=np.float32)
+        slots = np.zeros(2 * b, dtype=np.int64)
+        cache.update(s)  # the prompt's length: what the rows' slots are checked against
+        rows_logits: list[np.ndarray | None] = [None] * (2 * b)
+
+        def one_row(x: int, cols: np.ndarray, keys: int, probe: bool) -> np.ndarray:
+            extra = {**self._extra_inputs(both.rows(x, x + 1), specs[x:x + 1]),
+                     PROBE_ENABLE: np.full(1, probe, dtype=bool)}
+            fetched = {PROBE_OUTPUT: None} if probe else None
+            out = self._decode(embeds[x:x + 1, cols], np.ones((1, keys), dtype=np.int64),
+                               np.take(positions, [x], axis=-2)[..., cols], cache, extra, rows=(x, 1), fetch=fetched)
+            if probe:  # [1, layers, keys]: mean over heads (in the graph), then over layers; back to padded columns
+                att[x, np.flatnonzero(both.attention_mask[x])] = fetched[PROBE_OUTPUT].mean(axis=1)[0]
+            return out
+
+        for r, (real, end) in enumerate(plan):
+            q = b + r
+            one_row(q, real[1][:end], end, probe=False)  # the shared prefix, in Q's row
+            cache.move_slots(q, np.arange(end), r)  # ... and G's
+            for x, cols in ((r, real[0]), (q, real[1])):
+                rows_logits[x] = one_row(x, cols[end:], len(cols), probe=True)
+                slots[x] = len(cols)
+        return np.concatenate(rows_logits), att, slots, np.array([end for _, end in plan], dtype=np.int64)
+
+    def _contrastive_prefill(self, star: _Batch, embeds: np.ndarray, positions: np.ndarray, cache: KVCache,
+                             specs: list, q_offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """IAVA's V* prefill, computed compacted (runtime/iava.py), one pass per V* row r (cache rows 0..b-1; the Q
+        rows b..2b-1 hold the probe prefill). The slots before r's first image position are the Q row's (same
+        tokens, positions and causal context, so the same keys and values): copied from row b + r. One pass over the
+        positions V* sees from there on (the image tokens in I and the text), at their own positions, writes them
+        right after that prefix and returns the last token's logits. The image tokens V* hides are never computed:
+        no row reads their keys, and their own outputs feed nothing. Per-row passes: onnxruntime's CPU
+        GroupQueryAttention takes new tokens over a past only for batch 1. -> (logits [b, V], slots per row [b])"""
+        b = star.ids.shape[0]
+        logits, slots = [], []
+        for r in range(b):
+            keep = np.flatnonzero(star.attention_mask[r])
+            first = np.flatnonzero(star.image_mask[r])[0]
+            prefix, rest = keep[keep < first], keep[keep >= first]
+            cache.move_slots(b + r, prefix - q_offset[r], r)  # the Q row's slots (q_offset: its left padding, if dropped)
+            row = star.rows(r, r + 1)
+            extra = {**self._extra_inputs(row, specs[r:r + 1]), PROBE_ENABLE: np.zeros(1, dtype=bool)}
+            logits.append(self._decode(embeds[r:r + 1, rest], np.ones((1, keep.size), dtype=np.int64),
+                                       np.take(positions, [r], axis=-2)[..., rest], cache, extra, rows=(r, 1)))
+            slots.append(keep.size)
+        return np.concatenate(logits), np.array(slots, dtype=np.int64)
 
     def _embed(self, ids: np.ndarray, features: np.ndarray, image_mask: np.ndarray,
                visalign: VisAlignState | None = None) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from anchorrt.exporter.reference.iava import ReferenceIava, irrelevant_tokens
 from anchorrt.runtime.errors import FlagError
-from anchorrt.runtime.iava import contrastive_scores, parse_iava, select_irrelevant
+from anchorrt.runtime.iava import GENERAL_INSTRUCTION, contrastive_scores, parse_iava, select_irrelevant
 from anchorrt.runtime.pipeline import Pipeline, Request
 
 PROMPTS = ["Is there a dog in the image?", "What is in the image? Describe it."]
@@ -197,18 +197,37 @@ def _uncompacted(monkeypatch):
 
 @pytest.mark.parametrize("i", [0.5, 0, None])
 def test_compacted_contrastive_rows_decode_the_same(probe_artifact, images, recorded_scores, monkeypatch, i):
-    """The V* row keeps only the slots it sees (fused form, host cache): each step reads prompt - |V \\ I| slots, and
-    the tokens and the combined scores equal those of the full-length V* row (the keys it hid contributed exactly 0)."""
+    """The V* row keeps only the slots it sees (fused form, host cache): each step reads prompt - |V \\ I| slots; the
+    prefix G and Q share is computed once; the tokens and the combined scores equal those of the full passes (the
+    keys V* hid contributed exactly 0; the shared prefix holds the same keys in both rows)."""
     pipe = Pipeline.from_dir(probe_artifact)
     assert pipe.manifest.row_lengths
+    passes = []
+    decode = pipe._decode
+
+    def recording(embeds, *args, **kwargs):
+        passes.append((embeds.shape[1], kwargs.get("rows")))
+        return decode(embeds, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "_decode", recording)
     got = pipe.generate(images[0], PROMPTS[1], max_new_tokens=12, mitigation={"iava": {"i": i}})
     compacted = [s.copy() for s in recorded_scores]
     hidden = pipe.tokens_per_image - len(got.details["iava"]["irrelevant"])
     assert hidden > 0 and got.details["iava"]["contrastive_slots"] == got.prompt_tokens - hidden
+    # the prefill passes, one cache row each (G: row 0, then V*; Q: row 1): the prefix G and Q share (the template
+    # before the image, the image) once in Q's row, G's and Q's own text over it, then V* over the image tokens it
+    # sees and the text (the template prefix copied from Q's row)
+    prefix = pipe.prompts.encode(PROMPTS[1]).spans[0][0]  # text before the image
+    shared = prefix + pipe.tokens_per_image
+    general = len(pipe.prompts.encode(GENERAL_INSTRUCTION).ids)
+    assert passes[:4] == [(shared, (1, 1)), (general - shared, (0, 1)), (got.prompt_tokens - shared, (1, 1)),
+                          (got.prompt_tokens - hidden - prefix, (0, 1))], passes[:5]
+    assert all(rows is None and n == 1 for n, rows in passes[4:])  # then one decode step of both streams at a time
+    assert got.details["iava"]["shared_prefix"] == shared
     recorded_scores.clear()
     _uncompacted(monkeypatch)
     full = pipe.generate(images[0], PROMPTS[1], max_new_tokens=12, mitigation={"iava": {"i": i}})
-    assert full.details["iava"]["contrastive_slots"] == full.prompt_tokens
+    assert full.details["iava"]["contrastive_slots"] == full.prompt_tokens and full.details["iava"]["shared_prefix"] == 0
     assert got.token_ids == full.token_ids and len(compacted) == len(recorded_scores) > 1
     for a, b in zip(compacted, recorded_scores):
         finite = np.isfinite(b)

@@ -8,7 +8,8 @@ instance* (instance attributes that shadow the class methods; the class and ever
                     ├─ encode_images ................ vision
                     ├─ (pad, KV cache, feeds) ....... setup       (gap between vision and prefill)
                     ├─ prefill ─┬─ _embed ........... embed
-                    │           └─ _decode .......... prefill     (decoder pass over the prompt)
+                    │           └─ _decode .......... prefill     (decoder passes over the prompt: every pass
+                    │                                              between vision and the first decode step)
                     ├─ select_tokens ................ sample      (gap: prefill end → first decode call)
                     └─ per token: decode_one_token ─┬─ _embed ... decode_embed
                                                     └─ _decode .. decode
@@ -84,7 +85,6 @@ class Instrumented:
         self._wrap(pipe, "encode_images", "vision")
         self._wrap(pipe, "_embed", "embed")
         self._wrap(pipe, "_decode", "decoder")
-        self._wrap(pipe, "prefill", "prefill_call")
         self._wrap(pipe, "decode_one_token", "decode_call")
         self._wrap(pipe.prompts, "encode", "tokenize")
         self.accepts_mitigation = "mitigation" in inspect.signature(pipe.generate_batch).parameters
@@ -121,12 +121,17 @@ class Instrumented:
         timings = results[0].timings
         tokenize = sum(rec.durations("tokenize"))
         (v0, v1), = rec.spans("vision")
-        prefills, calls = rec.spans("prefill_call"), rec.spans("decode_call")
-        if len(prefills) != 1 or len(calls) != new_tokens - 1:
-            raise RuntimeError(f"expected 1 prefill and {new_tokens - 1} decode steps, the pipeline ran {len(prefills)} "
-                               f"and {len(calls)}; the generate loop changed: update runtime/profile/stages.py")
-        (p0, p1), = prefills
+        calls = rec.spans("decode_call")
         first_call = calls[0][0] if calls else t_end
+        # the prefill stage: every embed and decoder pass between the vision stage and the first decode step (one
+        # prefill call; IAVA's probe, shared-prefix and V* passes, runtime/pipeline.py `_generate_iava`)
+        passes = [span for name in ("embed", "decoder") for span in rec.spans(name) if v1 <= span[0] and
+                  span[1] <= first_call]
+        if not passes or len(calls) != new_tokens - 1:
+            raise RuntimeError(f"expected prompt passes and {new_tokens - 1} decode steps, the pipeline ran "
+                               f"{len(passes)} and {len(calls)}; the generate loop changed: update "
+                               "runtime/profile/stages.py")
+        p0, p1 = min(a for a, _ in passes), max(b for _, b in passes)
         # embed/decoder calls are attributed to the window they ran in, so a loop that adds passes stays counted
         ends = [p1] + [e for _, e in calls]
 
