@@ -15,19 +15,24 @@ Per request:
 4. `contrastive_scores`: (1 + a) * log_softmax(l) - a * log_softmax(l*), with the optional plausibility cut-off
    (keep tokens whose original probability is at least beta_cut times the maximum).
 
-Compacted V* rows (`compact_contrastive_rows`): a V* row never attends to the image keys outside I (nor to its left
-padding), yet decoding it as a full-length row reads every slot of its cache each step, a second full cache read
-per token. With the fused decoder that reads each row's length from its mask (Manifest.row_lengths) and a host
-cache, the runtime moves the slots V* can see to the front of each V* row after its prefill and decodes it with a
-mask of ones up to its own length (`append_token`): the same keys, values and positions (the rotary is applied
-before the cache), so the same softmax over the same terms up to summation order, and each V* step reads
-|S| + |I| + |T| slots instead of the whole prompt. LLaVA-1.5 (576 image tokens, default i = 10%) keeps 58 of them.
-Not when a decoder method that reads the keys (CLVA, SEVI, the probe) is on for the batch: their subgraphs index
-every row by the batch's common length. Not on a device cache (CUDA, TensorRT): the slots would move on the device.
-
-Edge cases (tested): an empty I hides every image key in V* (METHODS.md step 3); I = all of V makes V* equal to V,
-so the combined scores equal the plain log-probabilities and decoding equals plain greedy decoding; a = 0 gives
-exactly the plain decoding.
+Shared and compacted passes (fused decoder that reads each row's length from its mask, Manifest.row_lengths; host
+cache; no key-reading decoder method on: `compaction_allowed`; runtime/pipeline.py `_shared_probe_prefill`,
+`_contrastive_prefill`):
+- G and Q hold the same tokens at the same positions through the end of the image, and a causal row there sees only
+  that prefix, so its keys and values are the same in both rows: it is computed once (in Q's cache row) and its
+  slots copied into G's row; G's and Q's own text then run over it with the probe on.
+- V* never attends to the image keys outside I (nor to left padding), and no row reads their keys, so they are
+  never computed: V*'s template prefix is copied from Q's row and one pass covers the image tokens in I and the
+  text, at their own positions, stored right after it. Each V* step then reads |S| + |I| + |T| slots instead of
+  the whole prompt (LLaVA-1.5: 576 image tokens, i = 10% keeps 58).
+- Every row holds its real tokens from slot 0 and decodes with a mask of ones up to its own length (`append_token`):
+  the same keys, values and positions (the rotary is applied before the cache), the same softmax over the same terms
+  up to summation order. `compact_contrastive_rows` gives a full-length V* prefill's cache that layout (what
+  scripts/bench_peers.py does).
+None of it with CLVA or SEVI on (their subgraphs index every row by the batch's common length), on an artifact
+without row_lengths, or on a device cache (CUDA, TensorRT): then the full passes above. The G/Q prefix is not
+shared with prompt-conditioned image features (InstructBLIP: G's differ) or when G and Q differ before the image's
+end. scripts/bench_iava.py measures both forms in one run; the tests check both give the same tokens and scores.
 """
 
 from __future__ import annotations
