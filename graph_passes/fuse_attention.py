@@ -30,8 +30,7 @@ mask already contains. A padded query row sees only padded keys, gets uniform we
 and is never read by a real row. The cache keeps the contract of the opset-18 form when past and present are
 distinct tensors (past [B,Hk,P,D] in, [B,Hk,P+S,D] out); bound to one buffer [B,Hk,M,D] it is written in place.
 
-Row lengths: `seqlens_k[b]` is the last column where row b's `attention_mask` is 1 (ArgMax with
-select_last_index), so GroupQueryAttention reads slots 0..seqlens_k[b] of row b and writes the pass's new tokens
+Row lengths: `seqlens_k[b]` is the last column where row b's `attention_mask` is 1 (ArgMax of mask · (1..K)), so GroupQueryAttention reads slots 0..seqlens_k[b] of row b and writes the pass's new tokens
 after its own past. A left-padded row ends in a real key, so every row of an ordinary batch gets total_length - 1
 (the same count for all rows, as before). A row whose mask ends in zeros holds fewer slots: after IAVA's contrastive
 prefill the runtime moves the keys its V* row can see to the front of that row (runtime/iava.py
@@ -69,7 +68,7 @@ from anchorrt.graph_passes.naming import AssignNodeNames
 from anchorrt.graph_passes.shapes import annotate_missing
 
 MS_DOMAIN = "com.microsoft"
-INT32, INT64 = ir.DataType.INT32, ir.DataType.INT64
+FLOAT, INT32, INT64 = ir.DataType.FLOAT, ir.DataType.INT32, ir.DataType.INT64
 FORM_FUSED = "gqa"  # manifest["attention"]["form"]
 FORM_UNFUSED = "unfused"
 META_FUSED = "anchorrt.fused_attention"
@@ -192,8 +191,14 @@ class FuseAttentionPass(GraphPass):
         shape = shared.op("Shape", [attention_mask], "mask_shape")  # [2] = (B, total_length)
         total = shared.op("Gather", [shape, shared.const(np.int64(1), "one")], "total_length", axis=0)  # []
         total32 = shared.op("Cast", [total], "total_length", to=INT32, dtype=INT32)
-        real = shared.op("Cast", [attention_mask], "real_keys", to=INT32)  # ArgMax has no int64 kernel in ORT
-        last = shared.op("ArgMax", [real], "seqlens_k", axis=1, keepdims=0, select_last_index=1)  # [B] int64
+        # mask · (1..K) peaks at the last real column (strictly increasing there); plain fp32 ArgMax, no
+        # select_last_index: that attribute is not implemented by every execution provider's ArgMax
+        real = shared.op("Cast", [attention_mask], "real_keys", to=FLOAT)
+        total_f = shared.op("Cast", [total], "total_f", to=FLOAT)
+        one_f = shared.const(np.float32(1.0), "one_f")
+        columns = shared.op("Range", [one_f, shared.op("Add", [total_f, one_f], "end_f"), one_f], "columns")  # [K]
+        last = shared.op("ArgMax", [shared.op("Mul", [real, columns], "ranked_keys")], "seqlens_k", axis=1,
+                         keepdims=0)  # [B] int64
         seqlens = shared.op("Cast", [last], "seqlens_k", to=INT32, dtype=INT32)  # [B]
         # past_length = total_length - sequence: the past inputs' own dim 2 is the buffer's length once shared
         seq = shared.op("Shape", [graph_input(graph, "inputs_embeds") or plans[0][1]["q4"]], "sequence", start=1,

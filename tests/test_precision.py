@@ -121,6 +121,10 @@ def test_fp16_fused_runs_group_query_attention_and_its_kv_cache_in_fp16(tiny_art
         layer = int(node.name.split("layers.")[1].split("/")[0])
         bias = cast.inputs[0].producer().inputs[0].producer()
         assert (bias is not None and bias.op_type == "If") == (layer in drift)
+        # each row's cache length (ArgMax of mask · (1..K), graph_passes/fuse_attention.py) stays fp32: fp16 holds
+        # integers exactly only up to 2048
+        ranked = node.inputs[5].producer().inputs[0].producer().inputs[0]
+        assert ranked.producer().op_type == "Mul" and ranked.dtype == FLOAT, node.name
     # every Cast of a past buffer sits inside a mitigation branch: flags off cast no cache
     main_casts = [n for n in dec.graph if n.op_type == "Cast" and n.inputs[0].name.startswith("past_key_values.")]
     branch_casts = [n for n in dec.graph.all_nodes() if n.graph is not dec.graph and n.op_type == "Cast"
