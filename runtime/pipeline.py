@@ -441,7 +441,7 @@ class Pipeline:
         return out, reasons, timings, details
 
     def _shared_probe_prefill(self, both: _Batch, features: np.ndarray, cache: KVCache, specs: list,
-                              visalign: VisAlignState | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                              visalign: VisAlignState | None) -> tuple[np.ndarray, ...] | None:
         """IAVA's probe prefill of [G..., Q...] with the prefix the two prompts share computed once (issue 18: "the
         two streams share the prefix where tokens and positions are identical"). Through the end of the last image
         span, G and Q hold the same tokens at the same positions (the chat template before the image, the image),
