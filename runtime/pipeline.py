@@ -489,7 +489,10 @@ class Pipeline:
 
         for r, (real, end) in enumerate(plan):
             q = b + r
-            one_row(q, real[1][:end], end, probe=False)  # the shared prefix, in Q's row
+            chunk = self.prefill_chunk or end  # the shared prefix, in Q's row, in chunks as a plain prefill runs
+            for start in range(0, end, chunk):
+                stop = min(start + chunk, end)
+                one_row(q, real[1][start:stop], stop, probe=False)
             cache.move_slots(q, np.arange(end), r)  # ... and G's
             for x, cols in ((r, real[0]), (q, real[1])):
                 rows_logits[x] = one_row(x, cols[end:], len(cols), probe=True)

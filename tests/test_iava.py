@@ -305,3 +305,30 @@ def test_append_token_puts_each_new_token_at_its_row_length():
     mask, lengths = append_token(mask, np.array([3, 5]))
     np.testing.assert_array_equal(mask, [[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
     assert lengths.tolist() == [4, 6]
+
+
+def test_shared_prefix_runs_in_chunks_like_a_plain_prefill(probe_artifact, images, recorded_scores, monkeypatch):
+    """The prefix G and Q share is prefilled in chunks of `prefill_chunk` (each over the cache the ones before it
+    wrote), as a plain prefill on the CPU is; tokens and scores equal the one-pass prefix."""
+    pipe = Pipeline.from_dir(probe_artifact)
+    pipe.prefill_chunk = 0  # one pass
+    whole = pipe.generate(images[1], PROMPTS[0], max_new_tokens=10, mitigation={"iava": {"i": 0.5}})
+    one_pass = [s.copy() for s in recorded_scores]
+    recorded_scores.clear()
+    pipe.prefill_chunk = 7
+    passes = []
+    decode = pipe._decode
+
+    def recording(embeds, *args, **kwargs):
+        passes.append((embeds.shape[1], kwargs.get("rows")))
+        return decode(embeds, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "_decode", recording)
+    chunked = pipe.generate(images[1], PROMPTS[0], max_new_tokens=10, mitigation={"iava": {"i": 0.5}})
+    shared = chunked.details["iava"]["shared_prefix"]
+    assert shared > 7 and [n for n, rows in passes[:-(len(chunked.token_ids) - 1) - 3]] == \
+        [7] * (shared // 7) + ([shared % 7] if shared % 7 else [])
+    assert chunked.token_ids == whole.token_ids
+    for a, b in zip(recorded_scores, one_pass):
+        finite = np.isfinite(b)
+        assert np.abs(a - b)[finite].max() <= 1e-5
