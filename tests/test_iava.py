@@ -332,3 +332,27 @@ def test_shared_prefix_runs_in_chunks_like_a_plain_prefill(probe_artifact, image
     for a, b in zip(recorded_scores, one_pass):
         finite = np.isfinite(b)
         assert np.abs(a - b)[finite].max() <= 1e-5
+
+
+@pytest.mark.parametrize("template", ["USER: {prompt}\n<image> Answer: ASSISTANT:", "USER: {prompt} ASSISTANT: <image>"])
+def test_templates_the_shortcuts_do_not_fit(probe_artifact, images, recorded_scores, monkeypatch, template):
+    """The prompt before the image (G and Q differ before the image's end: no shared prefix, V* still compacted) and
+    the image last (no text after it: neither); tokens and scores equal the full passes either way."""
+    pipe = Pipeline.from_dir(probe_artifact)
+    placeholder = pipe.prompts.placeholder
+    pipe.prompts.template = template.replace("<image>", placeholder)
+    got = pipe.generate(images[0], PROMPTS[1], max_new_tokens=8, mitigation={"iava": {"i": 0.5}})
+    details = got.details["iava"]
+    assert details["shared_prefix"] == 0
+    # V* is compacted unless the prompt's last token is an image token it hides (its own logits are needed)
+    last_hidden = template.endswith("<image>") and pipe.tokens_per_image - 1 not in details["irrelevant"]
+    hidden = pipe.tokens_per_image - len(details["irrelevant"])
+    assert details["contrastive_slots"] == (got.prompt_tokens if last_hidden else got.prompt_tokens - hidden)
+    fast = [s.copy() for s in recorded_scores]
+    recorded_scores.clear()
+    _uncompacted(monkeypatch)
+    full = pipe.generate(images[0], PROMPTS[1], max_new_tokens=8, mitigation={"iava": {"i": 0.5}})
+    assert got.token_ids == full.token_ids
+    for a, b in zip(fast, recorded_scores):
+        finite = np.isfinite(b)
+        assert np.abs(a - b)[finite].max() <= 1e-5
