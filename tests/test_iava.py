@@ -195,13 +195,8 @@ def _uncompacted(monkeypatch):
     monkeypatch.setattr(pipeline_mod, "compaction_allowed", lambda *args: False)
 
 
-@pytest.mark.parametrize("i", [0.5, 0, None])
-def test_compacted_contrastive_rows_decode_the_same(probe_artifact, images, recorded_scores, monkeypatch, i):
-    """The V* row keeps only the slots it sees (fused form, host cache): each step reads prompt - |V \\ I| slots; the
-    prefix G and Q share is computed once; the tokens and the combined scores equal those of the full passes (the
-    keys V* hid contributed exactly 0; the shared prefix holds the same keys in both rows)."""
-    pipe = Pipeline.from_dir(probe_artifact)
-    assert pipe.manifest.row_lengths
+def _record_passes(pipe, monkeypatch) -> list[tuple[int, tuple | None]]:
+    """(new tokens, rows) of every decoder pass `pipe` runs from now on."""
     passes = []
     decode = pipe._decode
 
@@ -210,6 +205,24 @@ def test_compacted_contrastive_rows_decode_the_same(probe_artifact, images, reco
         return decode(embeds, *args, **kwargs)
 
     monkeypatch.setattr(pipe, "_decode", recording)
+    return passes
+
+
+def _assert_same_scores(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    assert len(got) == len(want) > 1
+    for a, b in zip(got, want):
+        finite = np.isfinite(b)
+        assert np.array_equal(finite, np.isfinite(a)) and np.abs(a - b)[finite].max() <= 1e-5
+
+
+@pytest.mark.parametrize("i", [0.5, 0, None])
+def test_compacted_contrastive_rows_decode_the_same(probe_artifact, images, recorded_scores, monkeypatch, i):
+    """The V* row keeps only the slots it sees (fused form, host cache): each step reads prompt - |V \\ I| slots; the
+    prefix G and Q share is computed once; the tokens and the combined scores equal those of the full passes (the
+    keys V* hid contributed exactly 0; the shared prefix holds the same keys in both rows)."""
+    pipe = Pipeline.from_dir(probe_artifact)
+    assert pipe.manifest.row_lengths
+    passes = _record_passes(pipe, monkeypatch)
     got = pipe.generate(images[0], PROMPTS[1], max_new_tokens=12, mitigation={"iava": {"i": i}})
     compacted = [s.copy() for s in recorded_scores]
     hidden = pipe.tokens_per_image - len(got.details["iava"]["irrelevant"])
@@ -228,10 +241,8 @@ def test_compacted_contrastive_rows_decode_the_same(probe_artifact, images, reco
     _uncompacted(monkeypatch)
     full = pipe.generate(images[0], PROMPTS[1], max_new_tokens=12, mitigation={"iava": {"i": i}})
     assert full.details["iava"]["contrastive_slots"] == full.prompt_tokens and full.details["iava"]["shared_prefix"] == 0
-    assert got.token_ids == full.token_ids and len(compacted) == len(recorded_scores) > 1
-    for a, b in zip(compacted, recorded_scores):
-        finite = np.isfinite(b)
-        assert np.array_equal(finite, np.isfinite(a)) and np.abs(a - b)[finite].max() <= 1e-5
+    assert got.token_ids == full.token_ids
+    _assert_same_scores(compacted, recorded_scores)
 
 
 def test_compacted_rows_drop_left_padding_too(probe_artifact, images, monkeypatch):
@@ -316,22 +327,13 @@ def test_shared_prefix_runs_in_chunks_like_a_plain_prefill(probe_artifact, image
     one_pass = [s.copy() for s in recorded_scores]
     recorded_scores.clear()
     pipe.prefill_chunk = 7
-    passes = []
-    decode = pipe._decode
-
-    def recording(embeds, *args, **kwargs):
-        passes.append((embeds.shape[1], kwargs.get("rows")))
-        return decode(embeds, *args, **kwargs)
-
-    monkeypatch.setattr(pipe, "_decode", recording)
+    passes = _record_passes(pipe, monkeypatch)
     chunked = pipe.generate(images[1], PROMPTS[0], max_new_tokens=10, mitigation={"iava": {"i": 0.5}})
     shared = chunked.details["iava"]["shared_prefix"]
     assert shared > 7 and [n for n, rows in passes[:-(len(chunked.token_ids) - 1) - 3]] == \
         [7] * (shared // 7) + ([shared % 7] if shared % 7 else [])
     assert chunked.token_ids == whole.token_ids
-    for a, b in zip(recorded_scores, one_pass):
-        finite = np.isfinite(b)
-        assert np.abs(a - b)[finite].max() <= 1e-5
+    _assert_same_scores(recorded_scores, one_pass)
 
 
 @pytest.mark.parametrize("template", ["USER: {prompt}\n<image> Answer: ASSISTANT:", "USER: {prompt} ASSISTANT: <image>"])
@@ -353,6 +355,4 @@ def test_templates_the_shortcuts_do_not_fit(probe_artifact, images, recorded_sco
     _uncompacted(monkeypatch)
     full = pipe.generate(images[0], PROMPTS[1], max_new_tokens=8, mitigation={"iava": {"i": 0.5}})
     assert got.token_ids == full.token_ids
-    for a, b in zip(fast, recorded_scores):
-        finite = np.isfinite(b)
-        assert np.abs(a - b)[finite].max() <= 1e-5
+    _assert_same_scores(fast, recorded_scores)
