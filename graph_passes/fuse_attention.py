@@ -30,12 +30,12 @@ mask already contains. A padded query row sees only padded keys, gets uniform we
 and is never read by a real row. The cache keeps the contract of the opset-18 form when past and present are
 distinct tensors (past [B,Hk,P,D] in, [B,Hk,P+S,D] out); bound to one buffer [B,Hk,M,D] it is written in place.
 
-Row lengths: `seqlens_k[b]` is the last column where row b's `attention_mask` is 1 (ArgMax of mask · (1..K)), so GroupQueryAttention reads slots 0..seqlens_k[b] of row b and writes the pass's new tokens
-after its own past. A left-padded row ends in a real key, so every row of an ordinary batch gets total_length - 1
-(the same count for all rows, as before). A row whose mask ends in zeros holds fewer slots: after IAVA's contrastive
-prefill the runtime moves the keys its V* row can see to the front of that row (runtime/iava.py
-`compact_contrastive_rows`) and decodes it with a mask of ones up to its own length, so its steps read only those
-slots. The bias row is the exporter's mask row for that layout (columns past a row's length are masked and never
+Row lengths: `seqlens_k[b]` is the last column where row b's `attention_mask` is 1 (ArgMax of mask · (1..K)), so
+GroupQueryAttention reads slots 0..seqlens_k[b] of row b and writes the pass's new tokens after its own past. A
+left-padded row ends in a real key, so every row of an ordinary batch gets total_length - 1 (the same count for all
+rows, as before). A row whose mask ends in zeros holds fewer slots: IAVA's rows hold only their real tokens and
+V* only the keys it sees, from slot 0 (runtime/iava.py "Shared and compacted passes"), and each decodes with a mask
+of ones up to its own length, so its steps read only those slots. The bias row is the exporter's mask row for that layout (columns past a row's length are masked and never
 read); the manifest records it as `attention.row_lengths` so that the runtime never compacts an older artifact.
 Measured (ORT 1.32 CPU, GroupQueryAttention alone, batch 2, rows of 5 and 9 past slots in one shared buffer, a bias
 row per batch row): output within 1.2e-7 of a numpy reference and each row's new key written at its own slot.

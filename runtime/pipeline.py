@@ -368,8 +368,10 @@ class Pipeline:
         t = time.perf_counter()
         extra = self._extra_inputs(both, specs2)
         visalign_both = visalign_state(self.visalign, specs2, features2, both.image_mask)
+        # the shared and compacted passes (runtime/iava.py): the same decision for G, Q and V* (their flags are specs')
+        allowed = compaction_allowed(self.manifest.row_lengths, cache, extra)
         shared = None
-        if features_g is None and compaction_allowed(self.manifest.row_lengths, cache, extra):
+        if features_g is None and allowed:
             shared = self._shared_probe_prefill(both, features2, cache, specs2, visalign_both)
         if shared is None:
             fetched = {PROBE_OUTPUT: None}
@@ -400,8 +402,7 @@ class Pipeline:
                              visalign_state(self.visalign, specs, features, star.image_mask))
         extra = {**self._extra_inputs(star, specs), PROBE_ENABLE: np.zeros(b, dtype=bool)}
         # V* rows computed and kept compacted (runtime/iava.py): the prompt's last token must be one V* sees
-        compact = compaction_allowed(self.manifest.row_lengths, cache, extra) and bool(hidden[:, -1].all()) \
-            and bool(star.image_mask.any(axis=1).all())
+        compact = allowed and bool(hidden[:, -1].all()) and bool(star.image_mask.any(axis=1).all())
         if compact:
             logits_star, star_slots = self._contrastive_prefill(star, embeds, positions, cache, specs, q_offset)
         else:

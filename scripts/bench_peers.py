@@ -600,8 +600,9 @@ def extra_layers_read(manifest: dict, n: int) -> dict[str, float]:
     clva = mit.get("clva", {}).get("layers", {})
     sevi = mit.get("sevi", {}).get("layers", {}).get("edited_layers", [])
     layers = int(manifest.get("dims", {}).get("num_layers", 0))
-    attention = manifest.get("attention", {})
-    star = contrastive_slots(n) / n if attention.get("form") == "gqa" and attention.get("row_lengths") else 1.0
+    from anchorrt.runtime.manifest import Manifest
+
+    star = contrastive_slots(n) / n if Manifest(Path(), manifest).row_lengths else 1.0  # the runtime's own rule
     return {"flags off": 0.0, "clva on": float(len({clva.get("l_neg"), clva.get("l_pos")} - {None})),
             "sevi on": float(len(sevi)), "iava": 2.0 * layers * star}
 
