@@ -53,6 +53,7 @@ from anchorrt.runtime.visalign import VisAlignFeed, VisAlignState, requested, vi
 TokenCallback = Callable[[int, int, str], None]  # (request index, token id, new text piece)
 
 _BASE_DECODER_INPUTS = {"inputs_embeds", "attention_mask", "position_ids"}
+_UNREAD = object()  # Pipeline._logits_spec before the decoder was asked
 # Prompt tokens per decoder call in a prefill (fused form, methods off): llama.cpp's default batch. Measured on the
 # issue-18 bench decoder (2100 tokens, 1 thread, CPU time): one pass 12.55 s, chunks of 1024 12.33, 512 11.95,
 # 256 12.33; identical logits. It also bounds the attention's [B, H, chunk, total] scratch.
@@ -131,6 +132,7 @@ class Pipeline:
         self.vision = getattr(self.arch, "vision", None)  # the (first) vision stage, for profiling
         self.embed = make_backend(manifest.graph_path("embed"), **kw)
         self.decoder = make_backend(manifest.graph_path("decoder"), **kw)
+        self._logits_spec = _UNREAD  # (V, dtype) of the decoder's [B, 1, V] logits, read on first use
         builder = getattr(self.arch, "prompt_builder", PromptBuilder)  # InstructBLIP: image tokens before BOS
         self.prompts = builder(manifest.folder / manifest.data["tokenizer"]["file"], manifest)
         dims = manifest.dims
@@ -539,12 +541,13 @@ class Pipeline:
         new = embeds.shape[1]
         if rows is None and fetch is None and cache.in_place:  # the usual step: KV bound once per request
             cache.check_room(new)
-            binding = cache.shared_binding(sess)
+            binding, host = cache.shared_binding(sess, first_host=self._step_logits(cache.batch))
             self._bind_inputs(binding, embeds, attention_mask, position_ids, extra)
             sess.run_with_iobinding(binding)
             cache.update(new)
-            # a copy: the binding keeps its logits buffer and the next step may write into it
-            return np.array(binding.get_outputs()[0].numpy()[:, -1, :], dtype=np.float32)
+            # a copy: the binding keeps its logits buffer and the next step writes into it
+            out = host if host is not None else binding.get_outputs()[0].numpy()
+            return np.array(out[:, -1, :], dtype=np.float32)
         binding = sess.io_binding()
         self._bind_inputs(binding, embeds, attention_mask, position_ids, extra)
         binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows the binding order
@@ -563,6 +566,23 @@ class Pipeline:
             fetch[name] = outputs[k].numpy()
         logits = outputs[0].numpy()  # [B, 1, V]
         return logits[:, -1, :].astype(np.float32, copy=False)
+
+    def _step_logits(self, batch: int) -> tuple[tuple[int, int, int], np.dtype] | None:
+        """(shape, dtype) of the decoder's logits for `batch` rows when the graph declares them [batch, 1, V]
+        with V known (the exported decoder keeps only the last position), so a host array can be bound once
+        (runtime/kv_cache.py `shared_binding`); None otherwise (a backend without static shapes, TensorRT)."""
+        if self._logits_spec is _UNREAD:
+            spec = None
+            for out in self.decoder.session.get_outputs():
+                dims = list(getattr(out, "shape", None) or [])
+                if out.name == "logits" and len(dims) == 3 and dims[1] == 1 and isinstance(dims[2], int):
+                    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(out.type)
+                    spec = None if dtype is None else (dims[2], np.dtype(dtype))
+            self._logits_spec = spec
+        if self._logits_spec is None:
+            return None
+        vocab, dtype = self._logits_spec
+        return (batch, 1, vocab), dtype
 
     @staticmethod
     def _bind_inputs(binding, embeds, attention_mask, position_ids, extra: dict) -> None:

@@ -549,9 +549,9 @@ class TrtBackend:
             shape = [int(d) for d in trt_ctx.get_tensor_shape(name)]
             nbytes = int(np.prod(shape)) * s["dtypes"][name].itemsize
             bound = binding.outputs.get(name)
+            if bound is not None and list(bound[1]) != shape:  # a device or host buffer of another size
+                raise BackendError(f"'{self.path.name}' output {name} is {shape}, bound as {bound[1]}")
             if bound is not None and bound[0] == "cuda":
-                if list(bound[1]) != shape:
-                    raise BackendError(f"'{self.path.name}' output {name} is {shape}, bound as {bound[1]}")
                 ptr = bound[2]
             else:
                 ptr = self._scratch(name, nbytes)

@@ -261,8 +261,9 @@ def test_chunked_prefill_equals_one_pass(baked_artifact, images):
 
 
 def test_the_kept_binding_returns_fresh_logits_each_step(tiny_artifact):
-    """The in-place cache keeps one IOBinding per request (KV bound once): logits kept from earlier steps must not
-    change when later steps run, and equal those of a fresh binding per step."""
+    """The in-place cache keeps one IOBinding per request (KV bound once, logits written into one host array bound
+    once): logits kept from earlier steps must not change when later steps run, and equal those of a fresh binding
+    per step and those of the kept binding without the host array (onnxruntime's own output, `get_outputs()`)."""
     pipe = Pipeline.from_dir(tiny_artifact)
     rng = np.random.default_rng(3)
     b, n = 3, 9
@@ -271,16 +272,25 @@ def test_the_kept_binding_returns_fresh_logits_each_step(tiny_artifact):
     mask[1, :3] = 0
     pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
 
-    def run(fresh: bool) -> list[np.ndarray]:
+    def run(fresh: bool) -> tuple[list[np.ndarray], KVCache]:
         cache, m, p = pipe._new_cache(b, n + 4), mask, pos[:, -1]
         kw = {"fetch": {}} if fresh else {}  # fetch: the per-call binding
         out = [pipe._decode(embeds[:, :n], m, pos, cache, {}, **kw)]
         for i in range(3):
             m, p = np.concatenate([m, np.ones((b, 1), np.int64)], 1), p + 1
             out.append(pipe._decode(embeds[:, n + i:n + i + 1], m, p[:, None], cache, {}, **kw))
-        return out
+        return out, cache
 
-    kept, fresh = run(False), run(True)
+    (kept, cache), (fresh, _) = run(False), run(True)
+    assert pipe._step_logits(b) == ((b, 1, kept[0].shape[-1]), np.dtype(np.float32))
+    host = cache._shared[2]  # the host array the kept binding wrote the last step into
+    assert host is not None and host.shape[:2] == (b, 1)
+    np.testing.assert_array_equal(host[:, -1, :], kept[-1])
     assert all(not np.allclose(kept[0], x) for x in kept[1:])
     for x, y in zip(kept, fresh):
+        np.testing.assert_array_equal(x, y)
+    pipe._logits_spec = None  # a backend that declares no static logits shape: onnxruntime allocates them
+    without, cache = run(False)
+    assert cache._shared[2] is None
+    for x, y in zip(kept, without):
         np.testing.assert_array_equal(x, y)

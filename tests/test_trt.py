@@ -590,3 +590,10 @@ def test_fake_engine_pipeline_matches_cpu(fake_trt, unfused_artifact, tmp_path, 
                                   Pipeline.from_dir(art).vision.run({"pixel_values": pv})["image_features"])
     with pytest.raises(BackendError, match="outside every optimization profile"):
         pipe.vision.run({"pixel_values": np.zeros((3, 3, 32, 32), np.float32)})
+    # an output bound to a host array of another shape is refused (the copy back would overrun the array)
+    binding = pipe.vision.io_binding()
+    binding.bind_cpu_input("pixel_values", pv)
+    small = np.empty((1, 1), np.float32)
+    binding.bind_output("image_features", "cpu", 0, np.float32, list(small.shape), small.ctypes.data)
+    with pytest.raises(BackendError, match="bound as"):
+        pipe.vision.run_with_iobinding(binding)
