@@ -263,8 +263,9 @@ def _classify(t: Builder, site: AttentionSite, sh: dict[str, ir.Value], heads: i
     else:
         raw = slice_axis(t, site.logits, -1, 2, "raw_last")  # [B,H,1,K] scaled q kᵀ, finite
     probs = t.op("Softmax", [t.op("Add", [raw, sh["base_last"]], "unedited")], "unedited", axis=-1)  # [B,H,1,K]
-    text_mass, image_mass = t.op("Split", [t.op("MatMul", [probs, sh["keys"]], "masses")], "masses", num_outputs=2,
-                                 axis=3)  # [B,H,1,1] each
+    two = t.const(np.array([1, 1], np.int64), "split_2")  # Split-18 needs its sizes (or num_outputs) given
+    text_mass, image_mass = t.op("Split", [t.op("MatMul", [probs, sh["keys"]], "masses"), two], "masses",
+                                 num_outputs=2, axis=3)  # [B,H,1,1] each
     text_max = reduce_extreme(t, t.op("Mul", [probs, sh["text_f"]], "text_max"), 3, "text_max")
     is_text = t.op("GreaterOrEqual", [text_mass, image_mass], "is_text")  # equal masses: a text head
     text_on = t.op("And", [is_text, sh["row_on"]], "text_on")
@@ -274,8 +275,9 @@ def _classify(t: Builder, site: AttentionSite, sh: dict[str, ir.Value], heads: i
     vision = t.op("Xor", [sh["row_on"], text_on], "vision")  # row on and not a text head
     classes = t.op("Cast", [t.op("Concat", [vision, glob, local], "classes", axis=3)], "classes", to=FLOAT)
     counts = t.op("ReduceSum", [classes, ax1], "counts", keepdims=1)  # [B,1,1,3]
-    _, has_g, has_l = t.op("Split", [t.op("Greater", [counts, t.const(np.float32(0.0), "zero_f")], "present")],
-                           "present", num_outputs=3, axis=3)
+    _, has_g, has_l = t.op("Split", [t.op("Greater", [counts, t.const(np.float32(0.0), "zero_f")], "present"),
+                                     t.const(np.array([1, 1, 1], np.int64), "split_3")], "present", num_outputs=3,
+                           axis=3)
     # step 1 needs a vision and a global head: a vision head is there wherever `vision` is true; likewise step 2.
     do1 = t.op("And", [vision, has_g], "do_step1")  # [B,H,1,1]
     do2 = t.op("And", [glob, has_l], "do_step2")

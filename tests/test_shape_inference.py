@@ -162,3 +162,18 @@ def test_reduce_extreme_equals_reduce_max_and_min():
         got_max, got_min = sess.run(None, {"x": data})
         np.testing.assert_array_equal(got_max, data.max(axis=1, keepdims=True))
         np.testing.assert_array_equal(got_min, data.min(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("form", ["sevi", "clva,sevi,probe+int4"])
+def test_every_split_states_its_sizes(tiny_artifact, gqa_artifact, form):
+    """Split-18 and later: "Either input 'split' or the attribute 'num_outputs' should be specified". SEVI's two
+    Splits inside its `If` branches gave neither; onnxruntime 1.32 loads the whole decoder regardless, but ONNX's
+    inference (and onnxruntime's, on the branch alone) refuses such a node: "Neither 'split' input nor
+    'num_outputs' attribute has been given". Every graph and subgraph of the fused (opset 18) and the opset-23 form."""
+    for artifact in (tiny_artifact, gqa_artifact):
+        model = baked(artifact, form)
+        splits = [n for g in model.graphs() for n in g if n.op_type == "Split" and n.domain == ""]
+        assert splits, "no Split in the baked decoder: the check would pass vacuously"
+        missing = [n.name for n in splits
+                   if not (len(n.inputs) > 1 and n.inputs[1] is not None) and "num_outputs" not in n.attributes]
+        assert missing == []
