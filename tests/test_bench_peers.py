@@ -88,9 +88,11 @@ def test_bench_peers_mitigation_rows(tiny_model, unfused_artifact, tmp_path, cap
     printed = capsys.readouterr().out
     assert result["step_s"] == {} and "per decode step, fp32 (ratio" not in printed  # no peer rows asked for
     rows = result["mitigation_step_s"]["fp32"]
-    assert set(rows) == {"plain", "flags off", "clva on", "sevi on", "iava"}
+    assert set(rows) == {"plain", bench.CONTROL, "flags off", "clva on", "sevi on", "iava"}
     assert all(rows[x][40] > 0 for x in rows)
     assert "mitigation per decode step, fp32" in printed
+    control = printed.split(f"| {bench.CONTROL} | (noise floor) | ")[1].splitlines()[0]  # the control row, its ratio
+    assert f"({rows[bench.CONTROL][40] / rows['plain'][40]:.2f}x)" in control
     for v, goal in (("flags off", "1.02"), ("clva on", "1.05"), ("sevi on", "1.05"), ("iava", "1.3")):
         assert f"| {v} | <= {goal}x | " in printed
     assert "bytes 1.00x" in printed.split("| flags off |")[1].splitlines()[0]  # flags off reads nothing more
