@@ -35,6 +35,7 @@ class KVCache:
         self.in_place = in_place
         self._flip = 0
         self._shared = None  # (session, IOBinding, host output array or None) of shared_binding
+        self.bound_extra: dict = {}  # inputs bound to the shared binding that stay bound (name -> array)
         n = batch * kv_heads * max_len * head_dim
         if allocator is None:
             import onnxruntime as ort
@@ -122,6 +123,7 @@ class KVCache:
                 binding.bind_output(first_output, "cpu", 0, host.dtype, list(host.shape), host.ctypes.data)
             self._bind_shared(binding, 0, self.batch)
             self._shared = (session, binding, host)  # the array stays referenced while the binding writes into it
+            self.bound_extra = {}  # the caller's record of inputs bound once to this binding (Pipeline._bind_inputs)
         return self._shared[1], self._shared[2]
 
     def update(self, new_tokens: int) -> None:

@@ -294,3 +294,31 @@ def test_the_kept_binding_returns_fresh_logits_each_step(tiny_artifact):
     assert cache._shared[2] is None
     for x, y in zip(kept, without):
         np.testing.assert_array_equal(x, y)
+
+
+def test_kept_binding_binds_a_request_s_fixed_inputs_once():
+    """Pipeline._bind_inputs with a kept binding's record: an extra input bound once stays bound while the caller
+    passes the same array (the binding reads its memory at every run, so an in-place change still counts); a new
+    array is bound; a callable (an input as wide as the mask) is evaluated and bound every step."""
+    class Binding:
+        def __init__(self):
+            self.calls = []
+
+        def bind_cpu_input(self, name, value):
+            self.calls.append(name)
+
+    fixed, widths = np.array([True]), []
+    extra = {"clva.enable": fixed, "visual_mask": lambda m: widths.append(m.shape[1]) or np.zeros(m.shape, bool)}
+    binding, bound = Binding(), {}
+    e, p = np.zeros((1, 1, 4), np.float32), np.zeros((1, 1), np.int64)
+    for t in (5, 6):
+        Pipeline._bind_inputs(binding, e, np.ones((1, t), np.int64), p, extra, bound)
+    base = ["inputs_embeds", "attention_mask", "position_ids"]
+    assert binding.calls == [*base, "clva.enable", "visual_mask", *base, "visual_mask"] and widths == [5, 6]
+    binding.calls.clear()
+    extra["clva.enable"] = np.array([False])  # another array: bound again
+    Pipeline._bind_inputs(binding, e, np.ones((1, 7), np.int64), p, extra, bound)
+    assert binding.calls == [*base, "clva.enable", "visual_mask"]
+    binding.calls.clear()
+    Pipeline._bind_inputs(binding, e, np.ones((1, 7), np.int64), p, extra)  # no record (a per-call binding): all
+    assert binding.calls == [*base, "clva.enable", "visual_mask"]
