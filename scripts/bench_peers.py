@@ -4,7 +4,12 @@ Bench model: a random-weight LLaVA whose language model is a Llama of hidden 102
 intermediate 2816, vocabulary 32000 (built in code, nothing downloaded). The peers run that language model alone
 on token ids; AnchorRT runs its decoder graph on embeddings of the same length (the runtime's own decoder calls:
 `Pipeline.prefill_embeds`, chunked as the runtime chunks a one-row prompt, and `Pipeline._decode`, with its KV
-cache), so every engine does one prefill of N tokens and then decode steps at context N+1, N+2, ...:
+cache), so every engine does one prefill of N tokens and then decode steps at context N+1, N+2, ...
+AnchorRT's step is that decoder pass alone. GenAI's `generate_next_token` also embeds the token (in its graph) and
+picks it (greedy search in C++); AnchorRT's runtime does these around the pass, in its embed graph's own session
+and in Python: its token loop measured 0.33-0.39 ms a token above the pass (the embed run 0.12-0.14 ms of it, 23 us
+when timed alone: after the decoder's pass its state is out of the caches) on the int4 bench artifact with a
+~600-token LLaVA prompt, 2026-11-28. Compare the rows with that in mind:
 
     anchorrt-fused     export --attention fused   (GroupQueryAttention, KV cache written in place)
     anchorrt-unfused   export --attention unfused (opset-18 MatMul/Softmax, ping-pong KV cache)
