@@ -103,23 +103,25 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {total} requested")
         return total
 
-    def shared_binding(self, session, first_output: str = "logits", first_host: tuple | None = None):
+    def shared_binding(self, session, first_output: str = "logits", first_host=None):
         """One IOBinding per session for the in-place form, its KV buffers bound once: past and present are the
         same [B, KVH, M, D] blocks every step, so only the inputs (rebound by name, which replaces them) change.
-        `first_output` is bound first (get_outputs() follows the binding order). `first_host` = (shape, dtype):
-        that output is written into one host array of that shape, bound once too (onnxruntime refuses a pass
+        `first_output` is bound first (get_outputs() follows the binding order). `first_host(batch)` -> (shape,
+        dtype) or None, asked only when the binding is made: that output is written into one host array of that
+        shape, bound once too (onnxruntime refuses a pass
         whose output has another shape), and returned: reading it needs no `get_outputs()`, which wraps all
         2L + 1 outputs in Python objects (76 us a step measured on the issue-18 bench decoder, L = 16, ORT 1.32),
         and onnxruntime allocates nothing for it. -> (binding, that array or None)"""
         if not self.in_place:
             raise ValueError("only the in-place cache keeps one binding")
-        if getattr(self, "_shared", None) is None or self._shared[0] is not session:
+        if self._shared is None or self._shared[0] is not session:
             binding = session.io_binding()
+            spec = first_host(self.batch) if first_host is not None else None
             host = None
-            if first_host is None:
+            if spec is None:
                 binding.bind_output(first_output, "cpu")  # logits come back to the host
             else:
-                host = np.empty(*first_host)
+                host = np.empty(*spec)
                 binding.bind_output(first_output, "cpu", 0, host.dtype, list(host.shape), host.ctypes.data)
             self._bind_shared(binding, 0, self.batch)
             self._shared = (session, binding, host)  # the array stays referenced while the binding writes into it

@@ -541,7 +541,7 @@ class Pipeline:
         new = embeds.shape[1]
         if rows is None and fetch is None and cache.in_place:  # the usual step: KV bound once per request
             cache.check_room(new)
-            binding, host = cache.shared_binding(sess, first_host=self._step_logits(cache.batch))
+            binding, host = cache.shared_binding(sess, first_host=self._step_logits)
             self._bind_inputs(binding, embeds, attention_mask, position_ids, extra, cache.bound_extra)
             sess.run_with_iobinding(binding)
             cache.update(new)
