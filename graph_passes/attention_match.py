@@ -17,7 +17,8 @@ Pattern C, the fused form (graph_passes/fuse_attention.py; past and present shar
                         attention_bias=mask [B,1,S,K]) ──► out [B,S,H·D] ─Reshape─Transpose─► out4 [B,H,S,D]
                                                         └─► present_key/value [B,Hk,M,D]
 
-It is read like pattern B: the query is the node's own rotated input [B, S, H·D] (`site.q`; passes take rows of
+(A packed node, do_rotary=1, as graph_passes/pack_qkv.py leaves the form, is not matched: `anchorrt bake`
+unpacks it first.) It is read like pattern B: the query is the node's own rotated input [B, S, H·D] (`site.q`; passes take rows of
 it as [B, H, R, D] with graph_passes/regions.py `query_rows`, inside their branch), the mask is `attention_bias`,
 and the logits a pass recomputes come from graph_passes/regions.py `site_logits`: the past input read where it is
 stored (MatMul over Transpose(past), which ONNX Runtime runs as one FusedMatMul with transB; logit columns from P =

@@ -34,6 +34,7 @@ from anchorrt.graph_passes.fuse_norm import FuseNormPass
 from anchorrt.graph_passes.fuse_rotary import MAX_TABLE_POSITIONS, FuseRotaryPass
 from anchorrt.graph_passes.naming import AssignNodeNames
 from anchorrt.graph_passes.pack_matmul import PackMatMulPass
+from anchorrt.graph_passes.pack_qkv import PackQkvPass, UnpackQkvPass
 from anchorrt.graph_passes.pipeline import has_external_data, run_on_model, save_model
 from anchorrt.graph_passes.probe import ProbePass, resolve_probe_layers
 from anchorrt.graph_passes.sevi import DEFAULT_START_LAYER, SEVI_INPUTS, SeviPass
@@ -144,13 +145,14 @@ def _role_passes(role: str, methods: Sequence[str], options: BakeOptions, data: 
 
 
 def _passes(methods: Sequence[str], options: BakeOptions) -> list[GraphPass]:
-    out: list[GraphPass] = [AssignNodeNames()]
+    out: list[GraphPass] = [AssignNodeNames(), UnpackQkvPass()]  # the methods read pattern C (attention_match.py)
     if "clva" in methods:
         out.append(ClvaPass(options.clva_l_neg, options.clva_l_pos, options.clva_drift_layers, options.debug_outputs))
     if "sevi" in methods:
         out.append(SeviPass(options.sevi_start_layer, options.debug_outputs))
     if "probe" in methods:
         out.append(ProbePass(options.probe_layers))
+    out.append(PackQkvPass())  # last: flags off runs the packed, self-rotating attention (graph_passes/pack_qkv.py)
     return out
 
 
@@ -310,7 +312,8 @@ def fused_form_passes(data: dict | None = None) -> list[GraphPass]:
     return [FuseAttentionPass(),
             FuseRotaryPass(rotary_table_positions(data)),
             PackMatMulPass(),
-            FuseNormPass()]
+            FuseNormPass(),
+            PackQkvPass()]
 
 
 def fuse_into(folder: Path, data: dict, say: Progress | None = None) -> dict[str, int]:

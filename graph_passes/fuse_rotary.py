@@ -20,8 +20,9 @@ becomes
     position_ids ───┼─► RotaryEmbedding(num_heads=N, interleaved=0) ─► GroupQueryAttention input [B,S,N·D]
     cos_cache, sin_cache [T, D/2] (constants) ─┘
 
-GroupQueryAttention keeps do_rotary=0 and its separate q/k/v inputs: the mitigation passes read its rotated query
-and new keys (graph_passes/attention_match.py, pattern C). Positions stay the runtime's `position_ids` input
+GroupQueryAttention keeps do_rotary=0 and its separate q/k/v inputs here: the mitigation passes read its rotated
+query and new keys (graph_passes/attention_match.py, pattern C). graph_passes/pack_qkv.py, the form's last pass
+(after any bake), then moves the rotation into the attention node and gives each mitigation branch its own copy. Positions stay the runtime's `position_ids` input
 (left padding, IAVA's streams), looked up in the table; never slot indices.
 
 The tables are not re-derived per rope type: the values the pattern multiplies by are evaluated, with their own
