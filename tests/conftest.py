@@ -117,6 +117,23 @@ def gqa_artifact(gqa_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def head16_model(tmp_path_factory) -> Path:
+    """tiny_model's shape with 4 heads of 16: a head size onnxruntime's GroupQueryAttention rotates itself, so the
+    export packs q/k/v into it (graph_passes/pack_qkv.py); the default tiny model's 8 stays unpacked."""
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava-head16", TinyLlavaSpec(heads=4, kv_heads=4,
+                                                                                                  seed=3))
+
+
+@pytest.fixture(scope="session")
+def head16_artifact(head16_model, tmp_path_factory) -> Path:
+    from anchorrt.exporter.export import export_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "head16"
+    export_model(head16_model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def interleave_model(tmp_path_factory) -> Path:
     """LLaVA-Interleave-shaped (llava-hf/llava-interleave-qwen-0.5b-hf): Qwen2 with q/k/v bias and tied embeddings,
     SigLIP tower, no pad_token_id; 6 layers (CLVA's l_pos = 1 differs from l_neg = 0), 4 heads over 2 KV heads."""

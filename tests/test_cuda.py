@@ -183,13 +183,28 @@ def test_cuda_fp16_fused_decoder_runs_its_compute_on_the_gpu(fp16_baked, images)
             assert seen.get(op) == {"CUDAExecutionProvider"}, (flags, op, seen.get(op))
 
 
+@pytest.fixture(scope="module")
+def fp16_packed(head16_artifact, tmp_path_factory):
+    """fp16_baked's conversion of the head-16 export: GroupQueryAttention takes the packed projection and rotates
+    itself (graph_passes/pack_qkv.py; position_ids and query_seqlens inputs), the branches keep their copies."""
+    from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, convert_precision
+
+    art = tmp_path_factory.mktemp("cuda") / "packed-fp16-baked"
+    shutil.copytree(head16_artifact, art)
+    convert_precision(art, PrecisionOptions(precision="fp16"), mitigation="clva,sevi",
+                      bake_options=BakeOptions(sevi_start_layer=2))
+    return art
+
+
 @pytest.mark.gpu
-def test_cuda_fp16_fused_matches_cpu_fp16_with_flags_on_and_off(fp16_baked, images):
+@pytest.mark.parametrize("artifact", ["fp16_baked", "fp16_packed"])
+def test_cuda_fp16_fused_matches_cpu_fp16_with_flags_on_and_off(artifact, request, images):
     """The same fp16 graphs on CUDA and on the CPU EP: greedy tokens equal and last-position logits within 2e-2
     (fp16 rounding in different kernels: CUDA's flash/memory-efficient attention vs the CPU's fp32 fallbacks),
-    with every flag off and with CLVA + SEVI on."""
+    with every flag off and with CLVA + SEVI on; the default tiny model (rotary nodes) and the packed head-16 one."""
     from anchorrt.runtime.pipeline import Pipeline
 
+    fp16_baked = request.getfixturevalue(artifact)
     gpu, cpu = Pipeline.from_dir(fp16_baked, providers=CUDA), Pipeline.from_dir(fp16_baked)
     prompts = ["What is in the image?", "Describe it."]
     for flags in (None, {"clva": {"alpha": 14}, "sevi": True}):

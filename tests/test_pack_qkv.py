@@ -176,24 +176,18 @@ PACKED_HEAD = 16  # the default tiny LLaVA has head size 8, which onnxruntime's 
 
 
 @pytest.fixture(scope="module")
-def head16(tmp_path_factory, images):
-    """TinyLlavaSpec with 4 heads of 16: exported (packed), then CLVA + SEVI (debug outputs) + probe baked."""
-    from anchorrt.exporter.export import export_model
+def head16(head16_model, head16_artifact, tmp_path_factory, images):
+    """The head-16 tiny LLaVA (tests/conftest.py) exported (packed), then CLVA + SEVI (debug outputs) + probe baked."""
     from anchorrt.exporter.reference import ReferenceLlava
-    from anchorrt.exporter.testing import TinyLlavaSpec, build_tiny_llava
     from anchorrt.graph_passes.bake import BakeOptions, bake
     from anchorrt.runtime.pipeline import Pipeline
 
-    root = tmp_path_factory.mktemp("head16")
-    model_dir = build_tiny_llava(root / "model", TinyLlavaSpec(heads=4, kv_heads=4, seed=3))
-    plain = root / "plain"
-    export_model(model_dir, plain)
-    baked = root / "baked"
-    shutil.copytree(plain, baked)
+    baked = tmp_path_factory.mktemp("head16") / "baked"
+    shutil.copytree(head16_artifact, baked)
     bake(baked, "clva,sevi,probe", BakeOptions(sevi_start_layer=2, debug_outputs=True))
     pipe = Pipeline.from_dir(baked)
-    return {"pipe": pipe, "plain": Pipeline.from_dir(plain), "baked_dir": baked, "model_dir": model_dir,
-            "ref": ReferenceLlava.from_pretrained(model_dir), "images": images[:2]}
+    return {"pipe": pipe, "plain": Pipeline.from_dir(head16_artifact), "baked_dir": baked,
+            "ref": ReferenceLlava.from_pretrained(head16_model), "images": images[:2]}
 
 
 def test_head16_llava_is_packed(head16):
