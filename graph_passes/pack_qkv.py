@@ -16,6 +16,11 @@ becomes
                                rotary_interleaved=i)
     query_seqlens [B] int32 = S in every row (one Shape/Cast/Expand for the whole graph, from inputs_embeds)
 
+Every `If` branch that reads the rotated query/key or the split values (CLVA's anchors, SEVI's last-row
+logits, IAVA's probe: only when their flag is on) gets its own copy of the Split and the rotations at its start, so
+only a request that turns a method on pays for them. Positions stay the runtime's `position_ids` (never slot
+indices: left padding, IAVA's compacted rows), now read by the attention node itself.
+
 `query_seqlens` (input 16) matters: onnxruntime 1.32's contract says of position_ids "when processing the first
 prompt the kernel uses only the first element", and so it does without it: a first pass of a left-padded batch
 (generate_batch, IAVA's streams, the exporter's verify) rotated row 0's keys at positions[0, 0] + slot, found by
@@ -24,23 +29,18 @@ new tokens real, which is what the runtime's passes are) the kernel reads positi
 bit-identical to the RotaryEmbedding form for a left-padded batch-2 prefill, positions with gaps, a batch-2 decode
 step with different positions and a one-row pass over a past (session-local micro-graph, /tmp/s9/gqa_pos.py).
 
-and every `If` branch that reads the rotated query/key or the split values (CLVA's anchors, SEVI's last-row
-logits, IAVA's probe: only when their flag is on) gets its own copy of the Split and the rotations at its start, so
-only a request that turns a method on pays for them. Positions stay the runtime's `position_ids` (never slot
-indices: left padding, IAVA's compacted rows), now read by the attention node itself.
-
-Measured before writing it (session-local surgery on the issue-18 bench decoder, int4, 2 threads, this 2-core CPU,
-one process, blocks of 8 steps rotated over plain / a second plain session / the packed copy, 16 rounds): logits
-bit-identical, the decode step 0.911 / 0.965x plain at 300 tokens and 0.947 / 0.964x at 1100 in two runs each (the
-control session 1.098 / 0.995 and 1.002 / 0.986).
+Measured (issue-18 bench decoder, int4, 2 threads, this 2-core CPU; one process, two sessions of each form, blocks
+of 8 steps rotated, 16 rounds): logits bit-identical, the decode step packed / unpacked 0.965x and 0.962x at 300
+tokens, 0.959x at 1100, 0.975x at 2100; fp32 0.968x at 300, 0.999x at 1100.
 
 `UnpackQkvPass` is the inverse (the Split and the two rotations back in the main graph, do_rotary=0); the bake runs
 it first and this pass last (graph_passes/bake.py), so mitigation passes always see pattern C and a decoder baked
 twice is packed once. Left as it is (the reason per layer in `skipped`; count = layers packed): a node whose
 query/key are not RotaryEmbedding of one three-way Split, rotations that differ (positions, tables, interleaving,
 scale, partial rotary), tables that are not [T, D/2], a head size that is not a multiple of 16 (onnxruntime
-1.32's CPU kernel refuses to rotate it: "head_size shall be a multiple of 16"), or a rotated query/key/split value read by a main-graph node
-other than the attention (only readers inside `If` branches can be given their own copy).
+1.32's CPU kernel refuses to rotate it: "head_size shall be a multiple of 16"), inputs after attention_bias, or a
+rotated query/key/split value read by a main-graph node other than the attention (only readers inside `If`
+branches can be given their own copy).
 """
 
 from __future__ import annotations
@@ -133,11 +133,11 @@ def match_packable(graph: ir.Graph, gqa: ir.Node) -> tuple[dict | None, str]:
         return None, "the cos/sin tables are not [T, D/2] (full rotary)"
     chain = {split, rq, rk}
     for value in (*split.outputs, rq.outputs[0], rk.outputs[0]):
+        if value.is_graph_output():
+            return None, f"'{value.name}' is a graph output"
         for use in value.uses():
             if use.node.graph is graph and use.node is not gqa and use.node not in chain:
                 return None, f"'{value.name}' is read by {use.node.op_type} '{use.node.name}' outside an If"
-            if value.is_graph_output():
-                return None, f"'{value.name}' is a graph output"
     return {"split": split, "rq": rq, "rk": rk, "qkv": split.inputs[0], "pos": pos, "cos": cos, "sin": sin,
             "interleaved": interleaved}, ""
 
