@@ -50,6 +50,7 @@ import onnx_ir as ir
 from anchorrt.graph_passes.attention_match import GQA_BIAS_INDEX
 from anchorrt.graph_passes.base import META_LAYER, Builder, GraphPass, graph_input
 from anchorrt.graph_passes.naming import layer_of
+from anchorrt.graph_passes.pack_matmul import constant_tensor
 
 MS_DOMAIN = "com.microsoft"
 COS_INDEX, SIN_INDEX, POSITION_INDEX, QUERY_SEQLENS_INDEX = 7, 8, 9, 16
@@ -81,12 +82,7 @@ def _head_size(gqa: ir.Node) -> int | None:
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
-        attr = value.producer().attributes.get("value")
-        tensor = attr.value if attr is not None else None
+    tensor = constant_tensor(value)
     return None if tensor is None else [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
 
 

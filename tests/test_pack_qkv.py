@@ -16,12 +16,13 @@ import shutil
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 from anchorrt.graph_passes.attention_match import GQA, match_attention
 from anchorrt.graph_passes.pack_qkv import PackQkvPass, UnpackQkvPass
 from anchorrt.runtime.manifest import Manifest
+
+from tests.test_pack_matmul import _session
 
 
 def _decoder(folder) -> ir.Model:
@@ -30,13 +31,6 @@ def _decoder(folder) -> ir.Model:
 
 def _gqas(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph if n.op_type == "GroupQueryAttention"]
-
-
-def _session(model: ir.Model) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
 
 
 def _feeds(model: ir.Model, seed: int = 0) -> list[dict[str, np.ndarray]]:
