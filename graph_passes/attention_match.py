@@ -18,7 +18,8 @@ Pattern C, the fused form (graph_passes/fuse_attention.py; past and present shar
                                                         └─► present_key/value [B,Hk,M,D]
 
 (A packed node, do_rotary=1, as graph_passes/pack_qkv.py leaves the form, is not matched: `anchorrt bake`
-unpacks it first.) It is read like pattern B: the query is the node's own rotated input [B, S, H·D] (`site.q`; passes take rows of
+unpacks it first. Where SEVI baked its prefill edit, out [B,S,H·D] goes through that `If` first, tagged
+META_OUTPUT_EDIT, and out4 is the edited output.) It is read like pattern B: the query is the node's own rotated input [B, S, H·D] (`site.q`; passes take rows of
 it as [B, H, R, D] with graph_passes/regions.py `query_rows`, inside their branch), the mask is `attention_bias`,
 and the logits a pass recomputes come from graph_passes/regions.py `site_logits`: the past input read where it is
 stored (MatMul over Transpose(past), which ONNX Runtime runs as one FusedMatMul with transB; logit columns from P =
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from anchorrt.graph_passes.base import META_BASE_MASK, META_EFFECTIVE_MASK, PassError
+from anchorrt.graph_passes.base import META_BASE_MASK, META_EFFECTIVE_MASK, META_OUTPUT_EDIT, PassError
 from anchorrt.graph_passes.naming import layer_of
 
 DECOMPOSED = "matmul_softmax"
@@ -228,7 +229,8 @@ def check_gqa(node: ir.Node) -> tuple[dict | None, str]:
     d = past.shape[3] if past.shape is not None and past.shape.rank() == 4 else None
     if not isinstance(d, int) or not isinstance(past.shape[1], int):
         return None, "GroupQueryAttention's past key is not [B, Hk, M, D] with static heads and head size"
-    reshape = next((c for c in node.outputs[0].consumers() if c.op_type == "Reshape" and c.graph is node.graph), None)
+    out = _edited_output(node) or node.outputs[0]
+    reshape = next((c for c in out.consumers() if c.op_type == "Reshape" and c.graph is node.graph), None)
     transpose = None if reshape is None else next(
         (c for c in reshape.outputs[0].consumers() if c.op_type == "Transpose" and c.graph is node.graph), None)
     if transpose is None:
@@ -236,6 +238,19 @@ def check_gqa(node: ir.Node) -> tuple[dict | None, str]:
     scale = node.attributes.get("scale")
     return {"out4": transpose.outputs[0], "heads": _int_attr(node, "num_heads", 0), "head_dim": d,
             "scale": float(scale.value) if scale is not None else 1.0 / math.sqrt(d)}, ""
+
+
+def _edited_output(node: ir.Node) -> ir.Value | None:
+    """The output of a main-graph `If` tagged META_OUTPUT_EDIT whose else branch passes `node`'s output through
+    (SEVI's prefill edit on the fused form, graph_passes/sevi.py), else None."""
+    x = node.outputs[0]
+    for n in node.graph:
+        if n.op_type != "If" or n.metadata_props.get(META_OUTPUT_EDIT) != "1":
+            continue
+        kept = n.attributes["else_branch"].value.outputs[0].producer()
+        if kept is not None and kept.op_type == "Identity" and kept.inputs[0] is x:
+            return n.outputs[0]
+    return None
 
 
 def _past_and_new(b, site: AttentionSite, past: ir.Value, new3: ir.Value, what: str) -> ir.Value:

@@ -27,6 +27,9 @@ META_MASK_ROLE = "anchorrt.mask_role"  # "effective": this node reads the layer'
 # the fused form): the name of that mask as the layer applies it without the pass's edit. A later pass reads it as
 # the layer's mask (site.mask), and CLVA rewires the "effective" readers and this record, not the node's input.
 META_EFFECTIVE_MASK = "anchorrt.effective_mask"
+# on an `If` that edits a fused attention node's output: its else branch passes that output through (Identity), and
+# its own output is reshaped/transposed back to [B, H, S, D] as the node's was (graph_passes/attention_match.py)
+META_OUTPUT_EDIT = "anchorrt.output_edit"
 
 NEG_INF = float("-inf")
 
