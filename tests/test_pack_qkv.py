@@ -262,3 +262,26 @@ def test_head16_conversions_give_the_unpacked_tokens(head16, tmp_path, options):
     for spec in (None, {"sevi": True}, {"clva": True, "iava": True}):
         a, b = (p.generate(image, "What is this?", mitigation=spec, max_new_tokens=8) for p in pipes)
         assert a.token_ids and a.token_ids == b.token_ids, (options, spec)
+
+
+def test_sevi_prefill_if_leaves_the_transposes_adjacent(baked_artifact, head16):
+    """SEVI's prefill edit `If` (fused form) reads the attention node's own output and is tagged; the main graph
+    has no Transpose or Reshape reading an `If` output except the one Reshape that restores [B,H,S,D] after it, so
+    onnxruntime cancels the Transpose pair as in the plain decoder (before, the `If` sat between the Transposes)."""
+    from anchorrt.graph_passes.base import META_OUTPUT_EDIT
+
+    for folder in (baked_artifact, head16["baked_dir"]):
+        model = _decoder(folder)
+        edits = [n for n in model.graph if n.op_type == "If" and n.metadata_props.get(META_OUTPUT_EDIT) == "1"]
+        assert len(edits) == len([g for g in _gqas(model) if "sevi" in (g.inputs[10].producer().name or "")])
+        for n in edits:
+            kept = n.attributes["else_branch"].value.outputs[0].producer()
+            assert kept.op_type == "Identity" and kept.inputs[0].producer().op_type == "GroupQueryAttention"
+            (reader,) = [u.node for u in n.outputs[0].uses()]
+            assert reader.op_type == "Reshape"
+            transpose = next(iter(reader.outputs[0].uses())).node
+            assert transpose.op_type == "Transpose" and next(iter(transpose.outputs[0].uses())).node.op_type == "Transpose"
+        UnpackQkvPass()(model)  # (what a later bake does first)
+        sites = match_attention(model.graph)  # the probe's and later bakes' matcher follows the tagged If
+        assert len(sites) == len(_gqas(model)) and all(s.out.producer().inputs[0].producer().inputs[0].producer().op_type
+                                                       in ("If", "GroupQueryAttention") for s in sites)
