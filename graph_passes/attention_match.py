@@ -111,7 +111,7 @@ def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
     return node if node is not None and node.op_type == op_type and node.domain == "" else None
 
 
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
+def _int_attr(node: ir.Node, name: str, default: int = 0) -> int:
     attr = node.attributes.get(name)
     return default if attr is None else int(attr.value)
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from anchorrt.graph_passes.attention_match import GQA_BIAS_INDEX
+from anchorrt.graph_passes.attention_match import GQA_BIAS_INDEX, _int_attr
 from anchorrt.graph_passes.base import META_LAYER, Builder, GraphPass, graph_input
 from anchorrt.graph_passes.naming import layer_of
 from anchorrt.graph_passes.pack_matmul import constant_tensor
@@ -55,11 +55,6 @@ from anchorrt.graph_passes.pack_matmul import constant_tensor
 MS_DOMAIN = "com.microsoft"
 COS_INDEX, SIN_INDEX, POSITION_INDEX, QUERY_SEQLENS_INDEX = 7, 8, 9, 16
 ROTARY_HEAD_MULTIPLE = 16  # onnxruntime 1.32 CPU, do_rotary=1: "head_size shall be a multiple of 16" (found running it)
-
-
-def _int_attr(node: ir.Node, name: str, default: int = 0) -> int:
-    a = node.attributes.get(name)
-    return int(a.value) if a is not None else default
 
 
 def _float_attr(node: ir.Node, name: str, default: float) -> float:
@@ -141,16 +136,10 @@ def match_packable(graph: ir.Graph, gqa: ir.Node) -> tuple[dict | None, str]:
 def _top_branches(graph: ir.Graph) -> dict[int, ir.Graph]:
     """id(any subgraph, nested or not) -> the branch graph of the main-graph node that holds it."""
     out: dict[int, ir.Graph] = {}
-
-    def walk(g: ir.Graph, top: ir.Graph) -> None:
-        out[id(g)] = top
-        for node in g:
-            for sub in _subgraphs(node):
-                walk(sub, top)
-
     for node in graph:
-        for sub in _subgraphs(node):
-            walk(sub, sub)
+        for top in _subgraphs(node):
+            out[id(top)] = top
+            out.update((id(g), top) for g in top.subgraphs())
     return out
 
 

@@ -186,16 +186,16 @@ class SeviPass(GraphPass):
             classes_d = None
             if fused:
                 _, classes_d = _fused_decode_bias(lb, site, effective, on_decode, shared, self.debug_outputs)
+            chain = _output_chain(site)
             new_out, classes = _layer_edit(lb, site, effective, on_prefill if fused else any_on, shared,
-                                           self.debug_outputs)
+                                           self.debug_outputs, chain)
             if classes_d is not None:
                 classes = lb.op("Where", [decode, classes_d, classes], "head_class")
             graph.extend(lb.nodes)
             for use in list(site.out.uses()):
                 if use.node.graph is graph and use.node is not new_out.producer():
                     use.node.replace_input_with(use.idx, new_out)
-            chain = _output_chain(site)
-            if chain is not None and not site.out.uses() and not chain[0].outputs[0].uses()[1:]:
+            if chain is not None and not site.out.uses() and len(chain[0].outputs[0].uses()) == 1:
                 graph.remove([chain[1], chain[0]], safe=True)  # the node's own Reshape/Transpose: now in the If
             if classes is not None:
                 add_graph_output(graph, classes, f"sevi.head_class.{site.layer}", INT8, ["batch", _heads(site)])
@@ -343,12 +343,13 @@ def _tag_effective(value: ir.Value) -> ir.Value:
     return value
 
 
-def _layer_edit(lb: Builder, site: AttentionSite, effective: ir.Value, cond, sh: dict[str, ir.Value], debug: bool):
+def _layer_edit(lb: Builder, site: AttentionSite, effective: ir.Value, cond, sh: dict[str, ir.Value], debug: bool,
+                chain: tuple[ir.Node, ir.Node, list[int]] | None = None):
     """One layer's If after the layer: classify heads on the last row, edit its logits, recompute its output row
-    (see above); `effective`: the layer's mask (fp32). -> (out' [B,H,S,D], debug classes or None)."""
+    (see above); `effective`: the layer's mask (fp32); `chain`: `_output_chain(site)` (fused form: the node's
+    [B,S,H·D] output goes into the If and is reshaped there). -> (out' [B,H,S,D], debug classes or None)."""
     heads = _heads(site)
     t = lb.child("edit")
-    chain = _output_chain(site)  # fused form: the node's [B,S,H·D] output, reshaped/transposed inside the branch
     out4 = site.out if chain is None else _to_heads(t, chain[0].inputs[0], chain)
     c = _classify(t, site, sh, heads)
     any_changed = t.op("Cast", [t.op("ReduceMax", [t.op("Cast", [c["changed"]], "any_changed", to=INT32)],
