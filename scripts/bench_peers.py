@@ -42,7 +42,10 @@ a "plain" row; ratios are to that plain row, printed beside the goals. Loading e
 peers are, left ratios of 0.90-1.16x for flags off (which costs nothing measurable in one process: 0.97-1.02x):
 between-session spread on this machine is larger than the goals. Even in one process two sessions of the same
 plain artifact differed by up to 7% (int4, 300 tokens), so the table carries a control row, "plain, 2nd
-session": its ratio to plain is the noise floor of the other rows.
+session": its ratio to plain is the noise floor of the other rows. Each row's floor is printed beside it: "bytes",
+the ratio of the bytes its step must read to plain's (`extra_layers_read`), and "ops", the kernels its step adds
+(onnxruntime's profiler, one step each, `step_kernels`: an `If` and the nodes of the branch it took all count),
+priced at a small op's dispatch cost measured here (`dispatch_cost_s`); floor = bytes + ops x dispatch / plain step.
 
 A peer that is not installed is named, with its install command, and left out; nothing is installed here.
 
@@ -396,6 +399,66 @@ def measure_mitigation(plain: Path, baked: Path, threads: int, device: str, cont
     return step, prefill
 
 
+def step_kernels(artifact: Path, threads: int, device: str, n: int, variants: list[str | None]) -> dict:
+    """Kernels onnxruntime runs in one decode step at context n, per row: the profiler's node events inside that
+    step's run, the nodes of every `If` branch it took included, so a row's count minus plain's is the ops its
+    method adds to a step (what it pays in dispatch, whatever each op computes). `variants`: MITIGATION rows on a
+    baked artifact, or [None] (a plain one). -> {row or "plain": count}"""
+    pipe = AnchorRT(artifact, threads, device).pipe
+    counts = {}
+    with tempfile.TemporaryDirectory(prefix="anchorrt-bench-profile-") as tmp:
+        for variant in variants:
+            pipe.decoder.start_profiling(Path(tmp) / "step")  # the session is rebuilt with the profiler on
+            stream = Stream(pipe, n, 1, seed=n, variant=variant)
+            stream.prefill()
+            stream.block()
+            events = json.loads(Path(pipe.decoder.end_profiling()).read_text())
+            last = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][-1]
+            counts[variant or "plain"] = sum(
+                1 for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+                and last["ts"] <= e["ts"] <= last["ts"] + last["dur"])
+            del stream
+    return counts
+
+
+def dispatch_cost_s(threads: int, device: str, row: list[int], chain: int = 200, reps: int = 7) -> float:
+    """Seconds onnxruntime spends per small op: a graph of `chain` Adds on a float32 tensor of shape `row` (a
+    mitigation branch's [B, H, 1, K] attention row) against the same graph without them, best of `reps` timings of
+    200 runs each, the tensor bound on `device` once. The ops a method adds to a step cost about this each."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper  # a dev dependency of this script; the runtime never imports onnx
+
+    def timed(adds: int) -> float:
+        nodes = [helper.make_node("Add", ["x" if i == 0 else f"a{i - 1}", "one"], [f"a{i}"]) for i in range(adds)]
+        nodes.append(helper.make_node("Identity", [f"a{adds - 1}" if adds else "x"], ["y"]))
+        graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, row)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, row)],
+                                  [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        binding = sess.io_binding()
+        x = ort.OrtValue.ortvalue_from_numpy(np.zeros(row, np.float32), device, 0)
+        y = ort.OrtValue.ortvalue_from_shape_and_type(row, np.float32, device, 0)
+        binding.bind_ortvalue_input("x", x)
+        binding.bind_ortvalue_output("y", y)
+        for _ in range(50):
+            sess.run_with_iobinding(binding)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            for _ in range(200):
+                sess.run_with_iobinding(binding)
+            best = min(best, (time.perf_counter() - t) / 200)
+        return best
+
+    return max(timed(chain) - timed(0), 0.0) / chain
+
+
 class Transformers:
     def __init__(self, lm_dir: Path, threads: int, device: str = "cpu"):
         import torch
@@ -620,16 +683,26 @@ def extra_layers_read(manifest: dict, n: int) -> dict[str, float]:
 
 
 def mitigation_table(precision: str, step: dict[str, dict[int, float]], contexts: list[int],
-                     floors: dict[str, dict[int, float]] | None = None) -> str:
+                     floors: dict[str, dict[int, float]] | None = None, kernels: dict[str, int] | None = None,
+                     dispatch: dict[int, float] | None = None) -> str:
     """measure_mitigation's rows per decode step as ratios to its plain row, each against issue 18's goal, and, when
     given, the ratio of the bytes the row's step must read to the plain step's (`extra_layers_read`): where a step
-    is bound by memory bandwidth, a goal below that ratio cannot be met by this graph form."""
+    is bound by memory bandwidth, a goal below that ratio cannot be met by this graph form. With `kernels` (each
+    row's kernels a step, `step_kernels`) and `dispatch` (seconds a small op, `dispatch_cost_s`, per context): the
+    ops the row adds and its floor = bytes ratio + added ops x dispatch / plain step, what the row would cost if
+    its extra work were only its extra bytes and the dispatch of its extra ops."""
     plain = step["plain"]
     lines = [f"\nmitigation per decode step, {precision} (one process: plain fused and baked artifacts, blocks "
              "interleaved; ratio to plain; issue 18's goal; bytes = the bytes the row's step must read / the plain step's, "
-             "the ratio a step bound by memory bandwidth alone would show)",
+             "the ratio a step bound by memory bandwidth alone would show"
+             + ("; ops = kernels the row adds to a step; floor = bytes + ops x dispatch / plain step)" if kernels
+                else ")"),
              "| row | goal | " + " | ".join(f"ctx {c}" for c in contexts) + " |", "|---|---|" + "---|" * len(contexts),
              "| plain | - | " + " | ".join(f"{plain[c] * 1e3:.3g} ms" for c in contexts) + " |"]
+    if kernels and dispatch:
+        lines.insert(1, f"plain step: {kernels['plain']} kernels; a small op's dispatch "
+                        + " / ".join(f"{dispatch[c] * 1e6:.2f} us" for c in contexts) + " at ctx "
+                        + " / ".join(str(c) for c in contexts) + " ([1, H, 1, ctx] Add chain, `dispatch_cost_s`)")
     if CONTROL in step:  # the same graph in another session: the spread every other ratio carries
         lines.append(f"| {CONTROL} | (noise floor) | " + " | ".join(
             f"{step[CONTROL][c] * 1e3:.3g} ms ({step[CONTROL][c] / plain[c]:.2f}x)" for c in contexts) + " |")
@@ -638,6 +711,9 @@ def mitigation_table(precision: str, step: dict[str, dict[int, float]], contexts
         for c in contexts:
             ratio = step[variant][c] / plain[c]
             floor = f", bytes {floors[variant][c]:.2f}x" if floors else ""
+            if floors and kernels and dispatch:
+                added = kernels[variant] - kernels["plain"]
+                floor += f", ops {added:+d}, floor {floors[variant][c] + added * dispatch[c] / plain[c]:.2f}x"
             cells.append(f"{step[variant][c] * 1e3:.3g} ms ({ratio:.2f}x, {'met' if ratio <= goal else 'not met'}"
                          f"{floor})")
         lines.append(f"| {variant} | <= {goal}x | " + " | ".join(cells) + " |")
@@ -769,10 +845,15 @@ def main(argv: list[str] | None = None) -> dict:
             del engine
 
     mitigation = {}
+    kernels: dict[str, dict[str, int]] = {}  # precision -> row -> kernels a decode step runs
     for precision, (plain, baked) in mitigation_jobs.items():
         say(f"mitigation rows ({precision}): {args.mitigation_rounds} interleaved blocks of {args.steps} steps")
         mitigation[precision] = measure_mitigation(plain, baked, args.threads, args.device, contexts,
                                                    args.mitigation_rounds, args.steps)
+        kernels[precision] = {**step_kernels(plain, args.threads, args.device, contexts[0], [None]),
+                              **step_kernels(baked, args.threads, args.device, contexts[0], list(MITIGATION))}
+    dispatch = ({c: dispatch_cost_s(args.threads, args.device, [1, spec["heads"], 1, c]) for c in contexts}
+                if mitigation_jobs else {})
 
     gbs = cuda_bandwidth_gbs() if cuda else read_bandwidth_gbs(1 << (24 if args.tiny else 30), threads=args.threads)
     med_step = {n: {c: median(v) for c, v in by.items() if v} for n, by in step.items()}
@@ -800,7 +881,8 @@ def main(argv: list[str] | None = None) -> dict:
             baked = json.loads((mitigation_jobs[precision][1] / "manifest.json").read_text())
             floors = {v: {c: 1 + extra_layers_read(baked, c)[v] * key_bytes(spec, c, device_cache)
                           / step_bytes(spec, vocab, c, precision, device_cache) for c in contexts} for v in MITIGATION}
-            print(mitigation_table(precision, mitigation[precision][0], contexts, floors))
+            print(mitigation_table(precision, mitigation[precision][0], contexts, floors, kernels[precision],
+                                   dispatch))
     top = "fp16" if cuda else "fp32"
     if f"transformers-sdpa {top}" in med_prefill:
         print(table(f"prefill vs transformers sdpa (ratio to transformers-sdpa {top})",
@@ -811,7 +893,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"contexts": contexts, "rounds": rounds, "threads": args.threads, "device": args.device, "read_gbs": gbs, "step_s": med_step,
               "prefill_s": med_prefill, "bound_fraction": fraction,
               "mitigation_step_s": {p: m[0] for p, m in mitigation.items()},
-              "mitigation_prefill_s": {p: m[1] for p, m in mitigation.items()}, "skipped": skipped, "folder": str(folder)}
+              "mitigation_prefill_s": {p: m[1] for p, m in mitigation.items()}, "mitigation_kernels": kernels,
+              "dispatch_s": dispatch, "skipped": skipped, "folder": str(folder)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
     return result

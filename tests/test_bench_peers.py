@@ -96,6 +96,14 @@ def test_bench_peers_mitigation_rows(tiny_model, unfused_artifact, tmp_path, cap
     for v, goal in (("flags off", "1.02"), ("clva on", "1.05"), ("sevi on", "1.05"), ("iava", "1.3")):
         assert f"| {v} | <= {goal}x | " in printed
     assert "bytes 1.00x" in printed.split("| flags off |")[1].splitlines()[0]  # flags off reads nothing more
+    # kernels a step runs, counted from onnxruntime's profiler: the methods' taken If branches add theirs; IAVA runs
+    # the flags-off graph on two rows (same kernels); the table prints each row's added ops and its floor
+    kernels = result["mitigation_kernels"]["fp32"]
+    assert kernels["sevi on"] > kernels["flags off"] + 20 and kernels["clva on"] > kernels["flags off"] + 20
+    assert kernels["flags off"] > kernels["plain"] > 20 and kernels["iava"] == kernels["flags off"]
+    sevi = printed.split("| sevi on |")[1].splitlines()[0]
+    assert f"ops {kernels['sevi on'] - kernels['plain']:+d}, floor " in sevi
+    assert 0 < result["dispatch_s"][40] < 1e-3
     manifest = json.loads((tmp_path / "work" / "anchorrt-baked-fp32-sevi2" / "manifest.json").read_text())
     assert set(manifest["mitigation"]) >= {"clva", "sevi", "probe"}
     assert manifest["attention"]["form"] == "gqa"
