@@ -34,7 +34,7 @@ from anchorrt.graph_passes.fuse_norm import FuseNormPass
 from anchorrt.graph_passes.fuse_rotary import MAX_TABLE_POSITIONS, FuseRotaryPass
 from anchorrt.graph_passes.naming import AssignNodeNames
 from anchorrt.graph_passes.pack_matmul import PackMatMulPass
-from anchorrt.graph_passes.pack_qkv import PackQkvPass, UnpackQkvPass
+from anchorrt.graph_passes.pack_qkv import HALF_REASON, PackQkvPass, UnpackQkvPass
 from anchorrt.graph_passes.pipeline import has_external_data, run_on_model, save_model
 from anchorrt.graph_passes.probe import ProbePass, resolve_probe_layers
 from anchorrt.graph_passes.sevi import DEFAULT_START_LAYER, SEVI_INPUTS, SeviPass
@@ -603,8 +603,9 @@ def _precision_passes(role: str, options: PrecisionOptions) -> list[GraphPass]:
         if half:
             # The fused form's GroupQueryAttention converts too, KV buffers included (ONNX Runtime's CUDA kernel is
             # fp16/bf16 only; its bias is clipped to fp16's range, graph_passes/precision.py): the present stays the
-            # node's own output, written in place.
-            passes.append(Fp16Pass("decoder"))
+            # node's own output, written in place. It is unpacked first: the fp16 (CUDA) form keeps the separate
+            # rotations checked on the GPU (graph_passes/pack_qkv.py, HALF_REASON).
+            passes += [UnpackQkvPass(), Fp16Pass("decoder")]
         if options.quantize == "int4":
             passes.append(Int4WeightPass(options.block_size, options.symmetric, options.accuracy_level))
         elif options.quantize == "int8":
@@ -647,7 +648,9 @@ def convert_into(folder: Path, data: dict, options: PrecisionOptions, source: Pa
         data["passes"] = list(data.get("passes") or []) + [{"graph": role, "pass": p.name, "count": p.count}
                                                            for p in passes]
         for p in passes:
-            if p.name == "fp16":
+            if isinstance(p, UnpackQkvPass):
+                _record_unpacked(data, p.layers)
+            elif p.name == "fp16":
                 record.setdefault("fp16", {})[role] = p.record()
             else:
                 record["quantization"] = p.record()
@@ -661,6 +664,18 @@ def convert_into(folder: Path, data: dict, options: PrecisionOptions, source: Pa
         **record,
     }
     return counts
+
+
+def _record_unpacked(data: dict, layers: Sequence[int]) -> None:
+    """The fp16 conversion unpacked these layers' q/k/v (pack_qkv.HALF_REASON): the manifest's fused-form record says
+    so, as it says of any layer the export left as it was."""
+    attention = data.get("attention")
+    if not layers or not isinstance(attention, dict):
+        return
+    attention.setdefault("fusions", {})["pack_qkv"] = 0
+    left = attention.setdefault("left_as_exported", {})
+    left["pack_qkv"] = {**{r: v for r, v in (left.get("pack_qkv") or {}).items() if r != HALF_REASON},
+                        HALF_REASON: sorted(layers)}
 
 
 def _hidden_copy(folder: Path, source: Path, skip: set[str]) -> Path:

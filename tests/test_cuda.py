@@ -185,14 +185,19 @@ def test_cuda_fp16_fused_decoder_runs_its_compute_on_the_gpu(fp16_baked, images)
 
 @pytest.fixture(scope="module")
 def fp16_packed(head16_artifact, tmp_path_factory):
-    """fp16_baked's conversion of the head-16 export: GroupQueryAttention takes the packed projection and rotates
-    itself (graph_passes/pack_qkv.py; position_ids and query_seqlens inputs), the branches keep their copies."""
-    from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, convert_precision
+    """fp16_baked's conversion of the head-16 export, packed anyway: GroupQueryAttention takes the packed projection
+    and rotates itself (graph_passes/pack_qkv.py `PackQkvPass(half=True)`; position_ids and query_seqlens inputs),
+    the branches keep their copies. The fp16 conversion leaves it unpacked by default (pack_qkv.HALF_REASON) until
+    this check passes on a GPU."""
+    from anchorrt.graph_passes.bake import BakeOptions, PrecisionOptions, convert_precision, transform_artifact
+    from anchorrt.graph_passes.pack_qkv import PackQkvPass
 
     art = tmp_path_factory.mktemp("cuda") / "packed-fp16-baked"
     shutil.copytree(head16_artifact, art)
     convert_precision(art, PrecisionOptions(precision="fp16"), mitigation="clva,sevi",
                       bake_options=BakeOptions(sevi_start_layer=2))
+    _, counts = transform_artifact(art, [PackQkvPass(half=True)])
+    assert counts["pack_qkv"] > 0
     return art
 
 

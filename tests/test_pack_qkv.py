@@ -239,29 +239,61 @@ def test_head16_every_method_gives_the_unpacked_tokens(head16, tmp_path):
         assert a.token_ids == b.token_ids, spec
 
 
-@pytest.mark.parametrize("options", ["int4", "fp16"])
-def test_head16_conversions_give_the_unpacked_tokens(head16, tmp_path, options):
-    """int4 (MatMulNBits) and fp16 conversions of the packed bake run, and give the tokens of the same conversion
-    of the unpacked bake (fp16: GroupQueryAttention rotates in fp16 with tables converted for it; the branches'
-    copies of the rotations stay fp32 inside their If, as every mitigation node does)."""
+def test_head16_int4_conversion_gives_the_unpacked_tokens(head16, tmp_path):
+    """The int4 (MatMulNBits) conversion of the packed bake stays packed, runs, and gives the tokens of the same
+    conversion of the unpacked bake."""
     from anchorrt.graph_passes.bake import PrecisionOptions, convert_precision, transform_artifact
     from anchorrt.runtime.pipeline import Pipeline
 
-    opts = PrecisionOptions(quantize="int4", accuracy_level=4) if options == "int4" else PrecisionOptions(precision="fp16")
     pipes = []
     for name in ("packed", "unpacked"):
         dst = tmp_path / name
         shutil.copytree(head16["baked_dir"], dst)
         if name == "unpacked":
             transform_artifact(dst, [UnpackQkvPass()])
-        convert_precision(dst, opts)
+        convert_precision(dst, PrecisionOptions(quantize="int4", accuracy_level=4))
         pipes.append(Pipeline.from_dir(dst))
     packed_gqas = _gqas(ir.load(pipes[0].manifest.graph_path("decoder")))
     assert all(g.attributes["do_rotary"].value == 1 for g in packed_gqas)
     image = head16["images"][1]
     for spec in (None, {"sevi": True}, {"clva": True, "iava": True}):
         a, b = (p.generate(image, "What is this?", mitigation=spec, max_new_tokens=8) for p in pipes)
-        assert a.token_ids and a.token_ids == b.token_ids, (options, spec)
+        assert a.token_ids and a.token_ids == b.token_ids, spec
+
+
+def test_head16_fp16_conversion_unpacks_and_the_forced_pack_agrees(head16, tmp_path):
+    """fp16 (the CUDA form) unpacks: every GroupQueryAttention gets its separate RotaryEmbedding back (the form run
+    on the GPU), the manifest says why (pack_qkv.HALF_REASON) and a later bake does not pack it again. Packed anyway
+    (`PackQkvPass(half=True)`, what tests/test_cuda.py's fp16_packed check runs on CUDA), fp16 on the CPU gives the
+    same tokens, flags off and on (GroupQueryAttention rotates in fp16 with its tables converted for it)."""
+    from anchorrt.graph_passes.bake import PrecisionOptions, convert_precision, transform_artifact
+    from anchorrt.graph_passes.pack_qkv import HALF_REASON
+    from anchorrt.runtime.pipeline import Pipeline
+
+    dst = tmp_path / "fp16"
+    shutil.copytree(head16["baked_dir"], dst)
+    convert_precision(dst, PrecisionOptions(precision="fp16"))
+    model = _decoder(dst)
+    layers = len(_gqas(model))
+    assert layers and all(g.attributes["do_rotary"].value == 0 for g in _gqas(model))
+    assert sum(n.op_type == "RotaryEmbedding" for n in model.graph) == 2 * layers
+    attention = Manifest.load(dst).data["attention"]
+    assert attention["fusions"]["pack_qkv"] == 0
+    assert attention["left_as_exported"]["pack_qkv"][HALF_REASON] == list(range(layers))
+    again = PackQkvPass()
+    again(model)  # what the last pass of a later bake would do
+    assert again.count == 0 and set(again.skipped.values()) == {HALF_REASON}
+
+    forced = tmp_path / "fp16-packed"
+    shutil.copytree(dst, forced)
+    _, counts = transform_artifact(forced, [PackQkvPass(half=True)])
+    assert counts["pack_qkv"] == layers
+    assert all(g.attributes["do_rotary"].value == 1 for g in _gqas(_decoder(forced)))
+    pipes = [Pipeline.from_dir(dst), Pipeline.from_dir(forced)]
+    image = head16["images"][1]
+    for spec in (None, {"sevi": True}, {"clva": True}):
+        a, b = (p.generate(image, "What is this?", mitigation=spec, max_new_tokens=8) for p in pipes)
+        assert a.token_ids and a.token_ids == b.token_ids, spec
 
 
 def test_sevi_prefill_if_leaves_the_transposes_adjacent(baked_artifact, head16):
