@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the GPU machine (device tool, repository root), after the earlier parts were copied into .ortstage/:
 # onnxruntime-gpu from the parts, then `pytest -m gpu` beside the benchmark model builds, then the timed runs one at
-# a time (nothing else on the GPU): bench_peers --device cuda, scripts/bench_gpu.py fp16 and fp16+int4.
+# a time (nothing else on the GPU): bench_peers --device cuda (the engines, then the mitigation rows),
+# scripts/bench_gpu.py fp16 and fp16+int4.
 # Everything goes to $OUT (log.txt, pytest_gpu.txt, *.json).
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -22,6 +23,9 @@ wait $PB; tail -3 "$OUT/prebuild.txt"
 el "prebuild done"
 timeout 200 python3 scripts/bench_peers.py --device cuda --folder /tmp/bp --engines anchorrt-fused,transformers --precisions fp16,int4 --contexts 300,1100,2100 --rounds 2 --steps 16 --threads 8 --json "$OUT/bench_peers_cuda.json" 2>&1 | grep "^|\|^bench_peers\|^prefill\|^per decode\|^not measured"
 el "bench_peers done"
+# issue 18's mitigation rows on CUDA (fp16), each with its floor (bytes + the kernels it adds, bench_peers.step_kernels)
+timeout 240 python3 scripts/bench_peers.py --device cuda --folder /tmp/bp --engines anchorrt-baked --precisions fp16 --contexts 300,1100,2100 --steps 16 --mitigation-rounds 4 --threads 8 --json "$OUT/bench_mitigation_cuda.json" 2>&1 | grep "^|\|^bench_peers\|^mitigation\|^plain step\|^not measured"
+el "bench_peers mitigation rows done"
 for q in "" "--quantize int4"; do
   timeout 120 python3 scripts/bench_gpu.py --shape bench --precision fp16 $q --keep /tmp/bg --batches 1,8 --new-tokens 32 --reps 3 --json "$OUT/bench_gpu_fp16${q:+_int4}.json" 2>&1 | grep -v "^  \|Writing\|Loading\|W:onnxruntime"
   el "bench_gpu fp16 $q done"
