@@ -273,11 +273,13 @@ def build_gguf(folder: Path, lm_dir: Path, precision: str) -> Path:
 
 
 class AnchorRT:
-    def __init__(self, folder: Path, threads: int, device: str = "cpu"):
+    def __init__(self, folder: Path, threads: int, device: str = "cpu", profile: Path | None = None):
         from anchorrt.runtime.pipeline import Pipeline
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None
         self.pipe = Pipeline.from_dir(folder, intra_op_threads=threads, verify=False, providers=providers)
+        if profile is not None:  # onnxruntime's profiler on from the session's start (no second build)
+            self.pipe.decoder.start_profiling(profile)
         _ = self.pipe.decoder.session  # built now; a CPU fallback is refused (runtime/backend.py)
 
     def run(self, n: int, steps: int, seed: int) -> tuple[float, list[float]]:
@@ -403,22 +405,19 @@ def step_kernels(artifact: Path, threads: int, device: str, n: int, variants: li
     """Kernels onnxruntime runs in one decode step at context n, per row: the profiler's node events inside that
     step's run, the nodes of every `If` branch it took included, so a row's count minus plain's is the ops its
     method adds to a step (what it pays in dispatch, whatever each op computes). `variants`: MITIGATION rows on a
-    baked artifact, or [None] (a plain one). -> {row or "plain": count}"""
-    pipe = AnchorRT(artifact, threads, device).pipe
-    counts = {}
+    baked artifact, or [None] (a plain one). One profiled session: every row prefills, then each decodes one step
+    in `variants`' order, so the last len(variants) runs are those steps. -> {row or "plain": count}"""
     with tempfile.TemporaryDirectory(prefix="anchorrt-bench-profile-") as tmp:
-        for variant in variants:
-            pipe.decoder.start_profiling(Path(tmp) / "step")  # the session is rebuilt with the profiler on
-            stream = Stream(pipe, n, 1, seed=n, variant=variant)
+        pipe = AnchorRT(artifact, threads, device, profile=Path(tmp) / "step").pipe
+        streams = [Stream(pipe, n, 1, seed=n, variant=v) for v in variants]
+        for stream in streams:
             stream.prefill()
+        for stream in streams:
             stream.block()
-            events = json.loads(Path(pipe.decoder.end_profiling()).read_text())
-            last = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][-1]
-            counts[variant or "plain"] = sum(
-                1 for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
-                and last["ts"] <= e["ts"] <= last["ts"] + last["dur"])
-            del stream
-    return counts
+        events = json.loads(Path(pipe.decoder.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][-len(variants):]
+    kernels = [e["ts"] for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    return {v or "plain": sum(1 for t in kernels if r["ts"] <= t <= r["ts"] + r["dur"]) for v, r in zip(variants, runs)}
 
 
 def dispatch_cost_s(threads: int, device: str, row: list[int], chain: int = 200, reps: int = 7) -> float:
