@@ -77,11 +77,25 @@ def test_device_cuda_needs_onnxruntime_gpu_and_fp16_precisions(capsys):
         bench.step_bytes(dict(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1), 10, 3, "fp32", 4)
 
 
-def test_bench_peers_mitigation_rows(tiny_model, unfused_artifact, tmp_path, capsys):
+def test_bench_peers_mitigation_rows(tiny_model, unfused_artifact, tmp_path, capsys, monkeypatch):
     """anchorrt-baked: CLVA, SEVI and the probe baked into the fused artifact; four rows (flags off, CLVA on, SEVI
     on, IAVA as two streams) timed in one process beside the plain fused artifact, printed against issue 18's goals
-    and kept out of the peers' table."""
+    and kept out of the peers' table. The process's first session is a spare, built and run before the measured
+    ones are built (bench_peers.first_session)."""
     bench = _load()
+    events = []
+
+    class Recorded(bench.AnchorRT):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.number = sum(e[0] == "built" for e in events)  # not id(): a freed object's id is reused
+            events.append(("built", self.number))
+
+        def run(self, *args, **kwargs):
+            events.append(("ran", self.number))
+            return super().run(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "AnchorRT", Recorded)
     result = bench.main(["--tiny", "--quick", "--model", str(tiny_model), "--unfused-artifact", str(unfused_artifact),
                          "--folder", str(tmp_path / "work"), "--engines", "anchorrt-baked",
                          "--precisions", "fp32", "--contexts", "40", "--steps", "3", "--threads", "1"])
@@ -107,6 +121,8 @@ def test_bench_peers_mitigation_rows(tiny_model, unfused_artifact, tmp_path, cap
     manifest = json.loads((tmp_path / "work" / "anchorrt-baked-fp32-sevi2" / "manifest.json").read_text())
     assert set(manifest["mitigation"]) >= {"clva", "sevi", "probe"}
     assert manifest["attention"]["form"] == "gqa"
+    assert events[:3] == [("built", 0), ("ran", 0), ("built", 1)]  # the spare ran before the measured were built
+    assert [e for e in events[2:] if e[1] == 0] == []  # and never again: no measured row is the spare
 
 
 def test_baked_rows_feed_the_flags(tiny_model, tmp_path):
