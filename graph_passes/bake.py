@@ -674,8 +674,7 @@ def _record_unpacked(data: dict, layers: Sequence[int]) -> None:
         return
     attention.setdefault("fusions", {})["pack_qkv"] = 0
     left = attention.setdefault("left_as_exported", {})
-    left["pack_qkv"] = {**{r: v for r, v in (left.get("pack_qkv") or {}).items() if r != HALF_REASON},
-                        HALF_REASON: sorted(layers)}
+    left["pack_qkv"] = {**(left.get("pack_qkv") or {}), HALF_REASON: sorted(layers)}
 
 
 def _hidden_copy(folder: Path, source: Path, skip: set[str]) -> Path:

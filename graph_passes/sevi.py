@@ -368,7 +368,7 @@ def _layer_edit(lb: Builder, site: AttentionSite, effective: ir.Value, cond, sh:
     new_out = t.if_node(any_changed, [applied], a.nodes, [kept], same.nodes, "apply", [FLOAT])[0]
     passed = site.out if chain is None else chain[0].inputs[0]  # what the else branch returns as it is
     if chain is not None:  # back to the node's [B,S,H·D]
-        new_out = t.op("Reshape", [t.op("Transpose", [new_out], "out", perm=_inverse(chain[2]), dtype=FLOAT),
+        new_out = t.op("Reshape", [t.op("Transpose", [new_out], "out", perm=np.argsort(chain[2]).tolist(), dtype=FLOAT),
                                    t.const(np.array([0, 0, -1], np.int64), "out_shape")], "out", dtype=FLOAT)
     then_outs, dtypes = [new_out], [FLOAT]
 
@@ -411,13 +411,6 @@ def _to_heads(b: Builder, x: ir.Value, chain: tuple[ir.Node, ir.Node, list[int]]
     out = b.op("Transpose", [heads4], "out_heads", perm=perm, dtype=FLOAT)
     out.shape = transpose.outputs[0].shape
     return out
-
-
-def _inverse(perm: list[int]) -> list[int]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
 
 
 def _fused_decode_bias(lb: Builder, site: AttentionSite, effective: ir.Value, cond, sh: dict[str, ir.Value],
